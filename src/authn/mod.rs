@@ -1,0 +1,103 @@
+//! Authentication: turns the credentials a request carries into an [`Identity`].
+//!
+//! Owns the authenticators (x509 client certificates today; OIDC tokens and SPIFFE SVIDs plug in
+//! here) and the rules every identity obeys before it may be forwarded. It must never log a token
+//! or forward anything it did not verify; an `Identity` can only be built inside this module.
+
+pub mod credentials;
+pub mod x509;
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+pub use credentials::Credentials;
+
+/// How an identity was established. Visible to policy and audit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// A client certificate verified against the named trust bundle.
+    X509 { bundle: String },
+}
+
+impl AuthMethod {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            AuthMethod::X509 { .. } => "x509",
+        }
+    }
+}
+
+/// Who is making the request, as established by an authenticator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    user: String,
+    uid: Option<String>,
+    groups: Vec<String>,
+    extra: BTreeMap<String, Vec<String>>,
+    method: AuthMethod,
+    expires_at: Option<SystemTime>,
+}
+
+impl Identity {
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+    pub fn uid(&self) -> Option<&str> {
+        self.uid.as_deref()
+    }
+    pub fn groups(&self) -> &[String] {
+        &self.groups
+    }
+    pub fn extra(&self) -> &BTreeMap<String, Vec<String>> {
+        &self.extra
+    }
+    pub fn method(&self) -> &AuthMethod {
+        &self.method
+    }
+    /// When the credential behind this identity stops being valid.
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        self.expires_at
+    }
+}
+
+/// Why authentication failed. The client only ever sees `401 Unauthorized`; this goes to the log.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AuthnError {
+    /// The request carried no credential the gateway accepts.
+    #[error("no credentials presented")]
+    NoCredentials,
+    /// More than one `Authorization` header, or one that is not a single well-formed bearer token.
+    #[error("malformed Authorization header: {0}")]
+    MalformedAuthorization(&'static str),
+    /// A bearer token was presented but no token authenticator is configured.
+    #[error("bearer token presented but no token authenticator is configured")]
+    TokenAuthNotConfigured,
+    /// The client certificate chain does not verify against the users bundle.
+    #[error("client certificate rejected: {0}")]
+    CertificateRejected(String),
+    /// The client certificate has expired since the connection was set up.
+    #[error("client certificate expired")]
+    CertificateExpired,
+    /// The identity has a name the gateway refuses to forward (empty, control characters, ...).
+    #[error("identity refused: {0}")]
+    InvalidIdentity(String),
+}
+
+/// Checks that a name can be forwarded as an impersonation header value and means what it says.
+pub(crate) fn check_name(kind: &str, value: &str) -> Result<(), AuthnError> {
+    if value.is_empty() {
+        return Err(AuthnError::InvalidIdentity(format!("empty {kind}")));
+    }
+    if value.chars().any(|c| c.is_control()) {
+        return Err(AuthnError::InvalidIdentity(format!(
+            "{kind} contains control characters"
+        )));
+    }
+    if http::HeaderValue::from_str(value).is_err() {
+        return Err(AuthnError::InvalidIdentity(format!(
+            "{kind} cannot be written as a header value"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! x509 client-certificate authentication, read the way kube-apiserver reads it: the subject CN
+//! is the user name and each O attribute is a group. The chain must verify to the configured
+//! users bundle with the clientAuth extended key usage, at the time of the request.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls_pki_types::{CertificateDer, UnixTime};
+use x509_parser::prelude::*;
+
+use super::{check_name, AuthMethod, AuthnError, Identity};
+use crate::tls::bundles::TrustBundles;
+
+pub struct X509Authenticator {
+    bundle: String,
+    bundles: Arc<TrustBundles>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+/// A verification result, remembered per connection with the bundle generation it used.
+#[derive(Clone, Debug)]
+pub struct Verified {
+    pub generation: u64,
+    pub result: Result<Arc<Identity>, AuthnError>,
+}
+
+impl X509Authenticator {
+    pub fn new(bundle: String, bundles: Arc<TrustBundles>) -> X509Authenticator {
+        X509Authenticator {
+            bundle,
+            bundles,
+            provider: crate::crypto_provider(),
+        }
+    }
+
+    /// The generation of the bundle set now in force.
+    pub fn generation(&self) -> u64 {
+        self.bundles.load().generation
+    }
+
+    /// Verifies the chain and builds the identity. Validity is checked against `now`; callers
+    /// that cache the result must re-check [`Identity::expires_at`] on every request.
+    pub fn verify(&self, chain: &[CertificateDer<'static>], now: SystemTime) -> Verified {
+        let set = self.bundles.load();
+        let generation = set.generation;
+        let result = (|| {
+            let leaf = chain.first().ok_or(AuthnError::NoCredentials)?;
+            let bundle = set.get(&self.bundle).ok_or_else(|| {
+                AuthnError::CertificateRejected(format!("bundle {:?} is not loaded", self.bundle))
+            })?;
+            let ee = webpki::EndEntityCert::try_from(leaf)
+                .map_err(|e| AuthnError::CertificateRejected(format!("unparseable: {e}")))?;
+            let since_epoch = now
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO);
+            ee.verify_for_usage(
+                self.provider.signature_verification_algorithms.all,
+                bundle.anchors(),
+                &chain[1..],
+                UnixTime::since_unix_epoch(since_epoch),
+                webpki::KeyUsage::client_auth(),
+                None,
+                None,
+            )
+            .map_err(|e| AuthnError::CertificateRejected(describe(&e)))?;
+            identity_from_leaf(leaf, &self.bundle).map(Arc::new)
+        })();
+        Verified { generation, result }
+    }
+}
+
+fn describe(e: &webpki::Error) -> String {
+    match e {
+        webpki::Error::CertExpired { .. } => "certificate has expired".into(),
+        webpki::Error::CertNotValidYet { .. } => "certificate is not valid yet".into(),
+        webpki::Error::UnknownIssuer => "certificate is not signed by a trusted CA".into(),
+        webpki::Error::RequiredEkuNotFoundContext(_) => {
+            "certificate lacks the clientAuth extended key usage".into()
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+fn identity_from_leaf(leaf: &CertificateDer<'_>, bundle: &str) -> Result<Identity, AuthnError> {
+    let (_, cert) = X509Certificate::from_der(leaf.as_ref())
+        .map_err(|e| AuthnError::CertificateRejected(format!("unparseable: {e}")))?;
+    let subject = cert.subject();
+    let user = subject
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    check_name("user name (certificate CN)", &user)?;
+    let mut groups = Vec::new();
+    for o in subject.iter_organization() {
+        let g = o
+            .as_str()
+            .map_err(|_| AuthnError::InvalidIdentity("organization is not a string".into()))?;
+        check_name("group (certificate O)", g)?;
+        groups.push(g.to_owned());
+    }
+    let not_after = cert.validity().not_after.timestamp();
+    let expires_at = SystemTime::UNIX_EPOCH + Duration::from_secs(not_after.max(0) as u64);
+    Ok(Identity {
+        user,
+        uid: None,
+        groups,
+        extra: Default::default(),
+        method: AuthMethod::X509 {
+            bundle: bundle.to_owned(),
+        },
+        expires_at: Some(expires_at),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::bundles::Bundle;
+    use ztgate_testkit::TestPki;
+
+    fn authn(pki: &TestPki) -> X509Authenticator {
+        let bundle = Bundle::from_der("users", &[pki.users_ca.cert_der().into()]).unwrap();
+        X509Authenticator::new("users".into(), Arc::new(TrustBundles::new(vec![bundle])))
+    }
+
+    fn chain(ck: &ztgate_testkit::CertKey) -> Vec<CertificateDer<'static>> {
+        vec![CertificateDer::from(ck.cert_der.clone())]
+    }
+
+    #[test]
+    fn cn_is_the_user_and_each_o_a_group() {
+        let pki = TestPki::new();
+        let id = authn(&pki)
+            .verify(&chain(&pki.user("alice", &["team-a", "devs"])), SystemTime::now())
+            .result
+            .unwrap();
+        assert_eq!(id.user(), "alice");
+        assert_eq!(id.groups(), ["team-a".to_string(), "devs".to_string()]);
+        assert!(id.expires_at().unwrap() > SystemTime::now());
+    }
+
+    #[test]
+    fn refuses_expired_not_yet_valid_and_unknown_ca() {
+        let pki = TestPki::new();
+        let a = authn(&pki);
+        for (ck, want) in [
+            (pki.expired_user("bob"), "expired"),
+            (pki.not_yet_valid_user("bob"), "not valid yet"),
+            (pki.unknown_ca_user("mallory"), "trusted CA"),
+        ] {
+            let err = a.verify(&chain(&ck), SystemTime::now()).result.unwrap_err();
+            assert!(err.to_string().contains(want), "{err} should mention {want}");
+        }
+    }
+
+    #[test]
+    fn refuses_certificates_without_client_auth_usage() {
+        let pki = TestPki::new();
+        let server_only = pki.users_ca.issue_localhost_server("alice");
+        assert!(authn(&pki)
+            .verify(&chain(&server_only), SystemTime::now())
+            .result
+            .is_err());
+    }
+}

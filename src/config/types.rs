@@ -1,0 +1,231 @@
+//! The configuration schema: `apiVersion: ztgate.dev/v1alpha1`, `kind: GatewayConfig`.
+//!
+//! Every struct rejects unknown fields so that a typo is an error, never a silently ignored
+//! setting. Field names are camelCase, as in Kubernetes objects.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::duration::GoDuration;
+
+pub const API_VERSION: &str = "ztgate.dev/v1alpha1";
+pub const KIND: &str = "GatewayConfig";
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GatewayConfig {
+    pub api_version: String,
+    pub kind: String,
+    pub listener: ListenerConfig,
+    #[serde(default)]
+    pub operations: OperationsConfig,
+    pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub authentication: AuthenticationConfig,
+    #[serde(default)]
+    pub timeouts: TimeoutsConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub logging: LoggingConfig,
+}
+
+/// The TLS front door.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ListenerConfig {
+    /// `host:port` to listen on, e.g. `0.0.0.0:8443`. Port 0 picks a free port.
+    pub address: String,
+    pub serving_certificate: CertKeyFiles,
+    /// Named trust bundles that client certificates are verified against.
+    #[serde(default)]
+    pub client_certificate_bundles: Vec<TrustBundle>,
+    /// How often certificate and CA files are checked for rotation.
+    #[serde(default = "default_reload_interval")]
+    pub reload_interval: GoDuration,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CertKeyFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TrustBundle {
+    /// Referenced from elsewhere in the config (e.g. `authentication.x509.bundle`).
+    pub name: String,
+    /// PEM file with one or more CA certificates.
+    pub ca_file: PathBuf,
+}
+
+/// A plain-HTTP listener for `/metrics`, `/livez` and `/readyz`, meant for the pod network only.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OperationsConfig {
+    /// `host:port`; when absent there is no operations listener (health stays on the TLS port).
+    #[serde(default)]
+    pub address: Option<String>,
+}
+
+/// kube-apiserver, and how the gateway authenticates to it.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct UpstreamConfig {
+    /// `https://host:port` of kube-apiserver.
+    pub url: String,
+    /// CA bundle that signs kube-apiserver's serving certificate.
+    pub ca_file: PathBuf,
+    /// The gateway's own client certificate (a user allowed to impersonate).
+    #[serde(default)]
+    pub client_certificate: Option<CertKeyFiles>,
+    /// A service-account token file (projected tokens rotate; it is re-read).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// TLS server name to verify, when it differs from the URL's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Path probed by `/readyz` to decide whether the upstream answers.
+    #[serde(default = "default_health_path")]
+    pub health_path: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthenticationConfig {
+    #[serde(default)]
+    pub x509: Option<X509AuthConfig>,
+}
+
+/// Client certificates read the way kube-apiserver reads them: CN is the user, each O a group.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct X509AuthConfig {
+    /// Name of the entry in `listener.clientCertificateBundles` that signs user certificates.
+    pub bundle: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TimeoutsConfig {
+    /// Deadline for a non-streaming request to receive its response headers (504 after).
+    #[serde(default = "d60s")]
+    pub request: GoDuration,
+    /// TCP + TLS connect to the upstream.
+    #[serde(default = "d5s")]
+    pub upstream_connect: GoDuration,
+    /// Time a client has to send the request headers (slowloris guard).
+    #[serde(default = "d10s")]
+    pub header_read: GoDuration,
+    /// TLS handshake deadline.
+    #[serde(default = "d10s")]
+    pub tls_handshake: GoDuration,
+    /// On SIGTERM: how long in-flight requests get before streams are closed.
+    #[serde(default = "d30s")]
+    pub shutdown_grace: GoDuration,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LimitsConfig {
+    /// Largest request header section accepted (431 beyond).
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: u64,
+    /// Largest request body accepted (413 beyond). kube-apiserver's own limit is 3 MiB.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_request_body_bytes: u64,
+    /// HTTP/2 concurrent streams per client connection.
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+    /// Non-streaming requests in flight at once, gateway-wide (429 beyond).
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight_requests: u32,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LoggingConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `ztgate=debug,info`.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        TimeoutsConfig {
+            request: d60s(),
+            upstream_connect: d5s(),
+            header_read: d10s(),
+            tls_handshake: d10s(),
+            shutdown_grace: d30s(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_header_bytes: default_max_header_bytes(),
+            max_request_body_bytes: default_max_body_bytes(),
+            max_concurrent_streams: default_max_concurrent_streams(),
+            max_inflight_requests: default_max_inflight(),
+        }
+    }
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            format: LogFormat::Json,
+            level: default_log_level(),
+        }
+    }
+}
+
+fn default_reload_interval() -> GoDuration {
+    GoDuration(Duration::from_secs(10))
+}
+fn default_health_path() -> String {
+    "/readyz".into()
+}
+fn d5s() -> GoDuration {
+    GoDuration(Duration::from_secs(5))
+}
+fn d10s() -> GoDuration {
+    GoDuration(Duration::from_secs(10))
+}
+fn d30s() -> GoDuration {
+    GoDuration(Duration::from_secs(30))
+}
+fn d60s() -> GoDuration {
+    GoDuration(Duration::from_secs(60))
+}
+fn default_max_header_bytes() -> u64 {
+    32 * 1024
+}
+fn default_max_body_bytes() -> u64 {
+    3 * 1024 * 1024
+}
+fn default_max_concurrent_streams() -> u32 {
+    250
+}
+fn default_max_inflight() -> u32 {
+    400
+}
+fn default_log_level() -> String {
+    "info".into()
+}

@@ -1,0 +1,167 @@
+//! The one place where every error the gateway produces becomes a kube-apiserver `Status`.
+//!
+//! Clients (kubectl, client-go) print these exactly as they print kube-apiserver's own errors.
+//! The message sent to the client never carries detail an attacker can use for authentication
+//! failures; the precise reason goes to the log instead.
+
+use http::{header, HeaderValue, Response, StatusCode};
+use serde::Serialize;
+
+use crate::authn::AuthnError;
+use crate::body::{full, Body};
+use crate::proxy::UpstreamError;
+
+/// `metav1.Status`, as kube-apiserver writes it.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub kind: &'static str,
+    #[serde(rename = "apiVersion")]
+    pub api_version: &'static str,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub status: &'static str,
+    pub message: String,
+    pub reason: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<StatusDetails>,
+    pub code: u16,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatusDetails {
+    #[serde(rename = "retryAfterSeconds", skip_serializing_if = "Option::is_none")]
+    pub retry_after_seconds: Option<u32>,
+}
+
+impl Status {
+    pub fn failure(code: StatusCode, reason: &'static str, message: impl Into<String>) -> Status {
+        Status {
+            kind: "Status",
+            api_version: "v1",
+            metadata: Default::default(),
+            status: "Failure",
+            message: message.into(),
+            reason,
+            details: None,
+            code: code.as_u16(),
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let code = StatusCode::from_u16(self.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let retry = self.details.as_ref().and_then(|d| d.retry_after_seconds);
+        let body = serde_json::to_vec(&self).unwrap_or_default();
+        let mut resp = Response::new(full(body));
+        *resp.status_mut() = code;
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        resp.headers_mut().insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-cache, private"),
+        );
+        if let Some(secs) = retry {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+/// Everything that can stop a request inside the gateway, by the side that caused it.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The client's credentials were missing or did not verify (client side).
+    #[error(transparent)]
+    Authn(#[from] AuthnError),
+    /// The request cannot be mapped unambiguously to what kube-apiserver will act on.
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    /// The request body is larger than `limits.maxRequestBodyBytes`.
+    #[error("request body larger than {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    /// More non-streaming requests in flight than `limits.maxInflightRequests`.
+    #[error("too many requests in flight")]
+    TooManyRequests,
+    /// The gateway is draining for shutdown.
+    #[error("gateway is shutting down")]
+    ShuttingDown,
+    /// kube-apiserver could not be reached or failed mid-request (upstream side).
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+impl PipelineError {
+    /// A short, stable label for metrics and logs.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            PipelineError::Authn(_) => "unauthenticated",
+            PipelineError::BadRequest(_) => "bad_request",
+            PipelineError::BodyTooLarge { .. } => "body_too_large",
+            PipelineError::TooManyRequests => "throttled",
+            PipelineError::ShuttingDown => "shutting_down",
+            PipelineError::Upstream(UpstreamError::Timeout) => "upstream_timeout",
+            PipelineError::Upstream(_) => "upstream_error",
+        }
+    }
+
+    /// The `Status` the client sees.
+    pub fn to_status(&self) -> Status {
+        match self {
+            // Never tell an unauthenticated client why: the log has the reason.
+            PipelineError::Authn(_) => {
+                Status::failure(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized")
+            }
+            PipelineError::BadRequest(why) => {
+                Status::failure(StatusCode::BAD_REQUEST, "BadRequest", *why)
+            }
+            PipelineError::BodyTooLarge { limit } => Status::failure(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestEntityTooLarge",
+                format!("the request body is larger than the gateway's limit of {limit} bytes"),
+            ),
+            PipelineError::TooManyRequests => {
+                let mut s = Status::failure(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "TooManyRequests",
+                    "too many requests in flight at the gateway, please try again later",
+                );
+                s.details = Some(StatusDetails {
+                    retry_after_seconds: Some(1),
+                });
+                s
+            }
+            PipelineError::ShuttingDown => Status::failure(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                "the gateway is shutting down, please retry",
+            ),
+            PipelineError::Upstream(UpstreamError::Timeout) => Status::failure(
+                StatusCode::GATEWAY_TIMEOUT,
+                "Timeout",
+                "the upstream kube-apiserver did not answer within the gateway's request timeout",
+            ),
+            PipelineError::Upstream(e @ UpstreamError::Connect(_)) => Status::failure(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                format!("the gateway could not reach kube-apiserver: {e}"),
+            ),
+            PipelineError::Upstream(e) => Status::failure(
+                StatusCode::BAD_GATEWAY,
+                "InternalError",
+                format!("kube-apiserver failed to answer the gateway: {e}"),
+            ),
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let mut resp = self.to_status().into_response();
+        if matches!(self, PipelineError::Authn(_)) {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"ztgate\""),
+            );
+        }
+        resp
+    }
+}

@@ -1,0 +1,174 @@
+//! Header hygiene and impersonation: what the client sent is cleaned *before* the gateway adds
+//! the identity headers, so no client value can survive or be mistaken for the gateway's.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::authn::Identity;
+
+/// Hop-by-hop headers (RFC 9110 section 7.6.1 and the historical ones proxies drop).
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Is this header one a client must never get through to kube-apiserver?
+fn is_identity_header(name: &str) -> bool {
+    // HeaderName is always lower-case, so prefix checks are case-insensitive by construction.
+    name == "authorization"
+        || name.starts_with("impersonate-")
+        || name.starts_with("x-remote-")
+        || name.starts_with("x-forwarded-")
+        || name == "forwarded"
+        || name == "x-real-ip"
+        || name == "host"
+}
+
+/// Removes hop-by-hop headers, every header named in `Connection`, and every identity-bearing
+/// header. Must run before the gateway adds its own headers.
+pub fn sanitize_request_headers(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| is_identity_header(k.as_str()))
+        .cloned()
+        .collect();
+    for n in doomed {
+        headers.remove(n);
+    }
+}
+
+/// Removes hop-by-hop headers (and those named in `Connection`) from a response.
+pub fn sanitize_response_headers(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+}
+
+/// Percent-encodes an extra key the way client-go does (`headerKeyEscape`): every byte that is
+/// not an RFC 7230 token character, and `%` itself, becomes `%XX`. kube-apiserver reverses it
+/// with a path-unescape.
+pub fn encode_extra_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        let tchar = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'!' | b'#' | b'$' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`'
+                    | b'|' | b'~'
+            );
+        if tchar {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Decodes a key written by [`encode_extra_key`] (kube-apiserver's side; used in tests and by
+/// the SubjectAccessReview path).
+pub fn decode_extra_key(encoded: &str) -> Option<String> {
+    percent_encoding::percent_decode_str(encoded)
+        .decode_utf8()
+        .ok()
+        .map(|s| s.into_owned())
+}
+
+/// Error when an identity cannot be written as headers (it is refused, never a 500).
+#[derive(Debug, thiserror::Error)]
+#[error("identity field {0} cannot be written as a header value")]
+pub struct UnencodableIdentity(pub &'static str);
+
+/// Adds the impersonation headers for `identity`.
+pub fn set_impersonation(
+    headers: &mut HeaderMap,
+    identity: &Identity,
+) -> Result<(), UnencodableIdentity> {
+    let value = |s: &str, what| HeaderValue::from_str(s).map_err(|_| UnencodableIdentity(what));
+    headers.insert("impersonate-user", value(identity.user(), "user")?);
+    for g in identity.groups() {
+        headers.append("impersonate-group", value(g, "group")?);
+    }
+    if let Some(uid) = identity.uid() {
+        headers.insert("impersonate-uid", value(uid, "uid")?);
+    }
+    for (k, vs) in identity.extra() {
+        let name = HeaderName::from_bytes(format!("impersonate-extra-{}", encode_extra_key(k)).as_bytes())
+            .map_err(|_| UnencodableIdentity("extra key"))?;
+        for v in vs {
+            headers.append(name.clone(), value(v, "extra value")?);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_every_identity_and_hop_by_hop_header_in_any_case() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("Authorization", "Bearer x"),
+            ("Impersonate-User", "admin"),
+            ("impersonate-group", "system:masters"),
+            ("IMPERSONATE-UID", "1"),
+            ("Impersonate-Extra-Scopes", "all"),
+            ("X-Remote-User", "admin"),
+            ("X-Remote-Group", "system:masters"),
+            ("X-Forwarded-For", "1.2.3.4"),
+            ("Transfer-Encoding", "chunked"),
+            ("Connection", "keep-alive, X-Custom"),
+            ("X-Custom", "1"),
+            ("Accept", "application/json"),
+        ] {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        sanitize_request_headers(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["accept"]);
+    }
+
+    #[test]
+    fn extra_keys_round_trip_like_client_go() {
+        for (key, want) in [
+            ("scopes", "scopes"),
+            ("example.org/team", "example.org%2Fteam"),
+            ("a b%c", "a%20b%25c"),
+            ("ünï", "%C3%BCn%C3%AF"),
+        ] {
+            assert_eq!(encode_extra_key(key), want);
+            assert_eq!(decode_extra_key(want).unwrap(), key);
+        }
+    }
+}

@@ -1,0 +1,466 @@
+//! Building the gateway from its config, the accept loops, readiness and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::{HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::authn::x509::X509Authenticator;
+use crate::authz::Authorizer;
+use crate::body::{full, Body};
+use crate::config::GatewayConfig;
+use crate::pipeline::{self, plain, ConnInfo};
+use crate::proxy::forward::UpstreamSettings;
+use crate::proxy::Upstream;
+use crate::streams::{Inflight, StreamRegistry};
+use crate::telemetry::Metrics;
+use crate::tls::bundles::{Bundle, TrustBundles};
+use crate::tls::reload::spawn_file_reloader;
+use crate::tls::server::{server_config, ReloadingCert};
+use crate::tls::upstream::{client_configs, ReloadingClientCert, ReloadingServerVerifier};
+use crate::tls::{pem, TlsError};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("upstream: {0}")]
+    Upstream(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Everything a request needs, built once from the config (never re-parsed per request).
+pub struct Gateway {
+    pub upstream: Upstream,
+    pub x509: Option<X509Authenticator>,
+    pub authorizer: Authorizer,
+    pub metrics: Arc<Metrics>,
+    pub streams: Arc<StreamRegistry>,
+    pub inflight: Arc<Inflight>,
+    pub inflight_limit: Arc<Semaphore>,
+    pub request_timeout: Duration,
+    upstream_ready: AtomicBool,
+    upstream_status: ArcSwap<String>,
+    draining: AtomicBool,
+}
+
+impl Gateway {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.upstream_ready.load(Ordering::Relaxed)
+    }
+
+    /// `/readyz`, in kube-apiserver's verbose style.
+    pub fn readyz(&self) -> Response<Body> {
+        if self.is_ready() {
+            return plain(StatusCode::OK, "ok");
+        }
+        let mut text = String::from("[+]config ok\n");
+        if self.is_draining() {
+            text.push_str("[-]shutdown: draining\n");
+        }
+        if !self.upstream_ready.load(Ordering::Relaxed) {
+            text.push_str(&format!("[-]upstream: {}\n", self.upstream_status.load()));
+        }
+        text.push_str("readyz check failed\n");
+        let mut resp = Response::new(full(text));
+        *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        resp
+    }
+}
+
+/// A running gateway.
+pub struct RunningGateway {
+    pub addr: SocketAddr,
+    pub ops_addr: Option<SocketAddr>,
+    pub gateway: Arc<Gateway>,
+    shutdown: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl RunningGateway {
+    /// Starts a graceful shutdown: stop accepting, let in-flight requests finish for the grace
+    /// period, then close streams.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits until the gateway has stopped.
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+}
+
+fn load_token(path: &std::path::Path, bytes: &[u8]) -> Result<HeaderValue, String> {
+    let token = std::str::from_utf8(bytes)
+        .map_err(|_| format!("{}: token is not UTF-8", path.display()))?
+        .trim();
+    if token.is_empty() {
+        return Err(format!("{}: token file is empty", path.display()));
+    }
+    let mut v = HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| format!("{}: token is not a valid header value", path.display()))?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+/// Builds the gateway from a validated config and starts serving.
+pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
+    let stop = CancellationToken::new();
+    let reload = cfg.listener.reload_interval.get();
+
+    // Serving certificate, re-read on rotation.
+    let sc = &cfg.listener.serving_certificate;
+    let serving = ReloadingCert::new(pem::certified_key(
+        &sc.cert_file,
+        &pem::read(&sc.cert_file)?,
+        &sc.key_file,
+        &pem::read(&sc.key_file)?,
+    )?);
+    {
+        let serving = serving.clone();
+        let (cp, kp) = (sc.cert_file.clone(), sc.key_file.clone());
+        spawn_file_reloader(
+            "serving certificate",
+            vec![cp.clone(), kp.clone()],
+            reload,
+            stop.clone(),
+            move |files| {
+                let ck = pem::certified_key(&cp, &files[0], &kp, &files[1]).map_err(|e| e.to_string())?;
+                serving.store(ck);
+                Ok(())
+            },
+        );
+    }
+
+    // Client-certificate trust bundles.
+    let mut bundles = Vec::new();
+    for b in &cfg.listener.client_certificate_bundles {
+        bundles.push(Bundle::from_pem(&b.name, &b.ca_file, &pem::read(&b.ca_file)?)?);
+    }
+    let bundles = Arc::new(TrustBundles::new(bundles));
+    for b in &cfg.listener.client_certificate_bundles {
+        let bundles = bundles.clone();
+        let (name, path) = (b.name.clone(), b.ca_file.clone());
+        spawn_file_reloader("client CA bundle", vec![path.clone()], reload, stop.clone(), move |files| {
+            bundles.replace(Bundle::from_pem(&name, &path, &files[0]).map_err(|e| e.to_string())?);
+            Ok(())
+        });
+    }
+    let x509 = cfg
+        .authentication
+        .x509
+        .as_ref()
+        .map(|x| X509Authenticator::new(x.bundle.clone(), bundles.clone()));
+
+    // Upstream TLS material.
+    let up = &cfg.upstream;
+    let ca_roots = pem::certs_from_pem(&up.ca_file, &pem::read(&up.ca_file)?)?;
+    let verifier = ReloadingServerVerifier::new(ca_roots)?;
+    {
+        let verifier = verifier.clone();
+        let path = up.ca_file.clone();
+        spawn_file_reloader("upstream CA", vec![path.clone()], reload, stop.clone(), move |files| {
+            let roots = pem::certs_from_pem(&path, &files[0]).map_err(|e| e.to_string())?;
+            verifier.replace(roots).map_err(|e| e.to_string())
+        });
+    }
+    let client_cert = match &up.client_certificate {
+        Some(cc) => {
+            let ck = pem::certified_key(
+                &cc.cert_file,
+                &pem::read(&cc.cert_file)?,
+                &cc.key_file,
+                &pem::read(&cc.key_file)?,
+            )?;
+            let rc = ReloadingClientCert::new(Some(ck));
+            let r = rc.clone();
+            let (cp, kp) = (cc.cert_file.clone(), cc.key_file.clone());
+            spawn_file_reloader(
+                "upstream client certificate",
+                vec![cp.clone(), kp.clone()],
+                reload,
+                stop.clone(),
+                move |files| {
+                    r.store(pem::certified_key(&cp, &files[0], &kp, &files[1]).map_err(|e| e.to_string())?);
+                    Ok(())
+                },
+            );
+            rc
+        }
+        None => ReloadingClientCert::new(None),
+    };
+    let token = match &up.token_file {
+        Some(path) => {
+            let bytes = pem::read(path)?;
+            let v = load_token(path, &bytes).map_err(StartError::Upstream)?;
+            let cell = Arc::new(ArcSwap::from_pointee(Some(v)));
+            let c = cell.clone();
+            let p = path.clone();
+            spawn_file_reloader("upstream token", vec![p.clone()], reload, stop.clone(), move |files| {
+                c.store(Arc::new(Some(load_token(&p, &files[0])?)));
+                Ok(())
+            });
+            Some(cell)
+        }
+        None => None,
+    };
+    let (pooled_tls, upgrade_tls) = client_configs(verifier, client_cert)?;
+    let url: http::Uri = up
+        .url
+        .parse()
+        .map_err(|e| StartError::Upstream(format!("url {:?}: {e}", up.url)))?;
+    let upstream = Upstream::new(UpstreamSettings {
+        url,
+        server_name: up.server_name.clone(),
+        pooled_tls,
+        upgrade_tls,
+        token,
+        connect_timeout: cfg.timeouts.upstream_connect.get(),
+        request_timeout: cfg.timeouts.request.get(),
+        max_body: cfg.limits.max_request_body_bytes,
+    })
+    .map_err(StartError::Upstream)?;
+
+    let metrics = Arc::new(Metrics::new());
+    let gw = Arc::new(Gateway {
+        upstream,
+        x509,
+        authorizer: Authorizer,
+        streams: StreamRegistry::new(metrics.clone()),
+        metrics,
+        inflight: Arc::new(Inflight::default()),
+        inflight_limit: Arc::new(Semaphore::new(cfg.limits.max_inflight_requests as usize)),
+        request_timeout: cfg.timeouts.request.get(),
+        upstream_ready: AtomicBool::new(false),
+        upstream_status: ArcSwap::from_pointee("not probed yet".to_string()),
+        draining: AtomicBool::new(false),
+    });
+
+    spawn_readiness_probe(gw.clone(), cfg.upstream.health_path.clone(), stop.clone());
+
+    let listener = TcpListener::bind(&cfg.listener.address)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: cfg.listener.address.clone(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: cfg.listener.address.clone(),
+        source,
+    })?;
+    let ops = match &cfg.operations.address {
+        Some(a) => Some(TcpListener::bind(a).await.map_err(|source| StartError::Listen {
+            addr: a.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    let ops_addr = ops.as_ref().and_then(|l| l.local_addr().ok());
+    if let Some(ops) = ops {
+        tokio::spawn(serve_ops(ops, gw.clone(), stop.clone()));
+    }
+
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config(serving)?));
+    let shutdown = CancellationToken::new();
+    let done = tokio::spawn(accept_loop(
+        listener,
+        acceptor,
+        gw.clone(),
+        cfg.clone(),
+        shutdown.clone(),
+        stop,
+    ));
+    tracing::info!(%addr, upstream = %cfg.upstream.url, "ztgate listening");
+    Ok(RunningGateway {
+        addr,
+        ops_addr,
+        gateway: gw,
+        shutdown,
+        done,
+    })
+}
+
+fn spawn_readiness_probe(gw: Arc<Gateway>, path: String, stop: CancellationToken) {
+    tokio::spawn(async move {
+        loop {
+            let interval = match gw.upstream.probe(&path).await {
+                Ok(code) => {
+                    if !gw.upstream_ready.swap(true, Ordering::Relaxed) {
+                        tracing::info!(%code, "upstream answers; ready");
+                    }
+                    gw.upstream_status.store(Arc::new(format!("answered {code}")));
+                    Duration::from_secs(5)
+                }
+                Err(e) => {
+                    if gw.upstream_ready.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(error = %e, "upstream stopped answering; not ready");
+                    }
+                    gw.upstream_status.store(Arc::new(e.to_string()));
+                    Duration::from_secs(1)
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    });
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    gw: Arc<Gateway>,
+    cfg: GatewayConfig,
+    shutdown: CancellationToken,
+    stop_background: CancellationToken,
+) {
+    let connections = Arc::new(Inflight::default());
+    let conn_shutdown = CancellationToken::new();
+    let cfg = Arc::new(cfg);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let guard = connections.enter();
+        let (gw, acceptor, cfg, conn_shutdown) =
+            (gw.clone(), acceptor.clone(), cfg.clone(), conn_shutdown.clone());
+        tokio::spawn(async move {
+            let _guard = guard;
+            serve_connection(tcp, peer, acceptor, gw, &cfg, conn_shutdown).await;
+        });
+    }
+    drop(listener);
+    let grace = cfg.timeouts.shutdown_grace.get();
+    tracing::info!(grace_secs = grace.as_secs_f64(), inflight = gw.inflight.count(), streams = gw.streams.count(), "shutting down: no longer accepting");
+    gw.draining.store(true, Ordering::Relaxed);
+    // Ask idle keep-alive connections to close (HTTP/2 GOAWAY; HTTP/1.1 after the current response).
+    conn_shutdown.cancel();
+    if !gw.inflight.drain(grace).await {
+        tracing::warn!(inflight = gw.inflight.count(), "grace period over with requests in flight");
+    }
+    tracing::info!(streams = gw.streams.count(), "closing streams");
+    gw.streams.close_all();
+    if !connections.drain(Duration::from_secs(5)).await {
+        tracing::warn!(open = connections.count(), "connections still open at exit");
+    }
+    stop_background.cancel();
+    tracing::info!("shutdown complete");
+}
+
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    gw: Arc<Gateway>,
+    cfg: &GatewayConfig,
+    shutdown: CancellationToken,
+) {
+    let tls = match tokio::time::timeout(cfg.timeouts.tls_handshake.get(), acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let chain = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
+    let conn = Arc::new(ConnInfo::new(peer, chain));
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        pipeline::handle(gw.clone(), conn.clone(), req)
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.timeouts.header_read.get())
+        .max_buf_size((cfg.limits.max_header_bytes as usize).max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(cfg.limits.max_concurrent_streams)
+        .max_header_list_size(cfg.limits.max_header_bytes.min(u32::MAX as u64) as u32)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+async fn serve_ops(listener: TcpListener, gw: Arc<Gateway>, stop: CancellationToken) {
+    loop {
+        let tcp = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r { Ok((t, _)) => t, Err(_) => continue },
+        };
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let gw = gw.clone();
+                async move {
+                    let resp = match req.uri().path() {
+                        "/livez" | "/healthz" => plain(StatusCode::OK, "ok"),
+                        "/readyz" => gw.readyz(),
+                        "/metrics" => {
+                            let mut r = Response::new(full(gw.metrics.encode()));
+                            r.headers_mut().insert(
+                                http::header::CONTENT_TYPE,
+                                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                            );
+                            r
+                        }
+                        _ => plain(StatusCode::NOT_FOUND, "not found"),
+                    };
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}

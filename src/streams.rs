@@ -1,0 +1,258 @@
+//! Live streams (watch, logs -f, exec, attach, port-forward) and in-flight requests.
+//!
+//! Every long-lived response is registered here with a cancellation token; closing it ends the
+//! stream cleanly (a watch or log body ends with its terminating chunk, an upgraded connection is
+//! shut down). Shutdown uses this today; the re-verifier (token expiry, posture, locks) closes
+//! individual streams through the same handles.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use tokio::sync::Notify;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use crate::telemetry::Metrics;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StreamKind {
+    Watch,
+    Logs,
+    Exec,
+    Attach,
+    PortForward,
+    Upgrade,
+}
+
+impl StreamKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamKind::Watch => "watch",
+            StreamKind::Logs => "logs",
+            StreamKind::Exec => "exec",
+            StreamKind::Attach => "attach",
+            StreamKind::PortForward => "portforward",
+            StreamKind::Upgrade => "upgrade",
+        }
+    }
+}
+
+struct Entry {
+    kind: StreamKind,
+    user: String,
+    cancel: CancellationToken,
+}
+
+/// The registry of live streams.
+pub struct StreamRegistry {
+    root: CancellationToken,
+    next: AtomicU64,
+    live: Mutex<HashMap<u64, Entry>>,
+    metrics: Arc<Metrics>,
+}
+
+/// A registered stream. Dropping it unregisters the stream.
+pub struct StreamHandle {
+    id: u64,
+    kind: StreamKind,
+    registry: Arc<StreamRegistry>,
+    cancel: CancellationToken,
+}
+
+impl StreamHandle {
+    pub fn token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+    pub fn kind(&self) -> StreamKind {
+        self.kind
+    }
+}
+
+impl Drop for StreamHandle {
+    fn drop(&mut self) {
+        self.registry
+            .live
+            .lock()
+            .expect("stream registry poisoned")
+            .remove(&self.id);
+        self.registry.metrics.stream_closed(self.kind);
+    }
+}
+
+impl StreamRegistry {
+    pub fn new(metrics: Arc<Metrics>) -> Arc<StreamRegistry> {
+        Arc::new(StreamRegistry {
+            root: CancellationToken::new(),
+            next: AtomicU64::new(1),
+            live: Mutex::new(HashMap::new()),
+            metrics,
+        })
+    }
+
+    pub fn register(self: &Arc<Self>, kind: StreamKind, user: &str) -> StreamHandle {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let cancel = self.root.child_token();
+        self.live.lock().expect("stream registry poisoned").insert(
+            id,
+            Entry {
+                kind,
+                user: user.to_owned(),
+                cancel: cancel.clone(),
+            },
+        );
+        self.metrics.stream_opened(kind);
+        StreamHandle {
+            id,
+            kind,
+            registry: self.clone(),
+            cancel,
+        }
+    }
+
+    /// Closes every live stream (shutdown).
+    pub fn close_all(&self) {
+        self.root.cancel();
+    }
+
+    /// Closes the streams of one user; returns how many.
+    pub fn close_user(&self, user: &str) -> usize {
+        let live = self.live.lock().expect("stream registry poisoned");
+        let mut n = 0;
+        for e in live.values().filter(|e| e.user == user) {
+            e.cancel.cancel();
+            n += 1;
+        }
+        n
+    }
+
+    pub fn count(&self) -> usize {
+        self.live.lock().expect("stream registry poisoned").len()
+    }
+
+    pub fn count_kind(&self, kind: StreamKind) -> usize {
+        self.live
+            .lock()
+            .expect("stream registry poisoned")
+            .values()
+            .filter(|e| e.kind == kind)
+            .count()
+    }
+}
+
+/// Counts non-streaming requests in flight so shutdown can wait for them.
+#[derive(Default)]
+pub struct Inflight {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+pub struct InflightGuard(Arc<Inflight>);
+
+impl Inflight {
+    pub fn enter(self: &Arc<Self>) -> InflightGuard {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        InflightGuard(self.clone())
+    }
+
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Waits until nothing is in flight or `max` has passed; returns whether it drained.
+    pub async fn drain(&self, max: Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.idle.notified();
+                if self.count() == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(max, wait).await.is_ok()
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that holds a guard until it ends and, when given a cancellation, ends
+    /// cleanly as soon as it is cancelled.
+    pub struct GuardedBody<B> {
+        #[pin]
+        inner: B,
+        cancelled: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+        guard: Option<Box<dyn Send>>,
+        ended: bool,
+    }
+}
+
+impl<B> GuardedBody<B> {
+    pub fn new(inner: B, guard: Box<dyn Send>, cancel: Option<CancellationToken>) -> Self {
+        GuardedBody {
+            inner,
+            cancelled: cancel.map(|c| Box::pin(c.cancelled_owned())),
+            guard: Some(guard),
+            ended: false,
+        }
+    }
+}
+
+impl<B> HttpBody for GuardedBody<B>
+where
+    B: HttpBody<Data = Bytes>,
+    B::Error: Into<crate::body::BoxError>,
+{
+    type Data = Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        if *this.ended {
+            return Poll::Ready(None);
+        }
+        if let Some(c) = this.cancelled.as_mut() {
+            if c.as_mut().poll(cx).is_ready() {
+                *this.ended = true;
+                this.guard.take();
+                return Poll::Ready(None);
+            }
+        }
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(None) => {
+                *this.ended = true;
+                this.guard.take();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                *this.ended = true;
+                this.guard.take();
+                Poll::Ready(Some(Err(e.into())))
+            }
+            other => other.map(|o| o.map(|r| r.map_err(Into::into))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || (self.cancelled.is_none() && self.inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

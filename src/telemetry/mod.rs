@@ -1,0 +1,157 @@
+//! Metrics (Prometheus text via prometheus-client) and structured logs (tracing).
+//!
+//! No metric carries a per-user label: user names are unbounded and personal.
+
+pub mod logging;
+
+use std::sync::atomic::AtomicI64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::streams::StreamKind;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub verb: &'static str,
+    pub code: u16,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerbLabels {
+    pub verb: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<VerbLabels, Histogram>,
+    active_streams: Family<KindLabels, Gauge<i64, AtomicI64>>,
+    upstream_errors: Family<ReasonLabels, Counter>,
+    authn_failures: Family<ReasonLabels, Counter>,
+    stream_bytes: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("ztgate");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests handled, by Kubernetes verb, HTTP code and gateway outcome",
+            requests.clone(),
+        );
+        let latency = Family::<VerbLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        registry.register(
+            "request_duration_seconds",
+            "Time to response headers, by verb",
+            latency.clone(),
+        );
+        let active_streams = Family::<KindLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "active_streams",
+            "Long-lived streams open now, by kind",
+            active_streams.clone(),
+        );
+        let upstream_errors = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "upstream_errors",
+            "Failures talking to kube-apiserver, by reason",
+            upstream_errors.clone(),
+        );
+        let authn_failures = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "authentication_failures",
+            "Requests refused with 401, by reason",
+            authn_failures.clone(),
+        );
+        let stream_bytes = Counter::default();
+        registry.register(
+            "upgraded_stream_bytes",
+            "Bytes copied through upgraded streams (both directions)",
+            stream_bytes.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            latency,
+            active_streams,
+            upstream_errors,
+            authn_failures,
+            stream_bytes,
+        }
+    }
+
+    pub fn request(&self, verb: &'static str, code: u16, outcome: &'static str, took: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels { verb, code, outcome })
+            .inc();
+        self.latency
+            .get_or_create(&VerbLabels { verb })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn upstream_error(&self, reason: &'static str) {
+        self.upstream_errors
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub fn authn_failure(&self, reason: &'static str) {
+        self.authn_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub fn stream_opened(&self, kind: StreamKind) {
+        self.active_streams
+            .get_or_create(&KindLabels {
+                kind: kind.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn stream_closed(&self, kind: StreamKind) {
+        self.active_streams
+            .get_or_create(&KindLabels {
+                kind: kind.as_str(),
+            })
+            .dec();
+    }
+
+    pub fn stream_bytes(&self, up: u64, down: u64) {
+        self.stream_bytes.inc_by(up + down);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
