@@ -91,6 +91,9 @@ pub async fn handle(
                 }
                 PipelineError::Upstream(e) => {
                     gw.metrics.upstream_error(err.outcome());
+                    if let crate::proxy::UpstreamError::Connect(why) = e {
+                        gw.upstream_unreachable(why);
+                    }
                     tracing::error!(method = %method, path = uri.path(), user = user.as_deref().unwrap_or(""), error = %e, "upstream failed");
                 }
                 other => {
@@ -203,11 +206,15 @@ fn authenticate(
     conn: &ConnInfo,
     creds: &Credentials,
 ) -> Result<Arc<Identity>, AuthnError> {
-    if creds.bearer.is_some() {
-        // Token authenticators (OIDC) plug in here.
-        return Err(AuthnError::TokenAuthNotConfigured);
-    }
-    let chain = creds.peer_chain.as_ref().ok_or(AuthnError::NoCredentials)?;
+    // As kube-apiserver's union authenticator: a client certificate that verifies wins; the
+    // token authenticators (OIDC) are consulted otherwise. A token is never forwarded either way.
+    let Some(chain) = creds.peer_chain.as_ref() else {
+        return Err(if creds.bearer.is_some() {
+            AuthnError::TokenAuthNotConfigured
+        } else {
+            AuthnError::NoCredentials
+        });
+    };
     let x509 = gw.x509.as_ref().ok_or(AuthnError::NoCredentials)?;
     let now = SystemTime::now();
     let generation = x509.generation();

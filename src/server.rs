@@ -64,6 +64,15 @@ impl Gateway {
         self.draining.load(Ordering::Relaxed)
     }
 
+    /// Called when a request could not connect upstream, so `/readyz` reflects it at once
+    /// rather than at the next probe.
+    pub fn upstream_unreachable(&self, why: &str) {
+        if self.upstream_ready.swap(false, Ordering::Relaxed) {
+            tracing::warn!(error = why, "upstream unreachable; not ready");
+        }
+        self.upstream_status.store(Arc::new(why.to_owned()));
+    }
+
     pub fn is_ready(&self) -> bool {
         !self.is_draining() && self.upstream_ready.load(Ordering::Relaxed)
     }
@@ -144,7 +153,8 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
             reload,
             stop.clone(),
             move |files| {
-                let ck = pem::certified_key(&cp, &files[0], &kp, &files[1]).map_err(|e| e.to_string())?;
+                let ck = pem::certified_key(&cp, &files[0], &kp, &files[1])
+                    .map_err(|e| e.to_string())?;
                 serving.store(ck);
                 Ok(())
             },
@@ -154,16 +164,27 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
     // Client-certificate trust bundles.
     let mut bundles = Vec::new();
     for b in &cfg.listener.client_certificate_bundles {
-        bundles.push(Bundle::from_pem(&b.name, &b.ca_file, &pem::read(&b.ca_file)?)?);
+        bundles.push(Bundle::from_pem(
+            &b.name,
+            &b.ca_file,
+            &pem::read(&b.ca_file)?,
+        )?);
     }
     let bundles = Arc::new(TrustBundles::new(bundles));
     for b in &cfg.listener.client_certificate_bundles {
         let bundles = bundles.clone();
         let (name, path) = (b.name.clone(), b.ca_file.clone());
-        spawn_file_reloader("client CA bundle", vec![path.clone()], reload, stop.clone(), move |files| {
-            bundles.replace(Bundle::from_pem(&name, &path, &files[0]).map_err(|e| e.to_string())?);
-            Ok(())
-        });
+        spawn_file_reloader(
+            "client CA bundle",
+            vec![path.clone()],
+            reload,
+            stop.clone(),
+            move |files| {
+                bundles
+                    .replace(Bundle::from_pem(&name, &path, &files[0]).map_err(|e| e.to_string())?);
+                Ok(())
+            },
+        );
     }
     let x509 = cfg
         .authentication
@@ -178,10 +199,16 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
     {
         let verifier = verifier.clone();
         let path = up.ca_file.clone();
-        spawn_file_reloader("upstream CA", vec![path.clone()], reload, stop.clone(), move |files| {
-            let roots = pem::certs_from_pem(&path, &files[0]).map_err(|e| e.to_string())?;
-            verifier.replace(roots).map_err(|e| e.to_string())
-        });
+        spawn_file_reloader(
+            "upstream CA",
+            vec![path.clone()],
+            reload,
+            stop.clone(),
+            move |files| {
+                let roots = pem::certs_from_pem(&path, &files[0]).map_err(|e| e.to_string())?;
+                verifier.replace(roots).map_err(|e| e.to_string())
+            },
+        );
     }
     let client_cert = match &up.client_certificate {
         Some(cc) => {
@@ -200,7 +227,10 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
                 reload,
                 stop.clone(),
                 move |files| {
-                    r.store(pem::certified_key(&cp, &files[0], &kp, &files[1]).map_err(|e| e.to_string())?);
+                    r.store(
+                        pem::certified_key(&cp, &files[0], &kp, &files[1])
+                            .map_err(|e| e.to_string())?,
+                    );
                     Ok(())
                 },
             );
@@ -215,10 +245,16 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
             let cell = Arc::new(ArcSwap::from_pointee(Some(v)));
             let c = cell.clone();
             let p = path.clone();
-            spawn_file_reloader("upstream token", vec![p.clone()], reload, stop.clone(), move |files| {
-                c.store(Arc::new(Some(load_token(&p, &files[0])?)));
-                Ok(())
-            });
+            spawn_file_reloader(
+                "upstream token",
+                vec![p.clone()],
+                reload,
+                stop.clone(),
+                move |files| {
+                    c.store(Arc::new(Some(load_token(&p, &files[0])?)));
+                    Ok(())
+                },
+            );
             Some(cell)
         }
         None => None,
@@ -268,10 +304,14 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
         source,
     })?;
     let ops = match &cfg.operations.address {
-        Some(a) => Some(TcpListener::bind(a).await.map_err(|source| StartError::Listen {
-            addr: a.clone(),
-            source,
-        })?),
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .map_err(|source| StartError::Listen {
+                    addr: a.clone(),
+                    source,
+                })?,
+        ),
         None => None,
     };
     let ops_addr = ops.as_ref().and_then(|l| l.local_addr().ok());
@@ -307,8 +347,9 @@ fn spawn_readiness_probe(gw: Arc<Gateway>, path: String, stop: CancellationToken
                     if !gw.upstream_ready.swap(true, Ordering::Relaxed) {
                         tracing::info!(%code, "upstream answers; ready");
                     }
-                    gw.upstream_status.store(Arc::new(format!("answered {code}")));
-                    Duration::from_secs(5)
+                    gw.upstream_status
+                        .store(Arc::new(format!("answered {code}")));
+                    Duration::from_secs(2)
                 }
                 Err(e) => {
                     if gw.upstream_ready.swap(false, Ordering::Relaxed) {
@@ -351,8 +392,12 @@ async fn accept_loop(
         };
         let _ = tcp.set_nodelay(true);
         let guard = connections.enter();
-        let (gw, acceptor, cfg, conn_shutdown) =
-            (gw.clone(), acceptor.clone(), cfg.clone(), conn_shutdown.clone());
+        let (gw, acceptor, cfg, conn_shutdown) = (
+            gw.clone(),
+            acceptor.clone(),
+            cfg.clone(),
+            conn_shutdown.clone(),
+        );
         tokio::spawn(async move {
             let _guard = guard;
             serve_connection(tcp, peer, acceptor, gw, &cfg, conn_shutdown).await;
@@ -360,12 +405,20 @@ async fn accept_loop(
     }
     drop(listener);
     let grace = cfg.timeouts.shutdown_grace.get();
-    tracing::info!(grace_secs = grace.as_secs_f64(), inflight = gw.inflight.count(), streams = gw.streams.count(), "shutting down: no longer accepting");
+    tracing::info!(
+        grace_secs = grace.as_secs_f64(),
+        inflight = gw.inflight.count(),
+        streams = gw.streams.count(),
+        "shutting down: no longer accepting"
+    );
     gw.draining.store(true, Ordering::Relaxed);
     // Ask idle keep-alive connections to close (HTTP/2 GOAWAY; HTTP/1.1 after the current response).
     conn_shutdown.cancel();
     if !gw.inflight.drain(grace).await {
-        tracing::warn!(inflight = gw.inflight.count(), "grace period over with requests in flight");
+        tracing::warn!(
+            inflight = gw.inflight.count(),
+            "grace period over with requests in flight"
+        );
     }
     tracing::info!(streams = gw.streams.count(), "closing streams");
     gw.streams.close_all();
@@ -384,17 +437,18 @@ async fn serve_connection(
     cfg: &GatewayConfig,
     shutdown: CancellationToken,
 ) {
-    let tls = match tokio::time::timeout(cfg.timeouts.tls_handshake.get(), acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(%peer, "TLS handshake timed out");
-            return;
-        }
-    };
+    let tls =
+        match tokio::time::timeout(cfg.timeouts.tls_handshake.get(), acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        };
     let chain = tls
         .get_ref()
         .1
@@ -449,7 +503,9 @@ async fn serve_ops(listener: TcpListener, gw: Arc<Gateway>, stop: CancellationTo
                             let mut r = Response::new(full(gw.metrics.encode()));
                             r.headers_mut().insert(
                                 http::header::CONTENT_TYPE,
-                                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                                HeaderValue::from_static(
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                ),
                             );
                             r
                         }

@@ -36,9 +36,9 @@ pub struct Credentials {
 fn is_token68(s: &str) -> bool {
     let trimmed = s.trim_end_matches('=');
     !trimmed.is_empty()
-        && trimmed
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/'))
+        && trimmed.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
+        })
 }
 
 /// Reads the bearer token from the headers, refusing anything ambiguous.
@@ -77,7 +77,10 @@ mod tests {
     fn hdrs(values: &[&str]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for v in values {
-            h.append(http::header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
+            h.append(
+                http::header::AUTHORIZATION,
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
@@ -95,7 +98,13 @@ mod tests {
 
     #[test]
     fn refuses_tokens_that_are_not_one_token() {
-        for bad in ["Bearer a b", "Bearer ", "Basic YWxpY2U6cHc=", "Bearer a,b", "garbage"] {
+        for bad in [
+            "Bearer a b",
+            "Bearer ",
+            "Basic YWxpY2U6cHc=",
+            "Bearer a,b",
+            "garbage",
+        ] {
             assert!(bearer_from_headers(&hdrs(&[bad])).is_err(), "{bad}");
         }
     }

@@ -133,7 +133,10 @@ mod tests {
     fn cn_is_the_user_and_each_o_a_group() {
         let pki = TestPki::new();
         let id = authn(&pki)
-            .verify(&chain(&pki.user("alice", &["team-a", "devs"])), SystemTime::now())
+            .verify(
+                &chain(&pki.user("alice", &["team-a", "devs"])),
+                SystemTime::now(),
+            )
             .result
             .unwrap();
         assert_eq!(id.user(), "alice");
@@ -151,7 +154,10 @@ mod tests {
             (pki.unknown_ca_user("mallory"), "trusted CA"),
         ] {
             let err = a.verify(&chain(&ck), SystemTime::now()).result.unwrap_err();
-            assert!(err.to_string().contains(want), "{err} should mention {want}");
+            assert!(
+                err.to_string().contains(want),
+                "{err} should mention {want}"
+            );
         }
     }
 

@@ -62,7 +62,13 @@ fn join(parent: &str, key: &str) -> String {
 
 enum Frame {
     /// A mapping at `path`; `key` is the pending key whose value comes next, if any.
-    Map { path: String, key: Option<String> },
+    /// `item` is set for a mapping that is a list item, whose position is that of its first
+    /// key (a block mapping's start event points past it).
+    Map {
+        path: String,
+        key: Option<String>,
+        item: bool,
+    },
     /// A sequence at `path`; `index` is the index of the next item.
     Seq { path: String, index: usize },
 }
@@ -84,14 +90,18 @@ impl Builder {
     }
 
     /// The path of a node that starts now, if it is a value (not a mapping key).
-    fn value_path(&mut self, mark: &Marker) -> Option<String> {
+    fn value_path(&mut self, mark: &Marker, record_item: bool) -> Option<String> {
         match self.stack.last() {
             None => Some(String::new()),
             Some(Frame::Map { key: None, .. }) => None,
-            Some(Frame::Map { path, key: Some(k) }) => Some(join(path, k)),
+            Some(Frame::Map {
+                path, key: Some(k), ..
+            }) => Some(join(path, k)),
             Some(Frame::Seq { path, index }) => {
                 let p = format!("{path}[{index}]");
-                self.record(p.clone(), mark);
+                if record_item {
+                    self.record(p.clone(), mark);
+                }
                 Some(p)
             }
         }
@@ -100,14 +110,19 @@ impl Builder {
     /// A node has ended: advance the enclosing container.
     fn node_done(&mut self, scalar_key: Option<(String, &Marker)>) {
         let mut record = None;
+        let mut item_record = None;
         match self.stack.last_mut() {
-            Some(Frame::Map { path, key }) => {
+            Some(Frame::Map { path, key, item }) => {
                 if key.is_none() {
                     let k = scalar_key
                         .as_ref()
                         .map_or_else(|| "?".to_string(), |(k, _)| k.clone());
                     if let Some((_, mark)) = &scalar_key {
-                        record = Some((join(path, &k), (*mark).clone()));
+                        if *item {
+                            item_record = Some((path.clone(), **mark));
+                            *item = false;
+                        }
+                        record = Some((join(path, &k), **mark));
                     }
                     *key = Some(k);
                 } else {
@@ -117,18 +132,25 @@ impl Builder {
             Some(Frame::Seq { index, .. }) => *index += 1,
             None => {}
         }
-        if let Some((p, mark)) = record {
+        for (p, mark) in [item_record, record].into_iter().flatten() {
             self.record(p, &mark);
         }
     }
 
     fn start_container(&mut self, mark: &Marker, seq: bool) {
+        let item = matches!(self.stack.last(), Some(Frame::Seq { .. }));
         // A container used as a mapping key gets a placeholder path.
-        let path = self.value_path(mark).unwrap_or_else(|| "?".to_string());
+        let path = self
+            .value_path(mark, seq || !item)
+            .unwrap_or_else(|| "?".to_string());
         self.stack.push(if seq {
             Frame::Seq { path, index: 0 }
         } else {
-            Frame::Map { path, key: None }
+            Frame::Map {
+                path,
+                key: None,
+                item,
+            }
         });
     }
 }
@@ -140,14 +162,14 @@ impl MarkedEventReceiver for Builder {
         }
         match ev {
             Event::Scalar(value, ..) => {
-                if self.value_path(&mark).is_some() {
+                if self.value_path(&mark, true).is_some() {
                     self.node_done(None);
                 } else {
                     self.node_done(Some((value, &mark)));
                 }
             }
             Event::Alias(_) => {
-                if self.value_path(&mark).is_some() {
+                if self.value_path(&mark, true).is_some() {
                     self.node_done(None);
                 } else {
                     self.node_done(Some(("*".to_string(), &mark)));

@@ -263,15 +263,24 @@ fn missing_required_field_is_named() {
 #[test]
 fn yaml_syntax_error_has_line_and_column() {
     let (dir, _pki) = pki_dir();
+    let src = GOOD.replace("  address: 127.0.0.1:8443", "  address: 127.0.0.1: 8443");
+    let errors = load_err(&src, dir.path());
+    assert_eq!(errors.len(), 1, "{}", show(&errors));
+    let e = &errors[0];
+    assert_eq!(e.line, Some(line_of(&src, "127.0.0.1: 8443")), "{e}");
+    assert!(e.column.is_some());
+    assert!(e.message.contains("mapping values are not allowed"), "{e}");
+    // The position is printed once, in front, not again in the message.
+    assert!(!e.message.contains(" at line "), "{e}");
+
+    // An unclosed flow list: the error cites where the list began, too.
     let src = GOOD.replace("  address: 127.0.0.1:8443", "  address: [127.0.0.1:8443");
     let errors = load_err(&src, dir.path());
-    assert_eq!(errors.len(), 1);
     assert!(errors[0].line.is_some(), "{}", show(&errors));
-    assert!(errors[0].column.is_some());
     assert!(
-        !errors[0].message.contains(" at line "),
+        errors[0].message.contains("flow sequence"),
         "{}",
-        errors[0].message
+        show(&errors)
     );
 }
 
@@ -354,7 +363,7 @@ fn every_semantic_error_is_reported_with_its_line() {
         let want_line = if needle.contains('\n') {
             // The second "- name: users" line.
             let at = src.find(needle).unwrap();
-            src[..at].lines().count() + 1
+            src[..at].matches('\n').count() + 1
         } else {
             line_of(&src, needle)
         };
@@ -379,6 +388,33 @@ fn every_semantic_error_is_reported_with_its_line() {
     assert!(find(&errors, "authentication.x509.bundle")
         .message
         .contains("\"admins\""));
+}
+
+#[test]
+fn address_rules() {
+    let (dir, _pki) = pki_dir();
+    for bad in [
+        "localhost",
+        "8443",
+        ":8443",
+        "127.0.0.1:http",
+        "127.0.0.1:70000",
+        "::1:8443",
+        "a b:1",
+    ] {
+        let src = GOOD.replace("address: 127.0.0.1:8443", &format!("address: '{bad}'"));
+        let errors = load_err(&src, dir.path());
+        assert_eq!(find(&errors, "listener.address").line, Some(4), "{bad}");
+    }
+    for good in [
+        "0.0.0.0:8443",
+        "[::]:0",
+        "localhost:8443",
+        "gateway.example.com:443",
+    ] {
+        let src = GOOD.replace("address: 127.0.0.1:8443", &format!("address: '{good}'"));
+        load(&src, dir.path()).unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
 }
 
 #[test]

@@ -314,13 +314,24 @@ impl Validator {
         }
     }
 
+    /// `ip:port` or `hostname:port` (a name is resolved when the listener binds; it is not looked
+    /// up here, as checking a config never touches the network).
     fn socket_address(&mut self, path: &str, addr: &str) {
-        if addr.parse::<SocketAddr>().is_err() {
+        if addr.parse::<SocketAddr>().is_ok() {
+            return;
+        }
+        let host_port_ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
+            port.parse::<u16>().is_ok()
+                && !host.is_empty()
+                && !host.contains(['[', ']', ':'])
+                && matches!(ServerName::try_from(host), Ok(ServerName::DnsName(_)))
+        });
+        if !host_port_ok {
             self.err(
                 path,
                 format!(
-                    "invalid address {addr:?}: expected an IP address and port, e.g. \
-                     0.0.0.0:8443, 127.0.0.1:8443 or [::]:8443"
+                    "invalid address {addr:?}: expected host:port, e.g. 0.0.0.0:8443, \
+                     127.0.0.1:8443, [::]:8443 or localhost:8443"
                 ),
             );
         }

@@ -119,7 +119,10 @@ impl Upstream {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(self.authority.clone());
-        parts.path_and_query = Some(pq.cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
+        parts.path_and_query = Some(
+            pq.cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
         Uri::from_parts(parts).expect("scheme, authority and path make a URI")
     }
 
@@ -147,13 +150,19 @@ impl Upstream {
     }
 
     /// Refuses a body whose declared length is over the limit, and limits the rest as it streams.
-    pub(crate) fn limited_body(&self, req_headers: &http::HeaderMap, body: Incoming) -> Result<Body, PipelineError> {
+    pub(crate) fn limited_body(
+        &self,
+        req_headers: &http::HeaderMap,
+        body: Incoming,
+    ) -> Result<Body, PipelineError> {
         let declared = req_headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > self.max_body) {
-            return Err(PipelineError::BodyTooLarge { limit: self.max_body });
+            return Err(PipelineError::BodyTooLarge {
+                limit: self.max_body,
+            });
         }
         Ok(Limited::new(body, self.max_body as usize)
             .map_err(|e: BoxError| e)
@@ -162,7 +171,8 @@ impl Upstream {
 
     /// A probe used by `/readyz`: does kube-apiserver answer at all?
     pub async fn probe(&self, path: &str) -> Result<http::StatusCode, UpstreamError> {
-        let pq = PathAndQuery::try_from(path).map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+        let pq =
+            PathAndQuery::try_from(path).map_err(|e| UpstreamError::Protocol(e.to_string()))?;
         let mut req = Request::new(crate::body::empty());
         *req.uri_mut() = self.uri_for(Some(&pq));
         if let Some(tok) = &self.token {
@@ -200,7 +210,9 @@ impl Upstream {
         };
         let mut resp = result.map_err(|e| {
             if is_body_too_large(&e) {
-                PipelineError::BodyTooLarge { limit: self.max_body }
+                PipelineError::BodyTooLarge {
+                    limit: self.max_body,
+                }
             } else {
                 PipelineError::Upstream(classify(e))
             }

@@ -82,8 +82,19 @@ pub fn encode_extra_key(key: &str) -> String {
         let tchar = b.is_ascii_alphanumeric()
             || matches!(
                 b,
-                b'!' | b'#' | b'$' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`'
-                    | b'|' | b'~'
+                b'!' | b'#'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
             );
         if tchar {
             out.push(b as char);
@@ -122,8 +133,9 @@ pub fn set_impersonation(
         headers.insert("impersonate-uid", value(uid, "uid")?);
     }
     for (k, vs) in identity.extra() {
-        let name = HeaderName::from_bytes(format!("impersonate-extra-{}", encode_extra_key(k)).as_bytes())
-            .map_err(|_| UnencodableIdentity("extra key"))?;
+        let name =
+            HeaderName::from_bytes(format!("impersonate-extra-{}", encode_extra_key(k)).as_bytes())
+                .map_err(|_| UnencodableIdentity("extra key"))?;
         for v in vs {
             headers.append(name.clone(), value(v, "extra value")?);
         }
@@ -152,7 +164,10 @@ mod tests {
             ("X-Custom", "1"),
             ("Accept", "application/json"),
         ] {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
         sanitize_request_headers(&mut h);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();

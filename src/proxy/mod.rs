@@ -78,14 +78,19 @@ mod tests {
     fn shape(uri: &str, upgrade: bool) -> RequestShape {
         let mut b = http::Request::builder().uri(uri);
         if upgrade {
-            b = b.header("connection", "Upgrade").header("upgrade", "websocket");
+            b = b
+                .header("connection", "Upgrade")
+                .header("upgrade", "websocket");
         }
         shape_of(&b.body(()).unwrap())
     }
 
     #[test]
     fn classifies_streams() {
-        assert_eq!(shape("/api/v1/namespaces/a/pods", false), RequestShape::Unary);
+        assert_eq!(
+            shape("/api/v1/namespaces/a/pods", false),
+            RequestShape::Unary
+        );
         assert_eq!(
             shape("/api/v1/namespaces/a/pods?watch=1&resourceVersion=5", false),
             RequestShape::Streaming(StreamKind::Watch)
@@ -102,7 +107,10 @@ mod tests {
             shape("/api/v1/namespaces/a/pods/p/log?follow=true", false),
             RequestShape::Streaming(StreamKind::Logs)
         );
-        assert_eq!(shape("/api/v1/namespaces/a/pods/p/log", false), RequestShape::Unary);
+        assert_eq!(
+            shape("/api/v1/namespaces/a/pods/p/log", false),
+            RequestShape::Unary
+        );
         assert_eq!(
             shape("/api/v1/namespaces/a/pods/p/exec?command=cat", true),
             RequestShape::Upgrade(StreamKind::Exec)

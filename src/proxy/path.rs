@@ -8,7 +8,11 @@ pub fn check_path(path: &str) -> Result<(), &'static str> {
         return Err("the request target must be an absolute path");
     }
     let lower = path.to_ascii_lowercase();
-    if lower.contains("%2f") || lower.contains("%5c") || lower.contains("%2e") || lower.contains("%00") {
+    if lower.contains("%2f")
+        || lower.contains("%5c")
+        || lower.contains("%2e")
+        || lower.contains("%00")
+    {
         return Err("encoded '/', '\\', '.' or NUL in the path are not accepted");
     }
     if path.contains('\\') {
@@ -28,7 +32,10 @@ pub fn check_path(path: &str) -> Result<(), &'static str> {
         }
     }
     // Anything still percent-encoded must decode to valid UTF-8.
-    if percent_encoding::percent_decode_str(path).decode_utf8().is_err() {
+    if percent_encoding::percent_decode_str(path)
+        .decode_utf8()
+        .is_err()
+    {
         return Err("the path does not decode to UTF-8");
     }
     Ok(())

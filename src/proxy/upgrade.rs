@@ -50,15 +50,19 @@ impl Upstream {
         stream: StreamHandle,
         metrics: std::sync::Arc<Metrics>,
     ) -> Result<Response<Body>, PipelineError> {
-        let upgrade_to = req
-            .headers()
-            .get(header::UPGRADE)
-            .cloned()
-            .ok_or(PipelineError::BadRequest("upgrade request without Upgrade header"))?;
+        let upgrade_to =
+            req.headers()
+                .get(header::UPGRADE)
+                .cloned()
+                .ok_or(PipelineError::BadRequest(
+                    "upgrade request without Upgrade header",
+                ))?;
         let client_upgrade = hyper::upgrade::on(&mut req);
         let (mut parts, body) = req.into_parts();
         self.prepare_headers(&mut parts.headers, authorized, client_ip)?;
-        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         parts.headers.insert(header::UPGRADE, upgrade_to);
         parts.headers.insert(
             header::HOST,
@@ -119,7 +123,11 @@ impl Upstream {
             let (client, upstream) = match tokio::join!(client_upgrade, upstream_upgrade) {
                 (Ok(c), Ok(u)) => (c, u),
                 (c, u) => {
-                    tracing::warn!(client_ok = c.is_ok(), upstream_ok = u.is_ok(), "upgrade did not complete");
+                    tracing::warn!(
+                        client_ok = c.is_ok(),
+                        upstream_ok = u.is_ok(),
+                        "upgrade did not complete"
+                    );
                     return;
                 }
             };

@@ -102,7 +102,11 @@ impl Metrics {
 
     pub fn request(&self, verb: &'static str, code: u16, outcome: &'static str, took: Duration) {
         self.requests
-            .get_or_create(&RequestLabels { verb, code, outcome })
+            .get_or_create(&RequestLabels {
+                verb,
+                code,
+                outcome,
+            })
             .inc();
         self.latency
             .get_or_create(&VerbLabels { verb })

@@ -48,7 +48,10 @@ pub fn certified_key(
     let ck = rustls::sign::CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
         TlsError::Invalid {
             path: key_path.display().to_string(),
-            message: format!("key does not match certificate {}: {e}", cert_path.display()),
+            message: format!(
+                "key does not match certificate {}: {e}",
+                cert_path.display()
+            ),
         }
     })?;
     Ok(ck)

@@ -21,7 +21,10 @@ pub fn spawn_file_reloader<F>(
 ) where
     F: FnMut(&[Vec<u8>]) -> Result<(), String> + Send + 'static,
 {
-    let mut last: Vec<Vec<u8>> = paths.iter().map(|p| std::fs::read(p).unwrap_or_default()).collect();
+    let mut last: Vec<Vec<u8>> = paths
+        .iter()
+        .map(|p| std::fs::read(p).unwrap_or_default())
+        .collect();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -144,7 +144,11 @@ pub(crate) fn authenticate(
     let mut user = match cert_user {
         Some(u) => u.clone(),
         None => {
-            let auth = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?.trim();
+            let auth = headers
+                .get(http::header::AUTHORIZATION)?
+                .to_str()
+                .ok()?
+                .trim();
             let (scheme, token) = auth.split_once(' ')?;
             if !scheme.eq_ignore_ascii_case("bearer") {
                 return None;
@@ -185,7 +189,9 @@ impl Request {
     fn describe(&self) -> String {
         match self {
             Request::User(n) => format!("{{User {n}}}"),
-            Request::ServiceAccount { namespace, name } => format!("{{ServiceAccount {namespace}/{name}}}"),
+            Request::ServiceAccount { namespace, name } => {
+                format!("{{ServiceAccount {namespace}/{name}}}")
+            }
             Request::Group(n) => format!("{{Group {n}}}"),
             Request::Extra { key, value } => format!("{{UserExtra {key}={value}}}"),
             Request::Uid(n) => format!("{{UID {n}}}"),
@@ -210,9 +216,8 @@ pub(crate) fn unescape_extra_key(key: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let ok = i + 2 < b.len()
-                && b[i + 1].is_ascii_hexdigit()
-                && b[i + 2].is_ascii_hexdigit();
+            let ok =
+                i + 2 < b.len() && b[i + 1].is_ascii_hexdigit() && b[i + 2].is_ascii_hexdigit();
             if !ok {
                 return key.to_string();
             }
@@ -245,7 +250,9 @@ fn build_requests(headers: &HeaderMap) -> Result<Vec<Request>, String> {
     let mut has_other = false;
     for g in headers.get_all("impersonate-group") {
         has_other = true;
-        reqs.push(Request::Group(String::from_utf8_lossy(g.as_bytes()).into_owned()));
+        reqs.push(Request::Group(
+            String::from_utf8_lossy(g.as_bytes()).into_owned(),
+        ));
     }
     for (name, value) in headers.iter() {
         let Some(key) = name.as_str().strip_prefix("impersonate-extra-") else {
@@ -281,7 +288,7 @@ pub(crate) fn impersonate(
     if reqs.is_empty() {
         return Ok(None);
     }
-    let allowed = impersonators.iter().any(|u| *u == caller.username);
+    let allowed = impersonators.contains(&caller.username);
     let groups_specified = headers.contains_key("impersonate-group");
     let mut username = String::new();
     let mut groups: Vec<String> = Vec::new();
@@ -400,7 +407,10 @@ mod tests {
 
     #[test]
     fn no_headers_no_impersonation() {
-        assert_eq!(impersonate(&gateway(), &HeaderMap::new(), &imps()), Ok(None));
+        assert_eq!(
+            impersonate(&gateway(), &HeaderMap::new(), &imps()),
+            Ok(None)
+        );
     }
 
     #[test]
@@ -424,7 +434,10 @@ mod tests {
 
     #[test]
     fn authenticated_group_not_duplicated() {
-        let h = headers(&[("Impersonate-User", "alice"), ("Impersonate-Group", AUTHENTICATED)]);
+        let h = headers(&[
+            ("Impersonate-User", "alice"),
+            ("Impersonate-Group", AUTHENTICATED),
+        ]);
         let u = impersonate(&gateway(), &h, &imps()).unwrap().unwrap();
         assert_eq!(u.groups, vec![AUTHENTICATED]);
     }
@@ -443,7 +456,11 @@ mod tests {
         assert_eq!(u.username, "system:serviceaccount:ci:builder");
         assert_eq!(
             u.groups,
-            vec!["system:serviceaccounts", "system:serviceaccounts:ci", AUTHENTICATED]
+            vec![
+                "system:serviceaccounts",
+                "system:serviceaccounts:ci",
+                AUTHENTICATED
+            ]
         );
         // Explicit groups replace the service-account groups, as in kube-apiserver.
         let h = headers(&[
@@ -512,14 +529,19 @@ mod tests {
         );
         let u = authenticate(None, &headers(&[("authorization", "Bearer t1")]), &tokens).unwrap();
         assert_eq!(u.groups, vec!["team-b", AUTHENTICATED]);
-        assert!(authenticate(None, &headers(&[("authorization", "Bearer nope")]), &tokens).is_none());
+        assert!(
+            authenticate(None, &headers(&[("authorization", "Bearer nope")]), &tokens).is_none()
+        );
         assert!(authenticate(None, &HeaderMap::new(), &tokens).is_none());
     }
 
     #[test]
     fn review_omits_empty_uid_and_extra() {
         let v = self_subject_review(&gateway(), "v1");
-        assert_eq!(v["status"]["userInfo"], json!({"username": "ztgate", "groups": [AUTHENTICATED]}));
+        assert_eq!(
+            v["status"]["userInfo"],
+            json!({"username": "ztgate", "groups": [AUTHENTICATED]})
+        );
         assert_eq!(v["metadata"], json!({"creationTimestamp": null}));
     }
 }

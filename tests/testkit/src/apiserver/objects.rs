@@ -221,7 +221,12 @@ impl Store {
 
     /// Creates a pod (`spec` from the request body, or the default container). `Err` carries the
     /// existing pod when the name is taken.
-    pub(crate) fn create_pod(&self, ns: &str, name: &str, body: Option<&Value>) -> Result<Value, ()> {
+    pub(crate) fn create_pod(
+        &self,
+        ns: &str,
+        name: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, ()> {
         self.create_pod_at(ns, name, body, OffsetDateTime::now_utc())
     }
 
@@ -244,7 +249,9 @@ impl Store {
             .and_then(|b| b.get("spec"))
             .filter(|s| s.get("containers").and_then(Value::as_array).is_some())
             .cloned()
-            .unwrap_or_else(|| json!({ "containers": [{ "name": "app", "image": "example/app:1" }] }));
+            .unwrap_or_else(
+                || json!({ "containers": [{ "name": "app", "image": "example/app:1" }] }),
+            );
         let mut metadata = json!({
             "name": name,
             "namespace": ns,
@@ -389,9 +396,24 @@ fn column_definitions(kind: Kind) -> Value {
     match kind {
         Kind::Pods => json!([
             name,
-            column("Ready", "string", "", "The aggregate readiness state of this pod for accepting traffic."),
-            column("Status", "string", "", "The aggregate status of the containers in this pod."),
-            column("Restarts", "integer", "", "The number of times the containers in this pod have been restarted."),
+            column(
+                "Ready",
+                "string",
+                "",
+                "The aggregate readiness state of this pod for accepting traffic."
+            ),
+            column(
+                "Status",
+                "string",
+                "",
+                "The aggregate status of the containers in this pod."
+            ),
+            column(
+                "Restarts",
+                "integer",
+                "",
+                "The number of times the containers in this pod have been restarted."
+            ),
             age,
         ]),
         Kind::Namespaces => json!([
@@ -485,8 +507,12 @@ struct WatchState {
 /// Starts a watch: ADDED for existing objects when `resourceVersion` is absent, "" or "0",
 /// then every matching change, until `timeoutSeconds` passes or the client goes away.
 pub(crate) fn watch_body(store: &Store, spec: WatchSpec) -> Body {
-    let (current_rv, existing, rx) = store.subscribe(spec.kind, &spec.namespace, spec.name.as_deref());
-    let from_start = matches!(spec.resource_version.as_deref(), None | Some("") | Some("0"));
+    let (current_rv, existing, rx) =
+        store.subscribe(spec.kind, &spec.namespace, spec.name.as_deref());
+    let from_start = matches!(
+        spec.resource_version.as_deref(),
+        None | Some("") | Some("0")
+    );
     let min_rv = if from_start {
         current_rv
     } else {
@@ -562,7 +588,10 @@ mod tests {
         assert_eq!(s.list(Kind::Namespaces, "", None).1.len(), 3);
         assert!(s.create_pod("team-a", "web-0", None).is_err());
         let t = table(Kind::Pods, rv, &pods, IncludeObject::Metadata);
-        assert_eq!(t["rows"][0]["cells"], json!(["web-0", "1/1", "Running", 0, "5m"]));
+        assert_eq!(
+            t["rows"][0]["cells"],
+            json!(["web-0", "1/1", "Running", 0, "5m"])
+        );
         assert_eq!(t["rows"][0]["object"]["kind"], "PartialObjectMetadata");
         assert_eq!(t["columnDefinitions"][3]["type"], "integer");
         let deleted = s.delete_pod("team-a", "web-0").unwrap();

@@ -54,8 +54,7 @@ impl RbacRule {
     }
 
     fn matches_subject(&self, u: &UserInfo) -> bool {
-        self.users.iter().any(|x| *x == u.username)
-            || self.groups.iter().any(|g| u.groups.contains(g))
+        self.users.contains(&u.username) || self.groups.iter().any(|g| u.groups.contains(g))
     }
 
     fn matches(&self, u: &UserInfo, verb: &str, resource: &str, sub: &str, ns: &str) -> bool {
@@ -71,9 +70,7 @@ impl RbacRule {
             format!("{resource}/{sub}")
         };
         let resource_ok = self.resources.iter().any(|r| {
-            r == "*"
-                || *r == full
-                || (!sub.is_empty() && r.strip_prefix("*/") == Some(sub))
+            r == "*" || *r == full || (!sub.is_empty() && r.strip_prefix("*/") == Some(sub))
         });
         if !resource_ok {
             return false;
@@ -95,7 +92,12 @@ pub(crate) fn demo_rules() -> Vec<RbacRule> {
     vec![
         RbacRule::for_group("team-a", &["*"], &pod_resources, &["team-a"]),
         RbacRule::for_group("team-b", &["*"], &pod_resources, &["team-b"]),
-        RbacRule::for_group(AUTHENTICATED, &["get", "list", "watch"], &["namespaces"], &[]),
+        RbacRule::for_group(
+            AUTHENTICATED,
+            &["get", "list", "watch"],
+            &["namespaces"],
+            &[],
+        ),
     ]
 }
 
@@ -124,7 +126,11 @@ impl RequestInfo {
             verb: method.to_ascii_lowercase(),
             ..Default::default()
         };
-        let parts: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+        let parts: Vec<&str> = path
+            .trim_matches('/')
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .collect();
         if parts.len() < 3 || !matches!(parts[0], "api" | "apis") {
             return info;
         }
@@ -161,12 +167,10 @@ impl RequestInfo {
             .to_string();
         }
 
-        if cur[0] == "namespaces" {
-            if cur.len() > 1 {
-                info.namespace = cur[1].to_string();
-                if cur.len() > 2 && !matches!(cur[2], "status" | "finalize") {
-                    cur = &cur[2..];
-                }
+        if cur[0] == "namespaces" && cur.len() > 1 {
+            info.namespace = cur[1].to_string();
+            if cur.len() > 2 && !matches!(cur[2], "status" | "finalize") {
+                cur = &cur[2..];
             }
         }
         info.parts = cur.iter().map(|s| s.to_string()).collect();
@@ -195,15 +199,6 @@ impl RequestInfo {
         }
         info
     }
-
-    /// `pods`, or `pods/exec` for a subresource.
-    pub(crate) fn full_resource(&self) -> String {
-        if self.subresource.is_empty() {
-            self.resource.clone()
-        } else {
-            format!("{}/{}", self.resource, self.subresource)
-        }
-    }
 }
 
 /// `metadata.name=X` from a `fieldSelector` (exact match only).
@@ -218,17 +213,34 @@ pub(crate) fn field_selector_name(query: &[(String, String)]) -> Option<String> 
 
 /// Non-resource URLs of `system:public-info-viewer` (authenticated and unauthenticated users).
 pub(crate) fn is_public_info_path(path: &str) -> bool {
-    matches!(path, "/healthz" | "/livez" | "/readyz" | "/version" | "/version/")
+    matches!(
+        path,
+        "/healthz" | "/livez" | "/readyz" | "/version" | "/version/"
+    )
 }
 
 /// Non-resource URLs of `system:discovery` (authenticated users).
 fn is_discovery_path(path: &str) -> bool {
     matches!(
         path,
-        "/api" | "/apis" | "/healthz" | "/livez" | "/readyz" | "/openapi" | "/version" | "/version/"
-    ) || ["/api/", "/apis/", "/openapi/", "/healthz/", "/livez/", "/readyz/"]
-        .iter()
-        .any(|p| path.starts_with(p))
+        "/api"
+            | "/apis"
+            | "/healthz"
+            | "/livez"
+            | "/readyz"
+            | "/openapi"
+            | "/version"
+            | "/version/"
+    ) || [
+        "/api/",
+        "/apis/",
+        "/openapi/",
+        "/healthz/",
+        "/livez/",
+        "/readyz/",
+    ]
+    .iter()
+    .any(|p| path.starts_with(p))
 }
 
 /// Decides whether `user` may perform the request.
@@ -255,7 +267,14 @@ pub(crate) fn authorize(rules: &[RbacRule], user: &UserInfo, info: &RequestInfo)
     {
         return true;
     }
-    allows(rules, user, &info.verb, &info.resource, &info.subresource, &info.namespace)
+    allows(
+        rules,
+        user,
+        &info.verb,
+        &info.resource,
+        &info.subresource,
+        &info.namespace,
+    )
 }
 
 /// Whether any rule grants the verb on the resource in the namespace.
@@ -267,7 +286,9 @@ pub(crate) fn allows(
     sub: &str,
     ns: &str,
 ) -> bool {
-    rules.iter().any(|r| r.matches(user, verb, resource, sub, ns))
+    rules
+        .iter()
+        .any(|r| r.matches(user, verb, resource, sub, ns))
 }
 
 /// What a Forbidden message talks about (k8s.io/apiserver authorizer.Attributes).
@@ -372,36 +393,72 @@ mod tests {
     fn parses_resource_paths() {
         let i = parse("GET", "/api/v1/namespaces/team-a/pods");
         assert!(i.is_resource_request);
-        assert_eq!((i.verb.as_str(), i.resource.as_str(), i.namespace.as_str()), ("list", "pods", "team-a"));
-        let i = parse("GET", "/api/v1/namespaces/team-a/pods?watch=true&resourceVersion=5");
+        assert_eq!(
+            (i.verb.as_str(), i.resource.as_str(), i.namespace.as_str()),
+            ("list", "pods", "team-a")
+        );
+        let i = parse(
+            "GET",
+            "/api/v1/namespaces/team-a/pods?watch=true&resourceVersion=5",
+        );
         assert_eq!(i.verb, "watch");
         let i = parse("GET", "/api/v1/pods?watch=1");
         assert_eq!((i.verb.as_str(), i.namespace.as_str()), ("watch", ""));
         let i = parse("GET", "/api/v1/watch/namespaces/team-a/pods/web-0");
         assert_eq!((i.verb.as_str(), i.name.as_str()), ("watch", "web-0"));
-        let i = parse("POST", "/api/v1/namespaces/team-a/pods/web-0/exec?command=sh");
+        let i = parse(
+            "POST",
+            "/api/v1/namespaces/team-a/pods/web-0/exec?command=sh",
+        );
         assert_eq!(
-            (i.verb.as_str(), i.resource.as_str(), i.subresource.as_str(), i.name.as_str()),
+            (
+                i.verb.as_str(),
+                i.resource.as_str(),
+                i.subresource.as_str(),
+                i.name.as_str()
+            ),
             ("create", "pods", "exec", "web-0")
         );
         let i = parse("GET", "/api/v1/namespaces/team-a");
         assert_eq!(
-            (i.verb.as_str(), i.resource.as_str(), i.name.as_str(), i.namespace.as_str()),
+            (
+                i.verb.as_str(),
+                i.resource.as_str(),
+                i.name.as_str(),
+                i.namespace.as_str()
+            ),
             ("get", "namespaces", "team-a", "team-a")
         );
         let i = parse("GET", "/api/v1/namespaces");
-        assert_eq!((i.verb.as_str(), i.resource.as_str(), i.namespace.as_str()), ("list", "namespaces", ""));
+        assert_eq!(
+            (i.verb.as_str(), i.resource.as_str(), i.namespace.as_str()),
+            ("list", "namespaces", "")
+        );
         let i = parse("DELETE", "/api/v1/namespaces/team-a/pods");
         assert_eq!(i.verb, "deletecollection");
         let i = parse("POST", "/apis/authentication.k8s.io/v1/selfsubjectreviews");
-        assert_eq!((i.api_group.as_str(), i.resource.as_str(), i.verb.as_str()), ("authentication.k8s.io", "selfsubjectreviews", "create"));
-        let i = parse("GET", "/api/v1/namespaces/team-a/pods?fieldSelector=metadata.name%3Dweb-0&watch=1");
+        assert_eq!(
+            (i.api_group.as_str(), i.resource.as_str(), i.verb.as_str()),
+            ("authentication.k8s.io", "selfsubjectreviews", "create")
+        );
+        let i = parse(
+            "GET",
+            "/api/v1/namespaces/team-a/pods?fieldSelector=metadata.name%3Dweb-0&watch=1",
+        );
         assert_eq!((i.verb.as_str(), i.name.as_str()), ("watch", "web-0"));
     }
 
     #[test]
     fn parses_non_resource_paths() {
-        for p in ["/api", "/api/v1", "/apis", "/apis/authentication.k8s.io/v1", "/version", "/healthz", "/openapi/v3"] {
+        for p in [
+            "/api",
+            "/api/v1",
+            "/apis",
+            "/apis/authentication.k8s.io/v1",
+            "/version",
+            "/healthz",
+            "/openapi/v3",
+        ] {
             let i = parse("GET", p);
             assert!(!i.is_resource_request, "{p}");
             assert_eq!(i.verb, "get");
@@ -412,17 +469,49 @@ mod tests {
     fn demo_rbac() {
         let rules = demo_rules();
         let alice = user("alice", &["team-a", AUTHENTICATED]);
-        assert!(authorize(&rules, &alice, &parse("GET", "/api/v1/namespaces/team-a/pods")));
-        assert!(authorize(&rules, &alice, &parse("POST", "/api/v1/namespaces/team-a/pods/web-0/exec")));
-        assert!(!authorize(&rules, &alice, &parse("GET", "/api/v1/namespaces/team-b/pods")));
+        assert!(authorize(
+            &rules,
+            &alice,
+            &parse("GET", "/api/v1/namespaces/team-a/pods")
+        ));
+        assert!(authorize(
+            &rules,
+            &alice,
+            &parse("POST", "/api/v1/namespaces/team-a/pods/web-0/exec")
+        ));
+        assert!(!authorize(
+            &rules,
+            &alice,
+            &parse("GET", "/api/v1/namespaces/team-b/pods")
+        ));
         assert!(!authorize(&rules, &alice, &parse("GET", "/api/v1/pods")));
-        assert!(authorize(&rules, &alice, &parse("GET", "/api/v1/namespaces")));
-        assert!(authorize(&rules, &alice, &parse("GET", "/api/v1/namespaces/team-b")));
+        assert!(authorize(
+            &rules,
+            &alice,
+            &parse("GET", "/api/v1/namespaces")
+        ));
+        assert!(authorize(
+            &rules,
+            &alice,
+            &parse("GET", "/api/v1/namespaces/team-b")
+        ));
         assert!(authorize(&rules, &alice, &parse("GET", "/api")));
-        assert!(authorize(&rules, &alice, &parse("POST", "/apis/authentication.k8s.io/v1/selfsubjectreviews")));
-        assert!(!authorize(&rules, &alice, &parse("GET", "/api/v1/namespaces/team-a/configmaps")));
+        assert!(authorize(
+            &rules,
+            &alice,
+            &parse("POST", "/apis/authentication.k8s.io/v1/selfsubjectreviews")
+        ));
+        assert!(!authorize(
+            &rules,
+            &alice,
+            &parse("GET", "/api/v1/namespaces/team-a/configmaps")
+        ));
         let gw = user("ztgate", &[AUTHENTICATED]);
-        assert!(!authorize(&rules, &gw, &parse("GET", "/api/v1/namespaces/team-a/pods")));
+        assert!(!authorize(
+            &rules,
+            &gw,
+            &parse("GET", "/api/v1/namespaces/team-a/pods")
+        ));
         let anon = user("system:anonymous", &[UNAUTHENTICATED]);
         assert!(authorize(&rules, &anon, &parse("GET", "/livez")));
         assert!(!authorize(&rules, &anon, &parse("GET", "/api")));
@@ -447,7 +536,10 @@ mod tests {
             v["message"],
             r#"pods "db-0" is forbidden: User "alice" cannot create resource "pods/exec" in API group "" in the namespace "team-b""#
         );
-        assert_eq!(v["details"], serde_json::json!({"kind": "pods", "name": "db-0"}));
+        assert_eq!(
+            v["details"],
+            serde_json::json!({"kind": "pods", "name": "db-0"})
+        );
 
         let i = parse("GET", "/api/v1/pods");
         let v = forbidden_value(&Attributes::of(&i, "bob"));
@@ -458,6 +550,9 @@ mod tests {
 
         let i = parse("GET", "/metrics");
         let v = forbidden_value(&Attributes::of(&i, "bob"));
-        assert_eq!(v["message"], r#"forbidden: User "bob" cannot get path "/metrics""#);
+        assert_eq!(
+            v["message"],
+            r#"forbidden: User "bob" cannot get path "/metrics""#
+        );
     }
 }

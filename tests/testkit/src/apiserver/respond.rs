@@ -57,7 +57,12 @@ pub(crate) fn text(code: StatusCode, s: impl Into<Bytes>) -> Response<Body> {
 }
 
 /// A `metav1.Status` failure body.
-pub(crate) fn status_value(code: u16, reason: &str, message: &str, details: Option<Value>) -> Value {
+pub(crate) fn status_value(
+    code: u16,
+    reason: &str,
+    message: &str,
+    details: Option<Value>,
+) -> Value {
     let mut v = json!({
         "kind": "Status",
         "apiVersion": "v1",
@@ -76,7 +81,12 @@ pub(crate) fn status_value(code: u16, reason: &str, message: &str, details: Opti
 }
 
 /// A `metav1.Status` failure response.
-pub(crate) fn status(code: u16, reason: &str, message: &str, details: Option<Value>) -> Response<Body> {
+pub(crate) fn status(
+    code: u16,
+    reason: &str,
+    message: &str,
+    details: Option<Value>,
+) -> Response<Body> {
     let sc = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     json(sc, &status_value(code, reason, message, details))
 }
@@ -233,6 +243,7 @@ pub(crate) fn query_get<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a 
 }
 
 /// Every value of a query parameter.
+#[cfg(test)]
 pub(crate) fn query_all<'a>(q: &'a [(String, String)], key: &str) -> Vec<&'a str> {
     q.iter()
         .filter(|(k, _)| k == key)
@@ -288,7 +299,12 @@ mod tests {
 
     #[test]
     fn status_shape() {
-        let v = status_value(404, "NotFound", "pods \"x\" not found", Some(details("", "pods", "x")));
+        let v = status_value(
+            404,
+            "NotFound",
+            "pods \"x\" not found",
+            Some(details("", "pods", "x")),
+        );
         assert_eq!(v["kind"], "Status");
         assert_eq!(v["status"], "Failure");
         assert_eq!(v["code"], 404);

@@ -1,5 +1,6 @@
 //! exec/attach over SPDY (the remotecommand protocols `v4.channel.k8s.io`, `v3.channel.k8s.io`,
-//! `v2.channel.k8s.io` and `channel.k8s.io`), with a container process that behaves like `cat`.
+//! `v2.channel.k8s.io` and `channel.k8s.io`; `v5.channel.k8s.io` is treated as v4), with a
+//! container process that behaves like `cat`.
 //!
 //! The client opens one stream per channel, each carrying a `streamtype` header: `error`,
 //! `stdin`, `stdout`, `stderr`, and `resize` with a TTY (v3+). It creates them one after the
@@ -50,7 +51,10 @@ pub(crate) struct Exec {
 impl Exec {
     pub(crate) fn new(protocol: &str) -> Self {
         Self {
-            v4: protocol.trim().eq_ignore_ascii_case("v4.channel.k8s.io"),
+            // v5 (offered by kubectl 1.30+ even over SPDY) reports the outcome as v4 does.
+            v4: ["v4.channel.k8s.io", "v5.channel.k8s.io"]
+                .iter()
+                .any(|p| protocol.trim().eq_ignore_ascii_case(p)),
             error: None,
             stdin: None,
             stdout: None,

@@ -14,7 +14,7 @@ use std::io;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
-use super::dictionary::dictionary;
+use super::dictionary::{dictionary, DICTIONARY_ID};
 
 /// The SPDY version spoken.
 pub(crate) const VERSION: u16 = 3;
@@ -44,6 +44,7 @@ pub(crate) const GOAWAY_OK: u32 = 0;
 pub(crate) const GOAWAY_PROTOCOL_ERROR: u32 = 1;
 
 /// SETTINGS id of the initial per-stream window.
+#[cfg(test)]
 pub(crate) const SETTINGS_INITIAL_WINDOW_SIZE: u32 = 7;
 
 /// Largest payload a frame's 24-bit length can carry.
@@ -341,15 +342,18 @@ impl Decoder {
                 Ok(Status::StreamEnd) => break,
                 Ok(_) => {}
                 Err(e) => match e.needs_dictionary() {
+                    Some(id) if id != DICTIONARY_ID => {
+                        return Err(invalid(format!(
+                            "SPDY header block wants dictionary {id:#010x}, not the SPDY/3 one"
+                        )))
+                    }
                     Some(_) => {
                         self.inflate.set_dictionary(dictionary()).map_err(|e| {
                             invalid(format!("SPDY header block wants another dictionary: {e}"))
                         })?;
                         continue;
                     }
-                    None => {
-                        return Err(invalid(format!("SPDY header decompression failed: {e}")))
-                    }
+                    None => return Err(invalid(format!("SPDY header decompression failed: {e}"))),
                 },
             }
             if out.len() > MAX_HEADER_BLOCK {
@@ -494,7 +498,7 @@ impl Decoder {
 
 #[cfg(test)]
 mod tests {
-    use super::super::dictionary::{DICTIONARY_ID, DICTIONARY_LEN};
+    use super::super::dictionary::DICTIONARY_LEN;
     use super::*;
 
     fn hdrs(pairs: &[(&str, &str)]) -> Headers {
@@ -573,8 +577,8 @@ mod tests {
     }
 
     const REF_BLOCK_1: &[u8] = &[
-        0x78, 0xf9, 0xe3, 0xc6, 0xa7, 0xc2, 0x02, 0xa6, 0x23, 0x46, 0x70, 0x3a, 0x2b, 0x29, 0x4a, 0x4d,
-        0xcc, 0x85, 0x16, 0x25, 0xac, 0xa9, 0xa0, 0x80, 0x06, 0x00, 0x00, 0x00, 0xff, 0xff,
+        0x78, 0xf9, 0xe3, 0xc6, 0xa7, 0xc2, 0x02, 0xa6, 0x23, 0x46, 0x70, 0x3a, 0x2b, 0x29, 0x4a,
+        0x4d, 0xcc, 0x85, 0x16, 0x25, 0xac, 0xa9, 0xa0, 0x80, 0x06, 0x00, 0x00, 0x00, 0xff, 0xff,
     ];
     const REF_BLOCK_2: &[u8] = &[
         0xc2, 0x2e, 0x55, 0x5c, 0x02, 0xcc, 0x2e, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff,

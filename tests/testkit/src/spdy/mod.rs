@@ -19,6 +19,8 @@ mod portforward;
 mod session;
 
 #[cfg(test)]
+mod kubectl_e2e;
+#[cfg(test)]
 mod tests;
 
 use tokio::io::{AsyncRead, AsyncWrite};

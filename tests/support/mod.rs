@@ -1,0 +1,192 @@
+//! Shared test harness: a stand-in kube-apiserver and a gateway in front of it, on ephemeral
+//! loopback ports, with helpers for kubectl and for raw HTTP clients.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tempfile::TempDir;
+use ztgate::demo::{Demo, DevSettings};
+use ztgate_testkit::CertKey;
+
+pub struct Harness {
+    pub demo: Demo,
+    pub dir: TempDir,
+}
+
+pub type RawClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("ztgate=debug,warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Self::start_with(DevSettings::default()).await
+    }
+
+    pub async fn start_with(settings: DevSettings) -> Harness {
+        init_logs();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let demo = Demo::start(dir.path(), settings)
+            .await
+            .expect("demo starts");
+        Harness { demo, dir }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.demo.url
+    }
+
+    pub fn kubeconfig(&self, user: &str, groups: &[&str]) -> PathBuf {
+        self.demo
+            .env
+            .kubeconfig_for(self.url(), user, groups, "team-a")
+    }
+
+    /// Runs kubectl with the given kubeconfig and waits for it (with a deadline).
+    pub async fn kubectl(&self, kubeconfig: &Path, args: &[&str]) -> Output {
+        self.kubectl_env(kubeconfig, args, &[], None).await
+    }
+
+    pub async fn kubectl_env(
+        &self,
+        kubeconfig: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stdin: Option<&[u8]>,
+    ) -> Output {
+        let mut cmd = kubectl_command(kubeconfig, args, env);
+        cmd.stdin(if stdin.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        });
+        let mut child = cmd.spawn().expect("kubectl runs");
+        if let Some(input) = stdin {
+            use tokio::io::AsyncWriteExt;
+            let mut s = child.stdin.take().unwrap();
+            s.write_all(input).await.unwrap();
+            drop(s);
+        }
+        tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+            .await
+            .expect("kubectl finished within 30s")
+            .expect("kubectl output")
+    }
+
+    /// A raw HTTPS client to the gateway, presenting `cert` when given.
+    pub fn client(&self, cert: Option<&CertKey>, http2: bool) -> RawClient {
+        raw_client(&self.demo.env.pki.gateway_ca.cert_pem(), cert, http2)
+    }
+
+    pub fn uri(&self, path: &str) -> String {
+        format!("{}{}", self.url(), path)
+    }
+}
+
+pub fn kubectl_command(
+    kubeconfig: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new("kubectl");
+    cmd.args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env("HOME", kubeconfig.parent().unwrap())
+        .env_remove("KUBECTL_REMOTE_COMMAND_WEBSOCKETS")
+        .env_remove("KUBECTL_PORT_FORWARD_WEBSOCKETS")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+pub fn raw_client(ca_pem: &str, cert: Option<&CertKey>, http2: bool) -> RawClient {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(ztgate::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let tls = match cert {
+        Some(ck) => {
+            let chain: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(ck.cert_pem.as_bytes())
+                    .map(|c| c.unwrap())
+                    .collect();
+            let key = PrivateKeyDer::from_pem_slice(ck.key_pem.as_bytes()).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let b = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only();
+    let connector = if http2 {
+        b.enable_http2().build()
+    } else {
+        b.enable_http1().build()
+    };
+    let mut cb = Client::builder(TokioExecutor::new());
+    if http2 {
+        cb.http2_only(true);
+    }
+    cb.build(connector)
+}
+
+pub fn get(uri: &str) -> Request<Full<Bytes>> {
+    Request::get(uri).body(Full::new(Bytes::new())).unwrap()
+}
+
+pub async fn send(client: &RawClient, req: Request<Full<Bytes>>) -> (u16, http::HeaderMap, String) {
+    let resp = tokio::time::timeout(Duration::from_secs(20), client.request(req))
+        .await
+        .expect("response within 20s")
+        .expect("response");
+    read_all(resp).await
+}
+
+pub async fn read_all(resp: Response<Incoming>) -> (u16, http::HeaderMap, String) {
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Parses a kube `Status` body and returns (code, reason).
+pub fn status_of(body: &str) -> (u64, String) {
+    let v: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
+    assert_eq!(v["kind"], "Status", "{body}");
+    assert_eq!(v["apiVersion"], "v1", "{body}");
+    (
+        v["code"].as_u64().unwrap(),
+        v["reason"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+pub fn shared<T>(t: T) -> Arc<T> {
+    Arc::new(t)
+}
