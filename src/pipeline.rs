@@ -86,7 +86,7 @@ pub async fn handle(
         Err(err) => {
             match &err {
                 PipelineError::Authn(e) => {
-                    gw.metrics.authn_failure(authn_reason(e));
+                    gw.metrics.authn_failure(e.reason_label());
                     tracing::warn!(peer = %conn.peer, method = %method, path = uri.path(), reason = %e, "authentication failed");
                 }
                 PipelineError::Upstream(e) => {
@@ -117,17 +117,6 @@ pub async fn handle(
         "request"
     );
     Ok(resp)
-}
-
-fn authn_reason(e: &AuthnError) -> &'static str {
-    match e {
-        AuthnError::NoCredentials => "no_credentials",
-        AuthnError::MalformedAuthorization(_) => "malformed_authorization",
-        AuthnError::TokenAuthNotConfigured => "token_not_accepted",
-        AuthnError::CertificateRejected(_) => "certificate_rejected",
-        AuthnError::CertificateExpired => "certificate_expired",
-        AuthnError::InvalidIdentity(_) => "invalid_identity",
-    }
 }
 
 async fn run(

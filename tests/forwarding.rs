@@ -294,3 +294,62 @@ async fn metrics_count_requests_without_user_labels() {
     assert!(text.contains("ztgate_request_duration_seconds"), "{text}");
     assert!(!text.contains("alice"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upgrade_does_not_leave_its_upstream_connection_open() {
+    let h = Harness::start().await;
+    let client = h.client(Some(&h.demo.env.pki.user("alice", &["team-a"])), false);
+    // Warm up the pooled connection so the baseline includes it.
+    send(&client, get(&h.uri(PODS))).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let baseline = h.demo.apiserver.active_connections();
+    for _ in 0..3 {
+        let req = Request::get(h.uri(
+            "/api/v1/namespaces/team-a/pods/no-such-pod/exec?command=cat&stdin=true&stdout=true",
+        ))
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("sec-websocket-protocol", "v5.channel.k8s.io")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+        let (code, _, body) = send(&client, req).await;
+        assert_eq!(code, 404, "{body}");
+        assert_eq!(status_of(&body).1, "NotFound");
+    }
+    let mut now = usize::MAX;
+    for _ in 0..30 {
+        now = h.demo.apiserver.active_connections();
+        if now <= baseline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        now <= baseline,
+        "upgrade connections left open: {now} > {baseline}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_requests_in_flight_get_429_with_retry_after() {
+    let h = Harness::start_with(DevSettings {
+        max_inflight_requests: 1,
+        ..Default::default()
+    })
+    .await;
+    let alice = h.demo.env.pki.user("alice", &["team-a"]);
+    h.demo
+        .apiserver
+        .set_response_delay(Duration::from_millis(1500));
+    let first_client = h.client(Some(&alice), false);
+    let uri = h.uri(PODS);
+    let first = tokio::spawn(async move { send(&first_client, get(&uri)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, headers, body) = send(&h.client(Some(&alice), false), get(&h.uri(PODS))).await;
+    assert_eq!(code, 429, "{body}");
+    assert_eq!(status_of(&body).1, "TooManyRequests");
+    assert_eq!(headers.get("retry-after").unwrap(), "1");
+    assert_eq!(first.await.unwrap().0, 200);
+}

@@ -17,12 +17,15 @@ pub use credentials::Credentials;
 pub enum AuthMethod {
     /// A client certificate verified against the named trust bundle.
     X509 { bundle: String },
+    /// A JWT bearer token (OIDC ID token or JWT access token) from the named issuer URL.
+    Oidc { issuer: String },
 }
 
 impl AuthMethod {
     pub fn as_str(&self) -> &'static str {
         match self {
             AuthMethod::X509 { .. } => "x509",
+            AuthMethod::Oidc { .. } => "oidc",
         }
     }
 }
@@ -36,6 +39,25 @@ pub struct Identity {
     extra: BTreeMap<String, Vec<String>>,
     method: AuthMethod,
     expires_at: Option<SystemTime>,
+    /// Facts about the credential that policy and audit may use (issuer, jti, iat, amr, ...).
+    facts: CredentialFacts,
+}
+
+/// What is known about the credential behind an identity, beyond the names it maps to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CredentialFacts {
+    /// Token issuer URL (OIDC) or the trust bundle name (x509).
+    pub issuer: Option<String>,
+    /// `jti` of a token, used by locks.
+    pub token_id: Option<String>,
+    /// When the credential was issued (`iat`, or the certificate's notBefore).
+    pub issued_at: Option<SystemTime>,
+    /// Authentication methods references (`amr`), e.g. `mfa`, `hwk`.
+    pub amr: Vec<String>,
+    /// `cnf.x5t#S256` of a certificate-bound token (RFC 8705), base64url as in the token.
+    pub cnf_x5t_s256: Option<String>,
+    /// Selected claims exposed to policy (string or string-list values only).
+    pub claims: BTreeMap<String, Vec<String>>,
 }
 
 impl Identity {
@@ -57,6 +79,9 @@ impl Identity {
     /// When the credential behind this identity stops being valid.
     pub fn expires_at(&self) -> Option<SystemTime> {
         self.expires_at
+    }
+    pub fn facts(&self) -> &CredentialFacts {
+        &self.facts
     }
 }
 
@@ -82,6 +107,20 @@ pub enum AuthnError {
     /// The identity has a name the gateway refuses to forward (empty, control characters, ...).
     #[error("identity refused: {0}")]
     InvalidIdentity(String),
+}
+
+impl AuthnError {
+    /// A short, stable label for metrics (bounded set; no user data).
+    pub fn reason_label(&self) -> &'static str {
+        match self {
+            AuthnError::NoCredentials => "no_credentials",
+            AuthnError::MalformedAuthorization(_) => "malformed_authorization",
+            AuthnError::TokenAuthNotConfigured => "token_not_accepted",
+            AuthnError::CertificateRejected(_) => "certificate_rejected",
+            AuthnError::CertificateExpired => "certificate_expired",
+            AuthnError::InvalidIdentity(_) => "invalid_identity",
+        }
+    }
 }
 
 /// Checks that a name can be forwarded as an impersonation header value and means what it says.

@@ -111,6 +111,14 @@ fn identity_from_leaf(leaf: &CertificateDer<'_>, bundle: &str) -> Result<Identit
             bundle: bundle.to_owned(),
         },
         expires_at: Some(expires_at),
+        facts: super::CredentialFacts {
+            issuer: Some(bundle.to_owned()),
+            issued_at: Some(
+                SystemTime::UNIX_EPOCH
+                    + Duration::from_secs(cert.validity().not_before.timestamp().max(0) as u64),
+            ),
+            ..Default::default()
+        },
     })
 }
 

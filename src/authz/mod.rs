@@ -7,6 +7,8 @@
 
 use std::sync::Arc;
 
+pub mod requestinfo;
+
 use crate::authn::Identity;
 
 /// Proof that a request was authorized, carrying the identity to forward.

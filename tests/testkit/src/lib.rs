@@ -12,8 +12,10 @@
 #![forbid(unsafe_code)]
 
 pub mod apiserver;
+pub mod oidc;
 pub mod pki;
 pub mod spdy;
 
 pub use apiserver::{ApiServer, ApiServerOptions, RecordedRequest, UserInfo};
+pub use oidc::{DevIssuer, SigningAlg};
 pub use pki::{CertKey, TestPki, GATEWAY_USER};

@@ -243,3 +243,21 @@ async fn kubectl_port_forward_over_websocket_tunnel() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs kubectl on PATH"]
+async fn kubectl_run_and_delete() {
+    let pki = TestPki::new();
+    let server = ApiServer::start(ApiServerOptions::new(&pki)).await.unwrap();
+    let env = env(&pki, &server, "run");
+    let (ok, out, err) = run(&env, &["run", "newpod", "--image=example/x:1"]).await;
+    assert!(ok, "{out} {err}");
+    assert!(out.contains("pod/newpod created"), "{out}");
+    let (ok, _, err) = run(&env, &["run", "newpod", "--image=example/x:1"]).await;
+    assert!(!ok);
+    assert!(err.contains("AlreadyExists"), "{err}");
+    let (ok, out, err) = run(&env, &["delete", "pod", "newpod", "--wait=false"]).await;
+    assert!(ok, "{out} {err}");
+    assert!(out.contains(r#"pod "newpod" deleted"#), "{out}");
+    server.shutdown().await;
+}

@@ -1,7 +1,7 @@
 //! The object store (namespaces and pods with a global resourceVersion), server-side Table
 //! rendering, and watch streams (one JSON event per chunk, fed by a broadcast channel).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -69,10 +69,15 @@ pub(crate) struct Event {
 
 struct Inner {
     rv: u64,
+    /// Recent events, replayed to a watch that starts from an older resourceVersion.
+    history: VecDeque<Arc<Event>>,
     uid_seq: u64,
     namespaces: BTreeMap<String, Obj>,
     pods: BTreeMap<(String, String), Obj>,
 }
+
+/// How many recent events a watch can be replayed from.
+const HISTORY: usize = 1000;
 
 /// Namespaces and pods.
 pub(crate) struct Store {
@@ -147,6 +152,7 @@ impl Store {
         let store = Store {
             inner: Mutex::new(Inner {
                 rv: 100,
+                history: VecDeque::new(),
                 uid_seq: 0,
                 namespaces: BTreeMap::new(),
                 pods: BTreeMap::new(),
@@ -182,13 +188,18 @@ impl Store {
         )
     }
 
-    fn emit(&self, kind: Kind, event_type: &'static str, rv: u64, obj: &Obj) {
-        let _ = self.tx.send(Arc::new(Event {
+    fn emit(&self, inner: &mut Inner, kind: Kind, event_type: &'static str, obj: &Obj) {
+        let ev = Arc::new(Event {
             kind,
             event_type,
-            rv,
+            rv: inner.rv,
             obj: obj.clone(),
-        }));
+        });
+        if inner.history.len() >= HISTORY {
+            inner.history.pop_front();
+        }
+        inner.history.push_back(ev.clone());
+        let _ = self.tx.send(ev);
     }
 
     fn create_namespace_at(&self, name: &str, created: OffsetDateTime) {
@@ -216,7 +227,7 @@ impl Store {
             created,
         };
         inner.namespaces.insert(name.to_string(), obj.clone());
-        self.emit(Kind::Namespaces, "ADDED", rv, &obj);
+        self.emit(&mut inner, Kind::Namespaces, "ADDED", &obj);
     }
 
     /// Creates a pod (`spec` from the request body, or the default container). `Err` carries the
@@ -304,7 +315,7 @@ impl Store {
             created,
         };
         inner.pods.insert(key, obj.clone());
-        self.emit(Kind::Pods, "ADDED", rv, &obj);
+        self.emit(&mut inner, Kind::Pods, "ADDED", &obj);
         Ok(obj.value)
     }
 
@@ -315,7 +326,7 @@ impl Store {
         inner.rv += 1;
         let rv = inner.rv;
         obj.value["metadata"]["resourceVersion"] = Value::String(rv.to_string());
-        self.emit(Kind::Pods, "DELETED", rv, &obj);
+        self.emit(&mut inner, Kind::Pods, "DELETED", &obj);
         Some(obj.value)
     }
 
@@ -353,16 +364,38 @@ impl Store {
         (inner.rv, Self::list_locked(&inner, kind, ns, name))
     }
 
-    /// Subscribes to changes and returns, atomically with the subscription, the current objects.
+    /// Subscribes to changes and returns, atomically with the subscription, the current
+    /// resourceVersion, the current objects and the remembered events newer than `since`.
+    #[allow(clippy::type_complexity)]
     fn subscribe(
         &self,
         kind: Kind,
         ns: &str,
         name: Option<&str>,
-    ) -> (u64, Vec<Obj>, broadcast::Receiver<Arc<Event>>) {
+        since: Option<u64>,
+    ) -> (
+        u64,
+        Vec<Obj>,
+        VecDeque<Arc<Event>>,
+        broadcast::Receiver<Arc<Event>>,
+    ) {
         let inner = self.lock();
         let rx = self.tx.subscribe();
-        (inner.rv, Self::list_locked(&inner, kind, ns, name), rx)
+        let replay = match since {
+            Some(rv) => inner
+                .history
+                .iter()
+                .filter(|e| e.rv > rv)
+                .cloned()
+                .collect(),
+            None => VecDeque::new(),
+        };
+        (
+            inner.rv,
+            Self::list_locked(&inner, kind, ns, name),
+            replay,
+            rx,
+        )
     }
 }
 
@@ -500,6 +533,7 @@ struct WatchState {
     initial: std::vec::IntoIter<Obj>,
     initial_rv: u64,
     min_rv: u64,
+    replay: VecDeque<Arc<Event>>,
     rx: broadcast::Receiver<Arc<Event>>,
     deadline: Option<tokio::time::Instant>,
 }
@@ -507,20 +541,20 @@ struct WatchState {
 /// Starts a watch: ADDED for existing objects when `resourceVersion` is absent, "" or "0",
 /// then every matching change, until `timeoutSeconds` passes or the client goes away.
 pub(crate) fn watch_body(store: &Store, spec: WatchSpec) -> Body {
-    let (current_rv, existing, rx) =
-        store.subscribe(spec.kind, &spec.namespace, spec.name.as_deref());
     let from_start = matches!(
         spec.resource_version.as_deref(),
         None | Some("") | Some("0")
     );
-    let min_rv = if from_start {
-        current_rv
+    let since: Option<u64> = if from_start {
+        None
     } else {
         spec.resource_version
             .as_deref()
             .and_then(|s| s.parse().ok())
-            .unwrap_or(current_rv)
     };
+    let (current_rv, existing, replay, rx) =
+        store.subscribe(spec.kind, &spec.namespace, spec.name.as_deref(), since);
+    let min_rv = since.unwrap_or(current_rv);
     let initial = if from_start { existing } else { Vec::new() };
     let state = WatchState {
         deadline: spec.timeout.map(|t| tokio::time::Instant::now() + t),
@@ -528,6 +562,7 @@ pub(crate) fn watch_body(store: &Store, spec: WatchSpec) -> Body {
         initial: initial.into_iter(),
         initial_rv: current_rv,
         min_rv,
+        replay,
         rx,
     };
     let s = stream::unfold(state, |mut st| async move {
@@ -536,18 +571,23 @@ pub(crate) fn watch_body(store: &Store, spec: WatchSpec) -> Body {
             return Some((Ok(Frame::data(line)), st));
         }
         loop {
-            let recv = st.rx.recv();
-            let ev = match st.deadline {
-                Some(d) => match tokio::time::timeout_at(d, recv).await {
-                    Ok(r) => r,
-                    Err(_) => return None,
-                },
-                None => recv.await,
-            };
-            let ev = match ev {
-                Ok(ev) => ev,
-                Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => return None,
+            let ev = match st.replay.pop_front() {
+                Some(ev) => ev,
+                None => {
+                    let recv = st.rx.recv();
+                    let ev = match st.deadline {
+                        Some(d) => match tokio::time::timeout_at(d, recv).await {
+                            Ok(r) => r,
+                            Err(_) => return None,
+                        },
+                        None => recv.await,
+                    };
+                    match ev {
+                        Ok(ev) => ev,
+                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
             };
             if ev.kind != st.spec.kind || ev.rv <= st.min_rv {
                 continue;

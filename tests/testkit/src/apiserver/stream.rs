@@ -18,7 +18,8 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
@@ -289,6 +290,14 @@ fn spdy<B>(req: &mut Request<B>, sub: Sub, tasks: &Tasks, guard: Arc<ConnGuard>)
     switching(&hs)
 }
 
+/// A close with status 1000: client-go reads a close without a status (1005) as an error.
+fn normal_close() -> CloseFrame {
+    CloseFrame {
+        code: CloseCode::Normal,
+        reason: "".into(),
+    }
+}
+
 fn frame(channel: u8, data: &[u8]) -> Message {
     let mut v = Vec::with_capacity(data.len() + 1);
     v.push(channel);
@@ -340,7 +349,7 @@ where
             .send(frame(ERROR, br#"{"metadata":{},"status":"Success"}"#))
             .await;
     }
-    let _ = ws.close(None).await;
+    let _ = ws.close(Some(normal_close())).await;
 }
 
 /// A byte stream carried in WebSocket binary messages: reads are the concatenated payloads of
@@ -349,6 +358,7 @@ pub struct WsByteStream<S> {
     ws: WebSocketStream<S>,
     pending: Bytes,
     eof: bool,
+    close_sent: bool,
 }
 
 impl<S> WsByteStream<S> {
@@ -357,6 +367,7 @@ impl<S> WsByteStream<S> {
             ws,
             pending: Bytes::new(),
             eof: false,
+            close_sent: false,
         }
     }
 }
@@ -415,10 +426,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsByteStream<S> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match ready!(Pin::new(&mut self.ws).poll_close(cx)) {
-            Ok(()) | Err(tokio_tungstenite::tungstenite::Error::ConnectionClosed) => {
-                Poll::Ready(Ok(()))
+        use tokio_tungstenite::tungstenite::Error;
+        let this = &mut *self;
+        let r = (|| {
+            if !this.close_sent {
+                ready!(Pin::new(&mut this.ws).poll_ready(cx))?;
+                Pin::new(&mut this.ws).start_send(Message::Close(Some(normal_close())))?;
+                this.close_sent = true;
             }
+            Pin::new(&mut this.ws).poll_flush(cx)
+        })();
+        match ready!(r) {
+            Ok(()) | Err(Error::ConnectionClosed | Error::AlreadyClosed) => Poll::Ready(Ok(())),
             Err(e) => Poll::Ready(Err(ws_err(e))),
         }
     }

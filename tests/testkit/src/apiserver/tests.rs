@@ -358,6 +358,9 @@ async fn watch_sees_created_and_deleted_pods() {
         .unwrap()
         .to_string();
 
+    // A pod created between the list and the watch is replayed from the event history.
+    server.create_pod("team-a", "early");
+
     // Plain watch from the list's resourceVersion: only newer events.
     let io = tls(&server, cfg.clone()).await;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
@@ -380,6 +383,8 @@ async fn watch_sees_created_and_deleted_pods() {
     let mut buf = Vec::new();
     server.create_pod("team-b", "other");
     server.create_pod("team-a", "web-2");
+    let ev: Value = serde_json::from_str(&next_line(&mut body, &mut buf).await).unwrap();
+    assert_eq!(ev["object"]["metadata"]["name"], "early");
     let ev: Value = serde_json::from_str(&next_line(&mut body, &mut buf).await).unwrap();
     assert_eq!(ev["type"], "ADDED");
     assert_eq!(ev["object"]["metadata"]["name"], "web-2");
@@ -408,11 +413,20 @@ async fn watch_sees_created_and_deleted_pods() {
         .unwrap();
     let mut body = resp.into_body();
     let mut buf = Vec::new();
-    let ev: Value = serde_json::from_str(&next_line(&mut body, &mut buf).await).unwrap();
-    assert_eq!(ev["object"]["kind"], "Table");
-    assert_eq!(ev["object"]["rows"][0]["cells"][0], "web-0");
-    let _ = next_line(&mut body, &mut buf).await; // web-1
-                                                  // The stream ends after timeoutSeconds.
+    let mut names = Vec::new();
+    for _ in 0..3 {
+        let ev: Value = serde_json::from_str(&next_line(&mut body, &mut buf).await).unwrap();
+        assert_eq!(ev["type"], "ADDED");
+        assert_eq!(ev["object"]["kind"], "Table");
+        names.push(
+            ev["object"]["rows"][0]["cells"][0]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert_eq!(names, vec!["early", "web-0", "web-1"]);
+    // The stream ends after timeoutSeconds.
     let end = tokio::time::timeout(Duration::from_secs(5), async {
         while let Some(f) = body.frame().await {
             f.unwrap();
