@@ -5,6 +5,8 @@
 //! or forward anything it did not verify; an `Identity` can only be built inside this module.
 
 pub mod credentials;
+pub mod oidc;
+pub mod tokenreview;
 pub mod x509;
 
 use std::collections::BTreeMap;
@@ -107,6 +109,26 @@ pub enum AuthnError {
     /// The identity has a name the gateway refuses to forward (empty, control characters, ...).
     #[error("identity refused: {0}")]
     InvalidIdentity(String),
+    /// A bearer token that is not an acceptable JWT: malformed, over size, a refused header
+    /// (`alg` none/HS*, `crit`, `jku`, ...), or no usable key of its issuer to check it with.
+    #[error("invalid token: {0}")]
+    InvalidToken(String),
+    /// The token's signature does not verify with the key(s) of the issuer it names.
+    #[error("token signature rejected: {0}")]
+    BadSignature(String),
+    /// The token's `iss` is not a configured issuer.
+    #[error("unknown token issuer {0}")]
+    UnknownIssuer(String),
+    /// The token's `exp` has passed (beyond the clock leeway).
+    #[error("token expired: {0}")]
+    TokenExpired(String),
+    /// The token verifies but its claims fail the issuer's rules (audience, `nbf`, `iat`,
+    /// lifetime, required claims, `email_verified`, claim mappings).
+    #[error("token claims rejected: {0}")]
+    TokenClaimsRejected(String),
+    /// The signing keys of the token's issuer could not be loaded (IdP unreachable or broken).
+    #[error("issuer keys unavailable: {0}")]
+    IssuerKeysUnavailable(String),
 }
 
 impl AuthnError {
@@ -119,6 +141,12 @@ impl AuthnError {
             AuthnError::CertificateRejected(_) => "certificate_rejected",
             AuthnError::CertificateExpired => "certificate_expired",
             AuthnError::InvalidIdentity(_) => "invalid_identity",
+            AuthnError::InvalidToken(_) => "invalid_token",
+            AuthnError::BadSignature(_) => "bad_signature",
+            AuthnError::UnknownIssuer(_) => "unknown_issuer",
+            AuthnError::TokenExpired(_) => "token_expired",
+            AuthnError::TokenClaimsRejected(_) => "token_claims_rejected",
+            AuthnError::IssuerKeysUnavailable(_) => "issuer_keys_unavailable",
         }
     }
 }

@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+pub mod cedar;
 pub mod requestinfo;
 
 use crate::authn::Identity;

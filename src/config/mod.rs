@@ -5,6 +5,7 @@
 //! and checks that the files it names are readable and well-formed.
 
 pub mod duration;
+pub mod jwt;
 mod linemap;
 mod load;
 pub mod types;

@@ -99,6 +99,12 @@ pub struct UpstreamConfig {
 pub struct AuthenticationConfig {
     #[serde(default)]
     pub x509: Option<X509AuthConfig>,
+    /// JWT (OIDC) token issuers, in the shape of kube-apiserver's `AuthenticationConfiguration`.
+    #[serde(default)]
+    pub jwt: Vec<crate::config::jwt::JwtAuthenticator>,
+    /// Serve kube-apiserver's webhook token authenticator (TokenReview).
+    #[serde(default)]
+    pub token_review: Option<crate::config::jwt::TokenReviewConfig>,
 }
 
 /// Client certificates read the way kube-apiserver reads them: CN is the user, each O a group.

@@ -230,6 +230,30 @@ impl Validator {
     }
 
     fn authentication(&mut self, cfg: &GatewayConfig) {
+        super::jwt::validate_jwt(&cfg.authentication.jwt, &mut |path, message| {
+            self.issues.push(Issue { path, message })
+        });
+        if let Some(tr) = &cfg.authentication.token_review {
+            const P: &str = "authentication.tokenReview.callerBundle";
+            let bundles = &cfg.listener.client_certificate_bundles;
+            if tr.caller_bundle.is_empty() {
+                self.err(P, "must not be empty");
+            } else if !bundles.iter().any(|b| b.name == tr.caller_bundle) {
+                self.err(
+                    P,
+                    format!(
+                        "{:?} is not a bundle in listener.clientCertificateBundles",
+                        tr.caller_bundle
+                    ),
+                );
+            }
+            if cfg.authentication.jwt.is_empty() {
+                self.err(
+                    "authentication.tokenReview",
+                    "needs at least one authentication.jwt issuer to review tokens against",
+                );
+            }
+        }
         if let Some(x509) = &cfg.authentication.x509 {
             let bundles = &cfg.listener.client_certificate_bundles;
             if x509.bundle.is_empty() {

@@ -330,7 +330,7 @@ async fn oidc_rotate_changes_kids() {
     }
     verify(&jwks, &issuer, SigningAlg::EdDSA, "ztgate", &old_token);
     assert_ne!(
-        decode_header(&issuer.sign(SigningAlg::EdDSA, &claims_for(&issuer, "a")))
+        decode_header(issuer.sign(SigningAlg::EdDSA, &claims_for(&issuer, "a")))
             .unwrap()
             .kid,
         decode_header(&old_token).unwrap().kid
@@ -558,4 +558,53 @@ fn oidc_rfc3339_utc() {
     assert_eq!(super::rfc3339_utc(0), "1970-01-01T00:00:00Z");
     assert_eq!(super::rfc3339_utc(1_700_000_000), "2023-11-14T22:13:20Z");
     assert_eq!(super::rfc3339_utc(951_782_400), "2000-02-29T00:00:00Z");
+}
+
+/// The `ztgate demo` kubeconfig runs `curl -s --cacert <ca> <exec-credential URL>` as its exec
+/// plugin; check that exact invocation when curl is installed.
+#[tokio::test]
+async fn oidc_exec_credential_via_curl() {
+    let curl_present = tokio::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .await
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !curl_present {
+        eprintln!("curl not on PATH; skipping");
+        return;
+    }
+    let ca = Ca::new("oidc-test-ca");
+    let issuer = DevIssuer::start(&ca).await.unwrap();
+    let ca_file = std::env::temp_dir().join(format!(
+        "ztgate-oidc-ca-{}-{}.pem",
+        std::process::id(),
+        issuer.addr().port()
+    ));
+    std::fs::write(&ca_file, issuer.ca_pem()).unwrap();
+    let url = format!(
+        "{}/dev/exec-credential?sub=alice&groups=team-a,devs&aud=ztgate&ttl=3600",
+        issuer.issuer_url()
+    );
+    let out = tokio::process::Command::new("curl")
+        .arg("-s")
+        .arg("--cacert")
+        .arg(&ca_file)
+        .arg(&url)
+        .output()
+        .await
+        .unwrap();
+    let _ = std::fs::remove_file(&ca_file);
+    assert!(out.status.success(), "curl failed: {out:?}");
+    let cred: Value = serde_json::from_slice(&out.stdout).expect("ExecCredential JSON");
+    assert_eq!(cred["kind"], "ExecCredential");
+    let jwks = fetch_jwks(&issuer).await;
+    let claims = verify(
+        &jwks,
+        &issuer,
+        SigningAlg::RS256,
+        "ztgate",
+        cred["status"]["token"].as_str().unwrap(),
+    );
+    assert_eq!(claims["groups"], json!(["team-a", "devs"]));
 }

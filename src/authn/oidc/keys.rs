@@ -1,0 +1,330 @@
+//! A JWKS turned into verification keys. Keys that must never verify a token are left out, and
+//! why is remembered (for the log, and for a precise error when a token names one of them):
+//! `use` other than `sig`, symmetric keys, an `alg` the issuer does not accept, unsupported key
+//! types or curves, weak RSA keys, malformed parameters.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use jsonwebtoken::{Algorithm, DecodingKey};
+use serde_json::Value;
+
+/// Smallest RSA modulus accepted.
+const MIN_RSA_BITS: usize = 2048;
+
+/// The kind of public key, which fixes the algorithms it can verify.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum KeyKind {
+    Rsa,
+    P256,
+    P384,
+    Ed25519,
+}
+
+impl KeyKind {
+    pub(crate) fn verifies(self, alg: Algorithm) -> bool {
+        matches!(
+            (self, alg),
+            (
+                KeyKind::Rsa,
+                Algorithm::RS256
+                    | Algorithm::RS384
+                    | Algorithm::RS512
+                    | Algorithm::PS256
+                    | Algorithm::PS384
+                    | Algorithm::PS512
+            ) | (KeyKind::P256, Algorithm::ES256)
+                | (KeyKind::P384, Algorithm::ES384)
+                | (KeyKind::Ed25519, Algorithm::EdDSA)
+        )
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            KeyKind::Rsa => "RSA",
+            KeyKind::P256 => "EC P-256",
+            KeyKind::P384 => "EC P-384",
+            KeyKind::Ed25519 => "OKP Ed25519",
+        }
+    }
+}
+
+/// One usable verification key.
+pub(crate) struct VerifyKey {
+    pub(crate) kid: Option<String>,
+    /// The JWK's `alg`, when it names one (then only that algorithm may be used with it).
+    pub(crate) alg: Option<Algorithm>,
+    pub(crate) kind: KeyKind,
+    pub(crate) key: DecodingKey,
+}
+
+impl VerifyKey {
+    /// Whether this key may verify a token signed with `alg`.
+    pub(crate) fn accepts(&self, alg: Algorithm) -> bool {
+        self.kind.verifies(alg) && self.alg.is_none_or(|a| a == alg)
+    }
+
+    pub(crate) fn describe(&self) -> String {
+        let alg = self.alg.map(|a| format!("{a:?}")).unwrap_or("any".into());
+        format!("{} key for alg {alg}", self.kind.describe())
+    }
+}
+
+/// A JWK that was left out, and why.
+#[derive(Clone, Debug)]
+pub(crate) struct Skipped {
+    pub(crate) kid: Option<String>,
+    pub(crate) reason: String,
+}
+
+/// The keys of one issuer as last fetched.
+pub(crate) struct KeySet {
+    pub(crate) keys: Vec<VerifyKey>,
+    pub(crate) skipped: Vec<Skipped>,
+}
+
+impl KeySet {
+    /// Parses a JWKS document. Fails only when the document itself is unusable (not JSON, no
+    /// `keys` array, or no usable key at all); single bad keys are skipped.
+    pub(crate) fn parse(body: &[u8], allowed: &[Algorithm]) -> Result<KeySet, String> {
+        let doc: Value =
+            serde_json::from_slice(body).map_err(|e| format!("JWKS is not JSON: {e}"))?;
+        let Some(list) = doc.get("keys").and_then(Value::as_array) else {
+            return Err("JWKS has no \"keys\" array".into());
+        };
+        let mut keys = Vec::new();
+        let mut skipped = Vec::new();
+        for (i, jwk) in list.iter().enumerate() {
+            let kid = jwk.get("kid").and_then(Value::as_str).map(str::to_owned);
+            match parse_jwk(jwk, allowed) {
+                Ok(k) => keys.push(k),
+                Err(reason) => skipped.push(Skipped {
+                    kid: kid.clone(),
+                    reason: format!("key #{i}: {reason}"),
+                }),
+            }
+        }
+        if keys.is_empty() {
+            let why: Vec<&str> = skipped.iter().map(|s| s.reason.as_str()).collect();
+            return Err(if why.is_empty() {
+                "JWKS holds no keys".into()
+            } else {
+                format!("JWKS holds no usable key ({})", why.join("; "))
+            });
+        }
+        Ok(KeySet { keys, skipped })
+    }
+
+    pub(crate) fn by_kid<'a>(&'a self, kid: &'a str) -> impl Iterator<Item = &'a VerifyKey> + 'a {
+        self.keys
+            .iter()
+            .filter(move |k| k.kid.as_deref() == Some(kid))
+    }
+
+    pub(crate) fn has_kid(&self, kid: &str) -> bool {
+        self.by_kid(kid).next().is_some()
+    }
+
+    pub(crate) fn skipped_kid(&self, kid: &str) -> Option<&Skipped> {
+        self.skipped.iter().find(|s| s.kid.as_deref() == Some(kid))
+    }
+
+    pub(crate) fn kids(&self) -> Vec<String> {
+        self.keys
+            .iter()
+            .map(|k| k.kid.clone().unwrap_or_else(|| "<no kid>".into()))
+            .collect()
+    }
+}
+
+fn b64(jwk: &Value, member: &str) -> Result<Vec<u8>, String> {
+    let s = jwk
+        .get(member)
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("missing \"{member}\""))?;
+    URL_SAFE_NO_PAD
+        .decode(s.trim_end_matches('='))
+        .map_err(|_| format!("\"{member}\" is not base64url"))
+}
+
+fn parse_alg(name: &str) -> Option<Algorithm> {
+    Some(match name {
+        "RS256" => Algorithm::RS256,
+        "RS384" => Algorithm::RS384,
+        "RS512" => Algorithm::RS512,
+        "PS256" => Algorithm::PS256,
+        "PS384" => Algorithm::PS384,
+        "PS512" => Algorithm::PS512,
+        "ES256" => Algorithm::ES256,
+        "ES384" => Algorithm::ES384,
+        "EdDSA" => Algorithm::EdDSA,
+        _ => return None,
+    })
+}
+
+fn parse_jwk(jwk: &Value, allowed: &[Algorithm]) -> Result<VerifyKey, String> {
+    if !jwk.is_object() {
+        return Err("not a JSON object".into());
+    }
+    match jwk.get("use") {
+        None => {}
+        Some(Value::String(u)) if u == "sig" => {}
+        Some(Value::String(u)) => {
+            return Err(format!(
+                "published with use={u:?}, not for signatures; never used to verify tokens"
+            ))
+        }
+        Some(_) => return Err("\"use\" is not a string".into()),
+    }
+    if let Some(ops) = jwk.get("key_ops") {
+        let verify = ops
+            .as_array()
+            .is_some_and(|ops| ops.iter().any(|o| o.as_str() == Some("verify")));
+        if !verify {
+            return Err("key_ops does not include \"verify\"".into());
+        }
+    }
+    let alg = match jwk.get("alg") {
+        None => None,
+        Some(Value::String(a)) => match parse_alg(a) {
+            Some(alg) if allowed.contains(&alg) => Some(alg),
+            Some(_) => return Err(format!("alg {a} is not in this issuer's signingAlgorithms")),
+            None => return Err(format!("alg {a:?} is not a supported signature algorithm")),
+        },
+        Some(_) => return Err("\"alg\" is not a string".into()),
+    };
+    let kty = jwk
+        .get("kty")
+        .and_then(Value::as_str)
+        .ok_or("missing \"kty\"")?;
+    let (kind, key) = match kty {
+        "RSA" => {
+            let n = b64(jwk, "n")?;
+            let e = b64(jwk, "e")?;
+            let n_trimmed = n.iter().skip_while(|b| **b == 0).count();
+            if n_trimmed * 8 < MIN_RSA_BITS {
+                return Err(format!(
+                    "RSA modulus of {} bits is shorter than {MIN_RSA_BITS}",
+                    n_trimmed * 8
+                ));
+            }
+            if e.is_empty() {
+                return Err("empty RSA exponent".into());
+            }
+            (KeyKind::Rsa, DecodingKey::from_rsa_raw_components(&n, &e))
+        }
+        "EC" => {
+            let crv = jwk
+                .get("crv")
+                .and_then(Value::as_str)
+                .ok_or("missing \"crv\"")?;
+            let (kind, len) = match crv {
+                "P-256" => (KeyKind::P256, 32),
+                "P-384" => (KeyKind::P384, 48),
+                other => return Err(format!("unsupported EC curve {other:?}")),
+            };
+            let x = b64(jwk, "x")?;
+            let y = b64(jwk, "y")?;
+            if x.len() != len || y.len() != len {
+                return Err(format!("{crv} coordinates must be {len} bytes"));
+            }
+            let mut point = Vec::with_capacity(1 + 2 * len);
+            point.push(0x04);
+            point.extend_from_slice(&x);
+            point.extend_from_slice(&y);
+            (kind, DecodingKey::from_ec_der(&point))
+        }
+        "OKP" => {
+            let crv = jwk
+                .get("crv")
+                .and_then(Value::as_str)
+                .ok_or("missing \"crv\"")?;
+            if crv != "Ed25519" {
+                return Err(format!("unsupported OKP curve {crv:?}"));
+            }
+            let x = b64(jwk, "x")?;
+            if x.len() != 32 {
+                return Err("Ed25519 key must be 32 bytes".into());
+            }
+            (KeyKind::Ed25519, DecodingKey::from_ed_der(&x))
+        }
+        "oct" => return Err("symmetric key (kty oct); never used to verify tokens".into()),
+        other => return Err(format!("unsupported key type {other:?}")),
+    };
+    if let Some(a) = alg {
+        if !kind.verifies(a) {
+            return Err(format!("alg {a:?} does not fit a {} key", kind.describe()));
+        }
+    } else if !allowed.iter().any(|a| kind.verifies(*a)) {
+        return Err(format!(
+            "{} key, and none of this issuer's signingAlgorithms uses one",
+            kind.describe()
+        ));
+    }
+    Ok(VerifyKey {
+        kid: jwk.get("kid").and_then(Value::as_str).map(str::to_owned),
+        alg,
+        kind,
+        key,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rsa_n() -> String {
+        URL_SAFE_NO_PAD.encode([0xc5u8; 256])
+    }
+
+    #[test]
+    fn keeps_signature_keys_and_explains_the_rest() {
+        let x32 = URL_SAFE_NO_PAD.encode([1u8; 32]);
+        let doc = json!({"keys": [
+            {"kty": "RSA", "kid": "r1", "use": "sig", "alg": "RS256", "n": rsa_n(), "e": "AQAB"},
+            {"kty": "RSA", "kid": "enc1", "use": "enc", "alg": "RS256", "n": rsa_n(), "e": "AQAB"},
+            {"kty": "oct", "kid": "h1", "k": "c2VjcmV0"},
+            {"kty": "RSA", "kid": "small", "n": URL_SAFE_NO_PAD.encode([0xc5u8; 128]), "e": "AQAB"},
+            {"kty": "RSA", "kid": "ps", "alg": "PS256", "n": rsa_n(), "e": "AQAB"},
+            {"kty": "EC", "kid": "e1", "crv": "P-256", "x": x32, "y": x32},
+            {"kty": "EC", "kid": "e2", "crv": "P-521", "x": x32, "y": x32},
+            {"kty": "OKP", "kid": "ed", "crv": "Ed25519", "x": x32},
+            {"kty": "RSA", "kid": "bad", "n": "!!", "e": "AQAB"},
+        ]});
+        let set = KeySet::parse(
+            doc.to_string().as_bytes(),
+            &[Algorithm::RS256, Algorithm::ES256],
+        )
+        .unwrap();
+        assert_eq!(set.kids(), vec!["r1", "e1"]);
+        let why = |kid: &str| set.skipped_kid(kid).unwrap().reason.clone();
+        assert!(why("enc1").contains("use=\"enc\""), "{}", why("enc1"));
+        assert!(why("h1").contains("symmetric"));
+        assert!(why("small").contains("shorter than 2048"));
+        assert!(why("ps").contains("not in this issuer's signingAlgorithms"));
+        assert!(why("e2").contains("P-521"));
+        assert!(why("ed").contains("none of this issuer's signingAlgorithms"));
+        assert!(why("bad").contains("base64url"));
+        let r1 = set.by_kid("r1").next().unwrap();
+        assert!(r1.accepts(Algorithm::RS256));
+        assert!(!r1.accepts(Algorithm::RS512));
+        assert!(!r1.accepts(Algorithm::ES256));
+        let e1 = set.by_kid("e1").next().unwrap();
+        assert!(e1.accepts(Algorithm::ES256) && !e1.accepts(Algorithm::ES384));
+    }
+
+    #[test]
+    fn unusable_documents_fail() {
+        for body in [
+            "not json",
+            "{}",
+            r#"{"keys": []}"#,
+            r#"{"keys": [{"kty":"oct","k":"AA"}]}"#,
+        ] {
+            assert!(
+                KeySet::parse(body.as_bytes(), &[Algorithm::RS256]).is_err(),
+                "{body}"
+            );
+        }
+    }
+}

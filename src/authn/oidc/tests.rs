@@ -1,0 +1,682 @@
+//! OIDC authenticator tests against the development issuer (`ztgate_testkit::oidc::DevIssuer`):
+//! valid tokens, the hostile table, key rotation and IdP failures, the token cache, reloads.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{HeaderMap, HeaderValue};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use ztgate_testkit::oidc::{DevIssuer, SigningAlg};
+use ztgate_testkit::pki::Ca;
+
+use super::*;
+use crate::authn::credentials::bearer_from_headers;
+use crate::config::jwt::{
+    ClaimMappings, ClaimOrExpression, ClaimValidationRule, JwtAuthenticator, JwtIssuer,
+    PrefixedClaimOrExpression,
+};
+use crate::config::GoDuration;
+
+pub(crate) struct Fixture {
+    pub(crate) idp: DevIssuer,
+    pub(crate) auth: Arc<OidcAuthenticator>,
+    pub(crate) cfg: JwtAuthenticator,
+    #[allow(dead_code)]
+    pub(crate) ca: Ca,
+}
+
+pub(crate) fn config(idp: &DevIssuer) -> JwtAuthenticator {
+    JwtAuthenticator {
+        issuer: JwtIssuer {
+            url: idp.issuer_url(),
+            discovery_url: None,
+            audiences: vec!["kubernetes".into()],
+            audience_match_policy: None,
+            certificate_authority: Some(idp.ca_pem()),
+            certificate_authority_file: None,
+        },
+        claim_validation_rules: Vec::new(),
+        claim_mappings: ClaimMappings {
+            username: Some(PrefixedClaimOrExpression {
+                claim: Some("sub".into()),
+                prefix: Some("oidc:".into()),
+                expression: None,
+            }),
+            groups: Some(PrefixedClaimOrExpression {
+                claim: Some("groups".into()),
+                prefix: Some("oidc:".into()),
+                expression: None,
+            }),
+            uid: Some(ClaimOrExpression {
+                claim: Some("sub".into()),
+                expression: None,
+            }),
+            extra: Vec::new(),
+        },
+        user_validation_rules: Vec::new(),
+        signing_algorithms: vec!["RS256".into(), "ES256".into(), "EdDSA".into()],
+        clock_leeway: GoDuration(Duration::from_secs(30)),
+        max_token_lifetime: None,
+        max_token_bytes: 16384,
+        claims_for_policy: vec!["acr".into()],
+    }
+}
+
+pub(crate) fn test_options() -> OidcOptions {
+    OidcOptions {
+        refresh_interval: Duration::from_secs(3600),
+        retry_interval: Duration::from_secs(3600),
+        kid_miss_min_interval: Duration::ZERO,
+        fetch_timeout: Duration::from_secs(2),
+        ..OidcOptions::default()
+    }
+}
+
+pub(crate) async fn fixture() -> Fixture {
+    fixture_with(|_| {}, test_options()).await
+}
+
+pub(crate) async fn fixture_with(
+    tweak: impl FnOnce(&mut JwtAuthenticator),
+    opts: OidcOptions,
+) -> Fixture {
+    let ca = Ca::new("test idp ca");
+    let idp = DevIssuer::start(&ca).await.expect("dev issuer");
+    let mut cfg = config(&idp);
+    tweak(&mut cfg);
+    let auth =
+        OidcAuthenticator::with_options(std::slice::from_ref(&cfg), CancellationToken::new(), opts)
+            .await
+            .expect("authenticator");
+    assert_eq!(
+        auth.not_loaded(),
+        Vec::<String>::new(),
+        "{:?}",
+        auth.fetch_errors()
+    );
+    Fixture { idp, auth, cfg, ca }
+}
+
+pub(crate) fn bearer(token: &str) -> BearerToken {
+    let mut h = HeaderMap::new();
+    h.insert(
+        http::header::AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {token}")).expect("header value"),
+    );
+    bearer_from_headers(&h).expect("bearer").expect("some")
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn claims(idp: &DevIssuer, extra: Value) -> Value {
+    let n = now();
+    let mut c = json!({
+        "iss": idp.issuer_url(), "sub": "alice", "aud": "kubernetes",
+        "iat": n, "nbf": n, "exp": n + 600,
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        if v.is_null() {
+            c.as_object_mut().unwrap().remove(k);
+        } else {
+            c[k] = v.clone();
+        }
+    }
+    c
+}
+
+async fn auth_err(auth: &OidcAuthenticator, token: &str) -> AuthnError {
+    match auth.authenticate(&bearer(token)).await {
+        Ok(id) => panic!("accepted as {}", id.user()),
+        Err(e) => e,
+    }
+}
+
+#[tokio::test]
+async fn accepts_rs256_es256_eddsa() {
+    let f = fixture().await;
+    for alg in SigningAlg::ALL {
+        let token = f.idp.sign(
+            alg,
+            &claims(
+                &f.idp,
+                json!({"groups": ["devs", "ops"], "jti": "j1", "amr": ["mfa"], "acr": "gold",
+                       "cnf": {"x5t#S256": "thumb"}}),
+            ),
+        );
+        let id = f
+            .auth
+            .authenticate(&bearer(&token))
+            .await
+            .unwrap_or_else(|e| panic!("{alg:?}: {e}"));
+        assert_eq!(id.user(), "oidc:alice");
+        assert_eq!(id.uid(), Some("alice"));
+        assert_eq!(id.groups(), ["oidc:devs", "oidc:ops"]);
+        assert_eq!(
+            id.method(),
+            &crate::authn::AuthMethod::Oidc {
+                issuer: f.idp.issuer_url()
+            }
+        );
+        let facts = id.facts();
+        assert_eq!(facts.issuer.as_deref(), Some(f.idp.issuer_url().as_str()));
+        assert_eq!(facts.token_id.as_deref(), Some("j1"));
+        assert_eq!(facts.amr, ["mfa"]);
+        assert_eq!(facts.cnf_x5t_s256.as_deref(), Some("thumb"));
+        assert_eq!(facts.claims.get("acr").unwrap(), &["gold"]);
+        assert!(facts.issued_at.is_some());
+        let exp = id.expires_at().unwrap();
+        assert!(exp > SystemTime::now() + Duration::from_secs(500));
+    }
+}
+
+fn hs256_with_public_key(idp: &DevIssuer, claims: &Value) -> String {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = Some(idp.kid(SigningAlg::RS256));
+    jsonwebtoken::encode(
+        &header,
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(idp.rsa_public_key_pem().as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn hostile_tokens_are_refused_precisely() {
+    let ca = Ca::new("test idp ca");
+    let idp = DevIssuer::start(&ca).await.unwrap();
+    let other = DevIssuer::start(&ca).await.unwrap();
+    let mut cfg_a = config(&idp);
+    cfg_a.claim_validation_rules.push(ClaimValidationRule {
+        claim: Some("hd".into()),
+        required_value: Some("example.com".into()),
+        ..Default::default()
+    });
+    let mut cfg_email = config(&other);
+    cfg_email.claim_mappings.username = Some(PrefixedClaimOrExpression {
+        claim: Some("email".into()),
+        prefix: Some("".into()),
+        expression: None,
+    });
+    let auth = OidcAuthenticator::with_options(
+        &[cfg_a, cfg_email],
+        CancellationToken::new(),
+        test_options(),
+    )
+    .await
+    .unwrap();
+    assert!(auth.not_loaded().is_empty(), "{:?}", auth.fetch_errors());
+
+    let good = |extra: Value| {
+        let mut c = claims(&idp, extra);
+        c["hd"] = json!("example.com");
+        c
+    };
+    let rs = |c: &Value| idp.sign(SigningAlg::RS256, c);
+    let kid_rs = idp.kid(SigningAlg::RS256);
+    let n = now();
+    // Sanity: the baseline token passes.
+    auth.authenticate(&bearer(&rs(&good(json!({})))))
+        .await
+        .unwrap();
+
+    let big_claim = "x".repeat(20_000);
+    let enc = idp.sign_with_enc_key(&good(json!({})));
+    let cases: Vec<(&str, String, &str, &str)> = vec![
+        (
+            "alg none",
+            idp.sign_with_header(
+                SigningAlg::RS256,
+                &json!({"alg": "none", "kid": kid_rs}),
+                &good(json!({})),
+            ),
+            "invalid_token",
+            "alg none refused",
+        ),
+        (
+            "HS256 with the RSA public key as secret",
+            hs256_with_public_key(&idp, &good(json!({}))),
+            "invalid_token",
+            "alg \"HS256\" refused (HMAC",
+        ),
+        (
+            "unknown kid",
+            idp.sign_with_header(
+                SigningAlg::RS256,
+                &json!({"alg": "RS256", "kid": "nope"}),
+                &good(json!({})),
+            ),
+            "invalid_token",
+            "kid \"nope\" not found in the keys of issuer",
+        ),
+        (
+            "iss of A signed with B's key (kid of another configured issuer)",
+            other.sign(SigningAlg::RS256, &good(json!({}))),
+            "bad_signature",
+            "signed by a key of another issuer",
+        ),
+        (
+            "kid of A but signed by B's key",
+            other.sign_with_header(
+                SigningAlg::RS256,
+                &json!({"alg": "RS256", "kid": kid_rs}),
+                &good(json!({})),
+            ),
+            "bad_signature",
+            "signature does not verify with key",
+        ),
+        (
+            "expired",
+            rs(&good(
+                json!({"exp": n - 120, "iat": n - 600, "nbf": n - 600}),
+            )),
+            "token_expired",
+            "exp",
+        ),
+        (
+            "nbf in the future",
+            rs(&good(json!({"nbf": n + 600}))),
+            "token_claims_rejected",
+            "nbf is in the future",
+        ),
+        (
+            "iat in the future",
+            rs(&good(json!({"iat": n + 600, "nbf": null}))),
+            "token_claims_rejected",
+            "iat is",
+        ),
+        (
+            "wrong aud",
+            rs(&good(json!({"aud": "someone-else"}))),
+            "token_claims_rejected",
+            "aud holds none of the issuer's audiences",
+        ),
+        (
+            "wrong iss",
+            rs(&good(json!({"iss": "https://evil.example.com"}))),
+            "unknown_issuer",
+            "\"https://evil.example.com\"",
+        ),
+        (
+            "missing exp",
+            rs(&good(json!({"exp": null}))),
+            "token_claims_rejected",
+            "exp claim missing",
+        ),
+        (
+            "malformed base64",
+            format!("{}.a+b/c.{}", "eyJhbGciOiJSUzI1NiJ9", "c2ln"),
+            "invalid_token",
+            "payload is not base64url",
+        ),
+        (
+            "malformed JSON",
+            format!(
+                "{}.{}.c2ln",
+                base64::Engine::encode(
+                    &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                    "{\"alg\":"
+                ),
+                "e30"
+            ),
+            "invalid_token",
+            "header is not JSON",
+        ),
+        (
+            "over size",
+            rs(&good(json!({"pad": big_claim}))),
+            "invalid_token",
+            "exceeds the limit of 16384 bytes",
+        ),
+        (
+            "jku header",
+            idp.sign_with_header(
+                SigningAlg::RS256,
+                &json!({"alg": "RS256", "kid": kid_rs, "jku": "https://evil.example.com/keys"}),
+                &good(json!({})),
+            ),
+            "invalid_token",
+            "jku header refused",
+        ),
+        (
+            "unknown crit",
+            idp.sign_with_header(
+                SigningAlg::RS256,
+                &json!({"alg": "RS256", "kid": kid_rs, "crit": ["exp-ext"], "exp-ext": "x"}),
+                &good(json!({})),
+            ),
+            "invalid_token",
+            "crit header refused",
+        ),
+        ("use: enc key", enc, "invalid_token", "not for signatures"),
+        (
+            "failing claimValidationRule",
+            rs(&claims(&idp, json!({"hd": "evil.com"}))),
+            "token_claims_rejected",
+            "claim \"hd\" does not have the required value",
+        ),
+        (
+            "email username with email_verified false",
+            other.sign(
+                SigningAlg::RS256,
+                &claims(
+                    &other,
+                    json!({"email": "bob@example.com", "email_verified": false}),
+                ),
+            ),
+            "token_claims_rejected",
+            "email not verified",
+        ),
+        (
+            "system: user without a system: prefix",
+            other.sign(
+                SigningAlg::RS256,
+                &claims(
+                    &other,
+                    json!({"email": "system:admin", "email_verified": true}),
+                ),
+            ),
+            "invalid_identity",
+            "reserved system:",
+        ),
+        (
+            "alg the issuer does not accept",
+            idp.sign_with_header(
+                SigningAlg::RS256,
+                &json!({"alg": "PS256", "kid": kid_rs}),
+                &good(json!({})),
+            ),
+            "invalid_token",
+            "not in the signingAlgorithms",
+        ),
+        (
+            "alg that does not fit the key",
+            idp.sign_with_header(
+                SigningAlg::RS256,
+                &json!({"alg": "ES256", "kid": kid_rs}),
+                &good(json!({})),
+            ),
+            "invalid_token",
+            "the token uses alg ES256",
+        ),
+    ];
+    for (name, token, label, want) in cases {
+        let e = match auth.authenticate(&bearer(&token)).await {
+            Ok(id) => panic!("{name}: accepted as {}", id.user()),
+            Err(e) => e,
+        };
+        let msg = e.to_string();
+        assert_eq!(e.reason_label(), label, "{name}: {msg}");
+        assert!(msg.contains(want), "{name}: {msg:?} lacks {want:?}");
+        assert!(
+            !msg.contains(&token[..token.len().min(40)]),
+            "{name}: token in message"
+        );
+    }
+}
+
+#[tokio::test]
+async fn rotation_is_picked_up_after_one_kid_miss_refresh() {
+    let f = fixture().await;
+    let before = f.idp.jwks_fetches();
+    f.idp.rotate(false);
+    let token = f.idp.sign(SigningAlg::ES256, &claims(&f.idp, json!({})));
+    f.auth.authenticate(&bearer(&token)).await.unwrap();
+    assert_eq!(f.idp.jwks_fetches(), before + 1);
+    // Known kid now: no further fetch.
+    let token = f
+        .idp
+        .sign(SigningAlg::RS256, &claims(&f.idp, json!({"sub": "bob"})));
+    f.auth.authenticate(&bearer(&token)).await.unwrap();
+    assert_eq!(f.idp.jwks_fetches(), before + 1);
+}
+
+#[tokio::test]
+async fn kid_miss_refresh_is_single_flight_and_rate_limited() {
+    let mut opts = test_options();
+    opts.kid_miss_min_interval = Duration::from_secs(60);
+    let f = fixture_with(|_| {}, opts).await;
+    let before = f.idp.jwks_fetches();
+    f.idp.set_delay(Duration::from_millis(300));
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let token = f.idp.sign_with_header(
+            SigningAlg::RS256,
+            &json!({"alg": "RS256", "kid": format!("unknown-{i}")}),
+            &claims(&f.idp, json!({})),
+        );
+        let auth = f.auth.clone();
+        tasks.push(tokio::spawn(async move {
+            auth.authenticate(&bearer(&token)).await
+        }));
+    }
+    for t in tasks {
+        let e = t.await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("not found"), "{e}");
+    }
+    f.idp.set_delay(Duration::ZERO);
+    assert_eq!(f.idp.jwks_fetches(), before + 1, "one fetch for all");
+    // Within the interval, a new unknown kid does not fetch again.
+    let token = f.idp.sign_with_header(
+        SigningAlg::RS256,
+        &json!({"alg": "RS256", "kid": "unknown-later"}),
+        &claims(&f.idp, json!({})),
+    );
+    auth_err(&f.auth, &token).await;
+    assert_eq!(f.idp.jwks_fetches(), before + 1, "rate limited");
+}
+
+#[tokio::test]
+async fn idp_down_keeps_known_keys() {
+    let f = fixture().await;
+    let known = f.idp.sign(SigningAlg::RS256, &claims(&f.idp, json!({})));
+    f.idp.stop().await;
+    // Known key: still verifies (and is not served from the cache: a different token).
+    let known2 = f
+        .idp
+        .sign(SigningAlg::ES256, &claims(&f.idp, json!({"sub": "bob"})));
+    f.auth.authenticate(&bearer(&known)).await.unwrap();
+    f.auth.authenticate(&bearer(&known2)).await.unwrap();
+    // Unknown kid: the refresh fails, the old keys stay, the token fails.
+    f.idp.rotate(false);
+    let fresh = f.idp.sign(SigningAlg::RS256, &claims(&f.idp, json!({})));
+    let e = auth_err(&f.auth, &fresh).await;
+    assert!(e.to_string().contains("not found"), "{e}");
+    assert!(!f.auth.fetch_errors().is_empty());
+    assert!(f.auth.not_loaded().is_empty());
+    let still = f.idp.sign_with_header(
+        SigningAlg::RS256,
+        &json!({"alg": "RS256"}),
+        &claims(&f.idp, json!({})),
+    );
+    // No kid: tried against the (old) RS256 key, which does not match the rotated signer.
+    let e = auth_err(&f.auth, &still).await;
+    assert_eq!(e.reason_label(), "bad_signature", "{e}");
+    // The IdP comes back: the next miss loads the new keys.
+    f.idp.restart().await.unwrap();
+    f.auth.authenticate(&bearer(&fresh)).await.unwrap();
+}
+
+#[tokio::test]
+async fn garbage_jwks_keeps_last_good_keys() {
+    let f = fixture().await;
+    f.idp.set_jwks_override(Some("<html>oops</html>".into()));
+    let unknown = f.idp.sign_with_header(
+        SigningAlg::RS256,
+        &json!({"alg": "RS256", "kid": "unknown"}),
+        &claims(&f.idp, json!({})),
+    );
+    auth_err(&f.auth, &unknown).await;
+    assert!(
+        f.auth.fetch_errors()[0].1.contains("not JSON"),
+        "{:?}",
+        f.auth.fetch_errors()
+    );
+    let token = f.idp.sign(SigningAlg::RS256, &claims(&f.idp, json!({})));
+    f.auth.authenticate(&bearer(&token)).await.unwrap();
+}
+
+#[tokio::test]
+async fn idp_down_at_start_is_reported_not_fatal() {
+    let ca = Ca::new("test idp ca");
+    let idp = DevIssuer::start(&ca).await.unwrap();
+    let cfg = config(&idp);
+    idp.stop().await;
+    let auth = OidcAuthenticator::with_options(
+        std::slice::from_ref(&cfg),
+        CancellationToken::new(),
+        test_options(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(auth.not_loaded(), vec![idp.issuer_url()]);
+    let token = idp.sign(SigningAlg::RS256, &claims(&idp, json!({})));
+    let e = auth_err(&auth, &token).await;
+    assert_eq!(e.reason_label(), "issuer_keys_unavailable", "{e}");
+    idp.restart().await.unwrap();
+    auth.authenticate(&bearer(&token)).await.unwrap();
+    assert!(auth.not_loaded().is_empty());
+}
+
+#[tokio::test]
+async fn discovery_issuer_must_match_exactly() {
+    let ca = Ca::new("test idp ca");
+    let idp = DevIssuer::start(&ca).await.unwrap();
+    let mut cfg = config(&idp);
+    cfg.issuer.discovery_url = Some(format!(
+        "{}/.well-known/openid-configuration",
+        idp.issuer_url()
+    ));
+    cfg.issuer.url = format!("{}/", idp.issuer_url());
+    let auth = OidcAuthenticator::with_options(
+        std::slice::from_ref(&cfg),
+        CancellationToken::new(),
+        test_options(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(auth.not_loaded(), vec![cfg.issuer.url.clone()]);
+    assert!(
+        auth.fetch_errors()[0].1.contains("expected exactly"),
+        "{:?}",
+        auth.fetch_errors()
+    );
+}
+
+#[tokio::test]
+async fn wrong_ca_fails_to_load() {
+    let ca = Ca::new("test idp ca");
+    let idp = DevIssuer::start(&ca).await.unwrap();
+    let mut cfg = config(&idp);
+    cfg.issuer.certificate_authority = Some(Ca::new("someone else").cert_pem());
+    let auth = OidcAuthenticator::with_options(
+        std::slice::from_ref(&cfg),
+        CancellationToken::new(),
+        test_options(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(auth.not_loaded(), vec![idp.issuer_url()]);
+}
+
+#[tokio::test]
+async fn cache_hit_does_not_reverify() {
+    let f = fixture().await;
+    let token = f.idp.sign(SigningAlg::RS256, &claims(&f.idp, json!({})));
+    let a = f.auth.authenticate(&bearer(&token)).await.unwrap();
+    let b = f.auth.authenticate(&bearer(&token)).await.unwrap();
+    assert!(Arc::ptr_eq(&a, &b));
+    assert_eq!(
+        f.auth.stats(),
+        OidcStats {
+            verifications: 1,
+            cache_hits: 1
+        }
+    );
+    // Failures are not cached.
+    let bad = f
+        .idp
+        .sign(SigningAlg::RS256, &claims(&f.idp, json!({"aud": "x"})));
+    auth_err(&f.auth, &bad).await;
+    auth_err(&f.auth, &bad).await;
+    assert_eq!(f.auth.stats().verifications, 3);
+}
+
+#[tokio::test]
+async fn cache_never_outlives_exp() {
+    let f = fixture_with(
+        |c| c.clock_leeway = GoDuration(Duration::ZERO),
+        test_options(),
+    )
+    .await;
+    let n = now();
+    let token = f.idp.sign(
+        SigningAlg::ES256,
+        &claims(&f.idp, json!({"exp": n + 2, "iat": n, "nbf": n})),
+    );
+    f.auth.authenticate(&bearer(&token)).await.unwrap();
+    f.auth.authenticate(&bearer(&token)).await.unwrap();
+    assert_eq!(f.auth.stats().cache_hits, 1);
+    let until = UNIX_EPOCH + Duration::from_secs(n + 3) + Duration::from_millis(100);
+    tokio::time::sleep(until.duration_since(SystemTime::now()).unwrap_or_default()).await;
+    let e = auth_err(&f.auth, &token).await;
+    assert_eq!(e.reason_label(), "token_expired", "{e}");
+    assert_eq!(f.auth.stats().cache_hits, 1);
+}
+
+#[tokio::test]
+async fn update_keeps_keys_of_unchanged_issuers() {
+    let f = fixture().await;
+    let token = f.idp.sign(SigningAlg::RS256, &claims(&f.idp, json!({})));
+    f.auth.authenticate(&bearer(&token)).await.unwrap();
+    let fetches = f.idp.jwks_fetches();
+    // A mapping change keeps the keys (no fetch) but applies the new rule and drops the cache.
+    let mut cfg = f.cfg.clone();
+    cfg.claim_mappings.username.as_mut().unwrap().prefix = Some("corp:".into());
+    f.auth.update(std::slice::from_ref(&cfg)).await.unwrap();
+    assert_eq!(f.idp.jwks_fetches(), fetches);
+    let id = f.auth.authenticate(&bearer(&token)).await.unwrap();
+    assert_eq!(id.user(), "corp:alice");
+    // A CA change makes a new key source (one fetch).
+    let mut cfg2 = cfg.clone();
+    cfg2.issuer.certificate_authority = Some(format!("{}\n", f.idp.ca_pem()));
+    f.auth.update(std::slice::from_ref(&cfg2)).await.unwrap();
+    assert_eq!(f.idp.jwks_fetches(), fetches + 1);
+    // Removing the issuer makes its tokens unknown.
+    f.auth.update(&[]).await.unwrap();
+    let e = auth_err(&f.auth, &token).await;
+    assert_eq!(e, AuthnError::TokenAuthNotConfigured);
+    // A bad config changes nothing.
+    let mut bad = cfg.clone();
+    bad.claim_mappings.username = None;
+    assert!(f.auth.update(&[bad]).await.is_err());
+}
+
+#[tokio::test]
+async fn max_token_lifetime_and_per_issuer_size() {
+    let f = fixture_with(
+        |c| {
+            c.max_token_lifetime = Some(GoDuration(Duration::from_secs(3600)));
+            c.max_token_bytes = 1024;
+        },
+        test_options(),
+    )
+    .await;
+    let n = now();
+    let long = f
+        .idp
+        .sign(SigningAlg::RS256, &claims(&f.idp, json!({"exp": n + 7200})));
+    let e = auth_err(&f.auth, &long).await;
+    assert!(e.to_string().contains("exceeds maxTokenLifetime"), "{e}");
+    let big = f.idp.sign(
+        SigningAlg::RS256,
+        &claims(&f.idp, json!({"pad": "x".repeat(1200)})),
+    );
+    let e = auth_err(&f.auth, &big).await;
+    assert!(e.to_string().contains("exceeds the limit of 1024"), "{e}");
+}

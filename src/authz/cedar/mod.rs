@@ -1,0 +1,480 @@
+//! The Cedar ABAC engine: the project's schema, policy loading with strict validation, hot
+//! reload, and the per-request decision.
+//!
+//! Semantics: default deny; a satisfied `forbid` wins over any `permit`; any evaluation error
+//! (in any policy, or while building the request) denies, and the errors are returned so the
+//! caller can log them. Policies are validated in strict mode against
+//! `config/ztgate.cedarschema` (embedded in the binary) before they are used; a reload is
+//! all-or-nothing, and a rejected reload leaves the last good set in force.
+//!
+//! How requests map to principal / action / resource / context is described in
+//! `docs/policy.md` and in the schema file itself.
+
+mod entities;
+mod index;
+mod load;
+mod message;
+mod schema;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use cedar_policy::{AuthorizationError, Authorizer, Entities, PolicySet, Request};
+
+use crate::authn::{CredentialFacts, Identity};
+use crate::authz::requestinfo::RequestInfo;
+
+use load::Loaded;
+pub use message::{decision_reason, reason_message};
+use schema::CompiledSchema;
+pub use schema::{SCHEMA_ORIGIN, SCHEMA_TEXT};
+
+/// What is known about the device the request came from (filled by the device module).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceFacts {
+    /// Device id from the device certificate.
+    pub id: String,
+    /// The token is bound to the presented device certificate (RFC 8705 `cnf.x5t#S256`).
+    pub bound: bool,
+    /// The device's posture record, when one is known and fresh.
+    pub posture: Option<PostureFacts>,
+    /// How old the posture record is.
+    pub posture_age: Option<Duration>,
+}
+
+/// A device posture record as policy sees it (`context.device.posture`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PostureFacts {
+    pub os: String,
+    pub os_version: String,
+    pub disk_encrypted: bool,
+    pub firewall: bool,
+    pub screen_lock: bool,
+    /// Enrolled in the organisation's MDM.
+    pub managed: bool,
+    pub edr_score: Option<i64>,
+    /// Where the record came from ("mdm", "edr", "agent", ...).
+    pub source: String,
+    /// The device agent reported this about itself.
+    pub self_reported: bool,
+}
+
+/// Everything the engine needs to decide one request.
+#[derive(Clone, Copy, Debug)]
+pub struct AuthzInput<'a> {
+    pub identity: &'a Identity,
+    pub info: &'a RequestInfo,
+    /// The authorizer verb (may differ from `info.verb`: a WebSocket exec is `create`).
+    pub verb: &'a str,
+    pub source_ip: IpAddr,
+    pub now: SystemTime,
+    pub device: Option<&'a DeviceFacts>,
+    pub websocket: bool,
+}
+
+impl<'a> AuthzInput<'a> {
+    pub fn subject(&self) -> Subject<'a> {
+        Subject::from(self.identity)
+    }
+    pub fn request(&self) -> RequestFacts<'a> {
+        RequestFacts {
+            info: self.info,
+            verb: self.verb,
+            source_ip: self.source_ip,
+            now: self.now,
+            device: self.device,
+            websocket: self.websocket,
+        }
+    }
+}
+
+/// The caller as policy sees it: a borrowed view of an [`Identity`] (or of the same facts from
+/// elsewhere, e.g. a SubjectAccessReview, tests and benchmarks).
+#[derive(Clone, Copy, Debug)]
+pub struct Subject<'a> {
+    pub user: &'a str,
+    pub uid: Option<&'a str>,
+    pub groups: &'a [String],
+    /// `AuthMethod::as_str()`: "oidc", "x509", ...
+    pub method: &'a str,
+    pub facts: &'a CredentialFacts,
+}
+
+impl<'a> From<&'a Identity> for Subject<'a> {
+    fn from(identity: &'a Identity) -> Subject<'a> {
+        Subject {
+            user: identity.user(),
+            uid: identity.uid(),
+            groups: identity.groups(),
+            method: identity.method().as_str(),
+            facts: identity.facts(),
+        }
+    }
+}
+
+/// The request side of an [`AuthzInput`].
+#[derive(Clone, Copy, Debug)]
+pub struct RequestFacts<'a> {
+    pub info: &'a RequestInfo,
+    pub verb: &'a str,
+    pub source_ip: IpAddr,
+    pub now: SystemTime,
+    pub device: Option<&'a DeviceFacts>,
+    pub websocket: bool,
+}
+
+/// What a client asks to impersonate (`Impersonate-User`, `-Group`, `-Uid`, `-Extra-<key>`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImpersonationKind {
+    User,
+    Group,
+    Uid,
+    Extra { key: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImpersonationTarget {
+    pub kind: ImpersonationKind,
+    pub value: String,
+}
+
+/// The outcome of one authorization.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// A `forbid` policy matched.
+    pub explicit_deny: bool,
+    /// The policies that decided: the matching forbids when explicitly denied; else the policies
+    /// that failed to evaluate when errors denied; else the matching permits. Ids are the
+    /// `@id` annotation or `<file>:<index>`, in load order.
+    pub determining: Vec<String>,
+    /// The `@reason` annotation of the first determining policy.
+    pub reason: Option<String>,
+    /// Evaluation errors (any error denies). Safe to log: no credentials.
+    pub errors: Vec<String>,
+}
+
+impl Decision {
+    fn error(message: String) -> Decision {
+        Decision {
+            errors: vec![message],
+            ..Decision::default()
+        }
+    }
+}
+
+/// One problem in a policy file (or the schema).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyError {
+    pub origin: String,
+    /// 1-based.
+    pub line: Option<usize>,
+    /// 1-based, in characters.
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl PolicyError {
+    /// An error at byte `offset` of `text` (clamped to the text).
+    pub(crate) fn at(
+        origin: &str,
+        text: &str,
+        offset: Option<usize>,
+        message: String,
+    ) -> PolicyError {
+        let (line, column) = match offset {
+            Some(offset) => {
+                let (l, c) = line_col(text, offset);
+                (Some(l), Some(c))
+            }
+            None => (None, None),
+        };
+        PolicyError {
+            origin: origin.to_owned(),
+            line,
+            column,
+            message,
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+impl std::fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.line, self.column) {
+            (Some(l), Some(c)) => write!(f, "{}:{l}:{c}: {}", self.origin, self.message),
+            (Some(l), None) => write!(f, "{}:{l}: {}", self.origin, self.message),
+            _ => write!(f, "{}: {}", self.origin, self.message),
+        }
+    }
+}
+
+/// Why a policy set was rejected; one line per problem.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyErrors {
+    pub errors: Vec<PolicyError>,
+}
+
+impl PolicyErrors {
+    fn one(e: PolicyError) -> PolicyErrors {
+        PolicyErrors { errors: vec![e] }
+    }
+}
+
+impl std::fmt::Display for PolicyErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PolicyErrors {}
+
+/// The loaded policies and the decision procedure. Cheap to share (`Arc<PolicyEngine>`);
+/// `decide` never blocks on `reload`.
+pub struct PolicyEngine {
+    schema: Arc<CompiledSchema>,
+    current: ArcSwap<Loaded>,
+    /// Serializes reloads so that epochs increase by one per successful reload.
+    reload_lock: Mutex<()>,
+    authorizer: Authorizer,
+    slicing: bool,
+}
+
+impl std::fmt::Debug for PolicyEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let loaded = self.current.load();
+        f.debug_struct("PolicyEngine")
+            .field("epoch", &loaded.epoch)
+            .field("policies", &loaded.policies.num_of_policies())
+            .field("origins", &loaded.origins)
+            .finish()
+    }
+}
+
+impl PolicyEngine {
+    /// Loads policy files and directories (`*.cedar` files in a directory, sorted by name),
+    /// validating them strictly against the embedded schema.
+    pub fn load(paths: &[PathBuf]) -> Result<PolicyEngine, PolicyErrors> {
+        let sources = load::read_sources(paths)?;
+        PolicyEngine::from_sources(&sources)
+    }
+
+    /// Like [`PolicyEngine::load`], from `(origin, text)` pairs already in memory.
+    pub fn from_sources(sources: &[(String, String)]) -> Result<PolicyEngine, PolicyErrors> {
+        let schema = CompiledSchema::embedded()?;
+        let loaded = load::compile(schema.clone(), sources, 1)?;
+        Ok(PolicyEngine {
+            schema,
+            current: ArcSwap::from_pointee(loaded),
+            reload_lock: Mutex::new(()),
+            authorizer: Authorizer::new(),
+            slicing: true,
+        })
+    }
+
+    /// Turns policy slicing (see `index.rs`) on or off. On by default; off evaluates every
+    /// policy for every request (same decisions, slower with many policies).
+    pub fn with_slicing(mut self, slicing: bool) -> PolicyEngine {
+        self.slicing = slicing;
+        self
+    }
+
+    /// Re-reads `paths` and swaps the new set in as a whole, returning the new epoch. On any
+    /// error nothing changes: the last good set and its epoch stay in force.
+    pub fn reload(&self, paths: &[PathBuf]) -> Result<u64, PolicyErrors> {
+        let sources = load::read_sources(paths)?;
+        self.reload_sources(&sources)
+    }
+
+    /// Like [`PolicyEngine::reload`], from `(origin, text)` pairs.
+    pub fn reload_sources(&self, sources: &[(String, String)]) -> Result<u64, PolicyErrors> {
+        let _serial = self
+            .reload_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let epoch = self.current.load().epoch + 1;
+        let loaded = load::compile(self.schema.clone(), sources, epoch)?;
+        self.current.store(Arc::new(loaded));
+        Ok(epoch)
+    }
+
+    /// Starts at 1 and goes up by one with every successful reload.
+    pub fn epoch(&self) -> u64 {
+        self.current.load().epoch
+    }
+
+    pub fn policy_count(&self) -> usize {
+        self.current.load().policies.num_of_policies()
+    }
+
+    /// The files (origins) the current set was loaded from.
+    pub fn origins(&self) -> Vec<String> {
+        self.current.load().origins.clone()
+    }
+
+    /// Validator warnings of the current set (`origin:line:col: message`).
+    pub fn warnings(&self) -> Vec<String> {
+        self.current.load().warnings.clone()
+    }
+
+    /// Decides a request: principal = the identity, action = `input.verb`, resource = the
+    /// request's resource or non-resource path.
+    pub fn decide(&self, input: &AuthzInput<'_>) -> Decision {
+        self.decide_subject(&input.subject(), &input.request())
+    }
+
+    /// Decides the `impersonate` action on `target` (the request's own resource is not
+    /// involved; `input.info` and `input.verb` only feed the context).
+    pub fn decide_impersonation(
+        &self,
+        input: &AuthzInput<'_>,
+        target: &ImpersonationTarget,
+    ) -> Decision {
+        self.decide_subject_impersonation(&input.subject(), &input.request(), target)
+    }
+
+    /// [`PolicyEngine::decide`] for a [`Subject`] that is not (yet) an [`Identity`].
+    pub fn decide_subject(&self, subject: &Subject<'_>, req: &RequestFacts<'_>) -> Decision {
+        let namespace = if req.info.is_resource_request {
+            req.info.namespace.as_str()
+        } else {
+            ""
+        };
+        self.evaluate(subject, req, req.verb, namespace, |schema, out| {
+            entities::resource(schema, req.info, out)
+        })
+    }
+
+    /// [`PolicyEngine::decide_impersonation`] for a [`Subject`].
+    pub fn decide_subject_impersonation(
+        &self,
+        subject: &Subject<'_>,
+        req: &RequestFacts<'_>,
+        target: &ImpersonationTarget,
+    ) -> Decision {
+        self.evaluate(subject, req, "impersonate", "", |schema, out| {
+            entities::impersonation_target(schema, target, out)
+        })
+    }
+
+    fn evaluate(
+        &self,
+        subject: &Subject<'_>,
+        req: &RequestFacts<'_>,
+        verb: &str,
+        namespace: &str,
+        resource: impl FnOnce(
+            &CompiledSchema,
+            &mut Vec<cedar_policy::Entity>,
+        ) -> Result<cedar_policy::EntityUid, String>,
+    ) -> Decision {
+        let loaded = self.current.load();
+        let schema = &*loaded.schema;
+        let Some(action) = schema.action(verb) else {
+            return Decision::error(format!("verb {verb:?} is not an action in the schema"));
+        };
+        let prepared = (|| -> Result<(Request, Entities), String> {
+            let mut list = Vec::with_capacity(4 + subject.groups.len());
+            let principal = entities::principal(schema, subject, &mut list)?;
+            let resource = resource(schema, &mut list)?;
+            let context = entities::context(subject, req)?;
+            let request = Request::new(
+                principal,
+                action.clone(),
+                resource,
+                context,
+                Some(&schema.schema),
+            )
+            .map_err(|e| format!("request does not match the schema: {e}"))?;
+            let entities = Entities::from_entities(list, Some(&schema.schema))
+                .map_err(|e| format!("entities do not match the schema: {e}"))?;
+            Ok((request, entities))
+        })();
+        let (request, entities) = match prepared {
+            Ok(v) => v,
+            Err(e) => return Decision::error(e),
+        };
+        let sets: Vec<&PolicySet> = if self.slicing {
+            loaded.index.slices(verb, namespace)
+        } else {
+            vec![&loaded.policies]
+        };
+        combine(&loaded, sets.into_iter().map(|set| {
+            self.authorizer.is_authorized(&request, set, &entities)
+        }))
+    }
+}
+
+/// Combines the responses of disjoint slices of one policy set into the decision Cedar would
+/// have made on the whole set, then applies "any error denies".
+fn combine(loaded: &Loaded, responses: impl Iterator<Item = cedar_policy::Response>) -> Decision {
+    let mut forbids = Vec::new();
+    let mut permits = Vec::new();
+    let mut errored = Vec::new();
+    let mut errors = Vec::new();
+    for response in responses {
+        let reasons = response.diagnostics().reason().map(|id| id.to_string());
+        match response.decision() {
+            // Deny with reasons: the satisfied forbids. Deny without: nothing applied.
+            cedar_policy::Decision::Deny => forbids.extend(reasons),
+            cedar_policy::Decision::Allow => permits.extend(reasons),
+        }
+        for e in response.diagnostics().errors() {
+            let AuthorizationError::PolicyEvaluationError(pe) = e;
+            errored.push(pe.policy_id().to_string());
+            errors.push(e.to_string());
+        }
+    }
+    let order = |ids: &mut Vec<String>| {
+        ids.sort_by_key(|id| loaded.index.order.get(id).copied().unwrap_or(usize::MAX));
+        ids.dedup();
+    };
+    let explicit_deny = !forbids.is_empty();
+    let allowed = !explicit_deny && errors.is_empty() && !permits.is_empty();
+    let mut determining = if explicit_deny {
+        forbids
+    } else if !errors.is_empty() {
+        errored
+    } else {
+        permits
+    };
+    order(&mut determining);
+    errors.sort();
+    let reason = determining.first().and_then(|id| {
+        loaded
+            .policies
+            .annotation(&cedar_policy::PolicyId::new(id), "reason")
+            .map(str::to_owned)
+    });
+    Decision {
+        allowed,
+        explicit_deny,
+        determining,
+        reason,
+        errors,
+    }
+}
