@@ -158,4 +158,84 @@ fn decide(c: &mut Criterion) {
 }
 
 criterion_group!(benches, decide);
-criterion_main!(benches);
+criterion_main!(parts_group);
+
+mod parts {
+    use super::*;
+    use cedar_policy::*;
+    use std::collections::{HashMap, HashSet};
+    use std::str::FromStr;
+
+    pub fn parts(c: &mut Criterion) {
+        let text = ztgate::authz::cedar::SCHEMA_TEXT;
+        let (schema, _) = Schema::from_cedarschema_str(text).unwrap();
+        let actions = schema.action_entities().unwrap();
+        let user_t = EntityTypeName::from_str("k8s::User").unwrap();
+        let group_t = EntityTypeName::from_str("k8s::Group").unwrap();
+        let res_t = EntityTypeName::from_str("k8s::Resource").unwrap();
+        let ns_t = EntityTypeName::from_str("k8s::Namespace").unwrap();
+        let action = EntityUid::from_str("k8s::Action::\"list\"").unwrap();
+        let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
+        let build = || {
+            let mut list = Vec::new();
+            let mut gu = HashSet::new();
+            for g in ["team-1", "employees", "vpn", "gh"] {
+                let uid = EntityUid::from_type_name_and_id(group_t.clone(), EntityId::new(g));
+                list.push(Entity::new(uid.clone(), HashMap::from([("name".to_string(), s(g))]), HashSet::new()).unwrap());
+                gu.insert(uid);
+            }
+            let puid = EntityUid::from_type_name_and_id(user_t.clone(), EntityId::new("alice"));
+            let attrs = HashMap::from([
+                ("name".to_string(), s("alice")),
+                ("groups".to_string(), RestrictedExpression::new_set(gu.iter().map(|u| RestrictedExpression::new_entity_uid(u.clone())))),
+                ("authMethod".to_string(), s("oidc")),
+            ]);
+            list.push(Entity::new_with_tags(puid.clone(), attrs, gu, []).unwrap());
+            let ns = EntityUid::from_type_name_and_id(ns_t.clone(), EntityId::new("ns-1"));
+            list.push(Entity::new(ns.clone(), HashMap::from([("name".to_string(), s("ns-1"))]), HashSet::new()).unwrap());
+            let ruid = EntityUid::from_type_name_and_id(res_t.clone(), EntityId::new("/api/v1/namespaces/ns-1/pods"));
+            let attrs = HashMap::from([
+                ("apiGroup".to_string(), s("")),
+                ("apiVersion".to_string(), s("v1")),
+                ("resource".to_string(), s("pods")),
+                ("subresource".to_string(), s("")),
+                ("namespace".to_string(), s("ns-1")),
+                ("name".to_string(), s("")),
+            ]);
+            list.push(Entity::new(ruid.clone(), attrs, HashSet::from([ns])).unwrap());
+            (list, puid, ruid)
+        };
+        let ctx = || {
+            let authn = RestrictedExpression::new_record([
+                ("method".to_string(), s("oidc")),
+                ("amr".to_string(), RestrictedExpression::new_set([s("mfa")])),
+                ("mfa".to_string(), RestrictedExpression::new_bool(true)),
+            ]).unwrap();
+            let time = RestrictedExpression::new_record([
+                ("epochSeconds".to_string(), RestrictedExpression::new_long(1)),
+                ("hourUtc".to_string(), RestrictedExpression::new_long(1)),
+                ("minuteUtc".to_string(), RestrictedExpression::new_long(1)),
+                ("weekdayUtc".to_string(), RestrictedExpression::new_long(1)),
+            ]).unwrap();
+            Context::from_pairs([
+                ("authn".to_string(), authn),
+                ("sourceIp".to_string(), RestrictedExpression::new_ip("10.1.2.3")),
+                ("requestTime".to_string(), time),
+                ("websocket".to_string(), RestrictedExpression::new_bool(false)),
+                ("requestVerb".to_string(), s("list")),
+            ]).unwrap()
+        };
+        let mut g = c.benchmark_group("parts");
+        g.bench_function("build_entities", |b| b.iter(|| black_box(build())));
+        g.bench_function("build_context", |b| b.iter(|| black_box(ctx())));
+        g.bench_function("entities_schema", |b| b.iter_batched(|| build().0, |l| black_box(Entities::from_entities(l, Some(&schema)).unwrap()), criterion::BatchSize::SmallInput));
+        g.bench_function("entities_none", |b| b.iter_batched(|| build().0, |l| black_box(Entities::from_entities(l, None).unwrap()), criterion::BatchSize::SmallInput));
+        g.bench_function("entities_actions_clone_add", |b| b.iter_batched(|| build().0, |l| black_box(actions.clone().add_entities(l, None).unwrap()), criterion::BatchSize::SmallInput));
+        let (_, p, r) = build();
+        g.bench_function("request_schema", |b| b.iter_batched(ctx, |cx| black_box(Request::new(p.clone(), action.clone(), r.clone(), cx, Some(&schema)).unwrap()), criterion::BatchSize::SmallInput));
+        g.bench_function("request_none", |b| b.iter_batched(ctx, |cx| black_box(Request::new(p.clone(), action.clone(), r.clone(), cx, None).unwrap()), criterion::BatchSize::SmallInput));
+        g.bench_function("action_entities", |b| b.iter(|| black_box(schema.action_entities().unwrap())));
+        g.finish();
+    }
+}
+criterion_group!(parts_group, parts::parts);

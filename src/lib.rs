@@ -5,6 +5,7 @@
 //! module with a doc comment that says what it owns and what it must never do.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod authn;
 pub mod authz;
 pub mod body;

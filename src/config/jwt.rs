@@ -821,7 +821,9 @@ mod tests {
              username:\n        expression: claims.sub\n",
             certs.join("idp-ca.crt").display()
         );
-        let errs = crate::config::load_str(&bad, "t.yaml", certs).unwrap_err().errors;
+        let errs = crate::config::load_str(&bad, "t.yaml", certs)
+            .unwrap_err()
+            .errors;
         let url = errs
             .iter()
             .find(|e| e.path == "authentication.jwt[0].issuer.url")
@@ -832,7 +834,9 @@ mod tests {
             .find(|e| e.path == "authentication.jwt[0].claimMappings.username.expression")
             .unwrap_or_else(|| panic!("{errs:?}"));
         assert_eq!(cel.line, Some(20));
-        assert!(cel.message.starts_with("CEL expressions are not supported yet by ztgate"));
+        assert!(cel
+            .message
+            .starts_with("CEL expressions are not supported yet by ztgate"));
     }
 
     #[test]

@@ -680,3 +680,55 @@ async fn max_token_lifetime_and_per_issuer_size() {
     let e = auth_err(&f.auth, &big).await;
     assert!(e.to_string().contains("exceeds the limit of 1024"), "{e}");
 }
+
+#[tokio::test]
+async fn periodic_refresh_runs_until_stopped() {
+    let ca = Ca::new("test idp ca");
+    let idp = DevIssuer::start(&ca).await.unwrap();
+    let stop = CancellationToken::new();
+    let mut opts = test_options();
+    opts.refresh_interval = Duration::from_millis(200);
+    let auth = OidcAuthenticator::with_options(&[config(&idp)], stop.clone(), opts)
+        .await
+        .unwrap();
+    let start = idp.jwks_fetches();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(idp.jwks_fetches() >= start + 2, "{}", idp.jwks_fetches());
+    stop.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopped = idp.jwks_fetches();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(idp.jwks_fetches(), stopped);
+    drop(auth);
+}
+
+#[tokio::test]
+async fn response_size_and_time_are_bounded() {
+    let mut opts = test_options();
+    opts.max_response_bytes = 4096;
+    opts.fetch_timeout = Duration::from_millis(500);
+    let f = fixture_with(|_| {}, opts).await;
+    let unknown = |i: u32| {
+        f.idp.sign_with_header(
+            SigningAlg::RS256,
+            &json!({"alg": "RS256", "kid": format!("unknown-{i}")}),
+            &claims(&f.idp, json!({})),
+        )
+    };
+    f.idp.set_jwks_override(Some(format!(
+        "{{\"keys\":[],\"pad\":\"{}\"}}",
+        "x".repeat(8000)
+    )));
+    auth_err(&f.auth, &unknown(1)).await;
+    let errors = f.auth.fetch_errors();
+    assert!(errors[0].1.contains("larger than 4096 bytes"), "{errors:?}");
+    f.idp.set_jwks_override(None);
+    f.idp.set_delay(Duration::from_secs(2));
+    auth_err(&f.auth, &unknown(2)).await;
+    let errors = f.auth.fetch_errors();
+    assert!(errors[0].1.contains("no answer within"), "{errors:?}");
+    f.idp.set_delay(Duration::ZERO);
+    // The keys loaded at start are still in use.
+    let token = f.idp.sign(SigningAlg::RS256, &claims(&f.idp, json!({})));
+    f.auth.authenticate(&bearer(&token)).await.unwrap();
+}

@@ -517,8 +517,62 @@ async fn process(
                 &auth::self_subject_review(&user, &info.api_version),
             )
         }
+        ("authorization.k8s.io", "v1")
+            if info.resource == "selfsubjectaccessreviews"
+                && info.name.is_empty()
+                && info.subresource.is_empty() =>
+        {
+            if info.verb != "create" {
+                return respond::method_not_allowed();
+            }
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            };
+            let review: serde_json::Value = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => return respond::bad_request(&format!("decoding SelfSubjectAccessReview: {e}")),
+            };
+            let allowed = self_subject_access(&shared.rules, &user, &review["spec"]);
+            let mut out = review.clone();
+            out["status"] = serde_json::json!({ "allowed": allowed });
+            if !allowed {
+                out["status"]["reason"] = serde_json::Value::from("no RBAC rule allows it");
+            }
+            respond::json(StatusCode::CREATED, &out)
+        }
         _ => respond::not_found_path(),
     }
+}
+
+/// Answers a SelfSubjectAccessReview spec against the RBAC table, as kube-apiserver's
+/// authorizer would for the requesting user.
+fn self_subject_access(rules: &[RbacRule], user: &UserInfo, spec: &serde_json::Value) -> bool {
+    let s = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or_default().to_string();
+    if let Some(ra) = spec.get("resourceAttributes") {
+        let info = RequestInfo {
+            is_resource_request: true,
+            verb: s(ra, "verb"),
+            api_group: s(ra, "group"),
+            api_version: s(ra, "version"),
+            namespace: s(ra, "namespace"),
+            resource: s(ra, "resource"),
+            subresource: s(ra, "subresource"),
+            name: s(ra, "name"),
+            ..Default::default()
+        };
+        return rbac::authorize(rules, user, &info);
+    }
+    if let Some(nra) = spec.get("nonResourceAttributes") {
+        let info = RequestInfo {
+            is_resource_request: false,
+            verb: s(nra, "verb"),
+            path: s(nra, "path"),
+            ..Default::default()
+        };
+        return rbac::authorize(rules, user, &info);
+    }
+    false
 }
 
 fn non_resource(shared: &Shared, path: &str) -> Response<Body> {

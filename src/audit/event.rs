@@ -1,0 +1,830 @@
+//! `audit.k8s.io/v1` `Event`, serialized the way kube-apiserver writes it.
+//!
+//! Field names, field order and `omitempty` behaviour follow
+//! k8s.io/apiserver `pkg/apis/audit/v1/types.go`: `level`, `auditID`, `stage`, `requestURI`,
+//! `verb`, `user`, `requestReceivedTimestamp` and `stageTimestamp` are always written; every other
+//! field is left out when empty. Timestamps are `metav1.MicroTime`: RFC 3339 in UTC with exactly
+//! six fractional digits (`2026-11-26T15:04:05.123456Z`).
+//!
+//! There is deliberately no field for headers, request bodies or response bodies: the gateway
+//! never records them (see [`super::policy`], which refuses the `Request` and `RequestResponse`
+//! levels), so a bearer token has nowhere to land. The request URI is the one place a client could
+//! put a secret; [`redact_request_uri`] removes `access_token` and `token` query parameters.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::OnceLock;
+use std::time::SystemTime;
+
+use http::{Method, Uri};
+use serde::de::{self, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::authn::Identity;
+use crate::authz::requestinfo::RequestInfo;
+
+/// `apiVersion` of audit events and policies.
+pub const API_VERSION: &str = "audit.k8s.io/v1";
+
+/// The header kube-apiserver reads an audit ID from (and echoes on its response). The gateway
+/// sends its own audit ID upstream under this name, so both audit logs carry the same ID.
+pub const AUDIT_ID_HEADER: &str = "Audit-ID";
+
+/// `allow`, `deny` or `error`: what the gateway decided.
+pub const ANNOTATION_DECISION: &str = "ztgate.dev/decision";
+/// Why: the policy's reason, the authentication failure, the upstream error.
+pub const ANNOTATION_REASON: &str = "ztgate.dev/reason";
+/// Which policy (id or file) decided.
+pub const ANNOTATION_POLICY: &str = "ztgate.dev/policy";
+/// How the caller authenticated (`x509`, `oidc`, ...).
+pub const ANNOTATION_AUTHN_METHOD: &str = "ztgate.dev/authn-method";
+/// The device id from the device certificate.
+pub const ANNOTATION_DEVICE_ID: &str = "ztgate.dev/device-id";
+/// A short posture summary (e.g. `fresh`, `stale`, `missing`, `failed:disk_encrypted`).
+pub const ANNOTATION_POSTURE: &str = "ztgate.dev/posture";
+/// Why a long-lived stream was closed by the gateway (token expired, posture, policy, lock).
+pub const ANNOTATION_STREAM_CLOSED: &str = "ztgate.dev/stream-closed";
+
+/// Values of [`ANNOTATION_DECISION`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    Deny,
+    Error,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+            Decision::Error => "error",
+        }
+    }
+}
+
+/// How much of a request is recorded (`audit.k8s.io/v1` `Level`).
+///
+/// The gateway only ever records `Metadata`; `Request` and `RequestResponse` exist so that events
+/// written by kube-apiserver can be read, and so the policy loader can name them when it refuses
+/// them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Level {
+    None,
+    Metadata,
+    Request,
+    RequestResponse,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::None => "None",
+            Level::Metadata => "Metadata",
+            Level::Request => "Request",
+            Level::RequestResponse => "RequestResponse",
+        }
+    }
+}
+
+/// The stage of request handling an event is written at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Stage {
+    /// As soon as the request is received, before anything else is done with it.
+    RequestReceived,
+    /// Response headers sent, body not yet complete (long-running requests: watch, exec, ...).
+    ResponseStarted,
+    /// The response is complete.
+    ResponseComplete,
+    /// The handler panicked.
+    Panic,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 4] = [
+        Stage::RequestReceived,
+        Stage::ResponseStarted,
+        Stage::ResponseComplete,
+        Stage::Panic,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::RequestReceived => "RequestReceived",
+            Stage::ResponseStarted => "ResponseStarted",
+            Stage::ResponseComplete => "ResponseComplete",
+            Stage::Panic => "Panic",
+        }
+    }
+}
+
+/// One audit event (`audit.k8s.io/v1` `Event`). Field order is kube-apiserver's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    #[serde(default = "event_kind")]
+    pub kind: String,
+    #[serde(default = "api_version")]
+    pub api_version: String,
+    pub level: Level,
+    #[serde(rename = "auditID")]
+    pub audit_id: String,
+    pub stage: Stage,
+    #[serde(rename = "requestURI")]
+    pub request_uri: String,
+    pub verb: String,
+    /// The authenticated user; `{}` when authentication failed.
+    #[serde(default)]
+    pub user: UserInfo,
+    /// The user the request was forwarded as, when the caller impersonated (`kubectl --as`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub impersonated_user: Option<UserInfo>,
+    #[serde(rename = "sourceIPs", default, skip_serializing_if = "Vec::is_empty")]
+    pub source_ips: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user_agent: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_ref: Option<ObjectReference>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_status: Option<ResponseStatus>,
+    pub request_received_timestamp: MicroTime,
+    pub stage_timestamp: MicroTime,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+fn event_kind() -> String {
+    "Event".to_owned()
+}
+
+fn api_version() -> String {
+    API_VERSION.to_owned()
+}
+
+/// `authentication.k8s.io/v1` `UserInfo`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserInfo {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub username: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uid: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, Vec<String>>,
+}
+
+impl UserInfo {
+    pub fn from_identity(identity: &Identity) -> UserInfo {
+        UserInfo {
+            username: identity.user().to_owned(),
+            uid: identity.uid().unwrap_or_default().to_owned(),
+            groups: identity.groups().to_vec(),
+            extra: identity.extra().clone(),
+        }
+    }
+}
+
+impl From<&Identity> for UserInfo {
+    fn from(identity: &Identity) -> Self {
+        UserInfo::from_identity(identity)
+    }
+}
+
+/// `audit.k8s.io/v1` `ObjectReference` (only for resource requests).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectReference {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub resource: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uid: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub api_group: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub api_version: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub resource_version: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub subresource: String,
+}
+
+impl ObjectReference {
+    /// The object reference kube-apiserver records: `None` for non-resource requests.
+    pub fn from_request_info(info: &RequestInfo) -> Option<ObjectReference> {
+        info.is_resource_request.then(|| ObjectReference {
+            resource: info.resource.clone(),
+            namespace: info.namespace.clone(),
+            name: info.name.clone(),
+            api_group: info.api_group.clone(),
+            api_version: info.api_version.clone(),
+            subresource: info.subresource.clone(),
+            ..ObjectReference::default()
+        })
+    }
+}
+
+/// The `metav1.Status` kube-apiserver records as `responseStatus`: `{"metadata":{},"code":200}`
+/// for a success, with `status`, `message` and `reason` for a failure.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResponseStatus {
+    /// Always `{}` (Go's `omitempty` never omits a struct).
+    #[serde(default)]
+    pub metadata: ListMeta,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub status: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub code: i32,
+}
+
+fn is_zero(v: &i32) -> bool {
+    *v == 0
+}
+
+/// `metav1.ListMeta`, always empty here; other fields are ignored when reading.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListMeta {}
+
+impl ResponseStatus {
+    /// A response status for an HTTP code, with the failure's reason and message when known
+    /// (the `reason` and `message` of the `metav1.Status` body the client got).
+    pub fn new(code: u16, reason: Option<&str>, message: Option<&str>) -> ResponseStatus {
+        let failed = reason.is_some() || message.is_some();
+        ResponseStatus {
+            metadata: ListMeta {},
+            status: if failed && code >= 400 {
+                "Failure".to_owned()
+            } else {
+                String::new()
+            },
+            message: message.unwrap_or_default().to_owned(),
+            reason: reason.unwrap_or_default().to_owned(),
+            code: i32::from(code),
+        }
+    }
+}
+
+/// `audit.k8s.io/v1` `EventList`, the body of a webhook POST.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventList<E = Event> {
+    pub kind: String,
+    pub api_version: String,
+    #[serde(default)]
+    pub metadata: ListMeta,
+    pub items: Vec<E>,
+}
+
+impl<E> EventList<E> {
+    pub fn new(items: Vec<E>) -> EventList<E> {
+        EventList {
+            kind: "EventList".to_owned(),
+            api_version: API_VERSION.to_owned(),
+            metadata: ListMeta {},
+            items,
+        }
+    }
+}
+
+/// `metav1.MicroTime`: a timestamp written as RFC 3339 UTC with microseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MicroTime(pub SystemTime);
+
+impl MicroTime {
+    pub fn now() -> MicroTime {
+        MicroTime(SystemTime::now())
+    }
+
+    /// `2026-11-26T15:04:05.123456Z` (truncated, not rounded, to microseconds, as Go does).
+    pub fn to_rfc3339_micro(&self) -> String {
+        let t = time::OffsetDateTime::from(self.0);
+        format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.microsecond()
+        )
+    }
+
+    /// Parses RFC 3339 (`Z` or a numeric offset, any number of fractional digits up to 9).
+    pub fn parse(s: &str) -> Result<MicroTime, String> {
+        parse_rfc3339(s).ok_or_else(|| format!("invalid RFC 3339 timestamp {s:?}"))
+    }
+}
+
+impl From<SystemTime> for MicroTime {
+    fn from(t: SystemTime) -> Self {
+        MicroTime(t)
+    }
+}
+
+impl fmt::Display for MicroTime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_rfc3339_micro())
+    }
+}
+
+impl Serialize for MicroTime {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_rfc3339_micro())
+    }
+}
+
+impl<'de> Deserialize<'de> for MicroTime {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = MicroTime;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an RFC 3339 timestamp")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<MicroTime, E> {
+                MicroTime::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+fn parse_rfc3339(s: &str) -> Option<MicroTime> {
+    let b = s.as_bytes();
+    let num = |range: std::ops::Range<usize>| -> Option<u32> {
+        let digits = b.get(range)?;
+        if !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(digits).ok()?.parse().ok()
+    };
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let year = i32::try_from(num(0..4)?).ok()?;
+    let month = time::Month::try_from(u8::try_from(num(5..7)?).ok()?).ok()?;
+    let day = u8::try_from(num(8..10)?).ok()?;
+    let hour = u8::try_from(num(11..13)?).ok()?;
+    let minute = u8::try_from(num(14..16)?).ok()?;
+    let second = u8::try_from(num(17..19)?).ok()?;
+    let mut rest = &s[19..];
+    let mut nanos = 0u32;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let n = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if n == 0 || n > 9 {
+            return None;
+        }
+        nanos = frac[..n].parse::<u32>().ok()? * 10u32.pow(9 - n as u32);
+        rest = &frac[n..];
+    }
+    let offset = match rest {
+        "Z" | "z" => time::UtcOffset::UTC,
+        _ => {
+            let rb = rest.as_bytes();
+            if rb.len() != 6 || rb[3] != b':' {
+                return None;
+            }
+            let sign: i8 = match rb[0] {
+                b'+' => 1,
+                b'-' => -1,
+                _ => return None,
+            };
+            if !rb[1..3].iter().all(u8::is_ascii_digit) || !rb[4..6].iter().all(u8::is_ascii_digit)
+            {
+                return None;
+            }
+            let hh: i8 = rest[1..3].parse().ok()?;
+            let mm: i8 = rest[4..6].parse().ok()?;
+            time::UtcOffset::from_hms(sign * hh, sign * mm, 0).ok()?
+        }
+    };
+    let date = time::Date::from_calendar_date(year, month, day).ok()?;
+    let tod = time::Time::from_hms_nano(hour, minute, second, nanos).ok()?;
+    let dt = time::PrimitiveDateTime::new(date, tod).assume_offset(offset);
+    Some(MicroTime(SystemTime::from(dt)))
+}
+
+/// A new audit ID: a random (version 4) UUID in its canonical lower-case form.
+pub fn new_audit_id() -> String {
+    let mut b = [0u8; 16];
+    fill_random(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40; // version 4
+    b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
+    let mut s = String::with_capacity(36);
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            s.push('-');
+        }
+        s.push(char::from(HEX[usize::from(byte >> 4)]));
+        s.push(char::from(HEX[usize::from(byte & 0x0f)]));
+    }
+    s
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Fills `buf` from aws-lc's CSPRNG (the same one rustls uses for TLS).
+fn fill_random(buf: &mut [u8]) {
+    static RNG: OnceLock<&'static dyn rustls::crypto::SecureRandom> = OnceLock::new();
+    let rng = *RNG.get_or_init(|| rustls::crypto::aws_lc_rs::default_provider().secure_random);
+    if rng.fill(buf).is_ok() {
+        return;
+    }
+    // The system RNG failing is not something a request can fix; an audit ID only needs to be
+    // unique, so fall back to a per-process random key hashed with a counter and the clock.
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static FALLBACK: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let state = FALLBACK.get_or_init(std::collections::hash_map::RandomState::new);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    for (i, chunk) in buf.chunks_mut(8).enumerate() {
+        let mut h = state.build_hasher();
+        h.write_u64(n);
+        h.write_u128(now);
+        h.write_usize(i);
+        let v = h.finish().to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+}
+
+/// Query parameter names removed from `requestURI` (compared case-insensitively, after
+/// percent-decoding the name): kube-apiserver itself does not read tokens from the query, but a
+/// misbehaving client might put one there, and the audit log must never hold a credential.
+pub const REDACTED_QUERY_PARAMS: [&str; 2] = ["access_token", "token"];
+
+/// The request URI as kube-apiserver logs it (path and query as received), minus any
+/// `access_token` or `token` query parameter.
+pub fn redact_request_uri(uri: &Uri) -> String {
+    let path = uri.path();
+    let Some(query) = uri.query() else {
+        return path.to_owned();
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            let name = pair.split_once('=').map_or(*pair, |(n, _)| n);
+            let name = name.replace('+', " ");
+            let name = percent_encoding::percent_decode_str(&name).decode_utf8_lossy();
+            !REDACTED_QUERY_PARAMS
+                .iter()
+                .any(|r| name.eq_ignore_ascii_case(r))
+        })
+        .collect();
+    if kept.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{}", kept.join("&"))
+    }
+}
+
+/// kube-apiserver's limit on the recorded user agent (`maxUserAgentLength`).
+pub const MAX_USER_AGENT_LEN: usize = 1024;
+const USER_AGENT_TRUNCATED: &str = "...TRUNCATED";
+
+fn truncate_user_agent(ua: &str) -> String {
+    if ua.len() <= MAX_USER_AGENT_LEN {
+        return ua.to_owned();
+    }
+    let mut end = MAX_USER_AGENT_LEN;
+    while !ua.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{USER_AGENT_TRUNCATED}", &ua[..end])
+}
+
+/// The response part of an event.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResponseInfo<'a> {
+    pub code: u16,
+    /// `reason` of the `metav1.Status` the client got (`Forbidden`, `Unauthorized`, ...).
+    pub reason: Option<&'a str>,
+    /// `message` of that Status.
+    pub message: Option<&'a str>,
+}
+
+/// Everything an event is built from. Build one per request, then call [`EventParts::build`] for
+/// each stage that is recorded.
+#[derive(Clone, Debug)]
+pub struct EventParts<'a> {
+    pub audit_id: &'a str,
+    pub method: &'a Method,
+    /// The request target as received; `requestURI` is its path and query, redacted by
+    /// [`redact_request_uri`].
+    pub uri: &'a Uri,
+    pub user_agent: Option<&'a str>,
+    pub source_ips: &'a [IpAddr],
+    pub received: SystemTime,
+    /// The authenticated caller; `None` when authentication failed.
+    pub identity: Option<&'a Identity>,
+    /// Who the request was forwarded as, when the caller impersonated.
+    pub impersonated: Option<&'a UserInfo>,
+    /// The request's attributes; `verb` and `objectRef` come from here. Without it (a request
+    /// refused before it could be classified), `verb` is the lower-cased HTTP method.
+    pub request_info: Option<&'a RequestInfo>,
+    pub response: Option<ResponseInfo<'a>>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl<'a> EventParts<'a> {
+    pub fn new(
+        audit_id: &'a str,
+        method: &'a Method,
+        uri: &'a Uri,
+        received: SystemTime,
+    ) -> EventParts<'a> {
+        EventParts {
+            audit_id,
+            method,
+            uri,
+            user_agent: None,
+            source_ips: &[],
+            received,
+            identity: None,
+            impersonated: None,
+            request_info: None,
+            response: None,
+            annotations: BTreeMap::new(),
+        }
+    }
+
+    /// Sets an annotation (use the `ANNOTATION_*` keys).
+    pub fn annotate(&mut self, key: &str, value: impl Into<String>) -> &mut Self {
+        self.annotations.insert(key.to_owned(), value.into());
+        self
+    }
+
+    /// Sets `ztgate.dev/decision`.
+    pub fn decision(&mut self, decision: Decision) -> &mut Self {
+        self.annotate(ANNOTATION_DECISION, decision.as_str())
+    }
+
+    /// The event for `stage`, stamped now.
+    pub fn build(&self, level: Level, stage: Stage) -> Event {
+        self.build_at(level, stage, SystemTime::now())
+    }
+
+    /// The event for `stage`, stamped `at`.
+    pub fn build_at(&self, level: Level, stage: Stage, at: SystemTime) -> Event {
+        let verb = match self.request_info {
+            Some(info) => info.verb.clone(),
+            None => self.method.as_str().to_ascii_lowercase(),
+        };
+        let mut annotations = self.annotations.clone();
+        if let Some(id) = self.identity {
+            annotations
+                .entry(ANNOTATION_AUTHN_METHOD.to_owned())
+                .or_insert_with(|| id.method().as_str().to_owned());
+        }
+        Event {
+            kind: event_kind(),
+            api_version: api_version(),
+            level,
+            audit_id: self.audit_id.to_owned(),
+            stage,
+            request_uri: redact_request_uri(self.uri),
+            verb,
+            user: self
+                .identity
+                .map(UserInfo::from_identity)
+                .unwrap_or_default(),
+            impersonated_user: self.impersonated.cloned(),
+            source_ips: self.source_ips.iter().map(ToString::to_string).collect(),
+            user_agent: self.user_agent.map(truncate_user_agent).unwrap_or_default(),
+            object_ref: self
+                .request_info
+                .and_then(ObjectReference::from_request_info),
+            response_status: match stage {
+                Stage::RequestReceived => None,
+                _ => self
+                    .response
+                    .map(|r| ResponseStatus::new(r.code, r.reason, r.message)),
+            },
+            request_received_timestamp: MicroTime(self.received),
+            stage_timestamp: MicroTime(at),
+            annotations,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn ts(s: &str) -> SystemTime {
+        MicroTime::parse(s).unwrap().0
+    }
+
+    /// An event as kube-apiserver writes it to its log backend (one line, reformatted here).
+    const KUBE_EXAMPLE: &str = r#"{
+        "kind":"Event","apiVersion":"audit.k8s.io/v1","level":"Metadata",
+        "auditID":"0b4a1a0f-6f6e-4b1e-9d6c-3f2a5c1e7d10","stage":"ResponseComplete",
+        "requestURI":"/api/v1/namespaces/default/pods/web-0/log?container=app","verb":"get",
+        "user":{"username":"alice@example.com","groups":["dev","system:authenticated"]},
+        "sourceIPs":["10.0.0.7"],"userAgent":"kubectl/v1.31.0 (linux/amd64) kubernetes/abcdef0",
+        "objectRef":{"resource":"pods","namespace":"default","name":"web-0","apiVersion":"v1","subresource":"log"},
+        "responseStatus":{"metadata":{},"code":200},
+        "requestReceivedTimestamp":"2026-11-26T15:04:05.123456Z",
+        "stageTimestamp":"2026-11-26T15:04:05.234567Z",
+        "annotations":{"authorization.k8s.io/decision":"allow","authorization.k8s.io/reason":""}
+    }"#;
+
+    #[test]
+    fn kube_example_round_trips_byte_for_byte() {
+        let want: serde_json::Value = serde_json::from_str(KUBE_EXAMPLE).unwrap();
+        let ev: Event = serde_json::from_str(KUBE_EXAMPLE).unwrap();
+        assert_eq!(ev.level, Level::Metadata);
+        assert_eq!(ev.stage, Stage::ResponseComplete);
+        let line = serde_json::to_string(&ev).unwrap();
+        let minified = serde_json::to_string(&want).unwrap();
+        // serde_json::Value sorts keys; compare as values, and check the field order separately.
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&line).unwrap(),
+            want
+        );
+        assert!(line.starts_with(
+            r#"{"kind":"Event","apiVersion":"audit.k8s.io/v1","level":"Metadata","auditID":"#
+        ));
+        assert!(line.contains(r#""responseStatus":{"metadata":{},"code":200},"requestReceivedTimestamp":"2026-11-26T15:04:05.123456Z","stageTimestamp":"2026-11-26T15:04:05.234567Z""#));
+        assert_eq!(line.len(), minified.len());
+    }
+
+    #[test]
+    fn built_event_matches_kube_shape_and_omits_empty_fields() {
+        let method = Method::GET;
+        let uri: Uri =
+            "/api/v1/namespaces/default/pods/web-0/log?container=app&access_token=SECRET"
+                .parse()
+                .unwrap();
+        let info =
+            crate::authz::requestinfo::request_info(&method, uri.path(), uri.query()).unwrap();
+        let ips = ["10.0.0.7".parse().unwrap()];
+        let mut parts = EventParts::new(
+            "0b4a1a0f-6f6e-4b1e-9d6c-3f2a5c1e7d10",
+            &method,
+            &uri,
+            ts("2026-11-26T15:04:05.123456Z"),
+        );
+        parts.source_ips = &ips;
+        parts.user_agent = Some("kubectl/v1.31.0");
+        parts.request_info = Some(&info);
+        parts.response = Some(ResponseInfo {
+            code: 200,
+            ..Default::default()
+        });
+        parts.decision(Decision::Allow);
+        let ev = parts.build_at(
+            Level::Metadata,
+            Stage::ResponseComplete,
+            ts("2026-11-26T15:04:05.234567Z"),
+        );
+        let got = serde_json::to_value(&ev).unwrap();
+        let want = serde_json::json!({
+            "kind": "Event",
+            "apiVersion": "audit.k8s.io/v1",
+            "level": "Metadata",
+            "auditID": "0b4a1a0f-6f6e-4b1e-9d6c-3f2a5c1e7d10",
+            "stage": "ResponseComplete",
+            "requestURI": "/api/v1/namespaces/default/pods/web-0/log?container=app",
+            "verb": "get",
+            "user": {},
+            "sourceIPs": ["10.0.0.7"],
+            "userAgent": "kubectl/v1.31.0",
+            "objectRef": {"resource": "pods", "namespace": "default", "name": "web-0",
+                          "apiVersion": "v1", "subresource": "log"},
+            "responseStatus": {"metadata": {}, "code": 200},
+            "requestReceivedTimestamp": "2026-11-26T15:04:05.123456Z",
+            "stageTimestamp": "2026-11-26T15:04:05.234567Z",
+            "annotations": {"ztgate.dev/decision": "allow"}
+        });
+        assert_eq!(got, want);
+
+        // RequestReceived carries no responseStatus; a non-resource request no objectRef.
+        let uri2: Uri = "/version".parse().unwrap();
+        let parts2 = EventParts::new("id", &method, &uri2, SystemTime::now());
+        let v =
+            serde_json::to_value(parts2.build(Level::Metadata, Stage::RequestReceived)).unwrap();
+        let obj = v.as_object().unwrap();
+        for absent in [
+            "responseStatus",
+            "objectRef",
+            "sourceIPs",
+            "userAgent",
+            "annotations",
+            "impersonatedUser",
+        ] {
+            assert!(!obj.contains_key(absent), "{absent} should be omitted: {v}");
+        }
+        for present in ["level", "auditID", "stage", "requestURI", "verb", "user"] {
+            assert!(
+                obj.contains_key(present),
+                "{present} must always be written"
+            );
+        }
+        assert_eq!(v["verb"], "get");
+    }
+
+    #[test]
+    fn failure_status_has_reason_and_message() {
+        let s = serde_json::to_value(ResponseStatus::new(
+            403,
+            Some("Forbidden"),
+            Some("pods is forbidden: denied by policy"),
+        ))
+        .unwrap();
+        assert_eq!(
+            s,
+            serde_json::json!({"metadata": {}, "status": "Failure",
+                "message": "pods is forbidden: denied by policy", "reason": "Forbidden", "code": 403})
+        );
+    }
+
+    #[test]
+    fn micro_time_format_and_parse() {
+        let t = SystemTime::UNIX_EPOCH + Duration::new(1_795_705_445, 123_456_789);
+        assert_eq!(
+            MicroTime(t).to_rfc3339_micro(),
+            "2026-11-26T15:04:05.123456Z"
+        );
+        let zero = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_705_445);
+        assert_eq!(
+            MicroTime(zero).to_rfc3339_micro(),
+            "2026-11-26T15:04:05.000000Z"
+        );
+        assert_eq!(ts("2026-11-26T15:04:05Z"), zero);
+        assert_eq!(ts("2026-11-26T16:04:05+01:00"), zero);
+        assert_eq!(
+            ts("2026-11-26T15:04:05.123456789Z"),
+            SystemTime::UNIX_EPOCH + Duration::new(1_795_705_445, 123_456_789)
+        );
+        for bad in [
+            "",
+            "2026-11-26",
+            "2026-11-26T15:04:05",
+            "2026-13-01T00:00:00Z",
+            "2026-11-26T15:04:05.Z",
+        ] {
+            assert!(MicroTime::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn audit_ids_are_uuid_v4() {
+        let a = new_audit_id();
+        let b = new_audit_id();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+        let parts: Vec<&str> = a.split('-').collect();
+        assert_eq!(
+            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12]
+        );
+        assert!(parts[2].starts_with('4'));
+        assert!(matches!(parts[3].as_bytes()[0], b'8' | b'9' | b'a' | b'b'));
+        assert!(a
+            .bytes()
+            .all(|c| c == b'-' || c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+    }
+
+    #[test]
+    fn tokens_are_stripped_from_the_request_uri() {
+        let r = |s: &str| redact_request_uri(&s.parse::<Uri>().unwrap());
+        assert_eq!(r("/api/v1/pods"), "/api/v1/pods");
+        assert_eq!(r("/api/v1/pods?watch=1&token=abc"), "/api/v1/pods?watch=1");
+        assert_eq!(r("/api/v1/pods?access_token=abc"), "/api/v1/pods");
+        assert_eq!(
+            r("/x?Access%5FToken=abc&a=b&TOKEN&tokenx=1"),
+            "/x?a=b&tokenx=1"
+        );
+        assert_eq!(r("/x?a=token"), "/x?a=token");
+    }
+
+    #[test]
+    fn long_user_agents_are_truncated_like_kube() {
+        let ua = "é".repeat(600);
+        let t = truncate_user_agent(&ua);
+        assert!(t.ends_with("...TRUNCATED"));
+        assert!(t.len() <= MAX_USER_AGENT_LEN + USER_AGENT_TRUNCATED.len());
+    }
+}

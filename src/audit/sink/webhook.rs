@@ -1,0 +1,277 @@
+//! `EventList` batches POSTed to an HTTPS receiver.
+//!
+//! The body is what kube-apiserver's webhook backend sends:
+//! `{"kind":"EventList","apiVersion":"audit.k8s.io/v1","metadata":{},"items":[...]}`. A batch is
+//! sent when it holds `batchMaxEvents` events, when its first event has waited `batchMaxWait`, or
+//! on [`crate::audit::Auditor::flush`]. A POST that fails with a connection error, a timeout, 408,
+//! 429 or a 5xx is retried after `retryBackoff`, doubling each time (capped at 30s or
+//! `retryBackoff` if larger), up to `maxRetries` times; then the batch is dropped and counted.
+//! Any other non-2xx answer drops the batch at once (retrying would not change it). While a batch
+//! is being retried, new events wait in the queue (`bufferEvents`); what happens when that is full
+//! is the auditor's overflow mode.
+//!
+//! The receiver is verified against `caFile` only (no system roots); the client certificate is
+//! read once at start.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rustls::RootCertStore;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{Msg, SinkStats};
+use crate::audit::config::WebhookSinkConfig;
+use crate::audit::event::{Event, EventList};
+
+/// Longest wait between retries unless `retryBackoff` itself is longer.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+pub(crate) struct WebhookSink {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    uri: Uri,
+    batch_max_events: usize,
+    batch_max_wait: Duration,
+    retry_backoff: Duration,
+    max_retries: u32,
+    timeout: Duration,
+    stats: Arc<SinkStats>,
+}
+
+enum PostError {
+    /// Worth retrying: connection failure, timeout, 408, 429, 5xx.
+    Transient(String),
+    /// Retrying won't help (another 4xx, a redirect, ...).
+    Permanent(String),
+}
+
+impl WebhookSink {
+    pub(crate) fn new(
+        cfg: &WebhookSinkConfig,
+        stats: Arc<SinkStats>,
+    ) -> Result<WebhookSink, String> {
+        let uri = crate::config::jwt::check_https_url(&cfg.url).map_err(|m| format!("url: {m}"))?;
+        let ca_pem = std::fs::read(&cfg.ca_file)
+            .map_err(|e| format!("caFile {}: {e}", cfg.ca_file.display()))?;
+        let mut roots = RootCertStore::empty();
+        for c in crate::config::jwt::parse_ca_pem(&ca_pem)
+            .map_err(|m| format!("caFile {}: {m}", cfg.ca_file.display()))?
+        {
+            roots.add(c).map_err(|e| {
+                format!(
+                    "caFile {}: not usable as a trust anchor: {e}",
+                    cfg.ca_file.display()
+                )
+            })?;
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(crate::crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| format!("TLS setup: {e}"))?
+            .with_root_certificates(roots);
+        let tls = match &cfg.client_certificate {
+            None => builder.with_no_client_auth(),
+            Some(files) => {
+                let cert_pem = crate::tls::pem::read(&files.cert_file)
+                    .map_err(|e| format!("clientCertificate: {e}"))?;
+                let key_pem = crate::tls::pem::read(&files.key_file)
+                    .map_err(|e| format!("clientCertificate: {e}"))?;
+                let chain = crate::tls::pem::certs_from_pem(&files.cert_file, &cert_pem)
+                    .map_err(|e| format!("clientCertificate: {e}"))?;
+                let key = crate::tls::pem::key_from_pem(&files.key_file, &key_pem)
+                    .map_err(|e| format!("clientCertificate: {e}"))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| format!("clientCertificate: {e}"))?
+            }
+        };
+        let timeout = cfg.timeout.get();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(timeout));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(2)
+            .build(connector);
+        Ok(WebhookSink {
+            client,
+            uri,
+            batch_max_events: cfg.batch_max_events.max(1),
+            batch_max_wait: cfg.batch_max_wait.get(),
+            retry_backoff: cfg.retry_backoff.get(),
+            max_retries: cfg.max_retries,
+            timeout,
+            stats,
+        })
+    }
+
+    pub(crate) async fn run(self, mut rx: mpsc::Receiver<Msg>, stop: CancellationToken) {
+        let mut leftover: Vec<Arc<Event>> = Vec::new();
+        'main: loop {
+            let first = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                m = rx.recv() => m,
+            };
+            let Some(first) = first else { break };
+            let mut batch = Vec::new();
+            let mut acks = Vec::new();
+            match first {
+                Msg::Event(ev) => batch.push(ev),
+                Msg::Flush(ack) => acks.push(ack),
+            }
+            let deadline = Instant::now() + self.batch_max_wait;
+            while acks.is_empty() && batch.len() < self.batch_max_events {
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => {
+                        leftover = batch;
+                        break 'main;
+                    }
+                    m = rx.recv() => match m {
+                        Some(Msg::Event(ev)) => batch.push(ev),
+                        Some(Msg::Flush(ack)) => acks.push(ack),
+                        None => break,
+                    },
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+            if let Err(unsent) = self.deliver(batch, &stop).await {
+                leftover = unsent;
+                break;
+            }
+            for ack in acks {
+                let _ = ack.send(());
+            }
+        }
+        // Shutting down: one attempt for what is left, in batches, then stop.
+        rx.close();
+        while let Some(m) = rx.recv().await {
+            if let Msg::Event(ev) = m {
+                leftover.push(ev);
+            }
+        }
+        while !leftover.is_empty() {
+            let rest = leftover.split_off(leftover.len().min(self.batch_max_events));
+            let batch = std::mem::replace(&mut leftover, rest);
+            let n = batch.len() as u64;
+            match self.post(&batch).await {
+                Ok(()) => self.stats.add_written(n),
+                Err(PostError::Transient(m) | PostError::Permanent(m)) => {
+                    self.stats.add_dropped(n, &format!("shutting down: {m}"))
+                }
+            }
+        }
+    }
+
+    /// Sends one batch, retrying transient failures. `Err` hands the batch back when `stop`
+    /// fires during a backoff, so the shutdown path can make a last attempt.
+    async fn deliver(
+        &self,
+        batch: Vec<Arc<Event>>,
+        stop: &CancellationToken,
+    ) -> Result<(), Vec<Arc<Event>>> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let n = batch.len() as u64;
+        let mut backoff = self.retry_backoff;
+        let cap = MAX_BACKOFF.max(self.retry_backoff);
+        let mut attempt = 0u32;
+        loop {
+            match self.post(&batch).await {
+                Ok(()) => {
+                    self.stats.add_written(n);
+                    return Ok(());
+                }
+                Err(PostError::Permanent(m)) => {
+                    self.stats.add_dropped(n, &m);
+                    return Ok(());
+                }
+                Err(PostError::Transient(m)) => {
+                    if attempt >= self.max_retries {
+                        self.stats.add_dropped(
+                            n,
+                            &format!("gave up after {} attempts: {m}", attempt + 1),
+                        );
+                        return Ok(());
+                    }
+                    self.stats.failure(&m);
+                }
+            }
+            attempt += 1;
+            tokio::select! {
+                _ = stop.cancelled() => return Err(batch),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(cap);
+        }
+    }
+
+    async fn post(&self, batch: &[Arc<Event>]) -> Result<(), PostError> {
+        let list = EventList::new(batch.iter().map(|e| &**e).collect::<Vec<&Event>>());
+        let body = serde_json::to_vec(&list)
+            .map_err(|e| PostError::Permanent(format!("cannot serialize events: {e}")))?;
+        let req = Request::post(self.uri.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json")
+            .header(header::USER_AGENT, "ztgate")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| PostError::Permanent(format!("building request: {e}")))?;
+        let fut = async {
+            let resp = self.client.request(req).await.map_err(|e| {
+                PostError::Transient(format!("POST {}: {}", self.uri, error_chain(&e)))
+            })?;
+            let status = resp.status();
+            // Read (a bounded amount of) the answer so the connection can be reused.
+            let _ = Limited::new(resp.into_body(), 64 * 1024).collect().await;
+            classify(status).map_err(|e| match e {
+                PostError::Transient(m) => PostError::Transient(format!("POST {}: {m}", self.uri)),
+                PostError::Permanent(m) => PostError::Permanent(format!("POST {}: {m}", self.uri)),
+            })
+        };
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(PostError::Transient(format!(
+                "POST {}: no answer within {:?}",
+                self.uri, self.timeout
+            ))),
+        }
+    }
+}
+
+fn classify(status: StatusCode) -> Result<(), PostError> {
+    if status.is_success() {
+        Ok(())
+    } else if status.is_server_error()
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::REQUEST_TIMEOUT
+    {
+        Err(PostError::Transient(format!("status {status}")))
+    } else {
+        Err(PostError::Permanent(format!("status {status}")))
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
