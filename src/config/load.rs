@@ -140,6 +140,14 @@ pub fn resolve_paths(cfg: &mut GatewayConfig, base_dir: &Path) {
     if let Some(t) = &mut u.token_file {
         fix(t);
     }
+    for j in &mut cfg.authentication.jwt {
+        j.resolve_paths(base_dir);
+    }
+    if let Some(a) = &mut cfg.authorization {
+        for p in &mut a.policies {
+            fix(p);
+        }
+    }
 }
 
 fn issues_to_errors(

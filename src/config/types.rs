@@ -24,6 +24,10 @@ pub struct GatewayConfig {
     pub upstream: UpstreamConfig,
     #[serde(default)]
     pub authentication: AuthenticationConfig,
+    /// Cedar policy at the gateway. When absent, the gateway authorizes nothing itself and
+    /// kube-apiserver's RBAC is the only authorization (logged as a warning at start).
+    #[serde(default)]
+    pub authorization: Option<AuthorizationConfig>,
     #[serde(default)]
     pub timeouts: TimeoutsConfig,
     #[serde(default)]
@@ -105,6 +109,39 @@ pub struct AuthenticationConfig {
     /// Serve kube-apiserver's webhook token authenticator (TokenReview).
     #[serde(default)]
     pub token_review: Option<crate::config::jwt::TokenReviewConfig>,
+}
+
+/// Cedar ABAC policy: default deny, `forbid` wins, evaluation errors deny.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthorizationConfig {
+    /// Policy files and directories (every `*.cedar` file in a directory, by name).
+    pub policies: Vec<PathBuf>,
+    /// How often the policy files are checked for changes (SIGHUP checks at once).
+    #[serde(default = "default_policy_reload_interval")]
+    pub reload_interval: GoDuration,
+    /// Serve kube-apiserver's authorization webhook (SubjectAccessReview).
+    #[serde(default)]
+    pub subject_access_review: Option<SubjectAccessReviewConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SubjectAccessReviewConfig {
+    /// Name of the entry in `listener.clientCertificateBundles` that signs kube-apiserver's
+    /// client certificate; only callers presenting such a certificate may ask.
+    pub caller_bundle: String,
+    /// What to answer when no policy permits and none forbids: `NoOpinion` (RBAC still runs)
+    /// or `Deny`.
+    #[serde(default)]
+    pub default_decision: SarDefault,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum SarDefault {
+    #[default]
+    NoOpinion,
+    Deny,
 }
 
 /// Client certificates read the way kube-apiserver reads them: CN is the user, each O a group.
@@ -204,6 +241,9 @@ impl Default for LoggingConfig {
 
 fn default_reload_interval() -> GoDuration {
     GoDuration(Duration::from_secs(10))
+}
+fn default_policy_reload_interval() -> GoDuration {
+    GoDuration(Duration::from_secs(2))
 }
 fn default_health_path() -> String {
     "/readyz".into()

@@ -30,6 +30,7 @@ pub fn validate(cfg: &GatewayConfig) -> Vec<Issue> {
     }
     v.upstream(cfg);
     v.authentication(cfg);
+    v.authorization(cfg);
     v.timeouts(cfg);
     v.limits(cfg);
     v.logging(cfg);
@@ -226,6 +227,34 @@ impl Validator {
         }
         if uri.query().is_some() {
             self.err(P, format!("{url:?} must not have a query"));
+        }
+    }
+
+    fn authorization(&mut self, cfg: &GatewayConfig) {
+        let Some(a) = &cfg.authorization else { return };
+        if a.policies.is_empty() {
+            self.err("authorization.policies", "must name at least one policy file or directory");
+        }
+        for (i, p) in a.policies.iter().enumerate() {
+            if !p.exists() {
+                self.err(format!("authorization.policies[{i}]"), format!("{}: no such file or directory", p.display()));
+            }
+        }
+        if a.reload_interval.get().is_zero() {
+            self.err("authorization.reloadInterval", "must be greater than zero");
+        }
+        if let Some(sar) = &a.subject_access_review {
+            const P: &str = "authorization.subjectAccessReview.callerBundle";
+            if !cfg.listener.client_certificate_bundles.iter().any(|b| b.name == sar.caller_bundle) {
+                self.err(P, format!("{:?} is not a bundle in listener.clientCertificateBundles", sar.caller_bundle));
+            }
+        }
+        if a.policies.iter().all(|p| p.exists()) && !a.policies.is_empty() {
+            if let Err(errs) = crate::authz::cedar::PolicyEngine::load(&a.policies) {
+                for e in errs.errors {
+                    self.err("authorization.policies", e.to_string());
+                }
+            }
         }
     }
 
