@@ -181,19 +181,42 @@ mod parts {
             let mut gu = HashSet::new();
             for g in ["team-1", "employees", "vpn", "gh"] {
                 let uid = EntityUid::from_type_name_and_id(group_t.clone(), EntityId::new(g));
-                list.push(Entity::new(uid.clone(), HashMap::from([("name".to_string(), s(g))]), HashSet::new()).unwrap());
+                list.push(
+                    Entity::new(
+                        uid.clone(),
+                        HashMap::from([("name".to_string(), s(g))]),
+                        HashSet::new(),
+                    )
+                    .unwrap(),
+                );
                 gu.insert(uid);
             }
             let puid = EntityUid::from_type_name_and_id(user_t.clone(), EntityId::new("alice"));
             let attrs = HashMap::from([
                 ("name".to_string(), s("alice")),
-                ("groups".to_string(), RestrictedExpression::new_set(gu.iter().map(|u| RestrictedExpression::new_entity_uid(u.clone())))),
+                (
+                    "groups".to_string(),
+                    RestrictedExpression::new_set(
+                        gu.iter()
+                            .map(|u| RestrictedExpression::new_entity_uid(u.clone())),
+                    ),
+                ),
                 ("authMethod".to_string(), s("oidc")),
             ]);
             list.push(Entity::new_with_tags(puid.clone(), attrs, gu, []).unwrap());
             let ns = EntityUid::from_type_name_and_id(ns_t.clone(), EntityId::new("ns-1"));
-            list.push(Entity::new(ns.clone(), HashMap::from([("name".to_string(), s("ns-1"))]), HashSet::new()).unwrap());
-            let ruid = EntityUid::from_type_name_and_id(res_t.clone(), EntityId::new("/api/v1/namespaces/ns-1/pods"));
+            list.push(
+                Entity::new(
+                    ns.clone(),
+                    HashMap::from([("name".to_string(), s("ns-1"))]),
+                    HashSet::new(),
+                )
+                .unwrap(),
+            );
+            let ruid = EntityUid::from_type_name_and_id(
+                res_t.clone(),
+                EntityId::new("/api/v1/namespaces/ns-1/pods"),
+            );
             let attrs = HashMap::from([
                 ("apiGroup".to_string(), s("")),
                 ("apiVersion".to_string(), s("v1")),
@@ -210,31 +233,120 @@ mod parts {
                 ("method".to_string(), s("oidc")),
                 ("amr".to_string(), RestrictedExpression::new_set([s("mfa")])),
                 ("mfa".to_string(), RestrictedExpression::new_bool(true)),
-            ]).unwrap();
+            ])
+            .unwrap();
             let time = RestrictedExpression::new_record([
-                ("epochSeconds".to_string(), RestrictedExpression::new_long(1)),
+                (
+                    "epochSeconds".to_string(),
+                    RestrictedExpression::new_long(1),
+                ),
                 ("hourUtc".to_string(), RestrictedExpression::new_long(1)),
                 ("minuteUtc".to_string(), RestrictedExpression::new_long(1)),
                 ("weekdayUtc".to_string(), RestrictedExpression::new_long(1)),
-            ]).unwrap();
+            ])
+            .unwrap();
             Context::from_pairs([
                 ("authn".to_string(), authn),
-                ("sourceIp".to_string(), RestrictedExpression::new_ip("10.1.2.3")),
+                (
+                    "sourceIp".to_string(),
+                    RestrictedExpression::new_ip("10.1.2.3"),
+                ),
                 ("requestTime".to_string(), time),
-                ("websocket".to_string(), RestrictedExpression::new_bool(false)),
+                (
+                    "websocket".to_string(),
+                    RestrictedExpression::new_bool(false),
+                ),
                 ("requestVerb".to_string(), s("list")),
-            ]).unwrap()
+            ])
+            .unwrap()
         };
         let mut g = c.benchmark_group("parts");
         g.bench_function("build_entities", |b| b.iter(|| black_box(build())));
         g.bench_function("build_context", |b| b.iter(|| black_box(ctx())));
-        g.bench_function("entities_schema", |b| b.iter_batched(|| build().0, |l| black_box(Entities::from_entities(l, Some(&schema)).unwrap()), criterion::BatchSize::SmallInput));
-        g.bench_function("entities_none", |b| b.iter_batched(|| build().0, |l| black_box(Entities::from_entities(l, None).unwrap()), criterion::BatchSize::SmallInput));
-        g.bench_function("entities_actions_clone_add", |b| b.iter_batched(|| build().0, |l| black_box(actions.clone().add_entities(l, None).unwrap()), criterion::BatchSize::SmallInput));
+        g.bench_function("entities_schema", |b| {
+            b.iter_batched(
+                || build().0,
+                |l| black_box(Entities::from_entities(l, Some(&schema)).unwrap()),
+                criterion::BatchSize::SmallInput,
+            )
+        });
+        g.bench_function("entities_none", |b| {
+            b.iter_batched(
+                || build().0,
+                |l| black_box(Entities::from_entities(l, None).unwrap()),
+                criterion::BatchSize::SmallInput,
+            )
+        });
+        g.bench_function("entities_actions_clone_add", |b| {
+            b.iter_batched(
+                || build().0,
+                |l| black_box(actions.clone().add_entities(l, None).unwrap()),
+                criterion::BatchSize::SmallInput,
+            )
+        });
         let (_, p, r) = build();
-        g.bench_function("request_schema", |b| b.iter_batched(ctx, |cx| black_box(Request::new(p.clone(), action.clone(), r.clone(), cx, Some(&schema)).unwrap()), criterion::BatchSize::SmallInput));
-        g.bench_function("request_none", |b| b.iter_batched(ctx, |cx| black_box(Request::new(p.clone(), action.clone(), r.clone(), cx, None).unwrap()), criterion::BatchSize::SmallInput));
-        g.bench_function("action_entities", |b| b.iter(|| black_box(schema.action_entities().unwrap())));
+        g.bench_function("request_schema", |b| {
+            b.iter_batched(
+                ctx,
+                |cx| {
+                    black_box(
+                        Request::new(p.clone(), action.clone(), r.clone(), cx, Some(&schema))
+                            .unwrap(),
+                    )
+                },
+                criterion::BatchSize::SmallInput,
+            )
+        });
+        g.bench_function("request_none", |b| {
+            b.iter_batched(
+                ctx,
+                |cx| {
+                    black_box(Request::new(p.clone(), action.clone(), r.clone(), cx, None).unwrap())
+                },
+                criterion::BatchSize::SmallInput,
+            )
+        });
+        let ctx_noip = || {
+            Context::from_pairs([
+                ("sourceIp".to_string(), s("10.1.2.3")),
+                (
+                    "websocket".to_string(),
+                    RestrictedExpression::new_bool(false),
+                ),
+            ])
+            .unwrap()
+        };
+        let ctx_ip = || {
+            Context::from_pairs([
+                (
+                    "sourceIp".to_string(),
+                    RestrictedExpression::new_ip("10.1.2.3"),
+                ),
+                (
+                    "websocket".to_string(),
+                    RestrictedExpression::new_bool(false),
+                ),
+            ])
+            .unwrap()
+        };
+        g.bench_function("ctx_noip", |b| b.iter(|| black_box(ctx_noip())));
+        g.bench_function("ctx_ip", |b| b.iter(|| black_box(ctx_ip())));
+        let act = actions.iter().find(|e| e.uid() == action).unwrap().clone();
+        g.bench_function("entities_none_2_plus_action", |b| {
+            b.iter_batched(
+                || {
+                    let mut l = build().0;
+                    l.drain(0..5);
+                    l.push(act.clone());
+                    l
+                },
+                |l| black_box(Entities::from_entities(l, None).unwrap()),
+                criterion::BatchSize::SmallInput,
+            )
+        });
+        g.bench_function("action_entities", |b| {
+            b.iter(|| black_box(schema.action_entities().unwrap()))
+        });
         g.finish();
     }
 }

@@ -8,6 +8,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 use serde::Serialize;
 
 use crate::authn::AuthnError;
+use crate::authz::AuthzError;
 use crate::body::{full, Body};
 use crate::proxy::UpstreamError;
 
@@ -26,8 +27,14 @@ pub struct Status {
     pub code: u16,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct StatusDetails {
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub group: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub kind: String,
     #[serde(rename = "retryAfterSeconds", skip_serializing_if = "Option::is_none")]
     pub retry_after_seconds: Option<u32>,
 }
@@ -74,9 +81,12 @@ pub enum PipelineError {
     /// The client's credentials were missing or did not verify (client side).
     #[error(transparent)]
     Authn(#[from] AuthnError),
+    /// Policy refused the request (client side: ask for access).
+    #[error(transparent)]
+    Authz(#[from] AuthzError),
     /// The request cannot be mapped unambiguously to what kube-apiserver will act on.
     #[error("bad request: {0}")]
-    BadRequest(&'static str),
+    BadRequest(std::borrow::Cow<'static, str>),
     /// The request body is larger than `limits.maxRequestBodyBytes`.
     #[error("request body larger than {limit} bytes")]
     BodyTooLarge { limit: u64 },
@@ -96,6 +106,8 @@ impl PipelineError {
     pub fn outcome(&self) -> &'static str {
         match self {
             PipelineError::Authn(_) => "unauthenticated",
+            PipelineError::Authz(AuthzError::Denied { .. }) => "denied",
+            PipelineError::Authz(_) => "bad_request",
             PipelineError::BadRequest(_) => "bad_request",
             PipelineError::BodyTooLarge { .. } => "body_too_large",
             PipelineError::TooManyRequests => "throttled",
@@ -112,8 +124,27 @@ impl PipelineError {
             PipelineError::Authn(_) => {
                 Status::failure(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized")
             }
+            PipelineError::Authz(AuthzError::Denied {
+                message,
+                resource,
+                name,
+                group,
+                ..
+            }) => {
+                let mut s = Status::failure(StatusCode::FORBIDDEN, "Forbidden", message.clone());
+                s.details = Some(StatusDetails {
+                    name: name.clone(),
+                    group: group.clone(),
+                    kind: resource.clone(),
+                    ..Default::default()
+                });
+                s
+            }
+            PipelineError::Authz(e) => {
+                Status::failure(StatusCode::BAD_REQUEST, "BadRequest", e.to_string())
+            }
             PipelineError::BadRequest(why) => {
-                Status::failure(StatusCode::BAD_REQUEST, "BadRequest", *why)
+                Status::failure(StatusCode::BAD_REQUEST, "BadRequest", why.to_string())
             }
             PipelineError::BodyTooLarge { limit } => Status::failure(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -128,6 +159,7 @@ impl PipelineError {
                 );
                 s.details = Some(StatusDetails {
                     retry_after_seconds: Some(1),
+                    ..Default::default()
                 });
                 s
             }

@@ -17,6 +17,7 @@ pub mod server;
 pub mod streams;
 pub mod telemetry;
 pub mod tls;
+pub mod webhook;
 
 #[cfg(feature = "demo")]
 pub mod demo;

@@ -1,11 +1,13 @@
 //! The per-request path, top to bottom:
 //!
 //! 1. target checks (absolute-form, ambiguous paths) -> 400
-//! 2. credentials (one bearer token at most; the TLS peer chain)
-//! 3. authenticate -> `Identity` (x509 today; OIDC and device trust plug in here) -> 401
-//! 4. classify (unary, streaming, upgrade)
-//! 5. authorize -> `Authorized` (Cedar plugs in here) -> 403
-//! 6. forward with impersonation; streams are registered so they can be closed later
+//! 2. kube-apiserver's webhooks (TokenReview, SubjectAccessReview), for its certificate only
+//! 3. credentials (one bearer token at most; the TLS peer chain)
+//! 4. authenticate -> `Identity` (OIDC token, else x509 certificate) -> 401
+//! 5. request attributes (kube-apiserver's RequestInfo rules) -> 400 when unparseable
+//! 6. the client's own impersonation (`kubectl --as`), authorized as `impersonate` -> 403
+//! 7. authorize -> `Authorized` (Cedar policy, or delegated to kube RBAC) -> 403
+//! 8. forward with impersonation; streams are registered so they can be closed later
 //!
 //! Errors from every step become a `Status` in `errors.rs`, the only place that decides what a
 //! client sees.
@@ -15,14 +17,18 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
+use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use rustls_pki_types::CertificateDer;
+use serde_json::json;
 
 use crate::authn::credentials::bearer_from_headers;
 use crate::authn::x509::Verified;
 use crate::authn::{AuthnError, Credentials, Identity};
+use crate::authz::requestinfo::{request_info, RequestInfo};
+use crate::authz::{Authorized, ImpersonationRequest, RequestContext};
 use crate::body::{full, Body};
 use crate::errors::PipelineError;
 use crate::proxy::{path, shape_of, RequestShape};
@@ -45,6 +51,13 @@ impl ConnInfo {
             x509: Mutex::new(None),
         }
     }
+}
+
+/// Facts gathered along the way, for the request log line.
+#[derive(Default)]
+struct Trace {
+    user: Option<String>,
+    impersonated: Option<String>,
 }
 
 /// The Kubernetes-ish verb used as a metrics label (bounded set).
@@ -80,24 +93,28 @@ pub async fn handle(
     let uri = req.uri().clone();
     let shape = shape_of(&req);
     let verb = verb_label(&method, shape);
-    let mut user = None;
-    let (resp, outcome) = match run(&gw, &conn, req, shape, &mut user).await {
+    let mut trace = Trace::default();
+    let (resp, outcome) = match run(&gw, &conn, req, shape, &mut trace).await {
         Ok(resp) => (resp, "forwarded"),
         Err(err) => {
+            let user = trace.user.as_deref().unwrap_or("");
             match &err {
                 PipelineError::Authn(e) => {
                     gw.metrics.authn_failure(e.reason_label());
                     tracing::warn!(peer = %conn.peer, method = %method, path = uri.path(), reason = %e, "authentication failed");
+                }
+                PipelineError::Authz(crate::authz::AuthzError::Denied { decision, .. }) => {
+                    tracing::info!(peer = %conn.peer, method = %method, path = uri.path(), user, policies = ?decision.determining, reason = %err, "denied");
                 }
                 PipelineError::Upstream(e) => {
                     gw.metrics.upstream_error(err.outcome());
                     if let crate::proxy::UpstreamError::Connect(why) = e {
                         gw.upstream_unreachable(why);
                     }
-                    tracing::error!(method = %method, path = uri.path(), user = user.as_deref().unwrap_or(""), error = %e, "upstream failed");
+                    tracing::error!(method = %method, path = uri.path(), user, error = %e, "upstream failed");
                 }
                 other => {
-                    tracing::info!(peer = %conn.peer, method = %method, path = uri.path(), user = user.as_deref().unwrap_or(""), reason = %other, "request refused");
+                    tracing::info!(peer = %conn.peer, method = %method, path = uri.path(), user, reason = %other, "request refused");
                 }
             }
             let outcome = err.outcome();
@@ -110,7 +127,8 @@ pub async fn handle(
     tracing::info!(
         method = %method,
         path = uri.path(),
-        user = user.as_deref().unwrap_or(""),
+        user = trace.user.as_deref().unwrap_or(""),
+        impersonated = trace.impersonated.as_deref().unwrap_or(""),
         code,
         outcome,
         ms = took.as_secs_f64() * 1000.0,
@@ -119,12 +137,19 @@ pub async fn handle(
     Ok(resp)
 }
 
+fn is_websocket(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
 async fn run(
     gw: &Arc<Gateway>,
     conn: &Arc<ConnInfo>,
     req: Request<Incoming>,
     shape: RequestShape,
-    user: &mut Option<String>,
+    trace: &mut Trace,
 ) -> Result<Response<Body>, PipelineError> {
     if gw.is_draining() {
         return Err(PipelineError::ShuttingDown);
@@ -132,27 +157,72 @@ async fn run(
     // 1. The target must mean the same thing here and at kube-apiserver.
     if req.version() <= http::Version::HTTP_11 && req.uri().authority().is_some() {
         return Err(PipelineError::BadRequest(
-            "absolute-form request targets are not accepted",
+            "absolute-form request targets are not accepted".into(),
         ));
     }
-    path::check_path(req.uri().path()).map_err(PipelineError::BadRequest)?;
+    path::check_path(req.uri().path()).map_err(|e| PipelineError::BadRequest(e.into()))?;
 
-    // 2-3. Credentials and authentication.
+    // 2. kube-apiserver's webhooks.
+    if let Some(which) = crate::webhook::route(gw, req.method(), req.uri().path()) {
+        return crate::webhook::serve(gw, conn, req, which).await;
+    }
+
+    // 3-4. Credentials and authentication.
     let creds = Credentials {
         bearer: bearer_from_headers(req.headers())?,
         peer_chain: conn.chain.clone(),
     };
-    let identity = authenticate(gw, conn, &creds)?;
-    *user = Some(identity.user().to_owned());
+    let identity = authenticate(gw, conn, &creds).await?;
+    trace.user = Some(identity.user().to_owned());
 
-    // 5. Authorization.
-    let authorized = match gw.authorizer.authorize(identity) {
-        Ok(a) => a,
-        Err(never) => match never {},
+    // 5. What kube-apiserver will act on.
+    let info = request_info(req.method(), req.uri().path(), req.uri().query())
+        .map_err(|e| PipelineError::BadRequest(e.to_string().into()))?;
+    let method = req.method().clone();
+    let ctx = RequestContext {
+        info: &info,
+        method: &method,
+        websocket: is_websocket(req.headers()),
+        source_ip: conn.peer.ip(),
+        now: SystemTime::now(),
     };
 
-    // 6. Forwarding.
-    let client_ip = conn.peer.ip();
+    // 6. `kubectl --as`.
+    let identity = match ImpersonationRequest::from_headers(req.headers())? {
+        Some(imp) => {
+            let as_user = gw.authorizer.impersonate(identity, &imp, &ctx)?;
+            trace.impersonated = Some(as_user.user().to_owned());
+            as_user
+        }
+        None => identity,
+    };
+
+    // 7. Authorization.
+    let authorized = match gw.authorizer.self_review(&identity, &info) {
+        Some(a) => {
+            if info.resource == "selfsubjectaccessreviews" && gw.authorizer.engine().is_some() {
+                return self_subject_access_review(gw, req, a, &ctx).await;
+            }
+            a
+        }
+        None => gw.authorizer.authorize(identity, &ctx)?,
+    };
+
+    // 8. Forwarding.
+    forward(gw, req, authorized, shape, conn.peer.ip()).await
+}
+
+async fn forward<B>(
+    gw: &Arc<Gateway>,
+    req: Request<B>,
+    authorized: Authorized,
+    shape: RequestShape,
+    client_ip: std::net::IpAddr,
+) -> Result<Response<Body>, PipelineError>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<crate::body::BoxError>,
+{
     match shape {
         RequestShape::Unary => {
             let permit = gw
@@ -182,28 +252,90 @@ async fn run(
         }
         RequestShape::Upgrade(kind) => {
             let handle = gw.streams.register(kind, authorized.identity().user());
+            // Upgrades arrive on HTTP/1.1 connections, whose bodies are `Incoming`.
+            let (parts, body) = req.into_parts();
+            let body = body.map_err(Into::into).boxed_unsync();
             gw.upstream
-                .forward_upgrade(req, &authorized, client_ip, handle, gw.metrics.clone())
+                .forward_upgrade(
+                    Request::from_parts(parts, body),
+                    &authorized,
+                    client_ip,
+                    handle,
+                    gw.metrics.clone(),
+                )
                 .await
         }
     }
 }
 
+/// `kubectl auth can-i` through the gateway: the gateway's policy answers first. A denial is
+/// answered here (kube-apiserver would say yes to something the gateway refuses); an allow is
+/// passed on so kube-apiserver's RBAC gives the final word.
+async fn self_subject_access_review(
+    gw: &Arc<Gateway>,
+    req: Request<Incoming>,
+    authorized: Authorized,
+    ctx: &RequestContext<'_>,
+) -> Result<Response<Body>, PipelineError> {
+    const LIMIT: usize = 64 * 1024;
+    let (parts, body) = req.into_parts();
+    let bytes = Limited::new(body, LIMIT)
+        .collect()
+        .await
+        .map_err(|_| PipelineError::BodyTooLarge {
+            limit: LIMIT as u64,
+        })?
+        .to_bytes();
+    let review: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+        PipelineError::BadRequest(format!("not a SelfSubjectAccessReview: {e}").into())
+    })?;
+    let info: RequestInfo =
+        crate::webhook::info_from_attributes(&review["spec"]).ok_or_else(|| {
+            PipelineError::BadRequest(
+                "spec needs resourceAttributes or nonResourceAttributes".into(),
+            )
+        })?;
+    let decision = gw
+        .authorizer
+        .decide_attributes(authorized.identity(), &info, ctx)
+        .expect("only called with a policy engine");
+    if !decision.allowed {
+        let mut out = review.clone();
+        out["status"] = json!({
+            "allowed": false,
+            "denied": true,
+            "reason": crate::authz::cedar::decision_reason(&decision),
+        });
+        let mut resp = Response::new(full(serde_json::to_vec(&out).unwrap_or_default()));
+        *resp.status_mut() = StatusCode::CREATED;
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        return Ok(resp);
+    }
+    let req = Request::from_parts(parts, Full::new(bytes));
+    forward(gw, req, authorized, RequestShape::Unary, ctx.source_ip).await
+}
+
 /// Runs the configured authenticators over the request's credentials.
-fn authenticate(
+async fn authenticate(
     gw: &Gateway,
     conn: &ConnInfo,
     creds: &Credentials,
 ) -> Result<Arc<Identity>, AuthnError> {
-    // As kube-apiserver's union authenticator: a client certificate that verifies wins; the
-    // token authenticators (OIDC) are consulted otherwise. A token is never forwarded either way.
-    let Some(chain) = creds.peer_chain.as_ref() else {
-        return Err(if creds.bearer.is_some() {
-            AuthnError::TokenAuthNotConfigured
-        } else {
-            AuthnError::NoCredentials
-        });
-    };
+    if let Some(token) = &creds.bearer {
+        // A token names the user; a certificate next to it identifies the device.
+        if let Some(oidc) = &gw.oidc {
+            return oidc.authenticate(token).await;
+        }
+        if creds.peer_chain.is_none() {
+            return Err(AuthnError::TokenAuthNotConfigured);
+        }
+        // No token authenticator: as kube-apiserver's union authenticator, a verifying client
+        // certificate decides. The token is never forwarded either way.
+    }
+    let chain = creds.peer_chain.as_ref().ok_or(AuthnError::NoCredentials)?;
     let x509 = gw.x509.as_ref().ok_or(AuthnError::NoCredentials)?;
     let now = SystemTime::now();
     let generation = x509.generation();

@@ -14,10 +14,14 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::authn::oidc::OidcAuthenticator;
 use crate::authn::x509::X509Authenticator;
+use crate::authz::cedar::PolicyEngine;
 use crate::authz::Authorizer;
 use crate::body::{full, Body};
+use crate::config::jwt::TokenReviewConfig;
 use crate::config::GatewayConfig;
+use crate::config::SubjectAccessReviewConfig;
 use crate::pipeline::{self, plain, ConnInfo};
 use crate::proxy::forward::UpstreamSettings;
 use crate::proxy::Upstream;
@@ -36,6 +40,8 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error("upstream: {0}")]
     Upstream(String),
+    #[error("{0}")]
+    Config(String),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -48,6 +54,10 @@ pub enum StartError {
 pub struct Gateway {
     pub upstream: Upstream,
     pub x509: Option<X509Authenticator>,
+    pub oidc: Option<Arc<OidcAuthenticator>>,
+    pub bundles: Arc<TrustBundles>,
+    pub token_review: Option<TokenReviewConfig>,
+    pub sar: Option<SubjectAccessReviewConfig>,
     pub authorizer: Authorizer,
     pub metrics: Arc<Metrics>,
     pub streams: Arc<StreamRegistry>,
@@ -73,8 +83,17 @@ impl Gateway {
         self.upstream_status.store(Arc::new(why.to_owned()));
     }
 
+    fn issuers_not_loaded(&self) -> Vec<String> {
+        self.oidc
+            .as_ref()
+            .map(|o| o.not_loaded())
+            .unwrap_or_default()
+    }
+
     pub fn is_ready(&self) -> bool {
-        !self.is_draining() && self.upstream_ready.load(Ordering::Relaxed)
+        !self.is_draining()
+            && self.upstream_ready.load(Ordering::Relaxed)
+            && self.issuers_not_loaded().is_empty()
     }
 
     /// `/readyz`, in kube-apiserver's verbose style.
@@ -88,6 +107,9 @@ impl Gateway {
         }
         if !self.upstream_ready.load(Ordering::Relaxed) {
             text.push_str(&format!("[-]upstream: {}\n", self.upstream_status.load()));
+        }
+        for issuer in self.issuers_not_loaded() {
+            text.push_str(&format!("[-]oidc issuer {issuer}: keys not loaded yet\n"));
         }
         text.push_str("readyz check failed\n");
         let mut resp = Response::new(full(text));
@@ -276,11 +298,53 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
     })
     .map_err(StartError::Upstream)?;
 
+    let oidc = if cfg.authentication.jwt.is_empty() {
+        None
+    } else {
+        Some(
+            OidcAuthenticator::new(&cfg.authentication.jwt, stop.clone())
+                .await
+                .map_err(|e| StartError::Config(e.to_string()))?,
+        )
+    };
+
     let metrics = Arc::new(Metrics::new());
+    let authorizer = match &cfg.authorization {
+        Some(a) => {
+            let engine = Arc::new(
+                PolicyEngine::load(&a.policies).map_err(|e| StartError::Config(e.to_string()))?,
+            );
+            tracing::info!(
+                policies = engine.policy_count(),
+                epoch = engine.epoch(),
+                "policies loaded"
+            );
+            metrics.policy_loaded(engine.epoch(), engine.policy_count());
+            spawn_policy_reloader(
+                engine.clone(),
+                a.policies.clone(),
+                a.reload_interval.get(),
+                metrics.clone(),
+                stop.clone(),
+            );
+            Authorizer::with_policy(engine)
+        }
+        None => {
+            tracing::warn!("no authorization.policies configured: the gateway authorizes nothing itself; kube-apiserver RBAC decides");
+            Authorizer::delegated()
+        }
+    };
     let gw = Arc::new(Gateway {
         upstream,
         x509,
-        authorizer: Authorizer,
+        oidc,
+        bundles: bundles.clone(),
+        token_review: cfg.authentication.token_review.clone(),
+        sar: cfg
+            .authorization
+            .as_ref()
+            .and_then(|a| a.subject_access_review.clone()),
+        authorizer,
         streams: StreamRegistry::new(metrics.clone()),
         metrics,
         inflight: Arc::new(Inflight::default()),
@@ -337,6 +401,53 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
         shutdown,
         done,
     })
+}
+
+/// Re-reads the policy files every `interval` and on SIGHUP; a changed set is validated whole and
+/// swapped atomically, an invalid one is refused and the last good set stays.
+fn spawn_policy_reloader(
+    engine: Arc<PolicyEngine>,
+    paths: Vec<std::path::PathBuf>,
+    interval: Duration,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let snapshot = |paths: &[std::path::PathBuf]| crate::authz::cedar::read_sources(paths).ok();
+        let mut last = snapshot(&paths);
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        loop {
+            let hup_fut = async {
+                match hup.as_mut() {
+                    Some(h) => {
+                        h.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let forced = tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(interval) => false,
+                _ = hup_fut => true,
+            };
+            let now = snapshot(&paths);
+            if !forced && now == last {
+                continue;
+            }
+            match engine.reload(&paths) {
+                Ok(epoch) => {
+                    tracing::info!(epoch, policies = engine.policy_count(), "policies reloaded");
+                    metrics.policy_reload(true);
+                    metrics.policy_loaded(epoch, engine.policy_count());
+                }
+                Err(e) => {
+                    tracing::error!(errors = %e, epoch = engine.epoch(), "policy reload refused; keeping the last good policies");
+                    metrics.policy_reload(false);
+                }
+            }
+            last = now;
+        }
+    });
 }
 
 fn spawn_readiness_probe(gw: Arc<Gateway>, path: String, stop: CancellationToken) {

@@ -85,7 +85,36 @@ impl Identity {
     pub fn facts(&self) -> &CredentialFacts {
         &self.facts
     }
+
+    /// The identity a caller becomes through an *authorized* impersonation (`kubectl --as`).
+    /// The credential facts and expiry stay the caller's: the impersonation lives no longer
+    /// than the credential that asked for it. The original user is kept as an extra.
+    pub(crate) fn impersonated(
+        &self,
+        user: String,
+        groups: Vec<String>,
+        uid: Option<String>,
+        mut extra: BTreeMap<String, Vec<String>>,
+    ) -> Result<Identity, AuthnError> {
+        check_name("impersonated user", &user)?;
+        for g in &groups {
+            check_name("impersonated group", g)?;
+        }
+        extra.insert(ORIGINAL_USER_EXTRA.to_owned(), vec![self.user.clone()]);
+        Ok(Identity {
+            user,
+            uid,
+            groups,
+            extra,
+            method: self.method.clone(),
+            expires_at: self.expires_at,
+            facts: self.facts.clone(),
+        })
+    }
 }
+
+/// The extra key that carries the caller's own user name through an impersonation.
+pub const ORIGINAL_USER_EXTRA: &str = "ztgate.dev/original-user";
 
 /// Why authentication failed. The client only ever sees `401 Unauthorized`; this goes to the log.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]

@@ -1,39 +1,336 @@
 //! Authorization: decides whether an authenticated identity may make this request.
 //!
-//! Today the decision is "authenticated identities are forwarded and kube-apiserver's own RBAC
-//! decides"; the Cedar engine (default deny, `forbid` wins, evaluation errors deny) plugs in here.
+//! With `authorization.policies` configured, every request is decided by the Cedar engine
+//! ([`cedar`]): default deny, `forbid` wins, evaluation errors deny. Without it the gateway
+//! authorizes nothing itself and kube-apiserver's RBAC is the only authorization ("delegated").
+//! A client's own impersonation (`kubectl --as`) is an `impersonate` action that policy must
+//! allow in either mode; in delegated mode it is always refused.
+//!
 //! An [`Authorized`] value can only be made by this module, and the proxy only forwards requests
 //! that carry one.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 pub mod cedar;
 pub mod requestinfo;
 
+use http::HeaderMap;
+
 use crate::authn::Identity;
+use cedar::{AuthzInput, Decision, ImpersonationKind, ImpersonationTarget, PolicyEngine};
+use requestinfo::RequestInfo;
 
 /// Proof that a request was authorized, carrying the identity to forward.
 #[derive(Debug)]
 pub struct Authorized {
     identity: Arc<Identity>,
+    decision: Option<Decision>,
 }
 
 impl Authorized {
     pub fn identity(&self) -> &Identity {
         &self.identity
     }
+    /// The policy decision, when policy decided (None in delegated mode).
+    pub fn decision(&self) -> Option<&Decision> {
+        self.decision.as_ref()
+    }
 }
 
-/// Why a request was denied.
+/// Why a request was refused by the gateway's authorization.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum AuthzError {}
+pub enum AuthzError {
+    /// Policy denied the request; `message` is kube-apiserver's wording plus the reason.
+    #[error("{message}")]
+    Denied {
+        message: String,
+        resource: String,
+        name: String,
+        group: String,
+        decision: Decision,
+    },
+    /// The client's impersonation headers are malformed (e.g. groups without a user).
+    #[error("bad impersonation request: {0}")]
+    BadImpersonation(String),
+}
+
+/// What the client asked to impersonate.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ImpersonationRequest {
+    pub user: Option<String>,
+    pub groups: Vec<String>,
+    pub uid: Option<String>,
+    pub extra: BTreeMap<String, Vec<String>>,
+}
+
+impl ImpersonationRequest {
+    /// Reads `Impersonate-User`, `-Group`, `-Uid` and `-Extra-<key>` (keys percent-decoded and
+    /// lower-cased as kube-apiserver does). Returns None when the client asked for nothing.
+    pub fn from_headers(headers: &HeaderMap) -> Result<Option<ImpersonationRequest>, AuthzError> {
+        let mut r = ImpersonationRequest::default();
+        let mut any = false;
+        for (name, value) in headers {
+            let n = name.as_str();
+            if !n.starts_with("impersonate-") {
+                continue;
+            }
+            any = true;
+            let v = value
+                .to_str()
+                .map_err(|_| AuthzError::BadImpersonation(format!("{n} is not visible ASCII")))?
+                .to_owned();
+            match n {
+                "impersonate-user" => {
+                    if r.user.replace(v).is_some() {
+                        return Err(AuthzError::BadImpersonation(
+                            "more than one Impersonate-User".into(),
+                        ));
+                    }
+                }
+                "impersonate-group" => r.groups.push(v),
+                "impersonate-uid" => {
+                    if r.uid.replace(v).is_some() {
+                        return Err(AuthzError::BadImpersonation(
+                            "more than one Impersonate-Uid".into(),
+                        ));
+                    }
+                }
+                _ => match n.strip_prefix("impersonate-extra-") {
+                    Some(k) => {
+                        let key = crate::proxy::headers::decode_extra_key(k)
+                            .ok_or_else(|| {
+                                AuthzError::BadImpersonation(format!("bad extra key {k:?}"))
+                            })?
+                            .to_lowercase();
+                        r.extra.entry(key).or_default().push(v);
+                    }
+                    None => {
+                        return Err(AuthzError::BadImpersonation(format!(
+                            "unknown impersonation header {n}"
+                        )))
+                    }
+                },
+            }
+        }
+        if !any {
+            return Ok(None);
+        }
+        if r.user.is_none() {
+            // kube-apiserver: groups, uid or extra without a user is an error.
+            return Err(AuthzError::BadImpersonation(
+                "Impersonate-Group, -Uid or -Extra without Impersonate-User".into(),
+            ));
+        }
+        Ok(Some(r))
+    }
+
+    fn targets(&self) -> Vec<ImpersonationTarget> {
+        let mut t = Vec::new();
+        if let Some(u) = &self.user {
+            t.push(ImpersonationTarget {
+                kind: ImpersonationKind::User,
+                value: u.clone(),
+            });
+        }
+        for g in &self.groups {
+            t.push(ImpersonationTarget {
+                kind: ImpersonationKind::Group,
+                value: g.clone(),
+            });
+        }
+        if let Some(uid) = &self.uid {
+            t.push(ImpersonationTarget {
+                kind: ImpersonationKind::Uid,
+                value: uid.clone(),
+            });
+        }
+        for (k, vs) in &self.extra {
+            for v in vs {
+                t.push(ImpersonationTarget {
+                    kind: ImpersonationKind::Extra { key: k.clone() },
+                    value: v.clone(),
+                });
+            }
+        }
+        t
+    }
+}
+
+/// The facts of one request that authorization looks at.
+pub struct RequestContext<'a> {
+    pub info: &'a RequestInfo,
+    pub method: &'a http::Method,
+    pub websocket: bool,
+    pub source_ip: IpAddr,
+    pub now: SystemTime,
+}
 
 #[derive(Debug, Default)]
-pub struct Authorizer;
+pub struct Authorizer {
+    engine: Option<Arc<PolicyEngine>>,
+}
 
 impl Authorizer {
-    pub fn authorize(&self, identity: Arc<Identity>) -> Result<Authorized, AuthzError> {
-        Ok(Authorized { identity })
+    pub fn delegated() -> Authorizer {
+        Authorizer { engine: None }
+    }
+
+    pub fn with_policy(engine: Arc<PolicyEngine>) -> Authorizer {
+        Authorizer {
+            engine: Some(engine),
+        }
+    }
+
+    pub fn engine(&self) -> Option<&Arc<PolicyEngine>> {
+        self.engine.as_ref()
+    }
+
+    fn input<'a>(
+        &self,
+        identity: &'a Identity,
+        ctx: &'a RequestContext<'a>,
+        verb: &'a str,
+    ) -> AuthzInput<'a> {
+        AuthzInput {
+            identity,
+            info: ctx.info,
+            verb,
+            source_ip: ctx.source_ip,
+            now: ctx.now,
+            device: None,
+            websocket: ctx.websocket,
+        }
+    }
+
+    /// Applies a client's impersonation request: every target must be allowed by policy (an
+    /// `impersonate` action), then the impersonated identity replaces the caller's.
+    pub fn impersonate(
+        &self,
+        caller: Arc<Identity>,
+        request: &ImpersonationRequest,
+        ctx: &RequestContext<'_>,
+    ) -> Result<Arc<Identity>, AuthzError> {
+        for target in request.targets() {
+            let decision = match &self.engine {
+                Some(engine) => {
+                    engine.decide_impersonation(&self.input(&caller, ctx, "impersonate"), &target)
+                }
+                None => Decision {
+                    allowed: false,
+                    ..Default::default()
+                },
+            };
+            if !decision.allowed {
+                let (resource, group) = match &target.kind {
+                    ImpersonationKind::User => ("users", ""),
+                    ImpersonationKind::Group => ("groups", ""),
+                    ImpersonationKind::Uid => ("uids", "authentication.k8s.io"),
+                    ImpersonationKind::Extra { .. } => ("userextras", "authentication.k8s.io"),
+                };
+                let why = if self.engine.is_none() {
+                    "impersonation through the gateway needs an authorization policy that allows it"
+                        .to_owned()
+                } else {
+                    cedar::decision_reason(&decision)
+                };
+                return Err(AuthzError::Denied {
+                    message: format!(
+                        "{resource} {:?} is forbidden: User {:?} cannot impersonate resource {resource:?} in API group {group:?} at the cluster scope: {why}",
+                        target.value,
+                        caller.user(),
+                    ),
+                    resource: resource.to_owned(),
+                    name: target.value.clone(),
+                    group: group.to_owned(),
+                    decision,
+                });
+            }
+        }
+        let user = request.user.clone().unwrap_or_default();
+        let identity = caller
+            .impersonated(
+                user,
+                request.groups.clone(),
+                request.uid.clone(),
+                request.extra.clone(),
+            )
+            .map_err(|e| AuthzError::BadImpersonation(e.to_string()))?;
+        Ok(Arc::new(identity))
+    }
+
+    /// Self-reviews (`kubectl auth whoami`, `kubectl auth can-i`) only tell a caller about
+    /// themselves; like kube-apiserver's `system:basic-user`, every authenticated caller may
+    /// create them, whatever the policy.
+    pub fn self_review(&self, identity: &Arc<Identity>, info: &RequestInfo) -> Option<Authorized> {
+        let is_self_review = info.is_resource_request
+            && info.verb == "create"
+            && info.subresource.is_empty()
+            && info.name.is_empty()
+            && matches!(
+                (info.api_group.as_str(), info.resource.as_str()),
+                ("authentication.k8s.io", "selfsubjectreviews")
+                    | ("authorization.k8s.io", "selfsubjectaccessreviews")
+                    | ("authorization.k8s.io", "selfsubjectrulesreviews")
+            );
+        is_self_review.then(|| Authorized {
+            identity: identity.clone(),
+            decision: None,
+        })
+    }
+
+    /// The policy decision for hypothetical attributes (a SelfSubjectAccessReview's spec).
+    pub fn decide_attributes(
+        &self,
+        identity: &Identity,
+        info: &RequestInfo,
+        ctx: &RequestContext<'_>,
+    ) -> Option<Decision> {
+        let engine = self.engine.as_ref()?;
+        Some(engine.decide(&AuthzInput {
+            identity,
+            info,
+            verb: &info.verb,
+            source_ip: ctx.source_ip,
+            now: ctx.now,
+            device: None,
+            websocket: false,
+        }))
+    }
+
+    /// Decides the request for `identity`.
+    pub fn authorize(
+        &self,
+        identity: Arc<Identity>,
+        ctx: &RequestContext<'_>,
+    ) -> Result<Authorized, AuthzError> {
+        let Some(engine) = &self.engine else {
+            return Ok(Authorized {
+                identity,
+                decision: None,
+            });
+        };
+        let verb = requestinfo::authorizer_verb(ctx.info, ctx.method, ctx.websocket);
+        let decision = engine.decide(&self.input(&identity, ctx, verb));
+        if !decision.errors.is_empty() {
+            tracing::warn!(user = identity.user(), errors = ?decision.errors, "policy evaluation errors; denying");
+        }
+        if decision.allowed {
+            return Ok(Authorized {
+                identity,
+                decision: Some(decision),
+            });
+        }
+        let message = cedar::reason_message(ctx.info, identity.user(), verb, &decision);
+        Err(AuthzError::Denied {
+            message,
+            resource: ctx.info.resource.clone(),
+            name: ctx.info.name.clone(),
+            group: ctx.info.api_group.clone(),
+            decision,
+        })
     }
 }

@@ -233,11 +233,17 @@ impl Validator {
     fn authorization(&mut self, cfg: &GatewayConfig) {
         let Some(a) = &cfg.authorization else { return };
         if a.policies.is_empty() {
-            self.err("authorization.policies", "must name at least one policy file or directory");
+            self.err(
+                "authorization.policies",
+                "must name at least one policy file or directory",
+            );
         }
         for (i, p) in a.policies.iter().enumerate() {
             if !p.exists() {
-                self.err(format!("authorization.policies[{i}]"), format!("{}: no such file or directory", p.display()));
+                self.err(
+                    format!("authorization.policies[{i}]"),
+                    format!("{}: no such file or directory", p.display()),
+                );
             }
         }
         if a.reload_interval.get().is_zero() {
@@ -245,8 +251,19 @@ impl Validator {
         }
         if let Some(sar) = &a.subject_access_review {
             const P: &str = "authorization.subjectAccessReview.callerBundle";
-            if !cfg.listener.client_certificate_bundles.iter().any(|b| b.name == sar.caller_bundle) {
-                self.err(P, format!("{:?} is not a bundle in listener.clientCertificateBundles", sar.caller_bundle));
+            if !cfg
+                .listener
+                .client_certificate_bundles
+                .iter()
+                .any(|b| b.name == sar.caller_bundle)
+            {
+                self.err(
+                    P,
+                    format!(
+                        "{:?} is not a bundle in listener.clientCertificateBundles",
+                        sar.caller_bundle
+                    ),
+                );
             }
         }
         if a.policies.iter().all(|p| p.exists()) && !a.policies.is_empty() {

@@ -150,11 +150,15 @@ impl Upstream {
     }
 
     /// Refuses a body whose declared length is over the limit, and limits the rest as it streams.
-    pub(crate) fn limited_body(
+    pub(crate) fn limited_body<B>(
         &self,
         req_headers: &http::HeaderMap,
-        body: Incoming,
-    ) -> Result<Body, PipelineError> {
+        body: B,
+    ) -> Result<Body, PipelineError>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let declared = req_headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -164,9 +168,12 @@ impl Upstream {
                 limit: self.max_body,
             });
         }
-        Ok(Limited::new(body, self.max_body as usize)
-            .map_err(|e: BoxError| e)
-            .boxed_unsync())
+        Ok(Limited::new(
+            body.map_err(|e| -> BoxError { e.into() }),
+            self.max_body as usize,
+        )
+        .map_err(|e: BoxError| e)
+        .boxed_unsync())
     }
 
     /// A probe used by `/readyz`: does kube-apiserver answer at all?
@@ -189,13 +196,17 @@ impl Upstream {
 
     /// Forwards an authorized, non-upgrade request. `timeout` bounds the wait for response
     /// headers (None for streams).
-    pub async fn forward(
+    pub async fn forward<B>(
         &self,
-        req: Request<Incoming>,
+        req: Request<B>,
         authorized: &Authorized,
         client_ip: std::net::IpAddr,
         timeout: Option<Duration>,
-    ) -> Result<Response<Incoming>, PipelineError> {
+    ) -> Result<Response<Incoming>, PipelineError>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let (mut parts, body) = req.into_parts();
         self.prepare_headers(&mut parts.headers, authorized, client_ip)?;
         let body = self.limited_body(&parts.headers, body)?;

@@ -10,7 +10,6 @@ use std::net::IpAddr;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
@@ -44,7 +43,7 @@ impl Upstream {
     /// Forwards an upgrade request on a dedicated HTTP/1.1 connection.
     pub async fn forward_upgrade(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<Body>,
         authorized: &Authorized,
         client_ip: IpAddr,
         stream: StreamHandle,
@@ -55,7 +54,7 @@ impl Upstream {
                 .get(header::UPGRADE)
                 .cloned()
                 .ok_or(PipelineError::BadRequest(
-                    "upgrade request without Upgrade header",
+                    "upgrade request without Upgrade header".into(),
                 ))?;
         let client_upgrade = hyper::upgrade::on(&mut req);
         let (mut parts, body) = req.into_parts();
@@ -67,7 +66,7 @@ impl Upstream {
         parts.headers.insert(
             header::HOST,
             HeaderValue::from_str(self.authority().as_str())
-                .map_err(|_| PipelineError::BadRequest("bad upstream authority"))?,
+                .map_err(|_| PipelineError::BadRequest("bad upstream authority".into()))?,
         );
         let body = self.limited_body(&parts.headers, body)?;
         parts.uri = parts
@@ -76,7 +75,7 @@ impl Upstream {
             .map(|pq| pq.as_str())
             .unwrap_or("/")
             .parse()
-            .map_err(|_| PipelineError::BadRequest("bad request target"))?;
+            .map_err(|_| PipelineError::BadRequest("bad request target".into()))?;
         parts.version = http::Version::HTTP_11;
 
         let tls = self.connect_http1().await?;
@@ -116,7 +115,7 @@ impl Upstream {
         }
         let out = out
             .body(crate::body::empty())
-            .map_err(|_| PipelineError::BadRequest("bad upgrade response"))?;
+            .map_err(|_| PipelineError::BadRequest("bad upgrade response".into()))?;
         let cancel = stream.token();
         tokio::spawn(async move {
             let _stream = stream;

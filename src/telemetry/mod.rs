@@ -46,6 +46,14 @@ pub struct Metrics {
     upstream_errors: Family<ReasonLabels, Counter>,
     authn_failures: Family<ReasonLabels, Counter>,
     stream_bytes: Counter,
+    policy_reloads: Family<ResultLabels, Counter>,
+    policy_epoch: Gauge<i64, AtomicI64>,
+    policy_count: Gauge<i64, AtomicI64>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
 }
 
 impl Metrics {
@@ -89,7 +97,24 @@ impl Metrics {
             "Bytes copied through upgraded streams (both directions)",
             stream_bytes.clone(),
         );
+        let policy_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "policy_reloads",
+            "Policy reloads, by result (success or failure; a failure keeps the last good set)",
+            policy_reloads.clone(),
+        );
+        let policy_epoch = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "policy_epoch",
+            "Epoch of the policy set in force",
+            policy_epoch.clone(),
+        );
+        let policy_count = Gauge::<i64, AtomicI64>::default();
+        registry.register("policies", "Policies in force", policy_count.clone());
         Metrics {
+            policy_reloads,
+            policy_epoch,
+            policy_count,
             registry,
             requests,
             latency,
@@ -139,6 +164,19 @@ impl Metrics {
                 kind: kind.as_str(),
             })
             .dec();
+    }
+
+    pub fn policy_reload(&self, ok: bool) {
+        self.policy_reloads
+            .get_or_create(&ResultLabels {
+                result: if ok { "success" } else { "failure" },
+            })
+            .inc();
+    }
+
+    pub fn policy_loaded(&self, epoch: u64, count: usize) {
+        self.policy_epoch.set(epoch as i64);
+        self.policy_count.set(count as i64);
     }
 
     pub fn stream_bytes(&self, up: u64, down: u64) {

@@ -188,7 +188,11 @@ fn seconds_between(later: SystemTime, earlier: SystemTime) -> u64 {
 fn device_record(device: &DeviceFacts) -> Result<RestrictedExpression, String> {
     let mut fields: Attrs = Vec::with_capacity(4);
     attr(&mut fields, "id", s(&device.id));
-    attr(&mut fields, "bound", RestrictedExpression::new_bool(device.bound));
+    attr(
+        &mut fields,
+        "bound",
+        RestrictedExpression::new_bool(device.bound),
+    );
     if let Some(p) = &device.posture {
         let mut posture: Attrs = Vec::with_capacity(9);
         attr(&mut posture, "os", s(&p.os));
@@ -198,15 +202,27 @@ fn device_record(device: &DeviceFacts) -> Result<RestrictedExpression, String> {
             "diskEncrypted",
             RestrictedExpression::new_bool(p.disk_encrypted),
         );
-        attr(&mut posture, "firewall", RestrictedExpression::new_bool(p.firewall));
+        attr(
+            &mut posture,
+            "firewall",
+            RestrictedExpression::new_bool(p.firewall),
+        );
         attr(
             &mut posture,
             "screenLock",
             RestrictedExpression::new_bool(p.screen_lock),
         );
-        attr(&mut posture, "managed", RestrictedExpression::new_bool(p.managed));
+        attr(
+            &mut posture,
+            "managed",
+            RestrictedExpression::new_bool(p.managed),
+        );
         if let Some(score) = p.edr_score {
-            attr(&mut posture, "edrScore", RestrictedExpression::new_long(score));
+            attr(
+                &mut posture,
+                "edrScore",
+                RestrictedExpression::new_long(score),
+            );
         }
         attr(&mut posture, "source", s(&p.source));
         attr(
@@ -231,7 +247,11 @@ pub(crate) fn context(subject: &Subject<'_>, req: &RequestFacts<'_>) -> Result<C
         attr(&mut authn, "issuer", s(issuer));
     }
     if let Some(iat) = facts.issued_at {
-        attr(&mut authn, "tokenAgeSeconds", long(seconds_between(req.now, iat)));
+        attr(
+            &mut authn,
+            "tokenAgeSeconds",
+            long(seconds_between(req.now, iat)),
+        );
     }
     attr(
         &mut authn,
@@ -263,7 +283,11 @@ pub(crate) fn context(subject: &Subject<'_>, req: &RequestFacts<'_>) -> Result<C
         RestrictedExpression::new_ip(req.source_ip.to_string()),
     );
     attr(&mut pairs, "requestTime", record(time)?);
-    attr(&mut pairs, "websocket", RestrictedExpression::new_bool(req.websocket));
+    attr(
+        &mut pairs,
+        "websocket",
+        RestrictedExpression::new_bool(req.websocket),
+    );
     attr(&mut pairs, "requestVerb", s(&req.info.verb));
     Context::from_pairs(pairs).map_err(|e| e.to_string())
 }

@@ -33,7 +33,11 @@ pub(crate) struct PolicyIndex {
     pub order: HashMap<String, usize>,
 }
 
-fn action_applies(constraint: &ActionConstraint, action: &EntityUid, schema: &CompiledSchema) -> bool {
+fn action_applies(
+    constraint: &ActionConstraint,
+    action: &EntityUid,
+    schema: &CompiledSchema,
+) -> bool {
     // `action in [g, ...]` holds when the action is g itself or a member of group g.
     let within =
         |group: &EntityUid| group == action || schema.action_entities.is_ancestor_of(group, action);

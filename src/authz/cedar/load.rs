@@ -31,7 +31,7 @@ pub(crate) struct Loaded {
 
 /// Reads policy files: a file is read as is (whatever its extension); a directory contributes
 /// its `*.cedar` files (not recursive), sorted by file name.
-pub(crate) fn read_sources(paths: &[PathBuf]) -> Result<Vec<(String, String)>, PolicyErrors> {
+pub fn read_sources(paths: &[PathBuf]) -> Result<Vec<(String, String)>, PolicyErrors> {
     let mut files = Vec::new();
     let mut errors = Vec::new();
     let io_error = |path: &Path, e: std::io::Error| PolicyError {

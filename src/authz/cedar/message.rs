@@ -7,8 +7,7 @@ use crate::authz::requestinfo::RequestInfo;
 
 /// Why `decision` came out the way it did, in one short phrase.
 pub fn decision_reason(decision: &Decision) -> String {
-    if decision.explicit_deny || (decision.errors.is_empty() && !decision.determining.is_empty())
-    {
+    if decision.explicit_deny || (decision.errors.is_empty() && !decision.determining.is_empty()) {
         if let Some(reason) = &decision.reason {
             return reason.clone();
         }

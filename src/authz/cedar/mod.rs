@@ -30,6 +30,7 @@ use cedar_policy::{AuthorizationError, Authorizer, Entities, PolicySet, Request}
 use crate::authn::{CredentialFacts, Identity};
 use crate::authz::requestinfo::RequestInfo;
 
+pub use load::read_sources;
 use load::Loaded;
 pub use message::{decision_reason, reason_message};
 use schema::CompiledSchema;
@@ -423,9 +424,11 @@ impl PolicyEngine {
         } else {
             vec![&loaded.policies]
         };
-        combine(&loaded, sets.into_iter().map(|set| {
-            self.authorizer.is_authorized(&request, set, &entities)
-        }))
+        combine(
+            &loaded,
+            sets.into_iter()
+                .map(|set| self.authorizer.is_authorized(&request, set, &entities)),
+        )
     }
 }
 

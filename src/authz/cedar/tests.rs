@@ -214,7 +214,10 @@ fn example_policies_validate() {
 
 #[test]
 fn parse_error_names_file_line_and_column() {
-    let good = ("good.cedar".to_string(), "permit(principal, action, resource);\n".to_string());
+    let good = (
+        "good.cedar".to_string(),
+        "permit(principal, action, resource);\n".to_string(),
+    );
     let bad = (
         "bad.cedar".to_string(),
         "// comment\npermit(principal, action, resource)\nwhen { true }\nforbid(principal, action, resource) when { ! };\n"
@@ -225,7 +228,11 @@ fn parse_error_names_file_line_and_column() {
     assert_eq!(first.origin, "bad.cedar");
     // without the ';', `forbid` reads as a condition keyword and the `(` after it is unexpected
     assert_eq!((first.line, first.column), (Some(4), Some(7)), "{err}");
-    assert!(err.to_string().starts_with("bad.cedar:4:7: unexpected token"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("bad.cedar:4:7: unexpected token"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -262,7 +269,10 @@ fn unknown_entity_type_and_action_are_rejected() {
 #[test]
 fn duplicate_ids_and_templates_are_rejected() {
     let err = PolicyEngine::from_sources(&[
-        ("a.cedar".into(), "@id(\"x\") permit(principal, action, resource);".into()),
+        (
+            "a.cedar".into(),
+            "@id(\"x\") permit(principal, action, resource);".into(),
+        ),
         (
             "b.cedar".into(),
             "\n@id(\"x\") forbid(principal, action, resource);".into(),
@@ -302,8 +312,16 @@ fn generated_ids_name_file_and_index() {
 #[test]
 fn directory_loading_reads_only_cedar_files() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("b.cedar"), "permit(principal, action, resource);").unwrap();
-    std::fs::write(dir.path().join("a.cedar"), "forbid(principal, action, resource);").unwrap();
+    std::fs::write(
+        dir.path().join("b.cedar"),
+        "permit(principal, action, resource);",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("a.cedar"),
+        "forbid(principal, action, resource);",
+    )
+    .unwrap();
     std::fs::write(dir.path().join("notes.txt"), "not cedar").unwrap();
     let e = PolicyEngine::load(&[dir.path().to_path_buf()]).unwrap();
     assert_eq!(e.policy_count(), 2);
@@ -395,7 +413,10 @@ fn evaluation_error_denies_even_when_cedar_would_allow() {
     assert_eq!(d.determining, vec!["overflow".to_string()]);
     assert_eq!(d.errors.len(), 1);
     assert!(d.errors[0].contains("overflow"), "{:?}", d.errors);
-    assert_eq!(decision_reason(&d), "policy \"overflow\" could not be evaluated");
+    assert_eq!(
+        decision_reason(&d),
+        "policy \"overflow\" could not be evaluated"
+    );
 
     // An entity literal that does not exist in the request's entities is also a runtime error.
     let e = engine(
@@ -428,12 +449,18 @@ fn exec_needs_device_and_mfa() {
     let plain = Caller::new("alice", &["team-a"]);
     let d = decide(&e, &plain, &Req::new(&info));
     assert!(!d.allowed && d.explicit_deny);
-    assert_eq!(d.determining, vec!["exec-needs-managed-device-and-mfa".to_string()]);
+    assert_eq!(
+        d.determining,
+        vec!["exec-needs-managed-device-and-mfa".to_string()]
+    );
 
     let mfa = Caller::new("alice", &["team-a"]).mfa();
     // no device at all: `context has device` is false, the forbid applies, no error
     let d = decide(&e, &mfa, &Req::new(&info));
-    assert!(!d.allowed && d.explicit_deny && d.errors.is_empty(), "{d:?}");
+    assert!(
+        !d.allowed && d.explicit_deny && d.errors.is_empty(),
+        "{d:?}"
+    );
 
     let mut req = Req::new(&info);
     req.device = Some(&device);
@@ -791,7 +818,9 @@ fn slicing_gives_the_same_decisions_as_the_whole_set() {
         },
     ];
     let mut infos = Vec::new();
-    for verb in ["get", "list", "watch", "create", "update", "patch", "delete"] {
+    for verb in [
+        "get", "list", "watch", "create", "update", "patch", "delete",
+    ] {
         for ns in ["team-a", "team-b", "prod", "ci", ""] {
             for res in ["pods", "pods/exec", "secrets", "deployments"] {
                 let group = if res == "deployments" { "apps" } else { "" };

@@ -531,7 +531,9 @@ async fn process(
             };
             let review: serde_json::Value = match serde_json::from_slice(&body) {
                 Ok(v) => v,
-                Err(e) => return respond::bad_request(&format!("decoding SelfSubjectAccessReview: {e}")),
+                Err(e) => {
+                    return respond::bad_request(&format!("decoding SelfSubjectAccessReview: {e}"))
+                }
             };
             let allowed = self_subject_access(&shared.rules, &user, &review["spec"]);
             let mut out = review.clone();
