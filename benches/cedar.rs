@@ -158,7 +158,7 @@ fn decide(c: &mut Criterion) {
 }
 
 criterion_group!(benches, decide);
-criterion_main!(parts_group);
+criterion_main!(benches, parts_group);
 
 mod parts {
     use super::*;

@@ -286,9 +286,20 @@ async fn self_subject_access_review(
             limit: LIMIT as u64,
         })?
         .to_bytes();
-    let review: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-        PipelineError::BadRequest(format!("not a SelfSubjectAccessReview: {e}").into())
-    })?;
+    let is_protobuf = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/vnd.kubernetes.protobuf"));
+    let review: serde_json::Value = if is_protobuf {
+        crate::authz::kubeproto::self_subject_access_review(&bytes).ok_or_else(|| {
+            PipelineError::BadRequest("not a protobuf SelfSubjectAccessReview".into())
+        })?
+    } else {
+        serde_json::from_slice(&bytes).map_err(|e| {
+            PipelineError::BadRequest(format!("not a SelfSubjectAccessReview: {e}").into())
+        })?
+    };
     let info: RequestInfo =
         crate::webhook::info_from_attributes(&review["spec"]).ok_or_else(|| {
             PipelineError::BadRequest(
@@ -314,7 +325,16 @@ async fn self_subject_access_review(
         );
         return Ok(resp);
     }
-    let req = Request::from_parts(parts, Full::new(bytes));
+    // Passed on as JSON, whatever the client sent: the gateway forwards what it read, so
+    // kube-apiserver answers exactly the question the policy answered.
+    let mut parts = parts;
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let body = Bytes::from(serde_json::to_vec(&review).unwrap_or_default());
+    let req = Request::from_parts(parts, Full::new(body));
     forward(gw, req, authorized, RequestShape::Unary, ctx.source_ip).await
 }
 

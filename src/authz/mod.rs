@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 pub mod cedar;
+pub mod kubeproto;
 pub mod requestinfo;
 
 use http::HeaderMap;

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ztgate_testkit::{ApiServer, ApiServerOptions, CertKey, TestPki};
+use ztgate_testkit::{ApiServer, ApiServerOptions, CertKey, DevIssuer, TestPki};
 
 use crate::server::RunningGateway;
 
@@ -35,6 +35,24 @@ pub struct DevSettings {
     pub max_request_body_bytes: u64,
     pub max_inflight_requests: u32,
     pub operations: bool,
+    /// Cedar policy files or directories (absolute); none means delegated authorization.
+    pub policies: Vec<PathBuf>,
+    pub policy_reload_interval: &'static str,
+    /// OIDC issuers the gateway trusts.
+    pub jwt: Vec<DevJwtIssuer>,
+    /// Serve TokenReview / SubjectAccessReview to callers with a cluster-CA certificate.
+    pub webhooks: bool,
+}
+
+/// One `authentication.jwt` entry of a dev config.
+#[derive(Clone, Debug)]
+pub struct DevJwtIssuer {
+    pub url: String,
+    pub ca_pem: String,
+    pub audience: String,
+    pub username_claim: String,
+    pub username_prefix: String,
+    pub groups_prefix: String,
 }
 
 impl Default for DevSettings {
@@ -47,6 +65,10 @@ impl Default for DevSettings {
             max_request_body_bytes: 3 * 1024 * 1024,
             max_inflight_requests: 400,
             operations: true,
+            policies: Vec::new(),
+            policy_reload_interval: "2s",
+            jwt: Vec::new(),
+            webhooks: false,
         }
     }
 }
@@ -72,6 +94,61 @@ impl DevEnv {
         } else {
             ""
         };
+        let mut jwt = String::new();
+        for (i, j) in s.jwt.iter().enumerate() {
+            let ca = certs.join(format!("issuer-{i}-ca.crt"));
+            std::fs::write(&ca, &j.ca_pem)?;
+            jwt.push_str(&format!(
+                r#"    - issuer:
+        url: {url}
+        audiences: [{aud}]
+        certificateAuthorityFile: {ca}
+      claimMappings:
+        username:
+          claim: {uclaim}
+          prefix: "{uprefix}"
+        groups:
+          claim: groups
+          prefix: "{gprefix}"
+      claimsForPolicy: [amr]
+"#,
+                url = j.url,
+                aud = j.audience,
+                ca = ca.display(),
+                uclaim = j.username_claim,
+                uprefix = j.username_prefix,
+                gprefix = j.groups_prefix,
+            ));
+        }
+        let jwt = if jwt.is_empty() {
+            String::new()
+        } else {
+            format!("  jwt:\n{jwt}")
+        };
+        let token_review = if s.webhooks && !s.jwt.is_empty() {
+            "  tokenReview:\n    callerBundle: kube-apiserver\n"
+        } else {
+            ""
+        };
+        let authorization = if s.policies.is_empty() {
+            String::new()
+        } else {
+            let list: Vec<String> = s
+                .policies
+                .iter()
+                .map(|p| format!("\"{}\"", p.display()))
+                .collect();
+            let sar = if s.webhooks {
+                "  subjectAccessReview:\n    callerBundle: kube-apiserver\n"
+            } else {
+                ""
+            };
+            format!(
+                "authorization:\n  policies: [{}]\n  reloadInterval: {}\n{sar}",
+                list.join(", "),
+                s.policy_reload_interval
+            )
+        };
         let config = format!(
             r#"apiVersion: ztgate.dev/v1alpha1
 kind: GatewayConfig
@@ -83,6 +160,8 @@ listener:
   clientCertificateBundles:
     - name: users
       caFile: certs/users-ca.crt
+    - name: kube-apiserver
+      caFile: certs/cluster-ca.crt
   reloadInterval: {reload}
 {ops}upstream:
   url: {upstream_url}
@@ -93,7 +172,7 @@ listener:
 authentication:
   x509:
     bundle: users
-timeouts:
+{jwt}{token_review}{authorization}timeouts:
   request: {timeout}
   shutdownGrace: {grace}
 limits:
@@ -174,20 +253,142 @@ current-context: {name}@ztgate
     }
 }
 
+impl DevEnv {
+    /// A kubeconfig whose user gets a token from the dev issuer's exec-credential endpoint
+    /// (client-go runs `curl`, and runs it again when the token expires).
+    pub fn kubeconfig_with_dev_login(
+        &self,
+        gateway_url: &str,
+        issuer: &DevIssuer,
+        user: &str,
+        groups: &[&str],
+        namespace: &str,
+    ) -> PathBuf {
+        let ca = self.dir.join("certs").join("dev-issuer-ca.crt");
+        std::fs::write(&ca, issuer.ca_pem()).expect("write issuer CA");
+        let url = format!(
+            "{}/dev/exec-credential?sub={user}&groups={}&aud=ztgate&ttl=600",
+            issuer.issuer_url(),
+            groups.join(",")
+        );
+        let path = self.dir.join(format!("{user}-login.kubeconfig"));
+        let kubeconfig = format!(
+            r#"apiVersion: v1
+kind: Config
+clusters:
+  - name: ztgate
+    cluster:
+      server: {gateway_url}
+      certificate-authority: {gw_ca}
+users:
+  - name: {user}
+    user:
+      exec:
+        apiVersion: client.authentication.k8s.io/v1
+        command: curl
+        args: ["-s", "--cacert", "{ca}", "{url}"]
+        interactiveMode: Never
+        provideClusterInfo: false
+contexts:
+  - name: {user}@ztgate
+    context:
+      cluster: ztgate
+      user: {user}
+      namespace: {namespace}
+current-context: {user}@ztgate
+"#,
+            gw_ca = self.gateway_ca_path.display(),
+            ca = ca.display(),
+        );
+        std::fs::write(&path, kubeconfig).expect("write kubeconfig");
+        path
+    }
+}
+
 /// A demo environment: the stand-in and the gateway, running.
 pub struct Demo {
     pub env: DevEnv,
     pub apiserver: ApiServer,
+    /// The development OIDC issuer, when the demo runs with token login.
+    pub issuer: Option<DevIssuer>,
     pub gateway: RunningGateway,
     pub url: String,
 }
 
+/// The demo's policies: discovery for everyone, namespace team-a for its group, and a forbid
+/// that shows what a policy denial looks like.
+pub const DEMO_POLICIES: &str = r#"// Demo policies (Cedar). Edit this file while the demo runs: the gateway reloads it.
+
+@id("discovery-read")
+permit (
+  principal,
+  action == k8s::Action::"get",
+  resource is k8s::NonResourceURL
+)
+when {
+  resource.path == "/api" || resource.path like "/api/*" ||
+  resource.path == "/apis" || resource.path like "/apis/*" ||
+  resource.path like "/openapi/*" || resource.path == "/version"
+};
+
+@id("team-a-namespace")
+permit (
+  principal in k8s::Group::"team-a",
+  action,
+  resource in k8s::Namespace::"team-a"
+);
+
+@id("no-pod-deletion")
+@reason("deleting pods goes through the release pipeline, not kubectl")
+forbid (
+  principal,
+  action in [k8s::Action::"delete", k8s::Action::"deletecollection"],
+  resource is k8s::Resource
+)
+when { resource.resource == "pods" };
+"#;
+
 impl Demo {
     pub async fn start(dir: &Path, settings: DevSettings) -> Result<Demo, String> {
+        Self::start_inner(dir, settings, false).await
+    }
+
+    /// The full demo: OIDC token login through the dev issuer and Cedar policies.
+    pub async fn start_with_login(dir: &Path, settings: DevSettings) -> Result<Demo, String> {
+        Self::start_inner(dir, settings, true).await
+    }
+
+    async fn start_inner(
+        dir: &Path,
+        mut settings: DevSettings,
+        login: bool,
+    ) -> Result<Demo, String> {
         let pki = TestPki::new();
         let apiserver = ApiServer::start(ApiServerOptions::new(&pki))
             .await
             .map_err(|e| format!("stand-in kube-apiserver: {e}"))?;
+        let issuer = if login {
+            let issuer = DevIssuer::start(&pki.gateway_ca)
+                .await
+                .map_err(|e| format!("dev OIDC issuer: {e}"))?;
+            settings.jwt.push(DevJwtIssuer {
+                url: issuer.issuer_url(),
+                ca_pem: issuer.ca_pem(),
+                audience: "ztgate".into(),
+                username_claim: "email".into(),
+                username_prefix: String::new(),
+                groups_prefix: String::new(),
+            });
+            let policies = dir.join("policies");
+            std::fs::create_dir_all(&policies).map_err(|e| e.to_string())?;
+            std::fs::write(policies.join("demo.cedar"), DEMO_POLICIES)
+                .map_err(|e| e.to_string())?;
+            settings.policies.push(policies);
+            settings.policy_reload_interval = "1s";
+            Some(issuer)
+        } else {
+            None
+        };
         let env =
             DevEnv::create(dir, pki, &apiserver.url(), &settings).map_err(|e| e.to_string())?;
         let cfg = crate::config::load_file(&env.config_path).map_err(|e| e.to_string())?;
@@ -203,6 +404,7 @@ impl Demo {
         Ok(Demo {
             env,
             apiserver,
+            issuer,
             gateway,
             url,
         })
@@ -210,7 +412,7 @@ impl Demo {
 }
 
 pub async fn run(o: DemoOptions) -> Result<(), String> {
-    let (dir, _tmp_guard) = match o.dir {
+    let (dir, tmp_guard) = match o.dir {
         Some(d) => {
             std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
             (d, None)
@@ -225,10 +427,14 @@ pub async fn run(o: DemoOptions) -> Result<(), String> {
         listen: format!("127.0.0.1:{}", o.port),
         ..Default::default()
     };
-    let demo = Demo::start(&dir, settings).await?;
-    let alice = demo
+    let demo = Demo::start_with_login(&dir, settings).await?;
+    let issuer = demo.issuer.as_ref().expect("login demo has an issuer");
+    let alice =
+        demo.env
+            .kubeconfig_with_dev_login(&demo.url, issuer, "alice", &["team-a"], "team-a");
+    let alice_cert = demo
         .env
-        .kubeconfig_for(&demo.url, "alice", &["team-a"], "team-a");
+        .kubeconfig_for(&demo.url, "alice-cert", &["team-a"], "team-a");
     let kubeconfig = match o.kubeconfig_out {
         Some(p) => {
             std::fs::copy(&alice, &p).map_err(|e| format!("{}: {e}", p.display()))?;
@@ -241,23 +447,30 @@ pub async fn run(o: DemoOptions) -> Result<(), String> {
         r#"ztgate demo is running.
 
   stand-in kube-apiserver  {apiserver}
+  dev OIDC issuer          {issuer_url}
   ztgate gateway           {url}
   metrics                  http://{ops}/metrics
   gateway config           {config}
-  kubeconfig (alice, group team-a)  {k}
+  policies (edit live)     {policies}
+  kubeconfig (alice, OIDC token login)      {k}
+  kubeconfig (alice, client certificate)    {cert}
 
 Try:
   export KUBECONFIG={k}
-  kubectl auth whoami                       # alice, groups team-a + system:authenticated (impersonated)
-  kubectl get pods -n team-a                # allowed
-  kubectl get pods -n team-b                # Forbidden by the cluster's RBAC
-  kubectl get pods -n team-a -w             # a watch, streamed through the gateway
+  kubectl auth whoami                 # alice@example.com from the OIDC token, impersonated upstream
+  kubectl get pods -n team-a          # allowed by policy "team-a-namespace"
+  kubectl get pods -n team-b          # Forbidden at the gateway: no policy allows it
+  kubectl delete pod web-1 -n team-a  # Forbidden by policy "no-pod-deletion", with its reason
+  kubectl auth can-i delete pods -n team-a   # no: the gateway's policy answers
+  kubectl get pods -n team-a -w       # a watch, streamed through the gateway
   echo hello | kubectl exec -i web-0 -n team-a -- cat
   kubectl logs -f web-0 -n team-a
   kubectl port-forward -n team-a pod/web-0 8080:80
 
-Press Ctrl-C to stop."#,
+The token comes from the kubeconfig's exec plugin (curl to the dev issuer); kubectl runs it
+again when the token expires. Press Ctrl-C to stop."#,
         apiserver = demo.apiserver.url(),
+        issuer_url = issuer.issuer_url(),
         url = demo.url,
         ops = demo
             .gateway
@@ -265,14 +478,25 @@ Press Ctrl-C to stop."#,
             .map(|a| a.to_string())
             .unwrap_or_else(|| "-".into()),
         config = demo.env.config_path.display(),
+        policies = dir.join("policies").join("demo.cedar").display(),
+        cert = alice_cert.display(),
     );
-    let _ = tokio::signal::ctrl_c().await;
+    wait_for_stop().await;
     println!("stopping");
     demo.gateway.shutdown();
     demo.gateway.wait().await;
     demo.apiserver.shutdown().await;
-    if let Some(d) = _tmp_guard {
+    if let Some(d) = tmp_guard {
         let _ = std::fs::remove_dir_all(d);
     }
     Ok(())
+}
+
+async fn wait_for_stop() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }

@@ -50,20 +50,20 @@ impl Subject<'_> {
     }
 }
 
-/// The principal entity and one entity per group; returns the principal's uid first.
+/// The principal entity; returns its uid.
 pub(crate) fn principal(
     schema: &CompiledSchema,
     subject: &Subject<'_>,
     out: &mut Vec<Entity>,
 ) -> Result<EntityUid, String> {
     let types = &schema.types;
-    let mut group_uids = HashSet::with_capacity(subject.groups.len());
-    for g in subject.groups {
-        let uid = CompiledSchema::uid(&types.group, g);
-        if group_uids.insert(uid.clone()) {
-            out.push(entity(uid, vec![("name".into(), s(g))], HashSet::new())?);
-        }
-    }
+    // Groups are parents (for `principal in k8s::Group::"g"`) and members of `groups`; the
+    // group entities themselves are not built: nothing but their uid is known about them.
+    let group_uids: HashSet<EntityUid> = subject
+        .groups
+        .iter()
+        .map(|g| CompiledSchema::uid(&types.group, g))
+        .collect();
     let groups_set = RestrictedExpression::new_set(
         group_uids
             .iter()
@@ -105,7 +105,7 @@ pub(crate) fn principal(
     Ok(uid)
 }
 
-/// The resource entity (and its namespace) for an API or non-resource request.
+/// The resource entity for an API or non-resource request.
 pub(crate) fn resource(
     schema: &CompiledSchema,
     info: &RequestInfo,
@@ -121,15 +121,11 @@ pub(crate) fn resource(
         )?);
         return Ok(uid);
     }
+    // The namespace is the resource's parent (for `resource in k8s::Namespace::"ns"`); the
+    // namespace entity itself is not built.
     let mut parents = HashSet::new();
     if !info.namespace.is_empty() {
-        let ns = CompiledSchema::uid(&types.namespace, &info.namespace);
-        out.push(entity(
-            ns.clone(),
-            vec![("name".into(), s(&info.namespace))],
-            HashSet::new(),
-        )?);
-        parents.insert(ns);
+        parents.insert(CompiledSchema::uid(&types.namespace, &info.namespace));
     }
     let uid = CompiledSchema::uid(&types.resource, &info.path);
     let attrs = vec![

@@ -68,7 +68,7 @@ impl PolicyIndex {
         for (i, (p, _, _)) in scoped.iter().enumerate() {
             order.insert(p.id().to_string(), i);
         }
-        for (name, action) in &schema.actions {
+        for (name, (action, _)) in &schema.actions {
             let mut slice = ActionSlice::default();
             for (policy, constraint, namespace) in &scoped {
                 if !action_applies(constraint, action, schema) {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
 
-use cedar_policy::{Entities, EntityId, EntityTypeName, EntityUid, Schema};
+use cedar_policy::{Entities, Entity, EntityId, EntityTypeName, EntityUid, Schema};
 
 use super::{PolicyError, PolicyErrors};
 
@@ -20,8 +20,9 @@ pub(crate) struct CompiledSchema {
     pub schema: Schema,
     /// Action entities (with the `read` / `write` groups as parents).
     pub action_entities: Entities,
-    /// Every action declared in the schema, by name (`get`, `list`, ..., `read`, `write`).
-    pub actions: HashMap<String, EntityUid>,
+    /// Every action declared in the schema, by name (`get`, `list`, ..., `read`, `write`), with
+    /// its entity (parents = its action groups), added to each request's entities.
+    pub actions: HashMap<String, (EntityUid, Entity)>,
     pub types: TypeNames,
 }
 
@@ -90,9 +91,10 @@ impl CompiledSchema {
         let action_type = EntityTypeName::from_str("k8s::Action")
             .map_err(|e| internal(format!("action type: {e}")))?;
         let mut actions = HashMap::new();
-        for uid in schema.actions() {
+        for entity in action_entities.iter() {
+            let uid = entity.uid();
             if uid.type_name() == &action_type {
-                actions.insert(uid.id().unescaped().to_owned(), uid.clone());
+                actions.insert(uid.id().unescaped().to_owned(), (uid, entity.clone()));
             }
         }
         let types = TypeNames::new().map_err(internal)?;
@@ -113,7 +115,7 @@ impl CompiledSchema {
     }
 
     /// `k8s::Action::"<verb>"`, when the schema declares that action.
-    pub fn action(&self, verb: &str) -> Option<&EntityUid> {
+    pub fn action(&self, verb: &str) -> Option<&(EntityUid, Entity)> {
         self.actions.get(verb)
     }
 
