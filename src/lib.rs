@@ -9,6 +9,7 @@ pub mod audit;
 pub mod authn;
 pub mod authz;
 pub mod body;
+pub mod cli;
 pub mod config;
 pub mod errors;
 pub mod pipeline;

@@ -26,6 +26,28 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Work with Cedar policies.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Print the kubeconfig-format file kube-apiserver needs to call the gateway's webhooks.
+    WebhookConfig {
+        /// The gateway's URL as kube-apiserver reaches it, e.g. https://ztgate.ztgate-system.svc
+        #[arg(long)]
+        server: String,
+        /// `tokenreview` or `subjectaccessreview`.
+        #[arg(long, default_value = "tokenreview")]
+        kind: String,
+        /// CA that signs the gateway's serving certificate.
+        #[arg(long)]
+        ca: PathBuf,
+        /// kube-apiserver's client certificate and key (from the gateway's caller bundle).
+        #[arg(long)]
+        client_cert: PathBuf,
+        #[arg(long)]
+        client_key: PathBuf,
+    },
     /// Start a stand-in kube-apiserver, a gateway in front of it, and write a kubeconfig.
     #[cfg(feature = "demo")]
     Demo {
@@ -38,6 +60,48 @@ enum Command {
         /// Gateway port on 127.0.0.1 (0 picks a free one).
         #[arg(long, default_value_t = 0)]
         port: u16,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate policy files/directories against the schema: exits 1 with file:line:col messages.
+    Validate {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Evaluate a hypothetical request, like `kubectl auth can-i`: prints yes/no and why; exits 0
+    /// when allowed, 1 when denied.
+    Check {
+        /// Policy files or directories.
+        #[arg(long = "policies", required = true)]
+        policies: Vec<PathBuf>,
+        #[arg(long)]
+        user: String,
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        #[arg(long)]
+        verb: String,
+        /// e.g. `pods`, `pods/exec`, `deployments`.
+        #[arg(long)]
+        resource: Option<String>,
+        #[arg(long, default_value = "")]
+        api_group: String,
+        #[arg(long, short = 'n', default_value = "")]
+        namespace: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        #[arg(long)]
+        non_resource_url: Option<String>,
+        #[arg(long, default_value = "127.0.0.1")]
+        source_ip: std::net::IpAddr,
+        #[arg(long, default_value = "oidc")]
+        auth_method: String,
+        #[arg(long)]
+        amr: Vec<String>,
+        /// Device facts as JSON: {"id":"…","bound":true,"postureAgeSeconds":60,"posture":{"managed":true,…}}
+        #[arg(long)]
+        device: Option<String>,
     },
 }
 
@@ -59,6 +123,81 @@ fn main() -> ExitCode {
             }
             Err(errs) => {
                 eprintln!("{errs}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Policy {
+            command: PolicyCommand::Validate { paths },
+        } => match ztgate::cli::policy_validate(&paths) {
+            Ok(msg) => {
+                println!("{msg}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Policy {
+            command:
+                PolicyCommand::Check {
+                    policies,
+                    user,
+                    groups,
+                    verb,
+                    resource,
+                    api_group,
+                    namespace,
+                    name,
+                    non_resource_url,
+                    source_ip,
+                    auth_method,
+                    amr,
+                    device,
+                },
+        } => {
+            let req = ztgate::cli::CheckRequest {
+                user,
+                groups,
+                verb,
+                resource,
+                api_group,
+                namespace,
+                name,
+                non_resource_url,
+                source_ip,
+                auth_method,
+                amr,
+                device_json: device,
+            };
+            match ztgate::cli::policy_check(&policies, &req) {
+                Ok((allowed, text)) => {
+                    println!("{text}");
+                    if allowed {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::WebhookConfig {
+            server,
+            kind,
+            ca,
+            client_cert,
+            client_key,
+        } => match ztgate::cli::webhook_config(&server, &kind, &ca, &client_cert, &client_key) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
                 ExitCode::FAILURE
             }
         },

@@ -1,0 +1,97 @@
+//! `ztgate policy validate|check` and `ztgate webhook-config`, run as a user runs them.
+
+use std::process::Command;
+
+fn ztgate(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ztgate"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn policy_validate_accepts_the_shipped_examples() {
+    let (code, out, err) = ztgate(&["policy", "validate", "config/policies"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("policies valid"), "{out}");
+}
+
+#[test]
+fn policy_validate_names_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.cedar");
+    std::fs::write(
+        &bad,
+        "// fine\npermit(principal, action, resource)\nwhen { resource.nosuch == 1 };\n",
+    )
+    .unwrap();
+    let (code, _, err) = ztgate(&["policy", "validate", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("bad.cedar:3:"), "{err}");
+    assert!(err.contains("nosuch"), "{err}");
+}
+
+#[test]
+fn policy_check_answers_like_kubectl_auth_can_i() {
+    let base = [
+        "policy",
+        "check",
+        "--policies",
+        "config/policies",
+        "--user",
+        "alice",
+        "--group",
+        "team-a",
+    ];
+    let (code, out, _) = ztgate(
+        &[
+            &base[..],
+            &["--verb", "list", "--resource", "pods", "-n", "team-a"],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("yes"), "{out}");
+    let (code, out, _) = ztgate(
+        &[
+            &base[..],
+            &["--verb", "get", "--resource", "secrets", "-n", "team-a"],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.starts_with("no - "), "{out}");
+    assert!(out.contains("secrets"), "{out}");
+}
+
+#[test]
+fn webhook_config_is_a_kubeconfig_pointing_at_the_review_endpoint() {
+    let (code, out, err) = ztgate(&[
+        "webhook-config",
+        "--server",
+        "https://ztgate.ztgate-system.svc",
+        "--ca",
+        "/etc/ztgate/ca.crt",
+        "--client-cert",
+        "/etc/kubernetes/pki/ztgate-client.crt",
+        "--client-key",
+        "/etc/kubernetes/pki/ztgate-client.key",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let doc: serde_json::Value = serde_yaml_ng::from_str(&out).unwrap();
+    assert_eq!(doc["kind"], "Config");
+    assert_eq!(
+        doc["clusters"][0]["cluster"]["server"],
+        "https://ztgate.ztgate-system.svc/apis/authentication.k8s.io/v1/tokenreviews"
+    );
+    assert_eq!(
+        doc["users"][0]["user"]["client-certificate"],
+        "/etc/kubernetes/pki/ztgate-client.crt"
+    );
+}
