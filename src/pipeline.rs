@@ -53,11 +53,18 @@ impl ConnInfo {
     }
 }
 
-/// Facts gathered along the way, for the request log line.
+/// Facts gathered along the way, for the request log line and the audit events.
 #[derive(Default)]
 struct Trace {
     user: Option<String>,
     impersonated: Option<String>,
+    identity: Option<Arc<Identity>>,
+    impersonated_identity: Option<Arc<Identity>>,
+    info: Option<RequestInfo>,
+    /// (decision, reason, determining policies) when policy decided.
+    decision: Option<(crate::audit::event::Decision, String, String)>,
+    /// Set for streams, to record ResponseComplete when they end.
+    stream: Option<crate::streams::CloseSlot>,
 }
 
 /// The Kubernetes-ish verb used as a metrics label (bounded set).
@@ -81,22 +88,36 @@ fn verb_label(method: &Method, shape: RequestShape) -> &'static str {
 pub async fn handle(
     gw: Arc<Gateway>,
     conn: Arc<ConnInfo>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
+    let received = SystemTime::now();
     match req.uri().path() {
         "/livez" | "/healthz" => return Ok(plain(StatusCode::OK, "ok")),
         "/readyz" => return Ok(gw.readyz()),
         _ => {}
     }
+    // One audit ID per request, sent upstream so kube-apiserver's events carry the same ID.
+    // A client's own Audit-ID is replaced: it must not be able to pick the ID of another event.
+    let audit_id = crate::audit::Auditor::new_audit_id();
+    let audit_id_value = HeaderValue::from_str(&audit_id).expect("a UUID is a header value");
+    req.headers_mut().insert("audit-id", audit_id_value.clone());
+    let user_agent = req
+        .headers()
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let method = req.method().clone();
     let uri = req.uri().clone();
     let shape = shape_of(&req);
     let verb = verb_label(&method, shape);
     let mut trace = Trace::default();
-    let (resp, outcome) = match run(&gw, &conn, req, shape, &mut trace).await {
+    let mut status_text: Option<(String, String)> = None;
+    let (mut resp, outcome) = match run(&gw, &conn, req, shape, &mut trace).await {
         Ok(resp) => (resp, "forwarded"),
         Err(err) => {
+            let st = err.to_status();
+            status_text = Some((st.reason.to_owned(), st.message.clone()));
             let user = trace.user.as_deref().unwrap_or("");
             match &err {
                 PipelineError::Authn(e) => {
@@ -123,7 +144,25 @@ pub async fn handle(
     };
     let took = start.elapsed();
     let code = resp.status().as_u16();
+    resp.headers_mut().insert("audit-id", audit_id_value);
     gw.metrics.request(verb, code, outcome, took);
+    if gw.auditor.is_enabled() {
+        audit(
+            &gw,
+            &trace,
+            AuditFacts {
+                audit_id: &audit_id,
+                method: &method,
+                uri: &uri,
+                user_agent: user_agent.as_deref(),
+                source_ip: conn.peer.ip(),
+                received,
+                code,
+                status: status_text.as_ref(),
+            },
+        )
+        .await;
+    }
     tracing::info!(
         method = %method,
         path = uri.path(),
@@ -135,6 +174,91 @@ pub async fn handle(
         "request"
     );
     Ok(resp)
+}
+
+struct AuditFacts<'a> {
+    audit_id: &'a str,
+    method: &'a Method,
+    uri: &'a http::Uri,
+    user_agent: Option<&'a str>,
+    source_ip: std::net::IpAddr,
+    received: SystemTime,
+    code: u16,
+    status: Option<&'a (String, String)>,
+}
+
+/// Records the request's audit events: RequestReceived, then ResponseComplete — or, for a stream
+/// that started, ResponseStarted now and ResponseComplete when it ends (with why the gateway
+/// closed it, if it did).
+async fn audit(gw: &Arc<Gateway>, trace: &Trace, f: AuditFacts<'_>) {
+    use crate::audit::event::{EventParts, ResponseInfo, Stage, UserInfo};
+    let subject = trace.identity.as_deref().map(crate::audit::Subject::from);
+    let policy = gw.auditor.decide(subject, trace.info.as_ref());
+    if policy.level == crate::audit::Level::None {
+        return;
+    }
+    let source_ips = [f.source_ip];
+    let impersonated = trace
+        .impersonated_identity
+        .as_deref()
+        .map(UserInfo::from_identity);
+    let mut parts = EventParts::new(f.audit_id, f.method, f.uri, f.received);
+    parts.user_agent = f.user_agent;
+    parts.source_ips = &source_ips;
+    parts.identity = trace.identity.as_deref();
+    parts.impersonated = impersonated.as_ref();
+    parts.request_info = trace.info.as_ref();
+    parts.response = Some(ResponseInfo {
+        code: f.code,
+        reason: f.status.map(|s| s.0.as_str()),
+        message: f.status.map(|s| s.1.as_str()),
+    });
+    match &trace.decision {
+        Some((d, reason, policies)) => {
+            parts.decision(*d);
+            parts.annotate(crate::audit::event::ANNOTATION_REASON, reason.clone());
+            if !policies.is_empty() {
+                parts.annotate(crate::audit::event::ANNOTATION_POLICY, policies.clone());
+            }
+        }
+        None if f.code == 401 || f.code == 403 || f.code == 400 => {
+            parts.decision(crate::audit::event::Decision::Deny);
+            if let Some((reason, _)) = f.status {
+                parts.annotate(crate::audit::event::ANNOTATION_REASON, reason.clone());
+            }
+        }
+        None => {}
+    }
+    gw.auditor
+        .record_stage(&policy, Stage::RequestReceived, &parts)
+        .await;
+    let started = f.code == 101 || (200..300).contains(&f.code);
+    match (&trace.stream, started) {
+        (Some(slot), true) => {
+            gw.auditor
+                .record_stage(&policy, Stage::ResponseStarted, &parts)
+                .await;
+            if policy.records(Stage::ResponseComplete) {
+                let mut complete = parts.build(policy.level, Stage::ResponseComplete);
+                let auditor = gw.auditor.clone();
+                slot.on_close(Box::new(move |why| {
+                    complete.stage_timestamp = crate::audit::event::MicroTime::now();
+                    if let Some(why) = why {
+                        complete.annotations.insert(
+                            crate::audit::event::ANNOTATION_STREAM_CLOSED.to_owned(),
+                            why.to_owned(),
+                        );
+                    }
+                    auditor.record_now(complete);
+                }));
+            }
+        }
+        _ => {
+            gw.auditor
+                .record_stage(&policy, Stage::ResponseComplete, &parts)
+                .await;
+        }
+    }
 }
 
 fn is_websocket(headers: &http::HeaderMap) -> bool {
@@ -174,10 +298,12 @@ async fn run(
     };
     let identity = authenticate(gw, conn, &creds).await?;
     trace.user = Some(identity.user().to_owned());
+    trace.identity = Some(identity.clone());
 
     // 5. What kube-apiserver will act on.
     let info = request_info(req.method(), req.uri().path(), req.uri().query())
         .map_err(|e| PipelineError::BadRequest(e.to_string().into()))?;
+    trace.info = Some(info.clone());
     let method = req.method().clone();
     let ctx = RequestContext {
         info: &info,
@@ -192,6 +318,7 @@ async fn run(
         Some(imp) => {
             let as_user = gw.authorizer.impersonate(identity, &imp, &ctx)?;
             trace.impersonated = Some(as_user.user().to_owned());
+            trace.impersonated_identity = Some(as_user.clone());
             as_user
         }
         None => identity,
@@ -205,11 +332,37 @@ async fn run(
             }
             a
         }
-        None => gw.authorizer.authorize(identity, &ctx)?,
+        None => match gw.authorizer.authorize(identity, &ctx) {
+            Ok(a) => {
+                if let Some(d) = a.decision() {
+                    trace.decision = Some((
+                        crate::audit::event::Decision::Allow,
+                        crate::authz::cedar::decision_reason(d),
+                        d.determining.join(","),
+                    ));
+                }
+                a
+            }
+            Err(e) => {
+                if let crate::authz::AuthzError::Denied { decision, .. } = &e {
+                    let d = if decision.errors.is_empty() {
+                        crate::audit::event::Decision::Deny
+                    } else {
+                        crate::audit::event::Decision::Error
+                    };
+                    trace.decision = Some((
+                        d,
+                        crate::authz::cedar::decision_reason(decision),
+                        decision.determining.join(","),
+                    ));
+                }
+                return Err(e.into());
+            }
+        },
     };
 
     // 8. Forwarding.
-    forward(gw, req, authorized, shape, conn.peer.ip()).await
+    forward(gw, req, authorized, shape, conn.peer.ip(), Some(trace)).await
 }
 
 async fn forward<B>(
@@ -218,6 +371,7 @@ async fn forward<B>(
     authorized: Authorized,
     shape: RequestShape,
     client_ip: std::net::IpAddr,
+    trace: Option<&mut Trace>,
 ) -> Result<Response<Body>, PipelineError>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -241,6 +395,9 @@ where
         }
         RequestShape::Streaming(kind) => {
             let handle = gw.streams.register(kind, authorized.identity().user());
+            if let Some(t) = trace {
+                t.stream = Some(handle.close_slot());
+            }
             let token = handle.token();
             let resp = gw
                 .upstream
@@ -252,6 +409,9 @@ where
         }
         RequestShape::Upgrade(kind) => {
             let handle = gw.streams.register(kind, authorized.identity().user());
+            if let Some(t) = trace {
+                t.stream = Some(handle.close_slot());
+            }
             // Upgrades arrive on HTTP/1.1 connections, whose bodies are `Incoming`.
             let (parts, body) = req.into_parts();
             let body = body.map_err(Into::into).boxed_unsync();
@@ -335,7 +495,15 @@ async fn self_subject_access_review(
     parts.headers.remove(header::CONTENT_LENGTH);
     let body = Bytes::from(serde_json::to_vec(&review).unwrap_or_default());
     let req = Request::from_parts(parts, Full::new(body));
-    forward(gw, req, authorized, RequestShape::Unary, ctx.source_ip).await
+    forward(
+        gw,
+        req,
+        authorized,
+        RequestShape::Unary,
+        ctx.source_ip,
+        None,
+    )
+    .await
 }
 
 /// Runs the configured authenticators over the request's credentials.

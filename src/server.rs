@@ -53,6 +53,7 @@ pub enum StartError {
 /// Everything a request needs, built once from the config (never re-parsed per request).
 pub struct Gateway {
     pub upstream: Upstream,
+    pub auditor: Arc<crate::audit::Auditor>,
     pub x509: Option<X509Authenticator>,
     pub oidc: Option<Arc<OidcAuthenticator>>,
     pub bundles: Arc<TrustBundles>,
@@ -308,6 +309,13 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
         )
     };
 
+    let auditor = match &cfg.audit {
+        Some(a) => crate::audit::Auditor::start(a, stop.clone())
+            .await
+            .map_err(|e| StartError::Config(format!("audit: {e}")))?,
+        None => crate::audit::Auditor::disabled(),
+    };
+
     let metrics = Arc::new(Metrics::new());
     let authorizer = match &cfg.authorization {
         Some(a) => {
@@ -336,6 +344,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
     };
     let gw = Arc::new(Gateway {
         upstream,
+        auditor,
         x509,
         oidc,
         bundles: bundles.clone(),
@@ -532,10 +541,11 @@ async fn accept_loop(
         );
     }
     tracing::info!(streams = gw.streams.count(), "closing streams");
-    gw.streams.close_all();
+    gw.streams.close_all("gateway shutting down");
     if !connections.drain(Duration::from_secs(5)).await {
         tracing::warn!(open = connections.count(), "connections still open at exit");
     }
+    let _ = tokio::time::timeout(Duration::from_secs(5), gw.auditor.flush()).await;
     stop_background.cancel();
     tracing::info!("shutdown complete");
 }

@@ -47,6 +47,40 @@ struct Entry {
     kind: StreamKind,
     user: String,
     cancel: CancellationToken,
+    slot: CloseSlot,
+}
+
+/// Called once when a stream ends, with why the gateway closed it (None: it ended by itself).
+pub type CloseHook = Box<dyn FnOnce(Option<&str>) + Send>;
+
+/// Where a stream's end is reported (audit), and why the gateway closed it, if it did.
+#[derive(Clone, Default)]
+pub struct CloseSlot {
+    inner: Arc<Mutex<(Option<CloseHook>, Option<String>)>>,
+}
+
+impl CloseSlot {
+    /// Sets the hook run when the stream ends.
+    pub fn on_close(&self, hook: CloseHook) {
+        self.inner.lock().expect("close slot poisoned").0 = Some(hook);
+    }
+
+    fn set_reason(&self, why: &str) {
+        let mut g = self.inner.lock().expect("close slot poisoned");
+        if g.1.is_none() {
+            g.1 = Some(why.to_owned());
+        }
+    }
+
+    fn fire(&self) {
+        let (hook, reason) = {
+            let mut g = self.inner.lock().expect("close slot poisoned");
+            (g.0.take(), g.1.clone())
+        };
+        if let Some(h) = hook {
+            h(reason.as_deref());
+        }
+    }
 }
 
 /// The registry of live streams.
@@ -63,9 +97,13 @@ pub struct StreamHandle {
     kind: StreamKind,
     registry: Arc<StreamRegistry>,
     cancel: CancellationToken,
+    slot: CloseSlot,
 }
 
 impl StreamHandle {
+    pub fn close_slot(&self) -> CloseSlot {
+        self.slot.clone()
+    }
     pub fn token(&self) -> CancellationToken {
         self.cancel.clone()
     }
@@ -82,6 +120,7 @@ impl Drop for StreamHandle {
             .expect("stream registry poisoned")
             .remove(&self.id);
         self.registry.metrics.stream_closed(self.kind);
+        self.slot.fire();
     }
 }
 
@@ -98,12 +137,14 @@ impl StreamRegistry {
     pub fn register(self: &Arc<Self>, kind: StreamKind, user: &str) -> StreamHandle {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let cancel = self.root.child_token();
+        let slot = CloseSlot::default();
         self.live.lock().expect("stream registry poisoned").insert(
             id,
             Entry {
                 kind,
                 user: user.to_owned(),
                 cancel: cancel.clone(),
+                slot: slot.clone(),
             },
         );
         self.metrics.stream_opened(kind);
@@ -112,19 +153,24 @@ impl StreamRegistry {
             kind,
             registry: self.clone(),
             cancel,
+            slot,
         }
     }
 
     /// Closes every live stream (shutdown).
-    pub fn close_all(&self) {
+    pub fn close_all(&self, why: &str) {
+        for e in self.live.lock().expect("stream registry poisoned").values() {
+            e.slot.set_reason(why);
+        }
         self.root.cancel();
     }
 
     /// Closes the streams of one user; returns how many.
-    pub fn close_user(&self, user: &str) -> usize {
+    pub fn close_user(&self, user: &str, why: &str) -> usize {
         let live = self.live.lock().expect("stream registry poisoned");
         let mut n = 0;
         for e in live.values().filter(|e| e.user == user) {
+            e.slot.set_reason(why);
             e.cancel.cancel();
             n += 1;
         }

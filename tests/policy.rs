@@ -97,6 +97,11 @@ fn upstream_saw(h: &Harness, fragment: &str) -> Vec<ztgate_testkit::RecordedRequ
         .collect()
 }
 
+fn message_of(body: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    v["message"].as_str().unwrap_or_default().to_owned()
+}
+
 async fn metrics_text(h: &Harness) -> String {
     let ops = h.demo.gateway.ops_addr.expect("ops port");
     let plain = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -283,6 +288,16 @@ async fn kubectl_as_is_allowed_only_where_policy_allows_impersonation() {
         .kubectl(&alice, &[&as_sa, "auth", "whoami", "-o", "json"])
         .await;
     assert!(!out.status.success(), "stdout: {}", text(&out.stdout));
+    // kubectl words a refused SelfSubjectReview its own way, and hides the Status text of a
+    // refused discovery request ("Forbidden: unknown", as with kube-apiserver itself): a raw
+    // GET shows the gateway's message.
+    assert!(
+        text(&out.stderr).contains("do not have permission"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = h.kubectl(&alice, &[&as_sa, "get", "--raw", PODS_A]).await;
+    assert!(!out.status.success(), "stdout: {}", text(&out.stdout));
     let stderr = text(&out.stderr);
     assert!(stderr.contains("Forbidden"), "{stderr}");
     assert!(
@@ -309,6 +324,10 @@ async fn kubectl_as_is_allowed_only_where_policy_allows_impersonation() {
     // Nobody impersonates system: users, not even support.
     let out = h
         .kubectl(&bob, &["--as=system:admin", "auth", "whoami", "-o", "json"])
+        .await;
+    assert!(!out.status.success(), "stdout: {}", text(&out.stdout));
+    let out = h
+        .kubectl(&bob, &["--as=system:admin", "get", "--raw", PODS_A])
         .await;
     assert!(!out.status.success(), "stdout: {}", text(&out.stdout));
     let stderr = text(&out.stderr);
@@ -624,7 +643,7 @@ async fn policy_forbidding_pods_exec_refuses_kubectl_exec() {
     let (code, _, body) = send(&client, req).await;
     assert_eq!(code, 403, "{body}");
     assert_eq!(status_of(&body), (403, "Forbidden".to_owned()));
-    assert!(body.contains(expected), "{body}");
+    assert_eq!(message_of(&body), expected);
     assert!(upstream_saw(&h, "/exec").is_empty());
 
     // The policy is about exec only: other pod access in team-a still works.
@@ -633,4 +652,49 @@ async fn policy_forbidding_pods_exec_refuses_kubectl_exec() {
         .await;
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
     assert!(text(&out.stdout).contains("web-0"));
+}
+
+/// kube-apiserver configured with `authorization.k8s.io/v1beta1` for its webhook posts the groups
+/// as `spec.group` (v1beta1's JSON name), not `spec.groups`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "gateway bug: src/webhook.rs reads only spec.groups; v1beta1 names the field spec.group"]
+async fn subject_access_review_v1beta1_reads_the_groups_kube_apiserver_sends() {
+    let (h, _p) = start_with_policies(&[(
+        "policy.cedar",
+        &format!("{DISCOVERY}{TEAM_A}{NO_POD_DELETION}"),
+    )])
+    .await;
+    let apiserver_cert = h
+        .demo
+        .env
+        .pki
+        .cluster_ca
+        .issue_client("kube-apiserver", &[]);
+    let kube = support::raw_client(
+        &h.demo.env.pki.gateway_ca.cert_pem(),
+        Some(&apiserver_cert),
+        false,
+    );
+    let body = serde_json::json!({
+        "apiVersion": "authorization.k8s.io/v1beta1",
+        "kind": "SubjectAccessReview",
+        "spec": {
+            "user": "alice",
+            "group": ["team-a"],
+            "resourceAttributes": {"namespace": "team-a", "verb": "list", "resource": "pods"}
+        }
+    })
+    .to_string();
+    let req = Request::post(h.uri("/apis/authorization.k8s.io/v1beta1/subjectaccessreviews"))
+        .header("Content-Type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let (code, _, body) = send(&kube, req).await;
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["apiVersion"], "authorization.k8s.io/v1beta1", "{v}");
+    assert_eq!(
+        v["status"]["allowed"], true,
+        "a team-a member may list pods in team-a: {v}"
+    );
 }

@@ -148,6 +148,24 @@ pub fn resolve_paths(cfg: &mut GatewayConfig, base_dir: &Path) {
             fix(p);
         }
     }
+    if let Some(a) = &mut cfg.audit {
+        if let Some(p) = &mut a.policy_file {
+            fix(p);
+        }
+        for sink in &mut a.sinks {
+            match sink {
+                crate::audit::SinkConfig::File(f) => fix(&mut f.path),
+                crate::audit::SinkConfig::Webhook(w) => {
+                    fix(&mut w.ca_file);
+                    if let Some(ck) = &mut w.client_certificate {
+                        fix(&mut ck.cert_file);
+                        fix(&mut ck.key_file);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 fn issues_to_errors(

@@ -28,6 +28,9 @@ pub struct GatewayConfig {
     /// kube-apiserver's RBAC is the only authorization (logged as a warning at start).
     #[serde(default)]
     pub authorization: Option<AuthorizationConfig>,
+    /// Audit events in kube-apiserver's `audit.k8s.io/v1` format.
+    #[serde(default)]
+    pub audit: Option<crate::audit::AuditConfig>,
     #[serde(default)]
     pub timeouts: TimeoutsConfig,
     #[serde(default)]

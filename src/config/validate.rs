@@ -31,6 +31,12 @@ pub fn validate(cfg: &GatewayConfig) -> Vec<Issue> {
     v.upstream(cfg);
     v.authentication(cfg);
     v.authorization(cfg);
+    if let Some(a) = &cfg.audit {
+        if let Err(e) = a.validate() {
+            let (path, msg) = e.split_once(": ").unwrap_or(("", e.as_str()));
+            v.err(format!("audit.{path}"), msg.to_owned());
+        }
+    }
     v.timeouts(cfg);
     v.limits(cfg);
     v.logging(cfg);
