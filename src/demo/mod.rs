@@ -42,6 +42,8 @@ pub struct DevSettings {
     pub jwt: Vec<DevJwtIssuer>,
     /// Serve TokenReview / SubjectAccessReview to callers with a cluster-CA certificate.
     pub webhooks: bool,
+    /// Write audit events (JSON lines) to this file.
+    pub audit_file: Option<PathBuf>,
 }
 
 /// One `authentication.jwt` entry of a dev config.
@@ -69,6 +71,7 @@ impl Default for DevSettings {
             policy_reload_interval: "2s",
             jwt: Vec::new(),
             webhooks: false,
+            audit_file: None,
         }
     }
 }
@@ -189,6 +192,13 @@ logging:
             body = s.max_request_body_bytes,
             inflight = s.max_inflight_requests,
         );
+        let config = match &s.audit_file {
+            Some(p) => format!(
+                "{config}audit:\n  sinks:\n    - type: file\n      path: \"{}\"\n",
+                p.display()
+            ),
+            None => config,
+        };
         let config_path = dir.join("gateway.yaml");
         std::fs::write(&config_path, config)?;
         Ok(DevEnv {
