@@ -106,7 +106,7 @@ impl PipelineError {
     pub fn outcome(&self) -> &'static str {
         match self {
             PipelineError::Authn(_) => "unauthenticated",
-            PipelineError::Authz(AuthzError::Denied { .. }) => "denied",
+            PipelineError::Authz(AuthzError::Denied(_)) => "denied",
             PipelineError::Authz(_) => "bad_request",
             PipelineError::BadRequest(_) => "bad_request",
             PipelineError::BodyTooLarge { .. } => "body_too_large",
@@ -124,18 +124,12 @@ impl PipelineError {
             PipelineError::Authn(_) => {
                 Status::failure(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized")
             }
-            PipelineError::Authz(AuthzError::Denied {
-                message,
-                resource,
-                name,
-                group,
-                ..
-            }) => {
-                let mut s = Status::failure(StatusCode::FORBIDDEN, "Forbidden", message.clone());
+            PipelineError::Authz(AuthzError::Denied(d)) => {
+                let mut s = Status::failure(StatusCode::FORBIDDEN, "Forbidden", d.message.clone());
                 s.details = Some(StatusDetails {
-                    name: name.clone(),
-                    group: group.clone(),
-                    kind: resource.clone(),
+                    name: d.name.clone(),
+                    group: d.group.clone(),
+                    kind: d.resource.clone(),
                     ..Default::default()
                 });
                 s

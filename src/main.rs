@@ -63,6 +63,8 @@ enum Command {
     },
 }
 
+// Parsed once per process; boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum PolicyCommand {
     /// Validate policy files/directories against the schema: exits 1 with file:line:col messages.

@@ -124,8 +124,8 @@ pub async fn handle(
                     gw.metrics.authn_failure(e.reason_label());
                     tracing::warn!(peer = %conn.peer, method = %method, path = uri.path(), reason = %e, "authentication failed");
                 }
-                PipelineError::Authz(crate::authz::AuthzError::Denied { decision, .. }) => {
-                    tracing::info!(peer = %conn.peer, method = %method, path = uri.path(), user, policies = ?decision.determining, reason = %err, "denied");
+                PipelineError::Authz(crate::authz::AuthzError::Denied(d)) => {
+                    tracing::info!(peer = %conn.peer, method = %method, path = uri.path(), user, policies = ?d.decision.determining, reason = %err, "denied");
                 }
                 PipelineError::Upstream(e) => {
                     gw.metrics.upstream_error(err.outcome());
@@ -344,7 +344,8 @@ async fn run(
                 a
             }
             Err(e) => {
-                if let crate::authz::AuthzError::Denied { decision, .. } = &e {
+                if let crate::authz::AuthzError::Denied(denial) = &e {
+                    let decision = &denial.decision;
                     let d = if decision.errors.is_empty() {
                         crate::audit::event::Decision::Deny
                     } else {

@@ -120,7 +120,7 @@ async fn metrics_text(h: &Harness) -> String {
 fn sample(metrics: &str, series: &str) -> Option<f64> {
     metrics.lines().find_map(|l| {
         let rest = l.strip_prefix(series)?;
-        rest.trim().split_whitespace().next()?.parse().ok()
+        rest.split_whitespace().next()?.parse().ok()
     })
 }
 
@@ -273,9 +273,13 @@ async fn kubectl_as_is_allowed_only_where_policy_allows_impersonation() {
         serde_json::json!(["bob"]),
         "{v}"
     );
+    // bob's own groups do not travel with the impersonated identity.
+    let groups = info["groups"].as_array().cloned().unwrap_or_default();
+    assert!(!groups.contains(&serde_json::json!("support")), "{v}");
     let ssr = upstream_saw(&h, "/selfsubjectreviews");
     assert_eq!(ssr.len(), 1, "{ssr:?}");
     assert_eq!(ssr[0].header_values("impersonate-user"), [sa]);
+    assert!(ssr[0].header_values("impersonate-group").is_empty());
     assert_eq!(
         ssr[0].authenticated_user.as_deref(),
         Some(ztgate_testkit::GATEWAY_USER)

@@ -45,18 +45,22 @@ impl Authorized {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuthzError {
-    /// Policy denied the request; `message` is kube-apiserver's wording plus the reason.
-    #[error("{message}")]
-    Denied {
-        message: String,
-        resource: String,
-        name: String,
-        group: String,
-        decision: Decision,
-    },
+    /// Policy denied the request.
+    #[error("{}", .0.message)]
+    Denied(Box<Denial>),
     /// The client's impersonation headers are malformed (e.g. groups without a user).
     #[error("bad impersonation request: {0}")]
     BadImpersonation(String),
+}
+
+/// A policy denial: `message` is kube-apiserver's wording plus the reason.
+#[derive(Debug)]
+pub struct Denial {
+    pub message: String,
+    pub resource: String,
+    pub name: String,
+    pub group: String,
+    pub decision: Decision,
 }
 
 /// What the client asked to impersonate.
@@ -238,7 +242,7 @@ impl Authorizer {
                 } else {
                     cedar::decision_reason(&decision)
                 };
-                return Err(AuthzError::Denied {
+                return Err(AuthzError::Denied(Box::new(Denial {
                     message: format!(
                         "{resource} {:?} is forbidden: User {:?} cannot impersonate resource {resource:?} in API group {group:?} at the cluster scope: {why}",
                         target.value,
@@ -248,7 +252,7 @@ impl Authorizer {
                     name: target.value.clone(),
                     group: group.to_owned(),
                     decision,
-                });
+                })));
             }
         }
         let user = request.user.clone().unwrap_or_default();
@@ -326,12 +330,12 @@ impl Authorizer {
             });
         }
         let message = cedar::reason_message(ctx.info, identity.user(), verb, &decision);
-        Err(AuthzError::Denied {
+        Err(AuthzError::Denied(Box::new(Denial {
             message,
             resource: ctx.info.resource.clone(),
             name: ctx.info.name.clone(),
             group: ctx.info.api_group.clone(),
             decision,
-        })
+        })))
     }
 }

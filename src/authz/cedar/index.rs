@@ -68,7 +68,8 @@ impl PolicyIndex {
         for (i, (p, _, _)) in scoped.iter().enumerate() {
             order.insert(p.id().to_string(), i);
         }
-        for (name, (action, _)) in &schema.actions {
+        for (name, info) in &schema.actions {
+            let action = &info.uid;
             let mut slice = ActionSlice::default();
             for (policy, constraint, namespace) in &scoped {
                 if !action_applies(constraint, action, schema) {

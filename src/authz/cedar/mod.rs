@@ -263,6 +263,8 @@ pub struct PolicyEngine {
     reload_lock: Mutex<()>,
     authorizer: Authorizer,
     slicing: bool,
+    /// Check every request and its entities against the schema (unit tests).
+    schema_checks: bool,
 }
 
 impl std::fmt::Debug for PolicyEngine {
@@ -294,6 +296,7 @@ impl PolicyEngine {
             reload_lock: Mutex::new(()),
             authorizer: Authorizer::new(),
             slicing: true,
+            schema_checks: cfg!(test),
         })
     }
 
@@ -301,6 +304,14 @@ impl PolicyEngine {
     /// policy for every request (same decisions, slower with many policies).
     pub fn with_slicing(mut self, slicing: bool) -> PolicyEngine {
         self.slicing = slicing;
+        self
+    }
+
+    /// Checks every request and its entities against the schema before evaluating (costly;
+    /// on in unit tests, where it proves that the entity builder fits the schema).
+    #[cfg(test)]
+    pub(crate) fn with_schema_checks(mut self, on: bool) -> PolicyEngine {
+        self.schema_checks = on;
         self
     }
 
@@ -395,19 +406,28 @@ impl PolicyEngine {
     ) -> Decision {
         let loaded = self.current.load();
         let schema = &*loaded.schema;
-        let Some((action, action_entity)) = schema.action(verb) else {
+        let Some(action) = schema.action(verb) else {
             return Decision::error(format!("verb {verb:?} is not an action in the schema"));
         };
         // The entities and the request are built to fit the schema by construction; checking
         // them against it costs more than the rest of the decision, so only the unit tests do.
-        let check = cfg!(test).then_some(&schema.schema);
+        // What the construction cannot guarantee (that the verb applies to this kind of
+        // principal and resource) is checked here, cheaply.
+        let check = self.schema_checks.then_some(&schema.schema);
         let prepared = (|| -> Result<(Request, Entities), String> {
             let mut list = Vec::with_capacity(3);
             let principal = entities::principal(schema, subject, &mut list)?;
             let resource = resource(schema, &mut list)?;
+            if !action.applies_to(principal.type_name(), resource.type_name()) {
+                return Err(format!(
+                    "action {verb:?} does not apply to {} on {}",
+                    principal.type_name(),
+                    resource.type_name()
+                ));
+            }
             let context = entities::context(subject, req)?;
-            list.push(action_entity.clone());
-            let request = Request::new(principal, action.clone(), resource, context, check)
+            list.push(action.entity.clone());
+            let request = Request::new(principal, action.uid.clone(), resource, context, check)
                 .map_err(|e| format!("request does not match the schema: {e}"))?;
             let entities = Entities::from_entities(list, check)
                 .map_err(|e| format!("entities do not match the schema: {e}"))?;

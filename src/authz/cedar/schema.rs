@@ -20,10 +20,27 @@ pub(crate) struct CompiledSchema {
     pub schema: Schema,
     /// Action entities (with the `read` / `write` groups as parents).
     pub action_entities: Entities,
-    /// Every action declared in the schema, by name (`get`, `list`, ..., `read`, `write`), with
-    /// its entity (parents = its action groups), added to each request's entities.
-    pub actions: HashMap<String, (EntityUid, Entity)>,
+    /// Every action declared in the schema, by name (`get`, `list`, ..., `read`, `write`).
+    pub actions: HashMap<String, ActionInfo>,
     pub types: TypeNames,
+}
+
+/// One action of the schema and what it applies to.
+pub(crate) struct ActionInfo {
+    pub uid: EntityUid,
+    /// Its entity (parents = its action groups), added to each request's entities.
+    pub entity: Entity,
+    /// `appliesTo` principal and resource types (empty for the action groups).
+    pub principals: Vec<EntityTypeName>,
+    pub resources: Vec<EntityTypeName>,
+}
+
+impl ActionInfo {
+    /// Whether a request with these principal and resource types is one the schema declares
+    /// for this action (what `Request::new` checks with a schema, without building the request).
+    pub fn applies_to(&self, principal: &EntityTypeName, resource: &EntityTypeName) -> bool {
+        self.principals.contains(principal) && self.resources.contains(resource)
+    }
 }
 
 /// The entity type names of the `k8s` namespace, parsed once.
@@ -94,7 +111,21 @@ impl CompiledSchema {
         for entity in action_entities.iter() {
             let uid = entity.uid();
             if uid.type_name() == &action_type {
-                actions.insert(uid.id().unescaped().to_owned(), (uid, entity.clone()));
+                let principals = schema
+                    .principals_for_action(&uid)
+                    .map(|it| it.cloned().collect())
+                    .unwrap_or_default();
+                let resources = schema
+                    .resources_for_action(&uid)
+                    .map(|it| it.cloned().collect())
+                    .unwrap_or_default();
+                let info = ActionInfo {
+                    uid: uid.clone(),
+                    entity: entity.clone(),
+                    principals,
+                    resources,
+                };
+                actions.insert(uid.id().unescaped().to_owned(), info);
             }
         }
         let types = TypeNames::new().map_err(internal)?;
@@ -115,7 +146,7 @@ impl CompiledSchema {
     }
 
     /// `k8s::Action::"<verb>"`, when the schema declares that action.
-    pub fn action(&self, verb: &str) -> Option<&(EntityUid, Entity)> {
+    pub fn action(&self, verb: &str) -> Option<&ActionInfo> {
         self.actions.get(verb)
     }
 

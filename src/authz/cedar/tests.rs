@@ -424,11 +424,20 @@ fn evaluation_error_denies_even_when_cedar_would_allow() {
     );
     let d = decide(&e, &Caller::new("alice", &[]), &Req::new(&info));
     assert!(!d.allowed && !d.errors.is_empty(), "{d:?}");
+    assert!(d.errors[0].contains("does not apply"), "{d:?}");
+    // action groups are not verbs
+    let info = resource("read", "", "pods", "team-a", "");
+    let d = decide(&e, &Caller::new("alice", &[]), &Req::new(&info));
+    assert!(!d.allowed && !d.errors.is_empty(), "{d:?}");
+    // and the same verbs are fine where they apply
+    let info = non_resource("post", "/apis");
+    assert!(decide(&e, &Caller::new("alice", &[]), &Req::new(&info)).allowed);
 }
 
 #[test]
 fn unknown_verb_denies_with_error() {
-    let e = engine("permit(principal, action, resource);");
+    // as in production: no schema check of the built request
+    let e = engine("permit(principal, action, resource);").with_schema_checks(false);
     let info = resource("frobnicate", "", "pods", "team-a", "");
     let d = decide(&e, &Caller::new("alice", &[]), &Req::new(&info));
     assert!(!d.allowed);
