@@ -65,6 +65,8 @@ struct Trace {
     decision: Option<(crate::audit::event::Decision, String, String)>,
     /// Set for streams, to record ResponseComplete when they end.
     stream: Option<crate::streams::CloseSlot>,
+    /// Answered by the gateway itself for kube-apiserver (TokenReview, SubjectAccessReview).
+    webhook: bool,
 }
 
 /// The Kubernetes-ish verb used as a metrics label (bounded set).
@@ -114,6 +116,7 @@ pub async fn handle(
     let mut trace = Trace::default();
     let mut status_text: Option<(String, String)> = None;
     let (mut resp, outcome) = match run(&gw, &conn, req, shape, &mut trace).await {
+        Ok(resp) if trace.webhook => (resp, "webhook"),
         Ok(resp) => (resp, "forwarded"),
         Err(err) => {
             let st = err.to_status();
@@ -287,7 +290,8 @@ async fn run(
     path::check_path(req.uri().path()).map_err(|e| PipelineError::BadRequest(e.into()))?;
 
     // 2. kube-apiserver's webhooks.
-    if let Some(which) = crate::webhook::route(gw, req.method(), req.uri().path()) {
+    if let Some(which) = crate::webhook::route(gw, conn, req.method(), req.uri().path()) {
+        trace.webhook = true;
         return crate::webhook::serve(gw, conn, req, which).await;
     }
 

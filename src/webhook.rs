@@ -30,11 +30,14 @@ pub enum Webhook {
     SubjectAccessReview(&'static str),
 }
 
-pub fn route(gw: &Gateway, method: &http::Method, path: &str) -> Option<Webhook> {
-    if method != http::Method::POST {
+/// Routes a request to a webhook only when it comes from the configured caller (a certificate
+/// from the caller bundle); everyone else's TokenReview / SubjectAccessReview goes through the
+/// normal pipeline to kube-apiserver like any other request.
+pub fn route(gw: &Gateway, conn: &ConnInfo, method: &http::Method, path: &str) -> Option<Webhook> {
+    if method != http::Method::POST || conn.chain.is_none() {
         return None;
     }
-    match path {
+    let which = match path {
         "/apis/authentication.k8s.io/v1/tokenreviews" if gw.token_review.is_some() => {
             Some(Webhook::TokenReview("v1"))
         }
@@ -48,7 +51,12 @@ pub fn route(gw: &Gateway, method: &http::Method, path: &str) -> Option<Webhook>
             Some(Webhook::SubjectAccessReview("v1beta1"))
         }
         _ => None,
-    }
+    }?;
+    let bundle = match &which {
+        Webhook::TokenReview(_) => &gw.token_review.as_ref()?.caller_bundle,
+        Webhook::SubjectAccessReview(_) => &gw.sar.as_ref()?.caller_bundle,
+    };
+    check_caller(gw, conn, bundle).ok().map(|_| which)
 }
 
 fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
@@ -175,7 +183,13 @@ fn subject_access_review(
         );
     };
     let user = spec["user"].as_str().unwrap_or_default();
-    let groups: Vec<String> = spec["groups"]
+    // v1 calls it `groups`, v1beta1 `group`.
+    let groups_field = if version == "v1beta1" {
+        "group"
+    } else {
+        "groups"
+    };
+    let groups: Vec<String> = spec[groups_field]
         .as_array()
         .map(|a| {
             a.iter()

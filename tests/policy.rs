@@ -661,7 +661,6 @@ async fn policy_forbidding_pods_exec_refuses_kubectl_exec() {
 /// kube-apiserver configured with `authorization.k8s.io/v1beta1` for its webhook posts the groups
 /// as `spec.group` (v1beta1's JSON name), not `spec.groups`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "gateway bug: src/webhook.rs reads only spec.groups; v1beta1 names the field spec.group"]
 async fn subject_access_review_v1beta1_reads_the_groups_kube_apiserver_sends() {
     let (h, _p) = start_with_policies(&[(
         "policy.cedar",

@@ -318,8 +318,15 @@ impl Authorizer {
                 decision: None,
             });
         };
-        let verb = requestinfo::authorizer_verb(ctx.info, ctx.method, ctx.websocket);
-        let decision = engine.decide(&self.input(&identity, ctx, verb));
+        // kube-apiserver 1.35+ checks `get` in its filter and `create` in the pod connect
+        // handler for GET exec/attach/portforward: both must be allowed here too.
+        let (first, second) = requestinfo::authorizer_checks(ctx.info, ctx.method);
+        let mut verb = first;
+        let mut decision = engine.decide(&self.input(&identity, ctx, first));
+        if let (true, Some(v)) = (decision.allowed, second) {
+            verb = v;
+            decision = engine.decide(&self.input(&identity, ctx, v));
+        }
         if !decision.errors.is_empty() {
             tracing::warn!(user = identity.user(), errors = ?decision.errors, "policy evaluation errors; denying");
         }
