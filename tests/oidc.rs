@@ -612,6 +612,15 @@ async fn rotated_signing_keys_are_picked_up_without_a_restart() {
         "invalid_token",
     )
     .await;
+    // Nor does a token verified (and cached) before the key was withdrawn.
+    assert_refused(
+        &h,
+        &client,
+        "cached token signed with the retired key",
+        &old_key,
+        "invalid_token",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

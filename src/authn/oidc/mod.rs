@@ -104,6 +104,9 @@ struct State {
 struct CacheEntry {
     verified: Verified,
     generation: u64,
+    /// The issuer's key-set generation when the token was verified: after a key refresh the
+    /// token is verified again, so a key withdrawn by the IdP stops working at once.
+    key_generation: u64,
     ttl: Duration,
 }
 
@@ -337,14 +340,30 @@ impl OidcAuthenticator {
                 .identity
                 .expires_at()
                 .is_some_and(|exp| SystemTime::now() < exp);
-            if live && e.generation == state.generation {
+            let keys_unchanged = e
+                .verified
+                .identity
+                .facts()
+                .issuer
+                .as_deref()
+                .and_then(|iss| state.issuers.get(iss))
+                .is_some_and(|i| i.source.generation() == e.key_generation);
+            if live && keys_unchanged && e.generation == state.generation {
                 self.cache_hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(e.verified);
             }
             self.cache.invalidate(&key).await;
         }
         let verified = self.verify_uncached(&state, token).await?;
-        if let Some(exp) = verified.identity.expires_at() {
+        let key_generation = verified
+            .identity
+            .facts()
+            .issuer
+            .as_deref()
+            .and_then(|iss| state.issuers.get(iss))
+            .map(|i| i.source.generation());
+        if let (Some(exp), Some(key_generation)) = (verified.identity.expires_at(), key_generation)
+        {
             let left = exp
                 .duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO);
@@ -356,6 +375,7 @@ impl OidcAuthenticator {
                         CacheEntry {
                             verified: verified.clone(),
                             generation: state.generation,
+                            key_generation,
                             ttl,
                         },
                     )
