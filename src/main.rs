@@ -212,7 +212,7 @@ fn main() -> ExitCode {
                 }
             };
             ztgate::telemetry::logging::init(cfg.logging.format, &cfg.logging.level);
-            runtime().block_on(serve(cfg))
+            runtime().block_on(serve(cfg, config))
         }
         #[cfg(feature = "demo")]
         Command::Demo {
@@ -247,7 +247,8 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-async fn serve(cfg: ztgate::config::GatewayConfig) -> ExitCode {
+async fn serve(cfg: ztgate::config::GatewayConfig, path: PathBuf) -> ExitCode {
+    let reload = cfg.listener.reload_interval.get();
     let running = match ztgate::server::start(cfg).await {
         Ok(r) => r,
         Err(e) => {
@@ -256,6 +257,7 @@ async fn serve(cfg: ztgate::config::GatewayConfig) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    ztgate::server::spawn_config_reloader(running.gateway.clone(), path, reload);
     wait_for_signal().await;
     running.shutdown();
     running.wait().await;

@@ -519,8 +519,8 @@ async fn authenticate(
 ) -> Result<Arc<Identity>, AuthnError> {
     if let Some(token) = &creds.bearer {
         // A token names the user; a certificate next to it identifies the device.
-        if let Some(oidc) = &gw.oidc {
-            return oidc.authenticate(token).await;
+        if gw.oidc.has_issuers() {
+            return gw.oidc.authenticate(token).await;
         }
         if creds.peer_chain.is_none() {
             return Err(AuthnError::TokenAuthNotConfigured);

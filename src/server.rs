@@ -55,7 +55,9 @@ pub struct Gateway {
     pub upstream: Upstream,
     pub auditor: Arc<crate::audit::Auditor>,
     pub x509: Option<X509Authenticator>,
-    pub oidc: Option<Arc<OidcAuthenticator>>,
+    /// Always present; with no issuers configured it authenticates nothing, and a config
+    /// reload may add issuers without a restart.
+    pub oidc: Arc<OidcAuthenticator>,
     pub bundles: Arc<TrustBundles>,
     pub token_review: Option<TokenReviewConfig>,
     pub sar: Option<SubjectAccessReviewConfig>,
@@ -68,6 +70,8 @@ pub struct Gateway {
     upstream_ready: AtomicBool,
     upstream_status: ArcSwap<String>,
     draining: AtomicBool,
+    /// Cancelled at the end of shutdown: stops reloaders and probes.
+    background: CancellationToken,
 }
 
 impl Gateway {
@@ -85,10 +89,7 @@ impl Gateway {
     }
 
     fn issuers_not_loaded(&self) -> Vec<String> {
-        self.oidc
-            .as_ref()
-            .map(|o| o.not_loaded())
-            .unwrap_or_default()
+        self.oidc.not_loaded()
     }
 
     pub fn is_ready(&self) -> bool {
@@ -299,15 +300,9 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
     })
     .map_err(StartError::Upstream)?;
 
-    let oidc = if cfg.authentication.jwt.is_empty() {
-        None
-    } else {
-        Some(
-            OidcAuthenticator::new(&cfg.authentication.jwt, stop.clone())
-                .await
-                .map_err(|e| StartError::Config(e.to_string()))?,
-        )
-    };
+    let oidc = OidcAuthenticator::new(&cfg.authentication.jwt, stop.clone())
+        .await
+        .map_err(|e| StartError::Config(e.to_string()))?;
 
     let auditor = match &cfg.audit {
         Some(a) => crate::audit::Auditor::start(a, stop.clone())
@@ -362,6 +357,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
         upstream_ready: AtomicBool::new(false),
         upstream_status: ArcSwap::from_pointee("not probed yet".to_string()),
         draining: AtomicBool::new(false),
+        background: stop.clone(),
     });
 
     spawn_readiness_probe(gw.clone(), cfg.upstream.health_path.clone(), stop.clone());
@@ -410,6 +406,65 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
         shutdown,
         done,
     })
+}
+
+/// Watches the config file (every `interval`, and on SIGHUP) and applies what can change
+/// without a restart: the OIDC issuer list. A config that does not validate is refused whole
+/// and the running one stays; settings that need a restart are reported.
+pub fn spawn_config_reloader(gw: Arc<Gateway>, path: std::path::PathBuf, interval: Duration) {
+    tokio::spawn(async move {
+        let mut last = std::fs::read(&path).ok();
+        let mut current = crate::config::load_file(&path).ok();
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        loop {
+            let hup_fut = async {
+                match hup.as_mut() {
+                    Some(h) => {
+                        h.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let forced = tokio::select! {
+                _ = gw.background.cancelled() => return,
+                _ = tokio::time::sleep(interval) => false,
+                _ = hup_fut => true,
+            };
+            let bytes = tokio::fs::read(&path).await.ok();
+            if !forced && bytes == last {
+                continue;
+            }
+            last = bytes;
+            let cfg = match crate::config::load_file(&path) {
+                Ok(c) => c,
+                Err(errs) => {
+                    tracing::error!(errors = %errs, "config reload refused; keeping the running config");
+                    gw.metrics.config_reload(false);
+                    continue;
+                }
+            };
+            if let Some(old) = &current {
+                if old.listener.address != cfg.listener.address
+                    || old.upstream.url != cfg.upstream.url
+                {
+                    tracing::warn!(
+                        "listener.address and upstream.url changes need a restart; not applied"
+                    );
+                }
+            }
+            match gw.oidc.update(&cfg.authentication.jwt).await {
+                Ok(()) => {
+                    tracing::info!(issuers = cfg.authentication.jwt.len(), "config reloaded");
+                    gw.metrics.config_reload(true);
+                    current = Some(cfg);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "config reload refused; keeping the running config");
+                    gw.metrics.config_reload(false);
+                }
+            }
+        }
+    });
 }
 
 /// Re-reads the policy files every `interval` and on SIGHUP; a changed set is validated whole and

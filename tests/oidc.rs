@@ -708,13 +708,7 @@ async fn token_review_answers_kube_apiserver_and_nobody_else() {
         })
         .to_string()
     };
-    let oidc = h
-        .demo
-        .gateway
-        .gateway
-        .oidc
-        .clone()
-        .expect("OIDC configured");
+    let oidc = h.demo.gateway.gateway.oidc.clone();
     h.demo.apiserver.clear_requests();
 
     let token = idp.token(
@@ -865,4 +859,70 @@ async fn a_bearer_token_names_the_user_even_next_to_a_client_certificate() {
     let (code, _, body) = whoami(&h, &client, &expired).await;
     assert_unauthorized("expired token next to a valid certificate", code, &body);
     assert!(h.demo.apiserver.requests().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issuers_added_or_removed_in_the_config_file_apply_without_a_restart() {
+    let a = issuer("a").await;
+    let b = issuer("b").await;
+    let h = Harness::start_with(DevSettings {
+        jwt: vec![jwt_entry(&a, "a:", "sub")],
+        reload_interval: "200ms",
+        ..Default::default()
+    })
+    .await;
+    let client = h.client(None, false);
+    let from_b = b.sign(SigningAlg::RS256, &claims(&b, "bob", &["team-a"]));
+    assert_refused(
+        &h,
+        &client,
+        "issuer B before the reload",
+        &from_b,
+        "unknown_issuer",
+    )
+    .await;
+
+    // Add issuer B to the running gateway's config file.
+    let ca_b = h.demo.env.dir.join("certs").join("issuer-b-ca.crt");
+    std::fs::write(&ca_b, b.ca_pem()).unwrap();
+    let yaml = std::fs::read_to_string(&h.demo.env.config_path).unwrap();
+    let entry_b = format!(
+        "  jwt:\n    - issuer:\n        url: {}\n        audiences: [{AUD}]\n        certificateAuthorityFile: {}\n      claimMappings:\n        username:\n          claim: sub\n          prefix: \"b:\"\n        groups:\n          claim: groups\n          prefix: \"\"\n",
+        b.issuer_url(),
+        ca_b.display()
+    );
+    let with_b = yaml.replacen("  jwt:\n", &entry_b, 1);
+    std::fs::write(&h.demo.env.config_path, &with_b).unwrap();
+    let mut accepted = false;
+    for _ in 0..50 {
+        let (code, _, _) = send(&client, request("GET", h.uri(PODS), Some(&from_b), "")).await;
+        if code == 200 {
+            accepted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        accepted,
+        "issuer B's token was accepted after the config reload"
+    );
+    let from_a = a.sign(SigningAlg::RS256, &claims(&a, "alice", &["team-a"]));
+    assert_accepted(&h, &client, "issuer A still works", &from_a).await;
+
+    // A broken config is refused whole: both issuers keep working.
+    std::fs::write(
+        &h.demo.env.config_path,
+        with_b.replace("audiences:", "audiencez:"),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let again_b = b.sign(SigningAlg::RS256, &claims(&b, "bob2", &["team-a"]));
+    assert_accepted(&h, &client, "issuer B after a broken config", &again_b).await;
+    assert!(h
+        .demo
+        .gateway
+        .gateway
+        .metrics
+        .encode()
+        .contains(r#"ztgate_config_reloads_total{result="failure"}"#));
 }

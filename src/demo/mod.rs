@@ -402,7 +402,13 @@ impl Demo {
         let env =
             DevEnv::create(dir, pki, &apiserver.url(), &settings).map_err(|e| e.to_string())?;
         let cfg = crate::config::load_file(&env.config_path).map_err(|e| e.to_string())?;
+        let reload = cfg.listener.reload_interval.get();
         let gateway = crate::server::start(cfg).await.map_err(|e| e.to_string())?;
+        crate::server::spawn_config_reloader(
+            gateway.gateway.clone(),
+            env.config_path.clone(),
+            reload,
+        );
         let url = format!("https://127.0.0.1:{}", gateway.addr.port());
         // Wait (briefly) until the gateway sees its upstream, so the first kubectl call works.
         for _ in 0..50 {

@@ -47,6 +47,7 @@ pub struct Metrics {
     authn_failures: Family<ReasonLabels, Counter>,
     stream_bytes: Counter,
     policy_reloads: Family<ResultLabels, Counter>,
+    config_reloads: Family<ResultLabels, Counter>,
     policy_epoch: Gauge<i64, AtomicI64>,
     policy_count: Gauge<i64, AtomicI64>,
 }
@@ -103,6 +104,12 @@ impl Metrics {
             "Policy reloads, by result (success or failure; a failure keeps the last good set)",
             policy_reloads.clone(),
         );
+        let config_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Config file reloads, by result (a failure keeps the running config)",
+            config_reloads.clone(),
+        );
         let policy_epoch = Gauge::<i64, AtomicI64>::default();
         registry.register(
             "policy_epoch",
@@ -113,6 +120,7 @@ impl Metrics {
         registry.register("policies", "Policies in force", policy_count.clone());
         Metrics {
             policy_reloads,
+            config_reloads,
             policy_epoch,
             policy_count,
             registry,
@@ -164,6 +172,14 @@ impl Metrics {
                 kind: kind.as_str(),
             })
             .dec();
+    }
+
+    pub fn config_reload(&self, ok: bool) {
+        self.config_reloads
+            .get_or_create(&ResultLabels {
+                result: if ok { "success" } else { "failure" },
+            })
+            .inc();
     }
 
     pub fn policy_reload(&self, ok: bool) {

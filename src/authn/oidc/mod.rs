@@ -282,6 +282,11 @@ impl OidcAuthenticator {
     }
 
     /// Issuer URLs whose keys have never loaded.
+    /// Whether any issuer is configured (a config reload may add or remove them all).
+    pub fn has_issuers(&self) -> bool {
+        !self.state.load().issuers.is_empty()
+    }
+
     pub fn not_loaded(&self) -> Vec<String> {
         let mut v: Vec<String> = self
             .state
