@@ -708,7 +708,6 @@ async fn token_review_answers_kube_apiserver_and_nobody_else() {
         })
         .to_string()
     };
-    let oidc = h.demo.gateway.gateway.oidc.clone();
     h.demo.apiserver.clear_requests();
 
     let token = idp.token(
