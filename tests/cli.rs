@@ -95,3 +95,45 @@ fn webhook_config_is_a_kubeconfig_pointing_at_the_review_endpoint() {
         "/etc/kubernetes/pki/ztgate-client.crt"
     );
 }
+
+#[test]
+fn legacy_abac_files_load_with_subresources_modelled() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("legacy.jsonl"),
+        r#"{"apiVersion": "abac.authorization.kubernetes.io/v1beta1", "kind": "Policy", "spec": {"user": "kubelet", "namespace": "*", "resource": "pods", "readonly": true}}
+"#,
+    )
+    .unwrap();
+    let d = dir.path().to_str().unwrap();
+    let check = |verb: &str, resource: &str| {
+        ztgate(&[
+            "policy",
+            "check",
+            "--policies",
+            d,
+            "--user",
+            "kubelet",
+            "--verb",
+            verb,
+            "--resource",
+            resource,
+            "-n",
+            "default",
+        ])
+        .0
+    };
+    assert_eq!(check("list", "pods"), 0, "read-only pods allows list");
+    assert_eq!(check("delete", "pods"), 1, "read-only");
+    assert_eq!(
+        check("get", "pods/log"),
+        1,
+        "a pods rule does not grant pods/log"
+    );
+    assert_eq!(check("create", "pods/exec"), 1, "nor pods/exec");
+
+    std::fs::write(dir.path().join("broken.jsonl"), "{\"apiVersion\": \"abac.authorization.kubernetes.io/v1beta1\", \"kind\": \"Policy\", \"spec\": {\"usr\": \"x\"}}\n").unwrap();
+    let (code, _, err) = ztgate(&["policy", "validate", d]);
+    assert_eq!(code, 1);
+    assert!(err.contains("broken.jsonl:1:"), "{err}");
+}

@@ -14,6 +14,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+pub mod abac;
 pub mod cedar;
 pub mod kubeproto;
 pub mod requestinfo;

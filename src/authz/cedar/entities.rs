@@ -2,6 +2,7 @@
 //! and the context record, built straight from the request's facts (no JSON, no parsing).
 
 use std::collections::HashSet;
+use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use cedar_policy::{Context, Entity, EntityUid, RestrictedExpression};
@@ -235,7 +236,12 @@ fn device_record(device: &DeviceFacts) -> Result<RestrictedExpression, String> {
 }
 
 /// The `context` record (see `Context` in the schema).
-pub(crate) fn context(subject: &Subject<'_>, req: &RequestFacts<'_>) -> Result<Context, String> {
+/// `source_ip` is the `ip("...")` expression for `req.source_ip` (see [`IpExprCache`]).
+pub(crate) fn context(
+    subject: &Subject<'_>,
+    req: &RequestFacts<'_>,
+    source_ip: RestrictedExpression,
+) -> Result<Context, String> {
     let facts = subject.facts;
     let mut authn: Attrs = Vec::with_capacity(5);
     attr(&mut authn, "method", s(subject.method));
@@ -273,11 +279,7 @@ pub(crate) fn context(subject: &Subject<'_>, req: &RequestFacts<'_>) -> Result<C
         attr(&mut pairs, "device", device_record(device)?);
     }
     attr(&mut pairs, "authn", record(authn)?);
-    attr(
-        &mut pairs,
-        "sourceIp",
-        RestrictedExpression::new_ip(req.source_ip.to_string()),
-    );
+    attr(&mut pairs, "sourceIp", source_ip);
     attr(&mut pairs, "requestTime", record(time)?);
     attr(
         &mut pairs,
@@ -286,4 +288,24 @@ pub(crate) fn context(subject: &Subject<'_>, req: &RequestFacts<'_>) -> Result<C
     );
     attr(&mut pairs, "requestVerb", s(&req.info.verb));
     Context::from_pairs(pairs).map_err(|e| e.to_string())
+}
+
+/// `ip("<addr>")` expressions by address. Building one costs a run of the Cedar parser (for the
+/// function name) on every call, more than the rest of the context together; clients come from
+/// a limited set of addresses, so the expressions are kept.
+pub(crate) struct IpExprCache {
+    cache: moka::sync::Cache<IpAddr, RestrictedExpression>,
+}
+
+impl IpExprCache {
+    pub fn new(capacity: u64) -> IpExprCache {
+        IpExprCache {
+            cache: moka::sync::Cache::new(capacity),
+        }
+    }
+
+    pub fn get(&self, ip: IpAddr) -> RestrictedExpression {
+        self.cache
+            .get_with(ip, || RestrictedExpression::new_ip(ip.to_string()))
+    }
 }

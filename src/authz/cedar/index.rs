@@ -31,6 +31,9 @@ pub(crate) struct PolicyIndex {
     by_action: HashMap<String, ActionSlice>,
     /// Load order of every policy id, for a stable order of determining policies.
     pub order: HashMap<String, usize>,
+    /// `@reason` annotations by policy id (looking an annotation up in a `PolicySet` parses
+    /// the key, so they are read once here).
+    pub reasons: HashMap<String, String>,
 }
 
 fn action_applies(
@@ -65,8 +68,12 @@ impl PolicyIndex {
             .policies()
             .map(|p| (p, p.action_constraint(), namespace_scope(p, schema)))
             .collect();
+        let mut reasons = HashMap::new();
         for (i, (p, _, _)) in scoped.iter().enumerate() {
             order.insert(p.id().to_string(), i);
+            if let Some(reason) = p.annotation("reason") {
+                reasons.insert(p.id().to_string(), reason.to_owned());
+            }
         }
         for (name, info) in &schema.actions {
             let action = &info.uid;
@@ -84,7 +91,11 @@ impl PolicyIndex {
             }
             by_action.insert(name.clone(), slice);
         }
-        Ok(PolicyIndex { by_action, order })
+        Ok(PolicyIndex {
+            by_action,
+            order,
+            reasons,
+        })
     }
 
     /// The policy sets to evaluate for `action` on a resource in `namespace` ("" for none).

@@ -30,7 +30,9 @@ pub(crate) struct Loaded {
 }
 
 /// Reads policy files: a file is read as is (whatever its extension); a directory contributes
-/// its `*.cedar` files (not recursive), sorted by file name.
+/// its `*.cedar`, `*.jsonl` and `*.abac` files (not recursive), sorted by file name. Legacy
+/// Kubernetes ABAC files (`.jsonl`, `.abac`) are translated to Cedar line for line, so errors
+/// still point at the ABAC file's lines.
 pub fn read_sources(paths: &[PathBuf]) -> Result<Vec<(String, String)>, PolicyErrors> {
     let mut files = Vec::new();
     let mut errors = Vec::new();
@@ -49,7 +51,9 @@ pub fn read_sources(paths: &[PathBuf]) -> Result<Vec<(String, String)>, PolicyEr
                         match entry {
                             Ok(entry) => {
                                 let p = entry.path();
-                                let is_cedar = p.extension().is_some_and(|ext| ext == "cedar");
+                                let is_cedar = p.extension().is_some_and(|ext| {
+                                    ext == "cedar" || ext == "jsonl" || ext == "abac"
+                                });
                                 if is_cedar && p.is_file() {
                                     found.push(p);
                                 }
@@ -69,6 +73,22 @@ pub fn read_sources(paths: &[PathBuf]) -> Result<Vec<(String, String)>, PolicyEr
     let mut sources = Vec::with_capacity(files.len());
     for file in files {
         match std::fs::read_to_string(&file) {
+            Ok(text)
+                if file
+                    .extension()
+                    .is_some_and(|e| e == "jsonl" || e == "abac") =>
+            {
+                let origin = file.display().to_string();
+                match crate::authz::abac::to_cedar(&origin, &text) {
+                    Ok(cedar) => sources.push((origin, cedar)),
+                    Err(errs) => errors.extend(errs.into_iter().map(|e| PolicyError {
+                        origin: e.origin,
+                        line: Some(e.line),
+                        column: Some(e.column),
+                        message: e.message,
+                    })),
+                }
+            }
             Ok(text) => sources.push((file.display().to_string(), text)),
             Err(e) => errors.push(io_error(&file, e)),
         }

@@ -265,6 +265,7 @@ pub struct PolicyEngine {
     slicing: bool,
     /// Check every request and its entities against the schema (unit tests).
     schema_checks: bool,
+    ip_exprs: entities::IpExprCache,
 }
 
 impl std::fmt::Debug for PolicyEngine {
@@ -297,6 +298,7 @@ impl PolicyEngine {
             authorizer: Authorizer::new(),
             slicing: true,
             schema_checks: cfg!(test),
+            ip_exprs: entities::IpExprCache::new(10_000),
         })
     }
 
@@ -425,7 +427,7 @@ impl PolicyEngine {
                     resource.type_name()
                 ));
             }
-            let context = entities::context(subject, req)?;
+            let context = entities::context(subject, req, self.ip_exprs.get(req.source_ip))?;
             list.push(action.entity.clone());
             let request = Request::new(principal, action.uid.clone(), resource, context, check)
                 .map_err(|e| format!("request does not match the schema: {e}"))?;
@@ -485,12 +487,9 @@ fn combine(loaded: &Loaded, responses: impl Iterator<Item = cedar_policy::Respon
     };
     order(&mut determining);
     errors.sort();
-    let reason = determining.first().and_then(|id| {
-        loaded
-            .policies
-            .annotation(&cedar_policy::PolicyId::new(id), "reason")
-            .map(str::to_owned)
-    });
+    let reason = determining
+        .first()
+        .and_then(|id| loaded.index.reasons.get(id).cloned());
     Decision {
         allowed,
         explicit_deny,

@@ -134,6 +134,7 @@ struct Req<'a> {
     verb: &'a str,
     now: SystemTime,
     device: Option<&'a DeviceFacts>,
+    ip: IpAddr,
 }
 
 impl<'a> Req<'a> {
@@ -143,13 +144,14 @@ impl<'a> Req<'a> {
             verb: &info.verb,
             now: at(MONDAY_10_UTC),
             device: None,
+            ip: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
         }
     }
     fn facts(&self) -> RequestFacts<'a> {
         RequestFacts {
             info: self.info,
             verb: self.verb,
-            source_ip: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
+            source_ip: self.ip,
             now: self.now,
             device: self.device,
             websocket: false,
@@ -720,6 +722,30 @@ fn impersonation_decisions() {
         !e.decide_subject_impersonation(&s.subject(), &req.facts(), &user("bob"))
             .allowed
     );
+}
+
+#[test]
+fn source_address_ranges() {
+    let e = engine(
+        r#"permit(principal, action, resource) when {
+             context.sourceIp.isInRange(ip("10.0.0.0/8")) || context.sourceIp.isInRange(ip("2001:db8::/32"))
+           };"#,
+    );
+    let info = resource("get", "", "pods", "a", "");
+    let caller = Caller::new("a", &[]);
+    for _ in 0..2 {
+        for (ip, allowed) in [
+            ("10.1.2.3", true),
+            ("192.168.1.1", false),
+            ("2001:db8::1", true),
+            ("2001:db9::1", false),
+            ("10.255.0.1", true),
+        ] {
+            let mut req = Req::new(&info);
+            req.ip = ip.parse().unwrap();
+            assert_eq!(decide(&e, &caller, &req).allowed, allowed, "{ip}");
+        }
+    }
 }
 
 // ------------------------------------------------------------------ reload
