@@ -6,7 +6,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri};
+use http::{Method, Request, Response, Uri};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
@@ -209,15 +209,40 @@ impl Upstream {
     {
         let (mut parts, body) = req.into_parts();
         self.prepare_headers(&mut parts.headers, authorized, client_ip)?;
+        // A bodiless GET/HEAD/OPTIONS that fails on a pooled connection the upstream had
+        // already closed is retried once on a fresh one: safe, and it turns an upstream restart
+        // into no error at all (or a clear 503 when it is really down).
+        let retry = (matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
+            && !parts.headers.contains_key(header::TRANSFER_ENCODING)
+            && parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .is_none_or(|v| v.as_bytes() == b"0"))
+        .then(|| parts.clone());
         let body = self.limited_body(&parts.headers, body)?;
         parts.uri = self.uri_for(parts.uri.path_and_query());
         parts.version = http::Version::HTTP_11;
-        let fut = self.client.request(Request::from_parts(parts, body));
+        let attempt = async {
+            match self.client.request(Request::from_parts(parts, body)).await {
+                Err(e) if !e.is_connect() && !is_body_too_large(&e) => match retry {
+                    Some(mut p) => {
+                        tracing::debug!(error = %error_chain(&e), "retrying an idempotent request on a fresh connection");
+                        p.uri = self.uri_for(p.uri.path_and_query());
+                        p.version = http::Version::HTTP_11;
+                        self.client
+                            .request(Request::from_parts(p, crate::body::empty()))
+                            .await
+                    }
+                    None => Err(e),
+                },
+                other => other,
+            }
+        };
         let result = match timeout {
-            Some(t) => tokio::time::timeout(t, fut)
+            Some(t) => tokio::time::timeout(t, attempt)
                 .await
                 .map_err(|_| PipelineError::Upstream(UpstreamError::Timeout))?,
-            None => fut.await,
+            None => attempt.await,
         };
         let mut resp = result.map_err(|e| {
             if is_body_too_large(&e) {
