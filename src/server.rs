@@ -311,7 +311,11 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
         None => crate::audit::Auditor::disabled(),
     };
 
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
+    if auditor.is_enabled() {
+        metrics.register_audit(auditor.clone());
+    }
+    let metrics = Arc::new(metrics);
     let authorizer = match &cfg.authorization {
         Some(a) => {
             let engine = Arc::new(

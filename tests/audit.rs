@@ -121,6 +121,19 @@ async fn audit_log_has_one_event_per_stage_with_user_decision_and_reason() {
         "exec is disabled in this test"
     );
     assert_eq!(denied["annotations"]["ztgate.dev/policy"], "no-exec");
+
+    // Per-sink counters are exported for alerting on lost audit events.
+    let metrics = h.demo.gateway.gateway.metrics.encode();
+    let written = metrics
+        .lines()
+        .find(|l| l.starts_with("ztgate_audit_events_written_total{sink=\"file:"))
+        .unwrap_or_else(|| panic!("no written counter:\n{metrics}"));
+    let n: u64 = written.rsplit(' ').next().unwrap().parse().unwrap();
+    assert_eq!(n as usize, evs.len(), "{written}");
+    assert!(
+        metrics.contains("ztgate_audit_events_dropped_total{sink=\"file:"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -213,3 +213,57 @@ impl Default for Metrics {
         Self::new()
     }
 }
+
+/// Per-sink audit counters, read from the auditor at scrape time.
+#[derive(Debug)]
+struct AuditCollector(std::sync::Arc<crate::audit::Auditor>);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SinkLabels {
+    sink: String,
+}
+
+impl prometheus_client::collector::Collector for AuditCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        let counts = self.0.sink_counts();
+        for (name, help, pick) in [
+            (
+                "audit_events_written",
+                "Audit events written by each sink",
+                (|c: &crate::audit::SinkCounts| c.written) as fn(&crate::audit::SinkCounts) -> u64,
+            ),
+            (
+                "audit_events_dropped",
+                "Audit events lost by each sink (queue full, write failed, retries exhausted)",
+                |c: &crate::audit::SinkCounts| c.dropped,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for c in &counts {
+                let labels = SinkLabels {
+                    sink: c.name.clone(),
+                };
+                ConstCounter::new(pick(c)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Metrics {
+    /// Exposes the auditor's per-sink written/dropped counters.
+    pub fn register_audit(&mut self, auditor: std::sync::Arc<crate::audit::Auditor>) {
+        self.registry
+            .register_collector(Box::new(AuditCollector(auditor)));
+    }
+}
