@@ -412,6 +412,39 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
     })
 }
 
+/// Wakes a reloader every `interval`, or at once on SIGHUP.
+struct ReloadTick {
+    interval: Duration,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl ReloadTick {
+    fn new(interval: Duration) -> ReloadTick {
+        ReloadTick {
+            interval,
+            hup: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok(),
+        }
+    }
+
+    /// `Some(true)` on SIGHUP (reload even if nothing seems changed), `Some(false)` on the
+    /// timer, `None` when `stop` is cancelled.
+    async fn next(&mut self, stop: &CancellationToken) -> Option<bool> {
+        let hup = async {
+            match self.hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => None,
+            _ = tokio::time::sleep(self.interval) => Some(false),
+            _ = hup => Some(true),
+        }
+    }
+}
+
 /// Watches the config file (every `interval`, and on SIGHUP) and applies what can change
 /// without a restart: the OIDC issuer list. A config that does not validate is refused whole
 /// and the running one stays; settings that need a restart are reported.
@@ -419,20 +452,11 @@ pub fn spawn_config_reloader(gw: Arc<Gateway>, path: std::path::PathBuf, interva
     tokio::spawn(async move {
         let mut last = std::fs::read(&path).ok();
         let mut current = crate::config::load_file(&path).ok();
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut tick = ReloadTick::new(interval);
         loop {
-            let hup_fut = async {
-                match hup.as_mut() {
-                    Some(h) => {
-                        h.recv().await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
-            let forced = tokio::select! {
-                _ = gw.background.cancelled() => return,
-                _ = tokio::time::sleep(interval) => false,
-                _ = hup_fut => true,
+            let forced = match tick.next(&gw.background).await {
+                Some(forced) => forced,
+                None => return,
             };
             let bytes = tokio::fs::read(&path).await.ok();
             if !forced && bytes == last {
@@ -483,20 +507,11 @@ fn spawn_policy_reloader(
     tokio::spawn(async move {
         let snapshot = |paths: &[std::path::PathBuf]| crate::authz::cedar::read_sources(paths).ok();
         let mut last = snapshot(&paths);
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut tick = ReloadTick::new(interval);
         loop {
-            let hup_fut = async {
-                match hup.as_mut() {
-                    Some(h) => {
-                        h.recv().await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
-            let forced = tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(interval) => false,
-                _ = hup_fut => true,
+            let forced = match tick.next(&stop).await {
+                Some(forced) => forced,
+                None => return,
             };
             let now = snapshot(&paths);
             if !forced && now == last {

@@ -30,9 +30,8 @@ fn is_identity_header(name: &str) -> bool {
         || name == "host"
 }
 
-/// Removes hop-by-hop headers, every header named in `Connection`, and every identity-bearing
-/// header. Must run before the gateway adds its own headers.
-pub fn sanitize_request_headers(headers: &mut HeaderMap) {
+/// Removes the headers named in `Connection`, then the hop-by-hop headers themselves.
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -46,6 +45,12 @@ pub fn sanitize_request_headers(headers: &mut HeaderMap) {
     for h in HOP_BY_HOP {
         headers.remove(h);
     }
+}
+
+/// Removes hop-by-hop headers, every header named in `Connection`, and every identity-bearing
+/// header. Must run before the gateway adds its own headers.
+pub fn sanitize_request_headers(headers: &mut HeaderMap) {
+    remove_hop_by_hop(headers);
     let doomed: Vec<HeaderName> = headers
         .keys()
         .filter(|k| is_identity_header(k.as_str()))
@@ -58,19 +63,7 @@ pub fn sanitize_request_headers(headers: &mut HeaderMap) {
 
 /// Removes hop-by-hop headers (and those named in `Connection`) from a response.
 pub fn sanitize_response_headers(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
-    }
-    for h in HOP_BY_HOP {
-        headers.remove(h);
-    }
+    remove_hop_by_hop(headers);
 }
 
 /// Percent-encodes an extra key the way client-go does (`headerKeyEscape`): every byte that is
