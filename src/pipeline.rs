@@ -41,6 +41,8 @@ pub struct ConnInfo {
     pub chain: Option<Arc<Vec<CertificateDer<'static>>>>,
     /// The x509 verification of `chain`, valid while the bundle generation is unchanged.
     x509: Mutex<Option<Verified>>,
+    /// The device read from `chain` (None: not a valid device certificate), by bundle generation.
+    device: Mutex<Option<(u64, Option<crate::device::DeviceIdentity>)>>,
 }
 
 impl ConnInfo {
@@ -49,6 +51,7 @@ impl ConnInfo {
             peer,
             chain: chain.filter(|c| !c.is_empty()).map(Arc::new),
             x509: Mutex::new(None),
+            device: Mutex::new(None),
         }
     }
 }
@@ -67,6 +70,7 @@ struct Trace {
     stream: Option<crate::streams::CloseSlot>,
     /// Answered by the gateway itself for kube-apiserver (TokenReview, SubjectAccessReview).
     webhook: bool,
+    device_id: Option<String>,
 }
 
 /// The Kubernetes-ish verb used as a metrics label (bounded set).
@@ -216,6 +220,9 @@ async fn audit(gw: &Arc<Gateway>, trace: &Trace, f: AuditFacts<'_>) {
         reason: f.status.map(|s| s.0.as_str()),
         message: f.status.map(|s| s.1.as_str()),
     });
+    if let Some(id) = &trace.device_id {
+        parts.annotate(crate::audit::event::ANNOTATION_DEVICE_ID, id.clone());
+    }
     match &trace.decision {
         Some((d, reason, policies)) => {
             parts.decision(*d);
@@ -304,6 +311,26 @@ async fn run(
     trace.user = Some(identity.user().to_owned());
     trace.identity = Some(identity.clone());
 
+    // 4b. The device: the client certificate read as a device certificate, and a token bound to
+    // a certificate (RFC 8705) must come with exactly that certificate, on every request.
+    let now = SystemTime::now();
+    let leaf = conn
+        .chain
+        .as_ref()
+        .and_then(|c| c.first())
+        .map(|c| c.as_ref());
+    let binding = crate::device::check_binding_der(identity.facts().cnf_x5t_s256.as_deref(), leaf);
+    if binding.rejects_request() {
+        return Err(AuthnError::TokenBindingMismatch(binding.as_str()).into());
+    }
+    let device = device_of(gw, conn, now).map(|d| crate::authz::cedar::DeviceFacts {
+        id: d.id,
+        bound: binding.is_bound(),
+        posture: None,
+        posture_age: None,
+    });
+    trace.device_id = device.as_ref().map(|d| d.id.clone());
+
     // 5. What kube-apiserver will act on.
     let info = request_info(req.method(), req.uri().path(), req.uri().query())
         .map_err(|e| PipelineError::BadRequest(e.to_string().into()))?;
@@ -311,10 +338,11 @@ async fn run(
     let method = req.method().clone();
     let ctx = RequestContext {
         info: &info,
+        device: device.as_ref(),
         method: &method,
         websocket: is_websocket(req.headers()),
         source_ip: conn.peer.ip(),
-        now: SystemTime::now(),
+        now,
     };
 
     // 6. `kubectl --as`.
@@ -509,6 +537,34 @@ async fn self_subject_access_review(
         None,
     )
     .await
+}
+
+/// The device certificate of this connection, verified against the devices bundle (cached per
+/// connection until the bundles change; expiry re-checked on every request).
+fn device_of(
+    gw: &Gateway,
+    conn: &ConnInfo,
+    now: SystemTime,
+) -> Option<crate::device::DeviceIdentity> {
+    let cfg = gw.devices.as_ref()?;
+    let chain = conn.chain.as_ref()?;
+    let generation = gw.bundles.load().generation;
+    let mut cached = conn.device.lock().expect("device cache poisoned");
+    let device = match cached.as_ref() {
+        Some((g, d)) if *g == generation => d.clone(),
+        _ => {
+            let d = match crate::device::device_from_chain(cfg, &gw.bundles, chain, now) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    tracing::debug!(peer = %conn.peer, reason = %e, "client certificate is not a device certificate");
+                    None
+                }
+            };
+            *cached = Some((generation, d.clone()));
+            d
+        }
+    };
+    device.filter(|d| !d.is_expired(now))
 }
 
 /// Runs the configured authenticators over the request's credentials.

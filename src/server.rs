@@ -60,6 +60,7 @@ pub struct Gateway {
     pub oidc: Arc<OidcAuthenticator>,
     pub bundles: Arc<TrustBundles>,
     pub token_review: Option<TokenReviewConfig>,
+    pub devices: Option<crate::device::DeviceConfig>,
     pub sar: Option<SubjectAccessReviewConfig>,
     pub authorizer: Authorizer,
     pub metrics: Arc<Metrics>,
@@ -348,6 +349,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
         oidc,
         bundles: bundles.clone(),
         token_review: cfg.authentication.token_review.clone(),
+        devices: cfg.authentication.devices.clone(),
         sar: cfg
             .authorization
             .as_ref()

@@ -80,6 +80,11 @@ authentication:
       claimsForPolicy: [amr, acr]
   tokenReview:
     callerBundle: apiserver
+  devices:
+    bundle: apiserver
+    deviceId:
+      from: uriPrefix
+      prefix: "urn:device:"
 authorization:
   policies: [policies]
   reloadInterval: 2s

@@ -135,6 +135,10 @@ pub enum AuthnError {
     /// The client certificate has expired since the connection was set up.
     #[error("client certificate expired")]
     CertificateExpired,
+    /// The token is bound to a certificate (RFC 8705 `cnf.x5t#S256`) and the request did not
+    /// present that certificate.
+    #[error("token is bound to another certificate ({0})")]
+    TokenBindingMismatch(&'static str),
     /// The identity has a name the gateway refuses to forward (empty, control characters, ...).
     #[error("identity refused: {0}")]
     InvalidIdentity(String),
@@ -170,6 +174,7 @@ impl AuthnError {
             AuthnError::CertificateRejected(_) => "certificate_rejected",
             AuthnError::CertificateExpired => "certificate_expired",
             AuthnError::InvalidIdentity(_) => "invalid_identity",
+            AuthnError::TokenBindingMismatch(_) => "token_binding_mismatch",
             AuthnError::InvalidToken(_) => "invalid_token",
             AuthnError::BadSignature(_) => "bad_signature",
             AuthnError::UnknownIssuer(_) => "unknown_issuer",

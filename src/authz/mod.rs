@@ -169,6 +169,8 @@ impl ImpersonationRequest {
 /// The facts of one request that authorization looks at.
 pub struct RequestContext<'a> {
     pub info: &'a RequestInfo,
+    /// The device the request came from, when a device certificate was presented.
+    pub device: Option<&'a cedar::DeviceFacts>,
     pub method: &'a http::Method,
     pub websocket: bool,
     pub source_ip: IpAddr,
@@ -207,7 +209,7 @@ impl Authorizer {
             verb,
             source_ip: ctx.source_ip,
             now: ctx.now,
-            device: None,
+            device: ctx.device,
             websocket: ctx.websocket,
         }
     }
@@ -302,7 +304,7 @@ impl Authorizer {
             verb: &info.verb,
             source_ip: ctx.source_ip,
             now: ctx.now,
-            device: None,
+            device: ctx.device,
             websocket: false,
         }))
     }

@@ -112,6 +112,10 @@ pub struct AuthenticationConfig {
     /// Serve kube-apiserver's webhook token authenticator (TokenReview).
     #[serde(default)]
     pub token_review: Option<crate::config::jwt::TokenReviewConfig>,
+    /// Device certificates: which bundle they chain to and where the device id is. The
+    /// device is visible to policy as `context.device`.
+    #[serde(default)]
+    pub devices: Option<crate::device::DeviceConfig>,
 }
 
 /// Cedar ABAC policy: default deny, `forbid` wins, evaluation errors deny.

@@ -306,6 +306,25 @@ impl Validator {
                 );
             }
         }
+        if let Some(d) = &cfg.authentication.devices {
+            if let Err(e) = d.validate() {
+                self.err("authentication.devices", e.to_string());
+            }
+            if !cfg
+                .listener
+                .client_certificate_bundles
+                .iter()
+                .any(|b| b.name == d.bundle)
+            {
+                self.err(
+                    "authentication.devices.bundle",
+                    format!(
+                        "{:?} is not a bundle in listener.clientCertificateBundles",
+                        d.bundle
+                    ),
+                );
+            }
+        }
         if let Some(x509) = &cfg.authentication.x509 {
             let bundles = &cfg.listener.client_certificate_bundles;
             if x509.bundle.is_empty() {

@@ -44,6 +44,8 @@ pub struct DevSettings {
     pub webhooks: bool,
     /// Write audit events (JSON lines) to this file.
     pub audit_file: Option<PathBuf>,
+    /// CA (PEM) of device certificates; devices are identified by their CN.
+    pub device_ca_pem: Option<String>,
 }
 
 /// One `authentication.jwt` entry of a dev config.
@@ -72,6 +74,7 @@ impl Default for DevSettings {
             jwt: Vec::new(),
             webhooks: false,
             audit_file: None,
+            device_ca_pem: None,
         }
     }
 }
@@ -192,6 +195,21 @@ logging:
             body = s.max_request_body_bytes,
             inflight = s.max_inflight_requests,
         );
+        let config = match &s.device_ca_pem {
+            Some(pem) => {
+                std::fs::write(certs.join("devices-ca.crt"), pem)?;
+                config
+                    .replace(
+                        "    - name: kube-apiserver\n",
+                        "    - name: devices\n      caFile: certs/devices-ca.crt\n    - name: kube-apiserver\n",
+                    )
+                    .replace(
+                        "authentication:\n",
+                        "authentication:\n  devices:\n    bundle: devices\n    deviceId:\n      from: commonName\n",
+                    )
+            }
+            None => config,
+        };
         let config = match &s.audit_file {
             Some(p) => format!(
                 "{config}audit:\n  sinks:\n    - type: file\n      path: \"{}\"\n",
