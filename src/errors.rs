@@ -84,6 +84,15 @@ pub enum PipelineError {
     /// Policy refused the request (client side: ask for access).
     #[error(transparent)]
     Authz(#[from] AuthzError),
+    /// A gateway object (e.g. a lock) does not exist.
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// The state store (locks, posture) cannot be written (server side).
+    #[error("state store unavailable: {0}")]
+    StoreUnavailable(String),
+    /// A lock (revocation) matches the caller, its device or its token.
+    #[error("locked: {0}")]
+    Locked(String),
     /// The request cannot be mapped unambiguously to what kube-apiserver will act on.
     #[error("bad request: {0}")]
     BadRequest(std::borrow::Cow<'static, str>),
@@ -108,6 +117,9 @@ impl PipelineError {
             PipelineError::Authn(_) => "unauthenticated",
             PipelineError::Authz(AuthzError::Denied(_)) => "denied",
             PipelineError::Authz(_) => "bad_request",
+            PipelineError::Locked(_) => "locked",
+            PipelineError::NotFound(_) => "not_found",
+            PipelineError::StoreUnavailable(_) => "store_unavailable",
             PipelineError::BadRequest(_) => "bad_request",
             PipelineError::BodyTooLarge { .. } => "body_too_large",
             PipelineError::TooManyRequests => "throttled",
@@ -134,6 +146,25 @@ impl PipelineError {
                 });
                 s
             }
+            PipelineError::NotFound(what) => Status::failure(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("{what} not found"),
+            ),
+            PipelineError::StoreUnavailable(_) => Status::failure(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                "the gateway's state store cannot be written; try again",
+            ),
+            PipelineError::Locked(message) => Status::failure(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                if message.is_empty() {
+                    "access is locked by an administrator".to_owned()
+                } else {
+                    format!("access is locked: {message}")
+                },
+            ),
             PipelineError::Authz(e) => {
                 Status::failure(StatusCode::BAD_REQUEST, "BadRequest", e.to_string())
             }

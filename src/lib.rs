@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod device;
 pub mod errors;
+pub mod locks;
 pub mod pipeline;
 pub mod proxy;
 pub mod server;

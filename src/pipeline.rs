@@ -71,6 +71,9 @@ struct Trace {
     /// Answered by the gateway itself for kube-apiserver (TokenReview, SubjectAccessReview).
     webhook: bool,
     device_id: Option<String>,
+    /// Who holds a stream opened by this request (the authenticated caller, not an
+    /// impersonated identity), for locks.
+    subject: Option<crate::streams::StreamSubject>,
 }
 
 /// The Kubernetes-ish verb used as a metrics label (bounded set).
@@ -331,6 +334,24 @@ async fn run(
     });
     trace.device_id = device.as_ref().map(|d| d.id.clone());
 
+    // 4c. Locks (revocation) on the caller, its groups, its device or its token.
+    let lock = gw.store.matches(&crate::state::LockSubject {
+        user: Some(identity.user()),
+        groups: identity.groups(),
+        device: trace.device_id.as_deref(),
+        token_id: identity.facts().token_id.as_deref(),
+        session: None,
+    });
+    if let Some(lock) = lock {
+        return Err(PipelineError::Locked(lock.message));
+    }
+    trace.subject = Some(crate::streams::StreamSubject {
+        user: identity.user().to_owned(),
+        groups: identity.groups().to_vec(),
+        device: trace.device_id.clone(),
+        token_id: identity.facts().token_id.clone(),
+    });
+
     // 5. What kube-apiserver will act on.
     let info = request_info(req.method(), req.uri().path(), req.uri().query())
         .map_err(|e| PipelineError::BadRequest(e.to_string().into()))?;
@@ -394,6 +415,22 @@ async fn run(
         },
     };
 
+    // The gateway's own API (locks), once policy allowed it.
+    if crate::locks::is_locks_path(&info.path) && !info.is_resource_request {
+        if authorized.decision().is_none() {
+            return Err(PipelineError::Authz(crate::authz::AuthzError::Denied(Box::new(
+                crate::authz::Denial {
+                    message: "the locks API needs authorization.policies: who may manage locks is decided by policy".into(),
+                    resource: String::new(),
+                    name: String::new(),
+                    group: String::new(),
+                    decision: Default::default(),
+                },
+            ))));
+        }
+        return crate::locks::serve(gw, req, authorized.identity()).await;
+    }
+
     // 8. Forwarding.
     forward(gw, req, authorized, shape, conn.peer.ip(), Some(trace)).await
 }
@@ -427,24 +464,27 @@ where
             Ok(Response::from_parts(parts, body.boxed_unsync()))
         }
         RequestShape::Streaming(kind) => {
-            let handle = gw.streams.register(kind, authorized.identity().user());
-            if let Some(t) = trace {
-                t.stream = Some(handle.close_slot());
-            }
+            let handle = register_stream(gw, kind, &authorized, trace);
             let token = handle.token();
+            let slot = handle.close_slot();
             let resp = gw
                 .upstream
                 .forward(req, &authorized, client_ip, None)
                 .await?;
             let (parts, body) = resp.into_parts();
-            let body = GuardedBody::new(body, Box::new(handle), Some(token));
+            let json = parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("application/json"));
+            let mut body = GuardedBody::new(body, Box::new(handle), Some(token));
+            if kind == crate::streams::StreamKind::Watch && json {
+                body = body.with_watch_errors(slot);
+            }
             Ok(Response::from_parts(parts, body.boxed_unsync()))
         }
         RequestShape::Upgrade(kind) => {
-            let handle = gw.streams.register(kind, authorized.identity().user());
-            if let Some(t) = trace {
-                t.stream = Some(handle.close_slot());
-            }
+            let handle = register_stream(gw, kind, &authorized, trace);
             // Upgrades arrive on HTTP/1.1 connections, whose bodies are `Incoming`.
             let (parts, body) = req.into_parts();
             let body = body.map_err(Into::into).boxed_unsync();
@@ -459,6 +499,34 @@ where
                 .await
         }
     }
+}
+
+/// Registers a long-lived response: who holds it (for locks), when its credential expires (it
+/// is closed then), and where its end is reported (audit).
+fn register_stream(
+    gw: &Gateway,
+    kind: crate::streams::StreamKind,
+    authorized: &Authorized,
+    trace: Option<&mut Trace>,
+) -> crate::streams::StreamHandle {
+    let identity = authorized.identity();
+    let subject = trace
+        .as_ref()
+        .and_then(|t| t.subject.clone())
+        .unwrap_or_else(|| crate::streams::StreamSubject {
+            user: identity.user().to_owned(),
+            groups: identity.groups().to_vec(),
+            device: None,
+            token_id: identity.facts().token_id.clone(),
+        });
+    let handle = gw.streams.register(kind, subject);
+    if let Some(expiry) = identity.expires_at() {
+        handle.close_at(expiry);
+    }
+    if let Some(t) = trace {
+        t.stream = Some(handle.close_slot());
+    }
+    handle
 }
 
 /// `kubectl auth can-i` through the gateway: the gateway's policy answers first. A denial is

@@ -53,6 +53,8 @@ pub enum StartError {
 /// Everything a request needs, built once from the config (never re-parsed per request).
 pub struct Gateway {
     pub upstream: Upstream,
+    /// Locks and posture records.
+    pub store: crate::state::SharedStore,
     pub auditor: Arc<crate::audit::Auditor>,
     pub x509: Option<X509Authenticator>,
     /// Always present; with no issuers configured it authenticates nothing, and a config
@@ -312,6 +314,23 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
         None => crate::audit::Auditor::disabled(),
     };
 
+    let store: crate::state::SharedStore = match &cfg.state {
+        Some(st) => {
+            let dir = st.directory.clone();
+            let fs = tokio::task::spawn_blocking(move || {
+                crate::state::FileStore::open(&dir, crate::state::FileStoreOptions::default())
+            })
+            .await
+            .map_err(|e| StartError::Config(format!("state: {e}")))?
+            .map_err(|e| StartError::Config(format!("state.directory: {e}")))?;
+            Arc::new(fs)
+        }
+        None => {
+            tracing::warn!("no state.directory configured: locks and posture are kept in memory and lost on restart");
+            Arc::new(crate::state::MemoryStore::new())
+        }
+    };
+
     let mut metrics = Metrics::new();
     if auditor.is_enabled() {
         metrics.register_audit(auditor.clone());
@@ -343,6 +362,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
         }
     };
     let gw = Arc::new(Gateway {
+        store,
         upstream,
         auditor,
         x509,
@@ -367,6 +387,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
     });
 
     spawn_readiness_probe(gw.clone(), cfg.upstream.health_path.clone(), stop.clone());
+    crate::locks::spawn_enforcer(gw.clone(), stop.clone());
 
     let listener = TcpListener::bind(&cfg.listener.address)
         .await

@@ -45,9 +45,18 @@ impl StreamKind {
 
 struct Entry {
     kind: StreamKind,
-    user: String,
+    subject: StreamSubject,
     cancel: CancellationToken,
     slot: CloseSlot,
+}
+
+/// Who holds a stream, for matching locks against live streams.
+#[derive(Clone, Debug, Default)]
+pub struct StreamSubject {
+    pub user: String,
+    pub groups: Vec<String>,
+    pub device: Option<String>,
+    pub token_id: Option<String>,
 }
 
 /// Called once when a stream ends, with why the gateway closed it (None: it ended by itself).
@@ -63,6 +72,11 @@ impl CloseSlot {
     /// Sets the hook run when the stream ends.
     pub fn on_close(&self, hook: CloseHook) {
         self.inner.lock().expect("close slot poisoned").0 = Some(hook);
+    }
+
+    /// Why the gateway closed the stream, once it has.
+    pub fn reason(&self) -> Option<String> {
+        self.inner.lock().expect("close slot poisoned").1.clone()
     }
 
     fn set_reason(&self, why: &str) {
@@ -104,6 +118,24 @@ impl StreamHandle {
     pub fn close_slot(&self) -> CloseSlot {
         self.slot.clone()
     }
+
+    /// Closes this stream when the credential behind it expires.
+    pub fn close_at(&self, deadline: std::time::SystemTime) {
+        let cancel = self.cancel.clone();
+        let slot = self.slot.clone();
+        tokio::spawn(async move {
+            let wait = deadline
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = tokio::time::sleep(wait) => {
+                    slot.set_reason("credential expired; log in again");
+                    cancel.cancel();
+                }
+            }
+        });
+    }
     pub fn token(&self) -> CancellationToken {
         self.cancel.clone()
     }
@@ -134,7 +166,7 @@ impl StreamRegistry {
         })
     }
 
-    pub fn register(self: &Arc<Self>, kind: StreamKind, user: &str) -> StreamHandle {
+    pub fn register(self: &Arc<Self>, kind: StreamKind, subject: StreamSubject) -> StreamHandle {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let cancel = self.root.child_token();
         let slot = CloseSlot::default();
@@ -142,7 +174,7 @@ impl StreamRegistry {
             id,
             Entry {
                 kind,
-                user: user.to_owned(),
+                subject,
                 cancel: cancel.clone(),
                 slot: slot.clone(),
             },
@@ -165,11 +197,11 @@ impl StreamRegistry {
         self.root.cancel();
     }
 
-    /// Closes the streams of one user; returns how many.
-    pub fn close_user(&self, user: &str, why: &str) -> usize {
+    /// Closes the streams whose holder matches; returns how many.
+    pub fn close_matching(&self, matches: impl Fn(&StreamSubject) -> bool, why: &str) -> usize {
         let live = self.live.lock().expect("stream registry poisoned");
         let mut n = 0;
-        for e in live.values().filter(|e| e.user == user) {
+        for e in live.values().filter(|e| matches(&e.subject)) {
             e.slot.set_reason(why);
             e.cancel.cancel();
             n += 1;
@@ -235,13 +267,18 @@ impl Drop for InflightGuard {
 
 pin_project_lite::pin_project! {
     /// A response body that holds a guard until it ends and, when given a cancellation, ends
-    /// cleanly as soon as it is cancelled.
+    /// cleanly as soon as it is cancelled. A JSON watch closed by the gateway for a reason ends
+    /// with an `ERROR` event carrying a `Status`, which kubectl prints.
     pub struct GuardedBody<B> {
         #[pin]
         inner: B,
         cancelled: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
         guard: Option<Box<dyn Send>>,
         ended: bool,
+        // Set for JSON watches: where the close reason is, and whether the bytes sent so far
+        // end at an event boundary (a newline), so an injected event is well-formed.
+        watch_errors: Option<CloseSlot>,
+        at_boundary: bool,
     }
 }
 
@@ -252,8 +289,41 @@ impl<B> GuardedBody<B> {
             cancelled: cancel.map(|c| Box::pin(c.cancelled_owned())),
             guard: Some(guard),
             ended: false,
+            watch_errors: None,
+            at_boundary: true,
         }
     }
+
+    /// Ends a JSON watch with an `ERROR` event when the gateway closes it for a reason.
+    pub fn with_watch_errors(mut self, slot: CloseSlot) -> Self {
+        self.watch_errors = Some(slot);
+        self
+    }
+}
+
+/// The `ERROR` watch event for a stream the gateway closed: 401 when the credential lapsed (so
+/// client-go re-runs its credential plugin), 403 otherwise.
+pub fn watch_error_event(why: &str) -> Bytes {
+    let (code, reason) = if why.starts_with("credential") {
+        (401, "Unauthorized")
+    } else {
+        (403, "Forbidden")
+    };
+    let event = serde_json::json!({
+        "type": "ERROR",
+        "object": {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": why,
+            "reason": reason,
+            "code": code,
+        }
+    });
+    let mut v = serde_json::to_vec(&event).unwrap_or_default();
+    v.push(b'\n');
+    Bytes::from(v)
 }
 
 impl<B> HttpBody for GuardedBody<B>
@@ -275,11 +345,23 @@ where
         if let Some(c) = this.cancelled.as_mut() {
             if c.as_mut().poll(cx).is_ready() {
                 *this.ended = true;
+                let why = this.watch_errors.as_ref().and_then(|s| s.reason());
                 this.guard.take();
+                if let (Some(why), true) = (why, *this.at_boundary) {
+                    return Poll::Ready(Some(Ok(Frame::data(watch_error_event(&why)))));
+                }
                 return Poll::Ready(None);
             }
         }
         match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if !data.is_empty() {
+                        *this.at_boundary = data.ends_with(b"\n");
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
             Poll::Ready(None) => {
                 *this.ended = true;
                 this.guard.take();

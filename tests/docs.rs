@@ -85,6 +85,8 @@ authentication:
     deviceId:
       from: uriPrefix
       prefix: "urn:device:"
+state:
+  directory: state
 authorization:
   policies: [policies]
   reloadInterval: 2s

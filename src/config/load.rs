@@ -148,6 +148,9 @@ pub fn resolve_paths(cfg: &mut GatewayConfig, base_dir: &Path) {
             fix(p);
         }
     }
+    if let Some(st) = &mut cfg.state {
+        fix(&mut st.directory);
+    }
     if let Some(a) = &mut cfg.audit {
         if let Some(p) = &mut a.policy_file {
             fix(p);

@@ -28,6 +28,9 @@ pub struct GatewayConfig {
     /// kube-apiserver's RBAC is the only authorization (logged as a warning at start).
     #[serde(default)]
     pub authorization: Option<AuthorizationConfig>,
+    /// Where locks and posture records are kept. Absent: in memory only (lost on restart).
+    #[serde(default)]
+    pub state: Option<StateConfig>,
     /// Audit events in kube-apiserver's `audit.k8s.io/v1` format.
     #[serde(default)]
     pub audit: Option<crate::audit::AuditConfig>,
@@ -116,6 +119,14 @@ pub struct AuthenticationConfig {
     /// device is visible to policy as `context.device`.
     #[serde(default)]
     pub devices: Option<crate::device::DeviceConfig>,
+}
+
+/// The embedded, crash-safe store on local disk.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StateConfig {
+    /// A directory only this gateway process uses (a lock file refuses a second one).
+    pub directory: PathBuf,
 }
 
 /// Cedar ABAC policy: default deny, `forbid` wins, evaluation errors deny.

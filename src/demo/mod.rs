@@ -46,6 +46,8 @@ pub struct DevSettings {
     pub audit_file: Option<PathBuf>,
     /// CA (PEM) of device certificates; devices are identified by their CN.
     pub device_ca_pem: Option<String>,
+    /// Keep locks and posture in this directory (else in memory).
+    pub state_dir: Option<PathBuf>,
 }
 
 /// One `authentication.jwt` entry of a dev config.
@@ -75,6 +77,7 @@ impl Default for DevSettings {
             webhooks: false,
             audit_file: None,
             device_ca_pem: None,
+            state_dir: None,
         }
     }
 }
@@ -208,6 +211,10 @@ logging:
                         "authentication:\n  devices:\n    bundle: devices\n    deviceId:\n      from: commonName\n",
                     )
             }
+            None => config,
+        };
+        let config = match &s.state_dir {
+            Some(d) => format!("{config}state:\n  directory: \"{}\"\n", d.display()),
             None => config,
         };
         let config = match &s.audit_file {

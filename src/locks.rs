@@ -1,0 +1,159 @@
+//! Locks (revocation): the `/v1/locks` API, and the task that closes live streams a new lock
+//! matches. New requests are checked against the store's in-memory index in the pipeline.
+//!
+//! Who may manage locks is decided by policy: the API is a non-resource URL (`/v1/locks`,
+//! actions `get`, `post`, `delete`), so a permit such as
+//! `permit (principal in k8s::Group::"security", action, resource is k8s::NonResourceURL)
+//! when { resource.path like "/v1/locks*" };` grants it. Without policies the API is refused.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use serde::Deserialize;
+
+use crate::authn::Identity;
+use crate::body::{full, Body};
+use crate::errors::PipelineError;
+use crate::server::Gateway;
+use crate::state::{ChangeKind, Lock, LockTarget};
+use crate::streams::StreamSubject;
+
+pub const PATH: &str = "/v1/locks";
+
+pub fn is_locks_path(path: &str) -> bool {
+    path == PATH || path.strip_prefix(PATH).is_some_and(|r| r.starts_with('/'))
+}
+
+/// Does `lock` apply to the holder of a stream?
+pub fn applies_to(lock: &Lock, s: &StreamSubject) -> bool {
+    match &lock.target {
+        LockTarget::User(u) => &s.user == u,
+        LockTarget::Group(g) => s.groups.iter().any(|x| x == g),
+        LockTarget::Device(d) => s.device.as_deref() == Some(d.as_str()),
+        LockTarget::TokenId(t) => s.token_id.as_deref() == Some(t.as_str()),
+        _ => false,
+    }
+}
+
+fn why(lock: &Lock) -> String {
+    if lock.message.is_empty() {
+        "access is locked by an administrator".to_owned()
+    } else {
+        format!("access is locked: {}", lock.message)
+    }
+}
+
+/// Closes live streams as soon as a lock that matches them is written (by this replica or, with
+/// a shared store, any other).
+pub fn spawn_enforcer(gw: Arc<Gateway>, stop: tokio_util::sync::CancellationToken) {
+    let mut changes = gw.store.subscribe();
+    tokio::spawn(async move {
+        loop {
+            let change = tokio::select! {
+                _ = stop.cancelled() => return,
+                c = changes.recv() => c,
+            };
+            match change {
+                Ok(c) => {
+                    if let ChangeKind::LockPut(lock) = c.kind {
+                        let n = gw
+                            .streams
+                            .close_matching(|s| applies_to(&lock, s), &why(&lock));
+                        if n > 0 {
+                            tracing::info!(lock = %lock.id, streams = n, "lock closed live streams");
+                        }
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    // Missed changes: check every stream against the current locks.
+                    let locks = gw.store.locks();
+                    for lock in &locks {
+                        gw.streams
+                            .close_matching(|s| applies_to(lock, s), &why(lock));
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct NewLock {
+    target: LockTarget,
+    #[serde(default)]
+    message: String,
+    /// Seconds until the lock lapses; absent: until deleted.
+    #[serde(default)]
+    ttl_seconds: Option<u64>,
+}
+
+fn json(code: StatusCode, v: &impl serde::Serialize) -> Response<Body> {
+    let mut resp = Response::new(full(serde_json::to_vec(v).unwrap_or_default()));
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn store_error(e: crate::state::StoreError) -> PipelineError {
+    tracing::error!(error = %e, "lock store write failed");
+    PipelineError::StoreUnavailable(e.to_string())
+}
+
+/// Serves `GET /v1/locks`, `POST /v1/locks`, `DELETE /v1/locks/<id>` for an authorized caller.
+pub async fn serve<B>(
+    gw: &Gateway,
+    req: Request<B>,
+    caller: &Identity,
+) -> Result<Response<Body>, PipelineError>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<crate::body::BoxError>,
+{
+    let path = req.uri().path().to_owned();
+    let id = path.strip_prefix(PATH).and_then(|r| r.strip_prefix('/'));
+    match (req.method().clone(), id) {
+        (Method::GET, None) => Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({"kind": "LockList", "items": gw.store.locks()}),
+        )),
+        (Method::GET, Some(id)) => match gw.store.lock(id) {
+            Some(l) => Ok(json(StatusCode::OK, &l)),
+            None => Err(PipelineError::NotFound("lock")),
+        },
+        (Method::POST, None) => {
+            let body = Limited::new(req.into_body(), 64 * 1024)
+                .collect()
+                .await
+                .map_err(|_| PipelineError::BodyTooLarge { limit: 64 * 1024 })?
+                .to_bytes();
+            let new: NewLock = serde_json::from_slice(&body)
+                .map_err(|e| PipelineError::BadRequest(format!("not a lock: {e}").into()))?;
+            let expires_at = new
+                .ttl_seconds
+                .map(|s| SystemTime::now() + Duration::from_secs(s));
+            let lock = Lock::new(new.target, new.message, expires_at, caller.user())
+                .map_err(store_error)?;
+            gw.store.put_lock(lock.clone()).await.map_err(store_error)?;
+            tracing::warn!(lock = %lock.id, by = caller.user(), target = ?lock.target, "lock added");
+            Ok(json(StatusCode::CREATED, &lock))
+        }
+        (Method::DELETE, Some(id)) => match gw.store.delete_lock(id).await.map_err(store_error)? {
+            Some((_, lock)) => {
+                tracing::warn!(lock = %lock.id, by = caller.user(), "lock removed");
+                Ok(json(StatusCode::OK, &lock))
+            }
+            None => Err(PipelineError::NotFound("lock")),
+        },
+        _ => Err(PipelineError::BadRequest(
+            "use GET or POST /v1/locks, GET or DELETE /v1/locks/<id>".into(),
+        )),
+    }
+}

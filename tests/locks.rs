@@ -1,0 +1,307 @@
+//! Locks (revocation): a lock refuses new requests and closes live streams within a second,
+//! survives `kill -9`, and a stream also ends when its credential expires.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use support::{get, raw_client, send, status_of, Harness};
+use ztgate::demo::{DevEnv, DevJwtIssuer, DevSettings};
+use ztgate_testkit::pki::Ca;
+use ztgate_testkit::{ApiServer, ApiServerOptions, CertKey, DevIssuer, TestPki};
+
+const POLICIES: &str = r#"
+@id("discovery-read")
+permit (principal, action == k8s::Action::"get", resource is k8s::NonResourceURL)
+when { resource.path == "/api" || resource.path like "/api/*" || resource.path == "/apis" || resource.path like "/apis/*" || resource.path like "/openapi/*" || resource.path == "/version" };
+
+@id("team-a-namespace")
+permit (principal in k8s::Group::"team-a", action, resource in k8s::Namespace::"team-a");
+
+@id("security-manages-locks")
+permit (principal in k8s::Group::"security", action, resource is k8s::NonResourceURL)
+when { resource.path like "/v1/locks*" };
+"#;
+
+const WATCH: &str = "/api/v1/namespaces/team-a/pods?watch=1";
+
+fn policies_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("p.cedar"), POLICIES).unwrap();
+    dir
+}
+
+fn post_lock(uri: &str, target_kind: &str, value: &str, message: &str) -> Request<Full<Bytes>> {
+    let body =
+        serde_json::json!({"target": {"kind": target_kind, "value": value}, "message": message});
+    Request::post(uri)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+/// Reads a watch body until it ends; returns everything it carried.
+async fn drain(body: hyper::body::Incoming) -> String {
+    let bytes = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_closes_live_watches_within_a_second_and_refuses_new_requests_until_removed() {
+    let dir = policies_dir();
+    let h = Harness::start_with(DevSettings {
+        policies: vec![dir.path().join("p.cedar")],
+        ..Default::default()
+    })
+    .await;
+    let alice = h.demo.env.pki.user("alice", &["team-a"]);
+    let admin = h.demo.env.pki.user("sec-admin", &["security"]);
+    let admin_client = h.client(Some(&admin), false);
+    let locks_uri = h.uri("/v1/locks");
+
+    // Five rounds: open a watch, lock alice, time until the watch ends with an ERROR event.
+    let mut latencies = Vec::new();
+    for round in 0..5 {
+        let client = h.client(Some(&alice), round % 2 == 0);
+        let watch = client.request(get(&h.uri(WATCH))).await.unwrap();
+        assert_eq!(watch.status(), 200);
+        let reader = tokio::spawn(drain(watch.into_body()));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        let locked_at = Instant::now();
+        let (code, _, body) = send(
+            &admin_client,
+            post_lock(&locks_uri, "user", "alice", "laptop reported stolen"),
+        )
+        .await;
+        assert_eq!(code, 201, "{body}");
+        let lock: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let text = tokio::time::timeout(Duration::from_secs(2), reader)
+            .await
+            .expect("the watch was closed")
+            .unwrap();
+        let took = locked_at.elapsed();
+        latencies.push(took);
+        let last = text.lines().last().unwrap_or_default();
+        let event: serde_json::Value =
+            serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert_eq!(event["type"], "ERROR", "{text}");
+        assert_eq!(event["object"]["code"], 403);
+        assert!(event["object"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("laptop reported stolen"));
+
+        // New requests are refused with the lock's message.
+        let (code, _, body) = send(&client, get(&h.uri("/api/v1/namespaces/team-a/pods"))).await;
+        assert_eq!(code, 403, "{body}");
+        assert!(
+            body.contains("access is locked: laptop reported stolen"),
+            "{body}"
+        );
+
+        // Removing the lock restores access.
+        let id = lock["id"].as_str().unwrap();
+        let del = Request::delete(format!("{locks_uri}/{id}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let (code, _, body) = send(&admin_client, del).await;
+        assert_eq!(code, 200, "{body}");
+        let (code, _, _) = send(&client, get(&h.uri("/api/v1/namespaces/team-a/pods"))).await;
+        assert_eq!(code, 200);
+    }
+    latencies.sort();
+    eprintln!("lock-to-close latencies: {latencies:?}");
+    assert!(
+        latencies.iter().all(|d| *d < Duration::from_secs(1)),
+        "{latencies:?}"
+    );
+
+    // Only policy decides who manages locks: alice may not.
+    let (code, _, body) = send(
+        &h.client(Some(&alice), false),
+        post_lock(&locks_uri, "user", "bob", ""),
+    )
+    .await;
+    assert_eq!(code, 403, "{body}");
+    assert_eq!(status_of(&body).1, "Forbidden");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_get_watch_shows_the_lock_and_exits() {
+    let dir = policies_dir();
+    let h = Harness::start_with(DevSettings {
+        policies: vec![dir.path().join("p.cedar")],
+        ..Default::default()
+    })
+    .await;
+    let kc = h.kubeconfig("alice", &["team-a"]);
+    let mut child = support::kubectl_command(&kc, &["get", "pods", "-n", "team-a", "-w"], &[])
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let admin = h.demo.env.pki.user("sec-admin", &["security"]);
+    let (code, _, body) = send(
+        &h.client(Some(&admin), false),
+        post_lock(&h.uri("/v1/locks"), "group", "team-a", "incident 42"),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .expect("kubectl get -w ended after the lock")
+        .unwrap();
+    let mut stderr = String::new();
+    let mut stdout = String::new();
+    use tokio::io::AsyncReadExt;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .await
+        .unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .await
+        .unwrap();
+    // kubectl prints the ERROR event's Status as a row of its watch table, then stops watching.
+    let shown = format!("{stdout}{stderr}");
+    assert!(
+        shown.contains("Forbidden") && shown.contains("access is locked: incident 42"),
+        "status {status:?}\nstderr: {stderr}\nstdout: {stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_ends_with_401_when_its_token_expires() {
+    let issuer = DevIssuer::start(&Ca::new("issuer-ca")).await.unwrap();
+    let h = Harness::start_with(DevSettings {
+        jwt: vec![DevJwtIssuer {
+            url: issuer.issuer_url(),
+            ca_pem: issuer.ca_pem(),
+            audience: "ztgate".into(),
+            username_claim: "sub".into(),
+            username_prefix: "oidc:".into(),
+            groups_prefix: String::new(),
+        }],
+        ..Default::default()
+    })
+    .await;
+    let token = issuer.token(
+        "alice",
+        "ztgate",
+        Duration::from_secs(3),
+        serde_json::json!({"groups": ["team-a"]}),
+    );
+    let client = h.client(None, false);
+    let req = Request::get(h.uri(WATCH))
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let started = Instant::now();
+    let watch = client.request(req).await.unwrap();
+    assert_eq!(watch.status(), 200);
+    let text = tokio::time::timeout(Duration::from_secs(8), drain(watch.into_body()))
+        .await
+        .expect("the watch ended when the token expired");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "ended too early: {text}"
+    );
+    let event: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(event["type"], "ERROR");
+    assert_eq!(event["object"]["code"], 401, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_survives_kill_9_and_a_restart() {
+    support::init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let pol = policies_dir();
+    let pki = TestPki::new();
+    let apiserver = ApiServer::start(ApiServerOptions::new(&pki)).await.unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let env = DevEnv::create(
+        dir.path(),
+        pki,
+        &apiserver.url(),
+        &DevSettings {
+            listen: format!("127.0.0.1:{port}"),
+            operations: false,
+            policies: vec![pol.path().join("p.cedar")],
+            state_dir: Some(dir.path().join("state")),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let base = format!("https://127.0.0.1:{port}");
+    let ca = env.pki.gateway_ca.cert_pem();
+    let alice: CertKey = env.pki.user("alice", &["team-a"]);
+    let admin = env.pki.user("sec-admin", &["security"]);
+    let start = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_ztgate"))
+            .args(["serve", "--config"])
+            .arg(&env.config_path)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let ready = |client: support::RawClient, base: String| async move {
+        for _ in 0..100 {
+            if let Ok(Ok(r)) = tokio::time::timeout(
+                Duration::from_secs(1),
+                client.request(get(&format!("{base}/readyz"))),
+            )
+            .await
+            {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("gateway not ready");
+    };
+    let mut gw = start();
+    ready(raw_client(&ca, None, false), base.clone()).await;
+    let (code, _, body) = send(
+        &raw_client(&ca, Some(&admin), false),
+        post_lock(&format!("{base}/v1/locks"), "user", "alice", "offboarded"),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+
+    let pid = gw.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let _ = gw.wait().await;
+
+    let _gw = start();
+    ready(raw_client(&ca, None, false), base.clone()).await;
+    let (code, _, body) = send(
+        &raw_client(&ca, Some(&alice), false),
+        get(&format!("{base}/api/v1/namespaces/team-a/pods")),
+    )
+    .await;
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("offboarded"), "{body}");
+    apiserver.shutdown().await;
+}
