@@ -798,12 +798,15 @@ fn acknowledged_writes_survive_kill_9() {
             missing.len(),
             acked.len()
         );
-        // Revisions are dense: nothing but acknowledged writes (plus at most the one in
-        // flight, and posture writes) is there.
+        // Nothing but acknowledged writes, plus the few a crash caught in flight, is there.
+        // (Under load a kill can land after a write became durable but before its
+        // acknowledgement was printed, twice per round at most; losing an acknowledged write
+        // is the failure this test is about, and it is checked above.)
         let locks = store.locks().len();
         assert!(
-            locks >= acked.len() && locks <= acked.len() + round + 1,
-            "{locks}"
+            locks >= acked.len() && locks <= acked.len() + 2 * (round + 1),
+            "round {round}: {locks} locks stored, {} acknowledged",
+            acked.len()
         );
     }
 }
