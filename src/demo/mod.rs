@@ -373,6 +373,14 @@ permit (
   resource in k8s::Namespace::"team-a"
 );
 
+@id("security-manages-locks")
+permit (
+  principal in k8s::Group::"security",
+  action,
+  resource is k8s::NonResourceURL
+)
+when { resource.path like "/v1/locks*" };
+
 @id("no-pod-deletion")
 @reason("deleting pods goes through the release pipeline, not kubectl")
 forbid (
@@ -420,6 +428,7 @@ impl Demo {
                 .map_err(|e| e.to_string())?;
             settings.policies.push(policies);
             settings.policy_reload_interval = "1s";
+            settings.state_dir = Some(dir.join("state"));
             Some(issuer)
         } else {
             None
@@ -476,6 +485,8 @@ pub async fn run(o: DemoOptions) -> Result<(), String> {
     let alice_cert = demo
         .env
         .kubeconfig_for(&demo.url, "alice-cert", &["team-a"], "team-a");
+    let admin = demo.env.pki.user("sec-admin", &["security"]);
+    let (admin_crt, admin_key) = admin.write(&dir, "sec-admin");
     let kubeconfig = match o.kubeconfig_out {
         Some(p) => {
             std::fs::copy(&alice, &p).map_err(|e| format!("{}: {e}", p.display()))?;
@@ -508,6 +519,14 @@ Try:
   kubectl logs -f web-0 -n team-a
   kubectl port-forward -n team-a pod/web-0 8080:80
 
+Revoke alice while her watch runs (in another terminal; the watch ends at once with the reason):
+  curl -s --cacert {gw_ca} --cert {admin_crt} --key {admin_key} \
+    -H 'content-type: application/json' -X POST {url}/v1/locks \
+    -d '{{"target":{{"kind":"user","value":"alice@example.com"}},"message":"laptop reported stolen"}}'
+  kubectl get pods -n team-a          # Forbidden: access is locked: laptop reported stolen
+  curl -s --cacert {gw_ca} --cert {admin_crt} --key {admin_key} {url}/v1/locks          # list
+  curl -s --cacert {gw_ca} --cert {admin_crt} --key {admin_key} -X DELETE {url}/v1/locks/<id>
+
 The token comes from the kubeconfig's exec plugin (curl to the dev issuer); kubectl runs it
 again when the token expires. Press Ctrl-C to stop."#,
         apiserver = demo.apiserver.url(),
@@ -521,6 +540,9 @@ again when the token expires. Press Ctrl-C to stop."#,
         config = demo.env.config_path.display(),
         policies = dir.join("policies").join("demo.cedar").display(),
         cert = alice_cert.display(),
+        gw_ca = demo.env.gateway_ca_path.display(),
+        admin_crt = admin_crt.display(),
+        admin_key = admin_key.display(),
     );
     wait_for_stop().await;
     println!("stopping");
