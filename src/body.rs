@@ -14,3 +14,14 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 pub fn empty() -> Body {
     full(Bytes::new())
 }
+
+/// A JSON response (`application/json`).
+pub fn json_response(code: http::StatusCode, v: &impl serde::Serialize) -> http::Response<Body> {
+    let mut resp = http::Response::new(full(serde_json::to_vec(v).unwrap_or_default()));
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}

@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
 
 use crate::authn::Identity;
-use crate::body::{full, Body};
+use crate::body::Body;
 use crate::errors::PipelineError;
 use crate::server::Gateway;
 use crate::state::{ChangeKind, Lock, LockTarget};
@@ -92,16 +92,6 @@ struct NewLock {
     ttl_seconds: Option<u64>,
 }
 
-fn json(code: StatusCode, v: &impl serde::Serialize) -> Response<Body> {
-    let mut resp = Response::new(full(serde_json::to_vec(v).unwrap_or_default()));
-    *resp.status_mut() = code;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp
-}
-
 fn store_error(e: crate::state::StoreError) -> PipelineError {
     tracing::error!(error = %e, "lock store write failed");
     PipelineError::StoreUnavailable(e.to_string())
@@ -120,12 +110,12 @@ where
     let path = req.uri().path().to_owned();
     let id = path.strip_prefix(PATH).and_then(|r| r.strip_prefix('/'));
     match (req.method().clone(), id) {
-        (Method::GET, None) => Ok(json(
+        (Method::GET, None) => Ok(crate::body::json_response(
             StatusCode::OK,
             &serde_json::json!({"kind": "LockList", "items": gw.store.locks()}),
         )),
         (Method::GET, Some(id)) => match gw.store.lock(id) {
-            Some(l) => Ok(json(StatusCode::OK, &l)),
+            Some(l) => Ok(crate::body::json_response(StatusCode::OK, &l)),
             None => Err(PipelineError::NotFound("lock")),
         },
         (Method::POST, None) => {
@@ -143,12 +133,12 @@ where
                 .map_err(store_error)?;
             gw.store.put_lock(lock.clone()).await.map_err(store_error)?;
             tracing::warn!(lock = %lock.id, by = caller.user(), target = ?lock.target, "lock added");
-            Ok(json(StatusCode::CREATED, &lock))
+            Ok(crate::body::json_response(StatusCode::CREATED, &lock))
         }
         (Method::DELETE, Some(id)) => match gw.store.delete_lock(id).await.map_err(store_error)? {
             Some((_, lock)) => {
                 tracing::warn!(lock = %lock.id, by = caller.user(), "lock removed");
-                Ok(json(StatusCode::OK, &lock))
+                Ok(crate::body::json_response(StatusCode::OK, &lock))
             }
             None => Err(PipelineError::NotFound("lock")),
         },

@@ -302,7 +302,7 @@ async fn run(
     // 2. kube-apiserver's webhooks.
     if let Some(which) = crate::webhook::route(gw, conn, req.method(), req.uri().path()) {
         trace.webhook = true;
-        return crate::webhook::serve(gw, conn, req, which).await;
+        return crate::webhook::serve(gw, req, which).await;
     }
 
     // 3-4. Credentials and authentication.
@@ -355,7 +355,9 @@ async fn run(
     // 5. What kube-apiserver will act on.
     let info = request_info(req.method(), req.uri().path(), req.uri().query())
         .map_err(|e| PipelineError::BadRequest(e.to_string().into()))?;
-    trace.info = Some(info.clone());
+    if gw.auditor.is_enabled() {
+        trace.info = Some(info.clone());
+    }
     let method = req.method().clone();
     let ctx = RequestContext {
         info: &info,
@@ -567,24 +569,18 @@ async fn self_subject_access_review(
                 "spec needs resourceAttributes or nonResourceAttributes".into(),
             )
         })?;
+    // Without policies there is nothing to answer here: kube-apiserver decides alone.
     let decision = gw
         .authorizer
-        .decide_attributes(authorized.identity(), &info, ctx)
-        .expect("only called with a policy engine");
-    if !decision.allowed {
-        let mut out = review.clone();
+        .decide_attributes(authorized.identity(), &info, ctx);
+    if let Some(decision) = decision.filter(|d| !d.allowed) {
+        let mut out = review;
         out["status"] = json!({
             "allowed": false,
             "denied": true,
             "reason": crate::authz::cedar::decision_reason(&decision),
         });
-        let mut resp = Response::new(full(serde_json::to_vec(&out).unwrap_or_default()));
-        *resp.status_mut() = StatusCode::CREATED;
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        return Ok(resp);
+        return Ok(crate::body::json_response(StatusCode::CREATED, &out));
     }
     // Passed on as JSON, whatever the client sent: the gateway forwards what it read, so
     // kube-apiserver answers exactly the question the policy answered.
@@ -617,7 +613,7 @@ fn device_of(
     let cfg = gw.devices.as_ref()?;
     let chain = conn.chain.as_ref()?;
     let generation = gw.bundles.load().generation;
-    let mut cached = conn.device.lock().expect("device cache poisoned");
+    let mut cached = crate::streams::lock(&conn.device);
     let device = match cached.as_ref() {
         Some((g, d)) if *g == generation => d.clone(),
         _ => {
@@ -657,7 +653,7 @@ async fn authenticate(
     let now = SystemTime::now();
     let generation = x509.generation();
     let verified = {
-        let mut cached = conn.x509.lock().expect("x509 cache poisoned");
+        let mut cached = crate::streams::lock(&conn.x509);
         match cached.as_ref() {
             Some(v) if v.generation == generation => v.clone(),
             _ => {

@@ -59,6 +59,12 @@ pub struct StreamSubject {
     pub token_id: Option<String>,
 }
 
+/// Locks a mutex whose critical sections leave no half-done state behind, so a panic elsewhere
+/// while it was held must not turn every later request into a panic too.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Called once when a stream ends, with why the gateway closed it (None: it ended by itself).
 pub type CloseHook = Box<dyn FnOnce(Option<&str>) + Send>;
 
@@ -71,16 +77,16 @@ pub struct CloseSlot {
 impl CloseSlot {
     /// Sets the hook run when the stream ends.
     pub fn on_close(&self, hook: CloseHook) {
-        self.inner.lock().expect("close slot poisoned").0 = Some(hook);
+        lock(&self.inner).0 = Some(hook);
     }
 
     /// Why the gateway closed the stream, once it has.
     pub fn reason(&self) -> Option<String> {
-        self.inner.lock().expect("close slot poisoned").1.clone()
+        lock(&self.inner).1.clone()
     }
 
     fn set_reason(&self, why: &str) {
-        let mut g = self.inner.lock().expect("close slot poisoned");
+        let mut g = lock(&self.inner);
         if g.1.is_none() {
             g.1 = Some(why.to_owned());
         }
@@ -88,7 +94,7 @@ impl CloseSlot {
 
     fn fire(&self) {
         let (hook, reason) = {
-            let mut g = self.inner.lock().expect("close slot poisoned");
+            let mut g = lock(&self.inner);
             (g.0.take(), g.1.clone())
         };
         if let Some(h) = hook {
@@ -146,11 +152,7 @@ impl StreamHandle {
 
 impl Drop for StreamHandle {
     fn drop(&mut self) {
-        self.registry
-            .live
-            .lock()
-            .expect("stream registry poisoned")
-            .remove(&self.id);
+        lock(&self.registry.live).remove(&self.id);
         self.registry.metrics.stream_closed(self.kind);
         self.slot.fire();
     }
@@ -170,7 +172,7 @@ impl StreamRegistry {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let cancel = self.root.child_token();
         let slot = CloseSlot::default();
-        self.live.lock().expect("stream registry poisoned").insert(
+        lock(&self.live).insert(
             id,
             Entry {
                 kind,
@@ -191,7 +193,7 @@ impl StreamRegistry {
 
     /// Closes every live stream (shutdown).
     pub fn close_all(&self, why: &str) {
-        for e in self.live.lock().expect("stream registry poisoned").values() {
+        for e in lock(&self.live).values() {
             e.slot.set_reason(why);
         }
         self.root.cancel();
@@ -199,7 +201,7 @@ impl StreamRegistry {
 
     /// Closes the streams whose holder matches; returns how many.
     pub fn close_matching(&self, matches: impl Fn(&StreamSubject) -> bool, why: &str) -> usize {
-        let live = self.live.lock().expect("stream registry poisoned");
+        let live = lock(&self.live);
         let mut n = 0;
         for e in live.values().filter(|e| matches(&e.subject)) {
             e.slot.set_reason(why);
@@ -210,16 +212,11 @@ impl StreamRegistry {
     }
 
     pub fn count(&self) -> usize {
-        self.live.lock().expect("stream registry poisoned").len()
+        lock(&self.live).len()
     }
 
     pub fn count_kind(&self, kind: StreamKind) -> usize {
-        self.live
-            .lock()
-            .expect("stream registry poisoned")
-            .values()
-            .filter(|e| e.kind == kind)
-            .count()
+        lock(&self.live).values().filter(|e| e.kind == kind).count()
     }
 }
 

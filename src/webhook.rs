@@ -3,20 +3,19 @@
 //! from the configured bundle (kube-apiserver's); nobody else may ask, so these endpoints cannot
 //! be used to probe tokens or policy.
 
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
 use crate::authn::x509::X509Authenticator;
-use crate::authn::{AuthnError, CredentialFacts};
+use crate::authn::CredentialFacts;
 use crate::authz::cedar::{RequestFacts, Subject};
 use crate::authz::requestinfo::RequestInfo;
-use crate::body::{full, Body};
+use crate::body::Body;
 use crate::config::SarDefault;
 use crate::errors::PipelineError;
 use crate::pipeline::ConnInfo;
@@ -24,57 +23,70 @@ use crate::server::Gateway;
 
 const MAX_REVIEW_BYTES: usize = 1 << 20;
 
-/// Which webhook a request is for, if any.
-pub enum Webhook {
-    TokenReview(&'static str),
-    SubjectAccessReview(&'static str),
+/// Which webhook a request is for, and the caller it was verified for.
+pub struct Webhook<'a> {
+    kind: Kind<'a>,
+    version: &'static str,
+    /// The verified caller (the CN of kube-apiserver's client certificate).
+    caller: String,
+}
+
+enum Kind<'a> {
+    TokenReview,
+    SubjectAccessReview {
+        engine: &'a crate::authz::cedar::PolicyEngine,
+        default: SarDefault,
+    },
 }
 
 /// Routes a request to a webhook only when it comes from the configured caller (a certificate
 /// from the caller bundle); everyone else's TokenReview / SubjectAccessReview goes through the
 /// normal pipeline to kube-apiserver like any other request.
-pub fn route(gw: &Gateway, conn: &ConnInfo, method: &http::Method, path: &str) -> Option<Webhook> {
-    if method != http::Method::POST || conn.chain.is_none() {
+pub fn route<'a>(
+    gw: &'a Gateway,
+    conn: &ConnInfo,
+    method: &http::Method,
+    path: &str,
+) -> Option<Webhook<'a>> {
+    if method != http::Method::POST {
         return None;
     }
-    let which = match path {
-        "/apis/authentication.k8s.io/v1/tokenreviews" if gw.token_review.is_some() => {
-            Some(Webhook::TokenReview("v1"))
+    let (kind, version, bundle) = match path {
+        "/apis/authentication.k8s.io/v1/tokenreviews" => (
+            Kind::TokenReview,
+            "v1",
+            &gw.token_review.as_ref()?.caller_bundle,
+        ),
+        "/apis/authentication.k8s.io/v1beta1/tokenreviews" => (
+            Kind::TokenReview,
+            "v1beta1",
+            &gw.token_review.as_ref()?.caller_bundle,
+        ),
+        "/apis/authorization.k8s.io/v1/subjectaccessreviews"
+        | "/apis/authorization.k8s.io/v1beta1/subjectaccessreviews" => {
+            let cfg = gw.sar.as_ref()?;
+            let kind = Kind::SubjectAccessReview {
+                engine: gw.authorizer.engine()?,
+                default: cfg.default_decision,
+            };
+            let version = if path.contains("/v1beta1/") {
+                "v1beta1"
+            } else {
+                "v1"
+            };
+            (kind, version, &cfg.caller_bundle)
         }
-        "/apis/authentication.k8s.io/v1beta1/tokenreviews" if gw.token_review.is_some() => {
-            Some(Webhook::TokenReview("v1beta1"))
-        }
-        "/apis/authorization.k8s.io/v1/subjectaccessreviews" if gw.sar.is_some() => {
-            Some(Webhook::SubjectAccessReview("v1"))
-        }
-        "/apis/authorization.k8s.io/v1beta1/subjectaccessreviews" if gw.sar.is_some() => {
-            Some(Webhook::SubjectAccessReview("v1beta1"))
-        }
-        _ => None,
-    }?;
-    let bundle = match &which {
-        Webhook::TokenReview(_) => &gw.token_review.as_ref()?.caller_bundle,
-        Webhook::SubjectAccessReview(_) => &gw.sar.as_ref()?.caller_bundle,
+        _ => return None,
     };
-    check_caller(gw, conn, bundle).ok().map(|_| which)
-}
-
-fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
-    let mut resp = Response::new(full(serde_json::to_vec(v).unwrap_or_default()));
-    *resp.status_mut() = code;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp
-}
-
-fn check_caller(gw: &Gateway, conn: &ConnInfo, bundle: &str) -> Result<String, PipelineError> {
-    let chain = conn.chain.as_ref().ok_or(AuthnError::NoCredentials)?;
-    let verified = X509Authenticator::new(bundle.to_owned(), gw.bundles.clone())
-        .verify(chain, SystemTime::now());
-    let identity = verified.result?;
-    Ok(identity.user().to_owned())
+    let chain = conn.chain.as_ref()?;
+    let verified =
+        X509Authenticator::new(bundle.clone(), gw.bundles.clone()).verify(chain, SystemTime::now());
+    let caller = verified.result.ok()?.user().to_owned();
+    Some(Webhook {
+        kind,
+        version,
+        caller,
+    })
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, PipelineError> {
@@ -88,39 +100,30 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, PipelineError> {
 }
 
 pub async fn serve(
-    gw: &Arc<Gateway>,
-    conn: &ConnInfo,
+    gw: &Gateway,
     req: Request<Incoming>,
-    which: Webhook,
+    hook: Webhook<'_>,
 ) -> Result<Response<Body>, PipelineError> {
-    match which {
-        Webhook::TokenReview(version) => {
-            let cfg = gw
-                .token_review
-                .as_ref()
-                .expect("routed only when configured");
-            let caller = check_caller(gw, conn, &cfg.caller_bundle)?;
-            let oidc = &gw.oidc;
-            let body = read_body(req).await?;
-            let (code, v) = crate::authn::tokenreview::review(oidc, &body, version).await;
+    let body = read_body(req).await?;
+    let caller = hook.caller.as_str();
+    match hook.kind {
+        Kind::TokenReview => {
+            let (code, v) = crate::authn::tokenreview::review(&gw.oidc, &body, hook.version).await;
             tracing::info!(
                 caller,
                 authenticated = v["status"]["authenticated"].as_bool().unwrap_or(false),
                 "TokenReview"
             );
-            Ok(json_response(code, &v))
+            Ok(crate::body::json_response(code, &v))
         }
-        Webhook::SubjectAccessReview(version) => {
-            let cfg = gw.sar.as_ref().expect("routed only when configured");
-            let caller = check_caller(gw, conn, &cfg.caller_bundle)?;
-            let body = read_body(req).await?;
-            let (code, v) = subject_access_review(gw, &body, version, cfg.default_decision);
+        Kind::SubjectAccessReview { engine, default } => {
+            let (code, v) = subject_access_review(engine, &body, hook.version, default);
             tracing::info!(
                 caller,
                 allowed = v["status"]["allowed"].as_bool().unwrap_or(false),
                 "SubjectAccessReview"
             );
-            Ok(json_response(code, &v))
+            Ok(crate::body::json_response(code, &v))
         }
     }
 }
@@ -158,7 +161,7 @@ pub fn info_from_attributes(spec: &Value) -> Option<RequestInfo> {
 }
 
 fn subject_access_review(
-    gw: &Gateway,
+    engine: &crate::authz::cedar::PolicyEngine,
     body: &[u8],
     version: &str,
     default: SarDefault,
@@ -205,10 +208,6 @@ fn subject_access_review(
         method: "webhook",
         facts: &facts,
     };
-    let engine = gw
-        .authorizer
-        .engine()
-        .expect("SAR is configured only with policies");
     let req = RequestFacts {
         info: &info,
         verb: &info.verb,

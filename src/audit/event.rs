@@ -441,9 +441,7 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// Fills `buf` from aws-lc's CSPRNG (the same one rustls uses for TLS).
 fn fill_random(buf: &mut [u8]) {
-    static RNG: OnceLock<&'static dyn rustls::crypto::SecureRandom> = OnceLock::new();
-    let rng = *RNG.get_or_init(|| rustls::crypto::aws_lc_rs::default_provider().secure_random);
-    if rng.fill(buf).is_ok() {
+    if crate::crypto_provider().secure_random.fill(buf).is_ok() {
         return;
     }
     // The system RNG failing is not something a request can fix; an audit ID only needs to be

@@ -19,7 +19,7 @@ use rustls_pki_types::ServerName;
 use super::headers;
 use crate::authz::Authorized;
 use crate::body::{Body, BoxError};
-use crate::errors::PipelineError;
+use crate::errors::{error_chain, PipelineError};
 
 /// Why forwarding failed, by what went wrong on the upstream side.
 #[derive(Debug, thiserror::Error)]
@@ -267,17 +267,6 @@ fn is_body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
         cur = err.source();
     }
     false
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(err) = cur {
-        out.push_str(": ");
-        out.push_str(&err.to_string());
-        cur = err.source();
-    }
-    out
 }
 
 fn classify(e: hyper_util::client::legacy::Error) -> UpstreamError {

@@ -172,7 +172,7 @@ pub struct State {
 /// A fresh lock id: 16 bytes from the system CSPRNG (aws-lc, as used for TLS), hex-encoded.
 pub fn new_id() -> Result<String, StoreError> {
     let mut b = [0u8; 16];
-    rustls::crypto::aws_lc_rs::default_provider()
+    crate::crypto_provider()
         .secure_random
         .fill(&mut b)
         .map_err(|_| StoreError::Random)?;

@@ -11,6 +11,7 @@
 //!   swap, where inotify on the file itself misses the change).
 
 pub mod bundles;
+pub mod client;
 pub mod pem;
 pub mod reload;
 pub mod server;

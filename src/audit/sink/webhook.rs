@@ -19,11 +19,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use rustls::RootCertStore;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -31,12 +26,13 @@ use tokio_util::sync::CancellationToken;
 use super::{Msg, SinkStats};
 use crate::audit::config::WebhookSinkConfig;
 use crate::audit::event::{Event, EventList};
+use crate::errors::error_chain;
 
 /// Longest wait between retries unless `retryBackoff` itself is longer.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 pub(crate) struct WebhookSink {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: crate::tls::client::HttpsClient<Full<Bytes>>,
     uri: Uri,
     batch_max_events: usize,
     batch_max_wait: Duration,
@@ -61,21 +57,9 @@ impl WebhookSink {
         let uri = crate::config::jwt::check_https_url(&cfg.url).map_err(|m| format!("url: {m}"))?;
         let ca_pem = std::fs::read(&cfg.ca_file)
             .map_err(|e| format!("caFile {}: {e}", cfg.ca_file.display()))?;
-        let mut roots = RootCertStore::empty();
-        for c in crate::config::jwt::parse_ca_pem(&ca_pem)
-            .map_err(|m| format!("caFile {}: {m}", cfg.ca_file.display()))?
-        {
-            roots.add(c).map_err(|e| {
-                format!(
-                    "caFile {}: not usable as a trust anchor: {e}",
-                    cfg.ca_file.display()
-                )
-            })?;
-        }
-        let builder = rustls::ClientConfig::builder_with_provider(crate::crypto_provider())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| format!("TLS setup: {e}"))?
-            .with_root_certificates(roots);
+        let roots = crate::tls::client::roots_from_pem(&ca_pem)
+            .map_err(|m| format!("caFile {}: {m}", cfg.ca_file.display()))?;
+        let builder = crate::tls::client::config_builder(roots)?;
         let tls = match &cfg.client_certificate {
             None => builder.with_no_client_auth(),
             Some(files) => {
@@ -93,18 +77,7 @@ impl WebhookSink {
             }
         };
         let timeout = cfg.timeout.get();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(timeout));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_only()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(2)
-            .build(connector);
+        let client = crate::tls::client::https_client(tls, timeout, Duration::from_secs(60), 2);
         Ok(WebhookSink {
             client,
             uri,
@@ -263,15 +236,4 @@ fn classify(status: StatusCode) -> Result<(), PostError> {
     } else {
         Err(PostError::Permanent(format!("status {status}")))
     }
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

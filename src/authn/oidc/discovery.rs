@@ -9,19 +9,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use rustls::RootCertStore;
 use serde_json::Value;
 
 use crate::config::jwt::check_https_url;
+use crate::errors::error_chain;
 
 /// An HTTPS client for one issuer.
 #[derive(Clone)]
 pub(crate) struct Fetcher {
-    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    client: crate::tls::client::HttpsClient<Empty<Bytes>>,
     timeout: Duration,
     max_bytes: usize,
 }
@@ -32,30 +28,9 @@ impl Fetcher {
         timeout: Duration,
         max_bytes: usize,
     ) -> Result<Fetcher, String> {
-        let certs = crate::config::jwt::parse_ca_pem(ca_pem)?;
-        let mut roots = RootCertStore::empty();
-        for c in certs {
-            roots
-                .add(c)
-                .map_err(|e| format!("CA certificate not usable as a trust anchor: {e}"))?;
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(crate::crypto_provider())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| format!("TLS setup: {e}"))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(timeout));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_only()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(1)
-            .build(connector);
+        let roots = crate::tls::client::roots_from_pem(ca_pem)?;
+        let tls = crate::tls::client::config_builder(roots)?.with_no_client_auth();
+        let client = crate::tls::client::https_client(tls, timeout, Duration::from_secs(30), 1);
         Ok(Fetcher {
             client,
             timeout,
@@ -146,17 +121,6 @@ pub(crate) fn check_discovery(
     check_https_url(jwks_uri)
         .map_err(|e| format!("discovery document at {discovery_url}: jwks_uri {e}"))?;
     Ok(jwks_uri.to_owned())
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 #[cfg(test)]
