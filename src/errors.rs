@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::authn::AuthnError;
 use crate::authz::AuthzError;
+use crate::posture::PostureError;
 use crate::body::{full, Body};
 use crate::proxy::UpstreamError;
 
@@ -93,6 +94,12 @@ pub enum PipelineError {
     /// A lock (revocation) matches the caller, its device or its token.
     #[error("locked: {0}")]
     Locked(String),
+    /// The device has no fresh posture record and posture is required (client side: report it).
+    #[error("no fresh posture for device {0:?}")]
+    PostureRequired(String),
+    /// A posture report was refused, or could not be stored.
+    #[error(transparent)]
+    Posture(#[from] crate::posture::PostureError),
     /// The request cannot be mapped unambiguously to what kube-apiserver will act on.
     #[error("bad request: {0}")]
     BadRequest(std::borrow::Cow<'static, str>),
@@ -118,6 +125,12 @@ impl PipelineError {
             PipelineError::Authz(AuthzError::Denied(_)) => "denied",
             PipelineError::Authz(_) => "bad_request",
             PipelineError::Locked(_) => "locked",
+            PipelineError::PostureRequired(_) => "posture_required",
+            PipelineError::Posture(PostureError::Store(_)) => "store_unavailable",
+            PipelineError::Posture(PostureError::Rejected(_) | PostureError::NoDevice) => {
+                "unauthenticated"
+            }
+            PipelineError::Posture(_) => "posture_refused",
             PipelineError::NotFound(_) => "not_found",
             PipelineError::StoreUnavailable(_) => "store_unavailable",
             PipelineError::BadRequest(_) => "bad_request",
@@ -164,6 +177,35 @@ impl PipelineError {
                 } else {
                     format!("access is locked: {message}")
                 },
+            ),
+            PipelineError::PostureRequired(device) => Status::failure(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                format!(
+                    "the gateway has no fresh posture report for device {device:?}: report it \
+                     with `ztgate device report` (or have your MDM report it), then retry"
+                ),
+            ),
+            // A refused signed report says no more than a refused token does.
+            PipelineError::Posture(PostureError::Rejected(_)) => {
+                Status::failure(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized")
+            }
+            PipelineError::Posture(e @ PostureError::NoDevice) => {
+                Status::failure(StatusCode::UNAUTHORIZED, "Unauthorized", e.to_string())
+            }
+            PipelineError::Posture(e @ (PostureError::WrongDevice { .. } | PostureError::NotAccepted(_))) => {
+                Status::failure(StatusCode::FORBIDDEN, "Forbidden", e.to_string())
+            }
+            PipelineError::Posture(e @ PostureError::BadReport(_)) => {
+                Status::failure(StatusCode::BAD_REQUEST, "BadRequest", e.to_string())
+            }
+            PipelineError::Posture(e @ PostureError::Superseded(_)) => {
+                Status::failure(StatusCode::CONFLICT, "Conflict", e.to_string())
+            }
+            PipelineError::Posture(PostureError::Store(_)) => Status::failure(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                "the gateway's state store cannot be written; try again",
             ),
             PipelineError::Authz(e) => {
                 Status::failure(StatusCode::BAD_REQUEST, "BadRequest", e.to_string())
@@ -213,7 +255,12 @@ impl PipelineError {
 
     pub fn into_response(self) -> Response<Body> {
         let mut resp = self.to_status().into_response();
-        if matches!(self, PipelineError::Authn(_)) {
+        if matches!(
+            self,
+            PipelineError::Authn(_)
+                | PipelineError::PostureRequired(_)
+                | PipelineError::Posture(PostureError::Rejected(_) | PostureError::NoDevice)
+        ) {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"ztgate\""),

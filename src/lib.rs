@@ -13,10 +13,15 @@ pub mod cli;
 pub mod config;
 pub mod device;
 pub mod errors;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod locks;
+pub mod login;
 pub mod pipeline;
+pub mod posture;
 pub mod proxy;
 pub mod server;
+pub mod sso;
 pub mod state;
 pub mod streams;
 pub mod telemetry;

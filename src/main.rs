@@ -48,6 +48,18 @@ enum Command {
         #[arg(long)]
         client_key: PathBuf,
     },
+    /// Sign in (kubectl's exec credential plugin): prints an ExecCredential with an OIDC ID token
+    /// from the cache, refreshed, or from a new browser or device-code sign-in.
+    Login(ztgate::login::LoginArgs),
+    /// Remove the tokens `ztgate login` keeps in its cache.
+    Logout(ztgate::login::LogoutArgs),
+    /// Write a kubeconfig for a gateway whose user runs `ztgate login`.
+    Kubeconfig(ztgate::login::KubeconfigArgs),
+    /// The device agent's commands.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
     /// Start a stand-in kube-apiserver, a gateway in front of it, and write a kubeconfig.
     #[cfg(feature = "demo")]
     Demo {
@@ -60,6 +72,29 @@ enum Command {
         /// Gateway port on 127.0.0.1 (0 picks a free one).
         #[arg(long, default_value_t = 0)]
         port: u16,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Collect this machine's posture (os, version, disk encryption, firewall, screen lock, as
+    /// far as they can be read without privileges) and post it to the gateway with the device
+    /// certificate. Suitable for cron or a systemd timer; exits 1 when the gateway refuses.
+    Report {
+        /// The gateway's URL, e.g. https://ztgate.example.com:8443
+        #[arg(long, env = "ZTGATE_SERVER", required_unless_present = "dry_run")]
+        server: Option<String>,
+        /// CA that signs the gateway's serving certificate.
+        #[arg(long, env = "ZTGATE_CA")]
+        ca: Option<PathBuf>,
+        /// The device certificate (PEM) and its key.
+        #[arg(long, env = "ZTGATE_DEVICE_CERT")]
+        cert: Option<PathBuf>,
+        #[arg(long, env = "ZTGATE_DEVICE_KEY")]
+        key: Option<PathBuf>,
+        /// Print the report as JSON instead of sending it.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -203,6 +238,50 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Login(args) => ztgate::login::main_login(args),
+        Command::Logout(args) => ztgate::login::main_logout(args),
+        Command::Kubeconfig(args) => ztgate::login::main_kubeconfig(args),
+        Command::Device {
+            command:
+                DeviceCommand::Report {
+                    server,
+                    ca,
+                    cert,
+                    key,
+                    dry_run,
+                },
+        } => runtime().block_on(async {
+            let report = ztgate::posture::collect::collect_report().await;
+            if dry_run {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+                return ExitCode::SUCCESS;
+            }
+            let (Some(server), Some(ca_file), Some(cert_file), Some(key_file)) =
+                (server, ca, cert, key)
+            else {
+                eprintln!("ztgate device report needs --server, --ca, --cert and --key");
+                return ExitCode::FAILURE;
+            };
+            let target = ztgate::posture::collect::ReportTarget {
+                server,
+                ca_file,
+                cert_file,
+                key_file,
+            };
+            match ztgate::posture::collect::post_report(&target, &report).await {
+                Ok(record) => {
+                    println!("{record}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }),
         Command::Serve { config } => {
             let cfg = match ztgate::config::load_file(&config) {
                 Ok(c) => c,

@@ -71,6 +71,9 @@ struct Trace {
     /// Answered by the gateway itself for kube-apiserver (TokenReview, SubjectAccessReview).
     webhook: bool,
     device_id: Option<String>,
+    /// The posture the request was decided with (`ztgate.dev/posture`), and until when it counts.
+    posture: Option<String>,
+    posture_until: Option<SystemTime>,
     /// Who holds a stream opened by this request (the authenticated caller, not an
     /// impersonated identity), for locks.
     subject: Option<crate::streams::StreamSubject>,
@@ -105,6 +108,12 @@ pub async fn handle(
         "/livez" | "/healthz" => return Ok(plain(StatusCode::OK, "ok")),
         "/readyz" => return Ok(gw.readyz()),
         _ => {}
+    }
+    // The web login pages come before authentication: they are how a user gets credentials.
+    if let Some(sso) = gw.sso.as_ref() {
+        if crate::sso::Sso::owns(req.uri().path()) {
+            return Ok(sso.serve(&gw, &req).await);
+        }
     }
     // One audit ID per request, sent upstream so kube-apiserver's events carry the same ID.
     // A client's own Audit-ID is replaced: it must not be able to pick the ID of another event.
@@ -226,6 +235,9 @@ async fn audit(gw: &Arc<Gateway>, trace: &Trace, f: AuditFacts<'_>) {
     if let Some(id) = &trace.device_id {
         parts.annotate(crate::audit::event::ANNOTATION_DEVICE_ID, id.clone());
     }
+    if let Some(p) = &trace.posture {
+        parts.annotate(crate::audit::event::ANNOTATION_POSTURE, p.clone());
+    }
     match &trace.decision {
         Some((d, reason, policies)) => {
             parts.decision(*d);
@@ -305,6 +317,14 @@ async fn run(
         return crate::webhook::serve(gw, req, which).await;
     }
 
+    // 2b. Device posture reports: the signed report or the device certificate is the
+    // credential, not a user token.
+    if crate::posture::api::is_report(req.method(), req.uri().path()) {
+        let device = device_of(gw, conn, SystemTime::now()).map(|d| d.id);
+        trace.device_id = device.clone();
+        return crate::posture::api::report(gw, req, device).await;
+    }
+
     // 3-4. Credentials and authentication.
     let creds = Credentials {
         bearer: bearer_from_headers(req.headers())?,
@@ -326,12 +346,7 @@ async fn run(
     if binding.rejects_request() {
         return Err(AuthnError::TokenBindingMismatch(binding.as_str()).into());
     }
-    let device = device_of(gw, conn, now).map(|d| crate::authz::cedar::DeviceFacts {
-        id: d.id,
-        bound: binding.is_bound(),
-        posture: None,
-        posture_age: None,
-    });
+    let device = device_of(gw, conn, now);
     trace.device_id = device.as_ref().map(|d| d.id.clone());
 
     // 4c. Locks (revocation) on the caller, its groups, its device or its token.
@@ -345,6 +360,20 @@ async fn run(
     if let Some(lock) = lock {
         return Err(PipelineError::Locked(lock.message));
     }
+
+    // 4d. The device's posture: fresh, or refused with 401 when required (fail closed).
+    let device = match device {
+        Some(d) => {
+            let (posture, posture_age) = device_posture(gw, &d.id, now, trace).await?;
+            Some(crate::authz::cedar::DeviceFacts {
+                id: d.id,
+                bound: binding.is_bound(),
+                posture,
+                posture_age,
+            })
+        }
+        None => None,
+    };
     trace.subject = Some(crate::streams::StreamSubject {
         user: identity.user().to_owned(),
         groups: identity.groups().to_vec(),
@@ -431,6 +460,22 @@ async fn run(
             ))));
         }
         return crate::locks::serve(gw, req, authorized.identity()).await;
+    }
+
+    // Reading posture records, once policy allowed it.
+    if crate::posture::api::is_posture_path(&info.path) && !info.is_resource_request {
+        if authorized.decision().is_none() {
+            return Err(PipelineError::Authz(crate::authz::AuthzError::Denied(Box::new(
+                crate::authz::Denial {
+                    message: "reading posture records needs authorization.policies: who may read them is decided by policy".into(),
+                    resource: String::new(),
+                    name: String::new(),
+                    group: String::new(),
+                    decision: Default::default(),
+                },
+            ))));
+        }
+        return crate::posture::api::read(gw, &req);
     }
 
     // 8. Forwarding.
@@ -601,6 +646,45 @@ async fn self_subject_access_review(
         None,
     )
     .await
+}
+
+/// The posture policy sees for a device: `(posture, age)`; `Err` when posture is required and
+/// there is no fresh record.
+async fn device_posture(
+    gw: &Gateway,
+    device_id: &str,
+    now: SystemTime,
+    trace: &mut Trace,
+) -> Result<
+    (
+        Option<crate::authz::cedar::PostureFacts>,
+        Option<std::time::Duration>,
+    ),
+    PipelineError,
+> {
+    let Some(svc) = &gw.posture else {
+        return Ok((None, None));
+    };
+    match svc.lookup(&gw.store, device_id, now).await {
+        crate::posture::Lookup::Fresh(rec) => {
+            trace.posture = Some(crate::posture::summary(&rec, now));
+            trace.posture_until = Some(svc.fresh_until(&rec));
+            let (facts, age) = crate::posture::facts(&rec, now);
+            Ok((Some(facts), Some(age)))
+        }
+        crate::posture::Lookup::Missing if svc.required() => {
+            trace.posture = Some("missing".into());
+            Err(PipelineError::PostureRequired(device_id.to_owned()))
+        }
+        crate::posture::Lookup::Missing => {
+            trace.posture = Some("missing".into());
+            Ok((None, None))
+        }
+        crate::posture::Lookup::Unavailable => {
+            trace.posture = Some("unavailable".into());
+            Ok((None, None))
+        }
+    }
 }
 
 /// The device certificate of this connection, verified against the devices bundle (cached per

@@ -60,9 +60,13 @@ pub struct Gateway {
     /// Always present; with no issuers configured it authenticates nothing, and a config
     /// reload may add issuers without a restart.
     pub oidc: Arc<OidcAuthenticator>,
+    /// The web login pages (`sso` in the config); they verify with `oidc`.
+    pub sso: Option<Arc<crate::sso::Sso>>,
     pub bundles: Arc<TrustBundles>,
     pub token_review: Option<TokenReviewConfig>,
     pub devices: Option<crate::device::DeviceConfig>,
+    /// Device posture (records, signed reports, the pull provider), when configured.
+    pub posture: Option<Arc<crate::posture::PostureService>>,
     pub sar: Option<SubjectAccessReviewConfig>,
     pub authorizer: Authorizer,
     pub metrics: Arc<Metrics>,
@@ -306,6 +310,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
     let oidc = OidcAuthenticator::new(&cfg.authentication.jwt, stop.clone())
         .await
         .map_err(|e| StartError::Config(e.to_string()))?;
+    let sso = crate::sso::Sso::from_config(&cfg).map_err(StartError::Config)?;
 
     let auditor = match &cfg.audit {
         Some(a) => crate::audit::Auditor::start(a, stop.clone())
@@ -361,12 +366,27 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
             Authorizer::delegated()
         }
     };
+    let posture = match cfg
+        .authentication
+        .devices
+        .as_ref()
+        .and_then(|d| d.posture.clone())
+    {
+        Some(p) => Some(Arc::new(
+            crate::posture::PostureService::new(p, stop.clone(), Default::default())
+                .await
+                .map_err(|e| StartError::Config(format!("authentication.devices.posture: {e}")))?,
+        )),
+        None => None,
+    };
     let gw = Arc::new(Gateway {
+        posture,
         store,
         upstream,
         auditor,
         x509,
         oidc,
+        sso,
         bundles: bundles.clone(),
         token_review: cfg.authentication.token_review.clone(),
         devices: cfg.authentication.devices.clone(),
@@ -673,9 +693,21 @@ async fn serve_connection(
         .peer_certificates()
         .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
     let conn = Arc::new(ConnInfo::new(peer, chain));
-    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        pipeline::handle(gw.clone(), conn.clone(), req)
-    });
+    let activity = ConnActivity::default();
+    let svc = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |req: Request<Incoming>| {
+            let active = activity.begin();
+            let handled = pipeline::handle(gw.clone(), conn.clone(), req);
+            async move {
+                let resp = handled.await?;
+                Ok::<_, std::convert::Infallible>(resp.map(|body| ActiveBody {
+                    body,
+                    _active: active,
+                }))
+            }
+        })
+    };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -686,10 +718,20 @@ async fn serve_connection(
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(cfg.limits.max_concurrent_streams)
+        // Rapid reset (CVE-2023-44487): streams a client opens and resets before they are
+        // served; past this many at once the connection gets GOAWAY(ENHANCE_YOUR_CALM).
+        .max_pending_accept_reset_streams(20)
+        // Streams the client makes the server reset (CVE-2025-8671, "MadeYouReset").
+        .max_local_error_reset_streams(1024)
         .max_header_list_size(cfg.limits.max_header_bytes.min(u32::MAX as u64) as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
     tokio::pin!(conn);
+    let idle = activity.idle(
+        cfg.timeouts.header_read.get(),
+        cfg.timeouts.idle_connection.get(),
+    );
+    tokio::pin!(idle);
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
@@ -700,6 +742,82 @@ async fn serve_connection(
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
+        _ = &mut idle => {
+            tracing::debug!(%peer, "closing an idle connection");
+            conn.as_mut().graceful_shutdown();
+            // A client sitting on half-sent HTTP/2 headers does not get to keep it open.
+            let _ = tokio::time::timeout(cfg.timeouts.header_read.get(), conn.as_mut()).await;
+        }
+    }
+}
+
+/// Requests in progress on one client connection (and how many ever started), so that a
+/// connection with nothing in progress — or one that never completes a request, which hyper's
+/// header read timeout does not cover on HTTP/2 — is closed.
+#[derive(Clone, Default)]
+struct ConnActivity(Arc<tokio::sync::watch::Sender<(usize, u64)>>);
+
+/// Counts one request as in progress until its response body is done or dropped.
+struct ActiveGuard(Arc<tokio::sync::watch::Sender<(usize, u64)>>);
+
+impl ConnActivity {
+    fn begin(&self) -> ActiveGuard {
+        self.0.send_modify(|(active, started)| {
+            *active += 1;
+            *started += 1;
+        });
+        ActiveGuard(self.0.clone())
+    }
+
+    /// Resolves once nothing has been in progress for `idle` (for `first` before any request
+    /// started).
+    async fn idle(&self, first: Duration, idle: Duration) {
+        let mut rx = self.0.subscribe();
+        loop {
+            let (active, started) = *rx.borrow_and_update();
+            if active > 0 {
+                let _ = rx.changed().await;
+                continue;
+            }
+            let wait = if started == 0 { first } else { idle };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => return,
+                _ = rx.changed() => {}
+            }
+        }
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|(active, _)| *active -= 1);
+    }
+}
+
+/// A response body that keeps its connection counted as busy (watches, logs, exec) until the
+/// body ends.
+struct ActiveBody {
+    body: Body,
+    _active: ActiveGuard,
+}
+
+impl http_body::Body for ActiveBody {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -165,7 +165,7 @@ pub struct TokenReviewConfig {
     pub caller_bundle: String,
 }
 
-fn default_signing_algorithms() -> Vec<String> {
+pub(crate) fn default_signing_algorithms() -> Vec<String> {
     DEFAULT_SIGNING_ALGORITHMS
         .iter()
         .map(|s| s.to_string())

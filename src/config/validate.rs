@@ -37,6 +37,9 @@ pub fn validate(cfg: &GatewayConfig) -> Vec<Issue> {
             v.err(format!("audit.{path}"), msg.to_owned());
         }
     }
+    for (path, msg) in crate::sso::config::validate(cfg) {
+        v.err(path, msg);
+    }
     v.timeouts(cfg);
     v.limits(cfg);
     v.logging(cfg);
@@ -310,6 +313,11 @@ impl Validator {
             if let Err(e) = d.validate() {
                 self.err("authentication.devices", e.to_string());
             }
+            if let Some(p) = &d.posture {
+                for (field, msg) in p.validate() {
+                    self.err(format!("authentication.devices.posture.{field}"), msg);
+                }
+            }
             if !cfg
                 .listener
                 .client_certificate_bundles
@@ -353,6 +361,7 @@ impl Validator {
         self.positive_duration("timeouts.upstreamConnect", t.upstream_connect);
         self.positive_duration("timeouts.headerRead", t.header_read);
         self.positive_duration("timeouts.tlsHandshake", t.tls_handshake);
+        self.positive_duration("timeouts.idleConnection", t.idle_connection);
         self.positive_duration("timeouts.shutdownGrace", t.shutdown_grace);
     }
 

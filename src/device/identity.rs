@@ -111,12 +111,15 @@ impl DeviceIdSource {
 }
 
 /// The `devices:` section: which bundle device certificates chain to, and where the id is.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct DeviceConfig {
     /// Name of a client-certificate trust bundle (`listener.clientCertificateBundles`).
     pub bundle: String,
     pub device_id: DeviceIdSource,
+    /// Device posture: where records come from and how fresh they must be.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub posture: Option<crate::posture::PostureConfig>,
 }
 
 impl DeviceConfig {

@@ -41,6 +41,7 @@ fn cfg(source: DeviceIdSource) -> DeviceConfig {
     DeviceConfig {
         bundle: "devices".into(),
         device_id: source,
+        posture: None,
     }
 }
 
@@ -915,6 +916,7 @@ fn config_mistakes_are_refused() {
     let empty_bundle = DeviceConfig {
         bundle: String::new(),
         device_id: DeviceIdSource::CommonName,
+        posture: None,
     };
     assert!(matches!(
         empty_bundle.validate(),

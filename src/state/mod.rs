@@ -18,7 +18,7 @@ use std::sync::Arc;
 use tokio::sync::broadcast;
 
 mod file;
-mod model;
+pub(crate) mod model;
 mod store;
 
 pub use file::{FileStore, FileStoreOptions};

@@ -12,9 +12,9 @@
 //! signature, `iss`, `aud`, `exp`, `nbf` with the leeway; `iat`, lifetime, claim rules; mapping.
 
 mod discovery;
-mod keys;
+pub(crate) mod keys;
 mod source;
-mod verify;
+pub(crate) mod verify;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -391,6 +391,37 @@ impl OidcAuthenticator {
     }
 
     async fn verify_uncached(&self, state: &State, token: &str) -> Result<Verified, AuthnError> {
+        self.verify_uncached_claims(state, token)
+            .await
+            .map(|(verified, _)| verified)
+    }
+
+    /// Verifies a token (never from the cache) and returns its claims next to the identity they
+    /// map to. For signed documents that are posted once (device posture reports), not presented
+    /// on every request.
+    pub(crate) async fn verify_with_claims(
+        &self,
+        token: &str,
+    ) -> Result<(Verified, Map<String, Value>), AuthnError> {
+        let state = self.state.load_full();
+        if state.issuers.is_empty() {
+            return Err(AuthnError::TokenAuthNotConfigured);
+        }
+        if token.len() > state.max_token_bytes {
+            return Err(AuthnError::InvalidToken(format!(
+                "token of {} bytes exceeds the limit of {} bytes",
+                token.len(),
+                state.max_token_bytes
+            )));
+        }
+        self.verify_uncached_claims(&state, token).await
+    }
+
+    async fn verify_uncached_claims(
+        &self,
+        state: &State,
+        token: &str,
+    ) -> Result<(Verified, Map<String, Value>), AuthnError> {
         let t = verify::parse_unverified(token)?;
         let issuer = state
             .issuers
@@ -444,10 +475,13 @@ impl OidcAuthenticator {
             }));
         };
         let (identity, audiences) = rules.map_claims(&claims, SystemTime::now())?;
-        Ok(Verified {
-            identity: Arc::new(identity),
-            audiences: audiences.into(),
-        })
+        Ok((
+            Verified {
+                identity: Arc::new(identity),
+                audiences: audiences.into(),
+            },
+            claims,
+        ))
     }
 
     /// The keys of the token's issuer that may verify it, refreshing once on an unknown kid.
