@@ -148,6 +148,9 @@ pub fn resolve_paths(cfg: &mut GatewayConfig, base_dir: &Path) {
             fix(p);
         }
     }
+    if let Some(s) = &mut cfg.sso {
+        s.resolve_paths(base_dir);
+    }
     if let Some(st) = &mut cfg.state {
         fix(&mut st.directory);
     }

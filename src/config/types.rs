@@ -34,6 +34,10 @@ pub struct GatewayConfig {
     /// Audit events in kube-apiserver's `audit.k8s.io/v1` format.
     #[serde(default)]
     pub audit: Option<crate::audit::AuditConfig>,
+    /// Web login on the gateway (OIDC authorization code + PKCE) offering a kubeconfig that
+    /// uses `ztgate login`. Absent: no login pages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sso: Option<crate::sso::SsoConfig>,
     #[serde(default)]
     pub timeouts: TimeoutsConfig,
     #[serde(default)]

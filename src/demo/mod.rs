@@ -48,6 +48,21 @@ pub struct DevSettings {
     pub device_ca_pem: Option<String>,
     /// Keep locks and posture in this directory (else in memory).
     pub state_dir: Option<PathBuf>,
+    /// The web login (`sso`), with its own `authentication.jwt` entry for the provider.
+    pub sso: Option<DevSso>,
+}
+
+/// The `sso` section of a dev config and the `authentication.jwt` entry it verifies with: the
+/// provider's two clients (the gateway's, confidential; `ztgate login`'s, public) are both
+/// audiences; usernames are the `email` claim, groups the `groups` claim.
+#[derive(Clone, Debug)]
+pub struct DevSso {
+    pub issuer_url: String,
+    pub issuer_ca_pem: String,
+    pub client_id: String,
+    pub client_secret: String,
+    pub cli_client_id: String,
+    pub cli_scopes: Vec<String>,
 }
 
 /// One `authentication.jwt` entry of a dev config.
@@ -78,6 +93,7 @@ impl Default for DevSettings {
             audit_file: None,
             device_ca_pem: None,
             state_dir: None,
+            sso: None,
         }
     }
 }
@@ -128,6 +144,43 @@ impl DevEnv {
                 uprefix = j.username_prefix,
                 gprefix = j.groups_prefix,
             ));
+        }
+        let mut sso = String::new();
+        if let Some(s) = &s.sso {
+            let ca = certs.join("sso-issuer-ca.crt");
+            std::fs::write(&ca, &s.issuer_ca_pem)?;
+            let secret = certs.join("sso-client-secret");
+            std::fs::write(&secret, &s.client_secret)?;
+            let mut key = [0u8; 32];
+            getrandom::fill(&mut key).map_err(std::io::Error::other)?;
+            std::fs::write(certs.join("sso-session.key"), key)?;
+            jwt.push_str(&format!(
+                r#"    - issuer:
+        url: {url}
+        audiences: [{client}, {cli}]
+        audienceMatchPolicy: MatchAny
+        certificateAuthorityFile: {ca}
+      claimMappings:
+        username:
+          claim: email
+          prefix: ""
+        groups:
+          claim: groups
+          prefix: ""
+"#,
+                url = s.issuer_url,
+                client = s.client_id,
+                cli = s.cli_client_id,
+                ca = ca.display(),
+            ));
+            sso = format!(
+                "sso:\n  issuer: {url}\n  clientId: {client}\n  clientSecretFile: {secret}\n  sessionKeyFile: certs/sso-session.key\n  gatewayCaFile: certs/gateway-ca.crt\n  scopes: [openid, email, profile, groups]\n  cli:\n    clientId: {cli}\n    scopes: [{scopes}]\n",
+                url = s.issuer_url,
+                client = s.client_id,
+                secret = secret.display(),
+                cli = s.cli_client_id,
+                scopes = s.cli_scopes.join(", "),
+            );
         }
         let jwt = if jwt.is_empty() {
             String::new()
@@ -213,6 +266,7 @@ logging:
             }
             None => config,
         };
+        let config = format!("{config}{sso}");
         let config = match &s.state_dir {
             Some(d) => format!("{config}state:\n  directory: \"{}\"\n", d.display()),
             None => config,
