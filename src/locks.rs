@@ -1,5 +1,5 @@
 //! Locks (revocation): the `/v1/locks` API, and the task that closes live streams a new lock
-//! matches. New requests are checked against the store's in-memory index in the pipeline.
+//! matches (and asks the re-verifier to check a device's streams when its posture changes). New requests are checked against the store's in-memory index in the pipeline.
 //!
 //! Who may manage locks is decided by policy: the API is a non-resource URL (`/v1/locks`,
 //! actions `get`, `post`, `delete`), so a permit such as
@@ -38,12 +38,12 @@ pub fn applies_to(lock: &Lock, s: &StreamSubject) -> bool {
     }
 }
 
-fn why(lock: &Lock) -> String {
-    if lock.message.is_empty() {
+fn why(lock: &Lock) -> crate::streams::CloseReason {
+    crate::streams::CloseReason::forbidden(if lock.message.is_empty() {
         "access is locked by an administrator".to_owned()
     } else {
         format!("access is locked: {}", lock.message)
-    }
+    })
 }
 
 /// Closes live streams as soon as a lock that matches them is written (by this replica or, with
@@ -57,8 +57,8 @@ pub fn spawn_enforcer(gw: Arc<Gateway>, stop: tokio_util::sync::CancellationToke
                 c = changes.recv() => c,
             };
             match change {
-                Ok(c) => {
-                    if let ChangeKind::LockPut(lock) = c.kind {
+                Ok(c) => match c.kind {
+                    ChangeKind::LockPut(lock) => {
                         let n = gw
                             .streams
                             .close_matching(|s| applies_to(&lock, s), &why(&lock));
@@ -66,14 +66,20 @@ pub fn spawn_enforcer(gw: Arc<Gateway>, stop: tokio_util::sync::CancellationToke
                             tracing::info!(lock = %lock.id, streams = n, "lock closed live streams");
                         }
                     }
-                }
+                    // The device's streams are checked against its new posture (or its absence).
+                    ChangeKind::PosturePut(device) | ChangeKind::PostureDeleted(device) => {
+                        gw.streams.recheck_device(&device);
+                    }
+                    ChangeKind::LockDeleted(_) => {}
+                },
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    // Missed changes: check every stream against the current locks.
+                    // Missed changes: check every stream against the current locks and posture.
                     let locks = gw.store.locks();
                     for lock in &locks {
                         gw.streams
                             .close_matching(|s| applies_to(lock, s), &why(lock));
                     }
+                    gw.streams.recheck_all();
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }

@@ -74,6 +74,8 @@ struct Trace {
     /// The posture the request was decided with (`ztgate.dev/posture`), and until when it counts.
     posture: Option<String>,
     posture_until: Option<SystemTime>,
+    /// How a stream opened by this request is re-verified, and when first.
+    recheck: Option<(Arc<StreamCheck>, Option<SystemTime>)>,
     /// Who holds a stream opened by this request (the authenticated caller, not an
     /// impersonated identity), for locks.
     subject: Option<crate::streams::StreamSubject>,
@@ -361,19 +363,6 @@ async fn run(
         return Err(PipelineError::Locked(lock.message));
     }
 
-    // 4d. The device's posture: fresh, or refused with 401 when required (fail closed).
-    let device = match device {
-        Some(d) => {
-            let (posture, posture_age) = device_posture(gw, &d.id, now, trace).await?;
-            Some(crate::authz::cedar::DeviceFacts {
-                id: d.id,
-                bound: binding.is_bound(),
-                posture,
-                posture_age,
-            })
-        }
-        None => None,
-    };
     trace.subject = Some(crate::streams::StreamSubject {
         user: identity.user().to_owned(),
         groups: identity.groups().to_vec(),
@@ -387,6 +376,24 @@ async fn run(
     if gw.auditor.is_enabled() {
         trace.info = Some(info.clone());
     }
+
+    // 5b. The device's posture: fresh, or refused with 401 when required (fail closed).
+    // Discovery is the exception: kubectl does not show why its discovery requests fail, so
+    // they go on (policy still sees a device without posture) and the request that matters
+    // gets the 401 with the reason.
+    let device = match device {
+        Some(d) => {
+            let required = !is_discovery(&info);
+            let (posture, posture_age) = device_posture(gw, &d.id, now, required, trace).await?;
+            Some(crate::authz::cedar::DeviceFacts {
+                id: d.id,
+                bound: binding.is_bound(),
+                posture,
+                posture_age,
+            })
+        }
+        None => None,
+    };
     let method = req.method().clone();
     let ctx = RequestContext {
         info: &info,
@@ -398,9 +405,28 @@ async fn run(
     };
 
     // 6. `kubectl --as`.
-    let identity = match ImpersonationRequest::from_headers(req.headers())? {
+    let impersonation = ImpersonationRequest::from_headers(req.headers())?;
+    if !matches!(shape, RequestShape::Unary) {
+        // A stream is decided again, as this request was, whenever its trust may have changed.
+        let first = match (identity.expires_at(), trace.posture_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let check = StreamCheck {
+            gw: Arc::downgrade(gw),
+            caller: identity.clone(),
+            impersonation: impersonation.clone(),
+            info: info.clone(),
+            method: method.clone(),
+            websocket: ctx.websocket,
+            source_ip: ctx.source_ip,
+            device: device.as_ref().map(|d| (d.id.clone(), d.bound)),
+        };
+        trace.recheck = Some((Arc::new(check), first));
+    }
+    let identity = match &impersonation {
         Some(imp) => {
-            let as_user = gw.authorizer.impersonate(identity, &imp, &ctx)?;
+            let as_user = gw.authorizer.impersonate(identity, imp, &ctx)?;
             trace.impersonated = Some(as_user.user().to_owned());
             trace.impersonated_identity = Some(as_user.clone());
             as_user
@@ -566,14 +592,111 @@ fn register_stream(
             device: None,
             token_id: identity.facts().token_id.clone(),
         });
-    let handle = gw.streams.register(kind, subject);
-    if let Some(expiry) = identity.expires_at() {
-        handle.close_at(expiry);
-    }
+    let (check, first) = match trace.as_ref().and_then(|t| t.recheck.clone()) {
+        Some((c, first)) => (Some(c as Arc<dyn crate::streams::Recheck>), first),
+        None => (None, None),
+    };
+    let handle = gw.streams.register_checked(kind, subject, check, first);
     if let Some(t) = trace {
         t.stream = Some(handle.close_slot());
     }
     handle
+}
+
+/// Everything needed to decide a live stream again: the request as it was authorized, minus
+/// the posture and policy, which are read afresh on every check.
+pub(crate) struct StreamCheck {
+    gw: std::sync::Weak<Gateway>,
+    /// The authenticated caller (before `kubectl --as`).
+    caller: Arc<Identity>,
+    impersonation: Option<ImpersonationRequest>,
+    info: RequestInfo,
+    method: Method,
+    websocket: bool,
+    source_ip: std::net::IpAddr,
+    /// Device id, and whether the token is bound to its certificate.
+    device: Option<(String, bool)>,
+}
+
+impl crate::streams::Recheck for StreamCheck {
+    fn recheck(&self, now: SystemTime) -> crate::streams::Verdict {
+        use crate::streams::{CloseReason, Verdict};
+        let Some(gw) = self.gw.upgrade() else {
+            return Verdict::Keep { until: None };
+        };
+        let mut until = self.caller.expires_at();
+        if until.is_some_and(|t| now >= t) {
+            return Verdict::Close(CloseReason::unauthorized(
+                "credential expired; log in again",
+            ));
+        }
+        let device = match &self.device {
+            Some((id, bound)) => {
+                let (mut posture, mut posture_age) = (None, None);
+                if let Some(svc) = &gw.posture {
+                    let fresh = gw
+                        .store
+                        .view()
+                        .posture_at(id, now)
+                        .filter(|r| svc.is_fresh(r, now));
+                    match fresh {
+                        Some(rec) => {
+                            let t = svc.fresh_until(&rec);
+                            until = Some(until.map_or(t, |u| u.min(t)));
+                            let (f, age) = crate::posture::facts(&rec, now);
+                            posture = Some(f);
+                            posture_age = Some(age);
+                        }
+                        None if svc.required() && !svc.provider_fails_open() => {
+                            return Verdict::Close(CloseReason::unauthorized(format!(
+                                "the posture of device {id:?} is missing or has expired: report \
+                                 it with `ztgate device report` (or have your MDM report it)"
+                            )));
+                        }
+                        None => {}
+                    }
+                }
+                Some(crate::authz::cedar::DeviceFacts {
+                    id: id.clone(),
+                    bound: *bound,
+                    posture,
+                    posture_age,
+                })
+            }
+            None => None,
+        };
+        if gw.authorizer.engine().is_none() {
+            return Verdict::Keep { until };
+        }
+        let ctx = RequestContext {
+            info: &self.info,
+            device: device.as_ref(),
+            method: &self.method,
+            websocket: self.websocket,
+            source_ip: self.source_ip,
+            now,
+        };
+        let denied = |e: crate::authz::AuthzError| {
+            let why = match e {
+                crate::authz::AuthzError::Denied(d) => d.message,
+                other => other.to_string(),
+            };
+            Verdict::Close(CloseReason::forbidden(format!(
+                "policy no longer allows this stream: {why}"
+            )))
+        };
+        let identity = match &self.impersonation {
+            Some(imp) => match gw.authorizer.impersonate(self.caller.clone(), imp, &ctx) {
+                Ok(i) => i,
+                Err(e) => return denied(e),
+            },
+            None => self.caller.clone(),
+        };
+        match gw.authorizer.authorize(identity, &ctx) {
+            Ok(_) => Verdict::Keep { until },
+            Err(e) => denied(e),
+        }
+    }
 }
 
 /// `kubectl auth can-i` through the gateway: the gateway's policy answers first. A denial is
@@ -648,12 +771,25 @@ async fn self_subject_access_review(
     .await
 }
 
+/// API discovery, version and OpenAPI documents: reads that describe the API, not its data.
+fn is_discovery(info: &RequestInfo) -> bool {
+    if info.is_resource_request || info.verb != "get" {
+        return false;
+    }
+    let p = info.path.as_str();
+    p == "/version"
+        || ["/api", "/apis", "/openapi"]
+            .iter()
+            .any(|root| p == *root || p.strip_prefix(root).is_some_and(|r| r.starts_with('/')))
+}
+
 /// The posture policy sees for a device: `(posture, age)`; `Err` when posture is required and
 /// there is no fresh record.
 async fn device_posture(
     gw: &Gateway,
     device_id: &str,
     now: SystemTime,
+    required: bool,
     trace: &mut Trace,
 ) -> Result<
     (
@@ -672,7 +808,7 @@ async fn device_posture(
             let (facts, age) = crate::posture::facts(&rec, now);
             Ok((Some(facts), Some(age)))
         }
-        crate::posture::Lookup::Missing if svc.required() => {
+        crate::posture::Lookup::Missing if required && svc.required() => {
             trace.posture = Some("missing".into());
             Err(PipelineError::PostureRequired(device_id.to_owned()))
         }

@@ -341,6 +341,8 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
         metrics.register_audit(auditor.clone());
     }
     let metrics = Arc::new(metrics);
+    let streams = StreamRegistry::new(metrics.clone());
+    tokio::spawn(streams.clone().run_reverifier(stop.clone()));
     let authorizer = match &cfg.authorization {
         Some(a) => {
             let engine = Arc::new(
@@ -357,6 +359,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
                 a.policies.clone(),
                 a.reload_interval.get(),
                 metrics.clone(),
+                streams.clone(),
                 stop.clone(),
             );
             Authorizer::with_policy(engine)
@@ -395,7 +398,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
             .as_ref()
             .and_then(|a| a.subject_access_review.clone()),
         authorizer,
-        streams: StreamRegistry::new(metrics.clone()),
+        streams,
         metrics,
         inflight: Arc::new(Inflight::default()),
         inflight_limit: Arc::new(Semaphore::new(cfg.limits.max_inflight_requests as usize)),
@@ -545,6 +548,7 @@ fn spawn_policy_reloader(
     paths: Vec<std::path::PathBuf>,
     interval: Duration,
     metrics: Arc<Metrics>,
+    streams: Arc<StreamRegistry>,
     stop: CancellationToken,
 ) {
     tokio::spawn(async move {
@@ -565,6 +569,8 @@ fn spawn_policy_reloader(
                     tracing::info!(epoch, policies = engine.policy_count(), "policies reloaded");
                     metrics.policy_reload(true);
                     metrics.policy_loaded(epoch, engine.policy_count());
+                    // Live streams are decided again under the new policies.
+                    streams.recheck_all();
                 }
                 Err(e) => {
                     tracing::error!(errors = %e, epoch = engine.epoch(), "policy reload refused; keeping the last good policies");
@@ -658,7 +664,8 @@ async fn accept_loop(
         );
     }
     tracing::info!(streams = gw.streams.count(), "closing streams");
-    gw.streams.close_all("gateway shutting down");
+    gw.streams
+        .close_all("the gateway is shutting down; reconnect");
     if !connections.drain(Duration::from_secs(5)).await {
         tracing::warn!(open = connections.count(), "connections still open at exit");
     }

@@ -5,13 +5,14 @@
 //! shut down). Shutdown uses this today; the re-verifier (token expiry, posture, locks) closes
 //! individual streams through the same handles.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -48,6 +49,7 @@ struct Entry {
     subject: StreamSubject,
     cancel: CancellationToken,
     slot: CloseSlot,
+    check: Option<Arc<dyn Recheck>>,
 }
 
 /// Who holds a stream, for matching locks against live streams.
@@ -65,13 +67,68 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Why the gateway closed a stream: the HTTP status it stands for (401: the credential or
+/// posture lapsed, so client-go re-runs its credential plugin; 403: a lock or policy) and a
+/// message for the user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloseReason {
+    pub code: u16,
+    pub message: String,
+}
+
+impl CloseReason {
+    pub fn unauthorized(message: impl Into<String>) -> CloseReason {
+        CloseReason {
+            code: 401,
+            message: message.into(),
+        }
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> CloseReason {
+        CloseReason {
+            code: 403,
+            message: message.into(),
+        }
+    }
+
+    /// Shutdown and other closes that are nobody's fault.
+    pub fn unavailable(message: impl Into<String>) -> CloseReason {
+        CloseReason {
+            code: 503,
+            message: message.into(),
+        }
+    }
+
+    /// The `reason` field of the `Status` this close is reported with.
+    pub fn status_reason(&self) -> &'static str {
+        match self.code {
+            401 => "Unauthorized",
+            403 => "Forbidden",
+            _ => "ServiceUnavailable",
+        }
+    }
+
+    /// A `metav1.Status` JSON object for this close.
+    pub fn status_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.status_reason(),
+            "code": self.code,
+        })
+    }
+}
+
 /// Called once when a stream ends, with why the gateway closed it (None: it ended by itself).
 pub type CloseHook = Box<dyn FnOnce(Option<&str>) + Send>;
 
 /// Where a stream's end is reported (audit), and why the gateway closed it, if it did.
 #[derive(Clone, Default)]
 pub struct CloseSlot {
-    inner: Arc<Mutex<(Option<CloseHook>, Option<String>)>>,
+    inner: Arc<Mutex<(Option<CloseHook>, Option<CloseReason>)>>,
 }
 
 impl CloseSlot {
@@ -82,20 +139,26 @@ impl CloseSlot {
 
     /// Why the gateway closed the stream, once it has.
     pub fn reason(&self) -> Option<String> {
+        lock(&self.inner).1.as_ref().map(|r| r.message.clone())
+    }
+
+    /// Why the gateway closed the stream, with its status code, once it has.
+    pub fn close_reason(&self) -> Option<CloseReason> {
         lock(&self.inner).1.clone()
     }
 
-    fn set_reason(&self, why: &str) {
+    /// Records why the stream is being closed (the first reason wins).
+    pub fn set_reason(&self, why: CloseReason) {
         let mut g = lock(&self.inner);
         if g.1.is_none() {
-            g.1 = Some(why.to_owned());
+            g.1 = Some(why);
         }
     }
 
     fn fire(&self) {
         let (hook, reason) = {
             let mut g = lock(&self.inner);
-            (g.0.take(), g.1.clone())
+            (g.0.take(), g.1.as_ref().map(|r| r.message.clone()))
         };
         if let Some(h) = hook {
             h(reason.as_deref());
@@ -103,12 +166,42 @@ impl CloseSlot {
     }
 }
 
+/// What the re-verifier decided about a live stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// It may go on; check it again at `until` (the earliest of its credential's expiry, its
+    /// posture's expiry, its maximum age), or only on events when `None`.
+    Keep { until: Option<SystemTime> },
+    /// It must be closed.
+    Close(CloseReason),
+}
+
+/// Re-decides whether a live stream may continue: the pipeline's checks (credential expiry,
+/// locks, posture, policy) run again against the current state. Must not block: it runs on the
+/// re-verifier task.
+pub trait Recheck: Send + Sync {
+    fn recheck(&self, now: SystemTime) -> Verdict;
+}
+
 /// The registry of live streams.
 pub struct StreamRegistry {
     root: CancellationToken,
     next: AtomicU64,
     live: Mutex<HashMap<u64, Entry>>,
+    /// When each stream must be checked again, earliest first. Entries of streams that have
+    /// ended, or were re-scheduled, are skipped when they come up.
+    deadlines: Mutex<BinaryHeap<Reverse<(SystemTime, u64)>>>,
+    /// Wakes the re-verifier: a new earliest deadline, or work queued in `pending`.
+    wake: Notify,
+    /// Streams to re-check as soon as possible (events: policy, posture).
+    pending: Mutex<Pending>,
     metrics: Arc<Metrics>,
+}
+
+#[derive(Default)]
+struct Pending {
+    all: bool,
+    devices: HashSet<String>,
 }
 
 /// A registered stream. Dropping it unregisters the stream.
@@ -125,28 +218,16 @@ impl StreamHandle {
         self.slot.clone()
     }
 
-    /// Closes this stream when the credential behind it expires.
-    pub fn close_at(&self, deadline: std::time::SystemTime) {
-        let cancel = self.cancel.clone();
-        let slot = self.slot.clone();
-        tokio::spawn(async move {
-            let wait = deadline
-                .duration_since(std::time::SystemTime::now())
-                .unwrap_or(Duration::ZERO);
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                _ = tokio::time::sleep(wait) => {
-                    slot.set_reason("credential expired; log in again");
-                    cancel.cancel();
-                }
-            }
-        });
-    }
     pub fn token(&self) -> CancellationToken {
         self.cancel.clone()
     }
+
     pub fn kind(&self) -> StreamKind {
         self.kind
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
     }
 }
 
@@ -158,17 +239,36 @@ impl Drop for StreamHandle {
     }
 }
 
+/// How many stream checks run between yields of the re-verifier task.
+const CHECKS_PER_YIELD: usize = 64;
+
 impl StreamRegistry {
     pub fn new(metrics: Arc<Metrics>) -> Arc<StreamRegistry> {
         Arc::new(StreamRegistry {
             root: CancellationToken::new(),
             next: AtomicU64::new(1),
             live: Mutex::new(HashMap::new()),
+            deadlines: Mutex::new(BinaryHeap::new()),
+            wake: Notify::new(),
+            pending: Mutex::new(Pending::default()),
             metrics,
         })
     }
 
+    /// Registers a stream without re-verification (it is still closed by locks and shutdown).
     pub fn register(self: &Arc<Self>, kind: StreamKind, subject: StreamSubject) -> StreamHandle {
+        self.register_checked(kind, subject, None, None)
+    }
+
+    /// Registers a stream that the re-verifier checks with `check` at `first_check` and on
+    /// every policy or posture event that concerns it.
+    pub fn register_checked(
+        self: &Arc<Self>,
+        kind: StreamKind,
+        subject: StreamSubject,
+        check: Option<Arc<dyn Recheck>>,
+        first_check: Option<SystemTime>,
+    ) -> StreamHandle {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let cancel = self.root.child_token();
         let slot = CloseSlot::default();
@@ -179,8 +279,12 @@ impl StreamRegistry {
                 subject,
                 cancel: cancel.clone(),
                 slot: slot.clone(),
+                check,
             },
         );
+        if let Some(at) = first_check {
+            self.schedule(id, at);
+        }
         self.metrics.stream_opened(kind);
         StreamHandle {
             id,
@@ -191,24 +295,53 @@ impl StreamRegistry {
         }
     }
 
+    fn schedule(&self, id: u64, at: SystemTime) {
+        let mut heap = lock(&self.deadlines);
+        let earliest = heap.peek().is_none_or(|Reverse((t, _))| at < *t);
+        heap.push(Reverse((at, id)));
+        drop(heap);
+        if earliest {
+            self.wake.notify_one();
+        }
+    }
+
     /// Closes every live stream (shutdown).
     pub fn close_all(&self, why: &str) {
         for e in lock(&self.live).values() {
-            e.slot.set_reason(why);
+            e.slot.set_reason(CloseReason::unavailable(why));
         }
         self.root.cancel();
     }
 
     /// Closes the streams whose holder matches; returns how many.
-    pub fn close_matching(&self, matches: impl Fn(&StreamSubject) -> bool, why: &str) -> usize {
+    pub fn close_matching(
+        &self,
+        matches: impl Fn(&StreamSubject) -> bool,
+        why: &CloseReason,
+    ) -> usize {
         let live = lock(&self.live);
         let mut n = 0;
         for e in live.values().filter(|e| matches(&e.subject)) {
-            e.slot.set_reason(why);
+            e.slot.set_reason(why.clone());
             e.cancel.cancel();
             n += 1;
         }
+        if n > 0 {
+            self.metrics.streams_reverified_closed(why.code, n);
+        }
         n
+    }
+
+    /// Asks the re-verifier to check every stream again soon (policy changed).
+    pub fn recheck_all(&self) {
+        lock(&self.pending).all = true;
+        self.wake.notify_one();
+    }
+
+    /// Asks the re-verifier to check this device's streams again soon (posture changed).
+    pub fn recheck_device(&self, device: &str) {
+        lock(&self.pending).devices.insert(device.to_owned());
+        self.wake.notify_one();
     }
 
     pub fn count(&self) -> usize {
@@ -217,6 +350,96 @@ impl StreamRegistry {
 
     pub fn count_kind(&self, kind: StreamKind) -> usize {
         lock(&self.live).values().filter(|e| e.kind == kind).count()
+    }
+
+    /// The re-verifier: one task that checks streams when their deadline comes and when events
+    /// ask for it. Returns when `stop` is cancelled.
+    pub async fn run_reverifier(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            let next = lock(&self.deadlines).peek().map(|Reverse((t, _))| *t);
+            let sleep = match next {
+                Some(t) => t
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO),
+                None => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(sleep) => {}
+            }
+            self.run_once(SystemTime::now()).await;
+        }
+    }
+
+    /// One round: the pending events, then the deadlines that have come. Returns how many
+    /// streams it closed.
+    pub async fn run_once(&self, now: SystemTime) -> usize {
+        let pending = std::mem::take(&mut *lock(&self.pending));
+        let mut due: Vec<u64> = Vec::new();
+        {
+            let mut heap = lock(&self.deadlines);
+            while let Some(Reverse((t, id))) = heap.peek().copied() {
+                if t > now {
+                    break;
+                }
+                heap.pop();
+                due.push(id);
+            }
+        }
+        let mut work: Vec<(u64, Arc<dyn Recheck>, CancellationToken, CloseSlot)> = {
+            let live = lock(&self.live);
+            let pick = |id: &u64, e: &Entry| {
+                e.check
+                    .as_ref()
+                    .map(|c| (*id, c.clone(), e.cancel.clone(), e.slot.clone()))
+            };
+            if pending.all {
+                live.iter().filter_map(|(id, e)| pick(id, e)).collect()
+            } else {
+                let mut v: Vec<_> = due
+                    .iter()
+                    .filter_map(|id| live.get(id).and_then(|e| pick(id, e)))
+                    .collect();
+                if !pending.devices.is_empty() {
+                    v.extend(live.iter().filter_map(|(id, e)| {
+                        let d = e.subject.device.as_deref()?;
+                        pending.devices.contains(d).then(|| pick(id, e))?
+                    }));
+                }
+                v
+            }
+        };
+        work.sort_by_key(|w| w.0);
+        work.dedup_by_key(|w| w.0);
+        let mut closed = 0;
+        let mut closed_by_code: HashMap<u16, usize> = HashMap::new();
+        for (i, (id, check, cancel, slot)) in work.into_iter().enumerate() {
+            if cancel.is_cancelled() {
+                continue;
+            }
+            match check.recheck(now) {
+                Verdict::Keep { until } => {
+                    if let Some(t) = until {
+                        self.schedule(id, t);
+                    }
+                }
+                Verdict::Close(why) => {
+                    *closed_by_code.entry(why.code).or_default() += 1;
+                    tracing::info!(stream = id, reason = %why.message, "re-verification closed a stream");
+                    slot.set_reason(why);
+                    cancel.cancel();
+                    closed += 1;
+                }
+            }
+            if (i + 1) % CHECKS_PER_YIELD == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        for (code, n) in closed_by_code {
+            self.metrics.streams_reverified_closed(code, n);
+        }
+        closed
     }
 }
 
@@ -298,26 +521,10 @@ impl<B> GuardedBody<B> {
     }
 }
 
-/// The `ERROR` watch event for a stream the gateway closed: 401 when the credential lapsed (so
-/// client-go re-runs its credential plugin), 403 otherwise.
-pub fn watch_error_event(why: &str) -> Bytes {
-    let (code, reason) = if why.starts_with("credential") {
-        (401, "Unauthorized")
-    } else {
-        (403, "Forbidden")
-    };
-    let event = serde_json::json!({
-        "type": "ERROR",
-        "object": {
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": why,
-            "reason": reason,
-            "code": code,
-        }
-    });
+/// The `ERROR` watch event for a stream the gateway closed, carrying its `Status` (401 when the
+/// credential or posture lapsed, so client-go re-runs its credential plugin; 403 otherwise).
+pub fn watch_error_event(why: &CloseReason) -> Bytes {
+    let event = serde_json::json!({"type": "ERROR", "object": why.status_json()});
     let mut v = serde_json::to_vec(&event).unwrap_or_default();
     v.push(b'\n');
     Bytes::from(v)
@@ -342,7 +549,7 @@ where
         if let Some(c) = this.cancelled.as_mut() {
             if c.as_mut().poll(cx).is_ready() {
                 *this.ended = true;
-                let why = this.watch_errors.as_ref().and_then(|s| s.reason());
+                let why = this.watch_errors.as_ref().and_then(|s| s.close_reason());
                 this.guard.take();
                 if let (Some(why), true) = (why, *this.at_boundary) {
                     return Poll::Ready(Some(Ok(Frame::data(watch_error_event(&why)))));

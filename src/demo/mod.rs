@@ -46,6 +46,9 @@ pub struct DevSettings {
     pub audit_file: Option<PathBuf>,
     /// CA (PEM) of device certificates; devices are identified by their CN.
     pub device_ca_pem: Option<String>,
+    /// The `authentication.devices.posture` block (YAML, starting at `posture:`), with
+    /// `device_ca_pem`.
+    pub device_posture_yaml: Option<String>,
     /// Keep locks and posture in this directory (else in memory).
     pub state_dir: Option<PathBuf>,
     /// The web login (`sso`), with its own `authentication.jwt` entry for the provider.
@@ -92,6 +95,7 @@ impl Default for DevSettings {
             webhooks: false,
             audit_file: None,
             device_ca_pem: None,
+            device_posture_yaml: None,
             state_dir: None,
             sso: None,
         }
@@ -261,7 +265,13 @@ logging:
                     )
                     .replace(
                         "authentication:\n",
-                        "authentication:\n  devices:\n    bundle: devices\n    deviceId:\n      from: commonName\n",
+                        &format!(
+                            "authentication:\n  devices:\n    bundle: devices\n    deviceId:\n      from: commonName\n{}",
+                            s.device_posture_yaml
+                                .as_deref()
+                                .map(|y| indent(y, 4))
+                                .unwrap_or_default()
+                        ),
                     )
             }
             None => config,
@@ -616,4 +626,10 @@ async fn wait_for_stop() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+/// `text` with every line indented by `n` spaces (and ending with a newline).
+fn indent(text: &str, n: usize) -> String {
+    let pad = " ".repeat(n);
+    text.lines().map(|l| format!("{pad}{l}\n")).collect()
 }

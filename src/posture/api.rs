@@ -110,11 +110,10 @@ pub fn read<B>(gw: &Gateway, req: &Request<B>) -> Result<Response<Body>, Pipelin
         ));
     }
     let now = SystemTime::now();
-    let device = req.uri().query().and_then(|q| {
-        url_params(q)
-            .find(|(k, _)| k == "device")
-            .map(|(_, v)| v)
-    });
+    let device = req
+        .uri()
+        .query()
+        .and_then(|q| url_params(q).find(|(k, _)| k == "device").map(|(_, v)| v));
     match device {
         None => {
             let (_, state) = gw.store.snapshot();

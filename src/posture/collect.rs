@@ -92,13 +92,14 @@ fn linux_root_encrypted(path: &Path) -> Option<bool> {
     // Field 5 is the mount point; after " - " come fs type and source.
     let line = mountinfo
         .lines()
-        .filter(|l| l.split(' ').nth(4) == Some(want))
-        .last()?;
+        .rev()
+        .find(|l| l.split(' ').nth(4) == Some(want))?;
     let (_, tail) = line.split_once(" - ")?;
     let mut tail = tail.split(' ');
     let fstype = tail.next()?;
     let source = tail.next()?;
-    if matches!(fstype, "overlay" | "tmpfs" | "zfs" | "btrfs" | "fuse") && !source.starts_with('/') {
+    if matches!(fstype, "overlay" | "tmpfs" | "zfs" | "btrfs" | "fuse") && !source.starts_with('/')
+    {
         return None;
     }
     let dev = std::fs::canonicalize(source).ok()?;
@@ -213,11 +214,18 @@ mod tests {
 
     #[test]
     fn os_release_fields_are_read_quoted_or_not() {
-        let t = "NAME=\"Debian GNU/Linux\"\nVERSION_ID=\"12\"\nID=debian\nPRETTY_NAME='Debian 12'\n";
+        let t =
+            "NAME=\"Debian GNU/Linux\"\nVERSION_ID=\"12\"\nID=debian\nPRETTY_NAME='Debian 12'\n";
         assert_eq!(os_release_field(t, "VERSION_ID").as_deref(), Some("12"));
         assert_eq!(os_release_field(t, "ID").as_deref(), Some("debian"));
-        assert_eq!(os_release_field(t, "PRETTY_NAME").as_deref(), Some("Debian 12"));
-        assert_eq!(os_release_field(t, "NAME").as_deref(), Some("Debian GNU/Linux"));
+        assert_eq!(
+            os_release_field(t, "PRETTY_NAME").as_deref(),
+            Some("Debian 12")
+        );
+        assert_eq!(
+            os_release_field(t, "NAME").as_deref(),
+            Some("Debian GNU/Linux")
+        );
         assert_eq!(os_release_field(t, "VERSION"), None);
     }
 

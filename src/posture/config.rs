@@ -169,7 +169,10 @@ impl PostureConfig {
                 errs.push(("provider.cacheTtl".into(), "must be more than 0".into()));
             }
             if p.requests_per_second == 0 {
-                errs.push(("provider.requestsPerSecond".into(), "must be at least 1".into()));
+                errs.push((
+                    "provider.requestsPerSecond".into(),
+                    "must be at least 1".into(),
+                ));
             }
             if p.max_batch == 0 || p.max_batch > 1000 {
                 errs.push(("provider.maxBatch".into(), "must be 1..1000".into()));

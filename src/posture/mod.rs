@@ -144,6 +144,11 @@ impl PostureService {
         self.cfg.required
     }
 
+    /// A pull provider that lets devices through when it cannot answer.
+    pub fn provider_fails_open(&self) -> bool {
+        self.provider.as_ref().is_some_and(|p| !p.fail_closed())
+    }
+
     /// Posture issuers whose keys are not loaded yet (for readiness and logs).
     pub fn issuers_not_loaded(&self) -> Vec<String> {
         self.reports
@@ -330,7 +335,8 @@ pub struct SelfReport {
 }
 
 fn age(rec: &PostureRecord, now: SystemTime) -> Duration {
-    now.duration_since(rec.collected_at).unwrap_or(Duration::ZERO)
+    now.duration_since(rec.collected_at)
+        .unwrap_or(Duration::ZERO)
 }
 
 fn claim_time(claims: &Map<String, Value>, name: &str) -> Option<SystemTime> {

@@ -50,6 +50,7 @@ pub struct Metrics {
     config_reloads: Family<ResultLabels, Counter>,
     policy_epoch: Gauge<i64, AtomicI64>,
     policy_count: Gauge<i64, AtomicI64>,
+    streams_closed: Family<ReasonLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -118,7 +119,15 @@ impl Metrics {
         );
         let policy_count = Gauge::<i64, AtomicI64>::default();
         registry.register("policies", "Policies in force", policy_count.clone());
+        let streams_closed = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "streams_closed_by_gateway",
+            "Live streams the gateway closed, by reason (credential_or_posture: 401; \
+             lock_or_policy: 403; shutdown)",
+            streams_closed.clone(),
+        );
         Metrics {
+            streams_closed,
             policy_reloads,
             config_reloads,
             policy_epoch,
@@ -164,6 +173,18 @@ impl Metrics {
                 kind: kind.as_str(),
             })
             .inc();
+    }
+
+    /// `n` live streams closed by the gateway with a Status of `code`.
+    pub fn streams_reverified_closed(&self, code: u16, n: usize) {
+        let reason = match code {
+            401 => "credential_or_posture",
+            403 => "lock_or_policy",
+            _ => "shutdown",
+        };
+        self.streams_closed
+            .get_or_create(&ReasonLabels { reason })
+            .inc_by(n as u64);
     }
 
     pub fn stream_closed(&self, kind: StreamKind) {
