@@ -70,9 +70,9 @@ impl Op {
             .spawn()
             .expect("node runs");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        let first = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
             .await
-            .expect("the provider starts within 30s")
+            .expect("the provider starts within 60s")
             .unwrap()
             .expect("the provider prints its issuer");
         let v: Value = serde_json::from_str(&first).unwrap();
@@ -107,7 +107,8 @@ impl Op {
 
     /// Successful token grants by type, and completed password logins.
     async fn stats(&self) -> Value {
-        let (status, _, text) = send(&self.client, get(&format!("{}/test/stats", self.issuer))).await;
+        let (status, _, text) =
+            send(&self.client, get(&format!("{}/test/stats", self.issuer))).await;
         assert_eq!(status, 200);
         serde_json::from_str(&text).unwrap()
     }
@@ -122,9 +123,28 @@ impl Op {
 struct Env {
     op: Op,
     h: Harness,
+    _serial: std::fs::File,
+}
+
+/// One SSO test at a time across nextest's processes: each runs a browser, a provider, a
+/// gateway and kubectl, and the refresh test counts seconds.
+async fn serial() -> std::fs::File {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(artifacts().join(".sso-tests.lock"))
+        .unwrap();
+    tokio::task::spawn_blocking(move || {
+        fs4::fs_std::FileExt::lock_exclusive(&f).unwrap();
+        f
+    })
+    .await
+    .unwrap()
 }
 
 async fn env(token_ttl_secs: u64) -> Env {
+    let serial = serial().await;
     let dir = tempfile::tempdir().unwrap();
     let op = Op::start(dir.path(), token_ttl_secs).await;
     let h = Harness::start_with(DevSettings {
@@ -142,7 +162,11 @@ async fn env(token_ttl_secs: u64) -> Env {
     op.register_gateway(h.url()).await;
     // Keep the provider's certificate files as long as the harness.
     std::mem::forget(dir);
-    Env { op, h }
+    Env {
+        op,
+        h,
+        _serial: serial,
+    }
 }
 
 /// Headless chromium through chromedriver on an ephemeral loopback port.
@@ -237,7 +261,27 @@ impl Browser {
             .send_keys(PASSWORD)
             .await
             .unwrap();
-        c.find(Locator::Css("#submit")).await.unwrap().click().await.unwrap();
+        c.find(Locator::Css("#submit"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+    }
+
+    /// Waits for a page whose `h1` contains `text`; on failure shows where the browser is.
+    async fn expect_h1(&self, text: &str) {
+        for _ in 0..100 {
+            if let Ok(h) = self.client.find(Locator::Css("h1")).await {
+                if h.text().await.unwrap_or_default().contains(text) {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let url = self.client.current_url().await.unwrap();
+        let source = self.client.source().await.unwrap_or_default();
+        panic!("no h1 with {text:?} at {url}:\n{source}");
     }
 
     async fn close(self) {
@@ -255,7 +299,11 @@ struct PluginEnv {
 impl PluginEnv {
     fn new(dir: &Path) -> PluginEnv {
         let bin = Path::new(env!("CARGO_BIN_EXE_ztgate")).parent().unwrap();
-        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         let browser = dir.join("browser.sh");
         std::fs::write(
             &browser,
@@ -306,7 +354,11 @@ impl PluginEnv {
     }
 }
 
-fn kubectl_with(kc: &Path, args: &[&str], vars: &[(&'static str, String)]) -> tokio::process::Command {
+fn kubectl_with(
+    kc: &Path,
+    args: &[&str],
+    vars: &[(&'static str, String)],
+) -> tokio::process::Command {
     let v: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     kubectl_command(kc, args, &v)
 }
@@ -368,7 +420,10 @@ async fn browser_login_offers_a_kubeconfig_and_kubectl_then_works_from_the_plugi
         .await
         .unwrap();
     let at_provider = b.client.current_url().await.unwrap();
-    assert!(at_provider.as_str().starts_with(&e.op.issuer), "{at_provider}");
+    assert!(
+        at_provider.as_str().starts_with(&e.op.issuer),
+        "{at_provider}"
+    );
     b.screenshot("sso-provider-sign-in.png").await;
     b.sign_in().await;
     assert_eq!(b.text("#user").await, EMAIL);
@@ -390,12 +445,18 @@ async fn browser_login_offers_a_kubeconfig_and_kubectl_then_works_from_the_plugi
     // The download and the copyable command give the same kubeconfig.
     let client = e.h.client(None, false);
     let req = Request::get(e.h.uri("/kubeconfig"))
-        .header("cookie", format!("__Host-ztgate-session={}", cookie.value()))
+        .header(
+            "cookie",
+            format!("__Host-ztgate-session={}", cookie.value()),
+        )
         .body(Full::new(Bytes::new()))
         .unwrap();
     let (status, headers, downloaded) = send(&client, req).await;
     assert_eq!(status, 200);
-    assert!(headers["content-disposition"].to_str().unwrap().starts_with("attachment"));
+    assert!(headers["content-disposition"]
+        .to_str()
+        .unwrap()
+        .starts_with("attachment"));
     assert!(downloaded.contains("command: ztgate"), "{downloaded}");
     let command = b.text("#command").await;
     let kc = run_page_command(&command, work.path()).await;
@@ -410,16 +471,25 @@ async fn browser_login_offers_a_kubeconfig_and_kubectl_then_works_from_the_plugi
         .unwrap();
     let url = plugin.opened_url(0).await;
     assert!(url.contains("code_challenge_method=S256"), "{url}");
-    assert!(url.contains("redirect_uri=http%3A%2F%2F127.0.0.1%3A"), "{url}");
+    assert!(
+        url.contains("redirect_uri=http%3A%2F%2F127.0.0.1%3A"),
+        "{url}"
+    );
     b.client.goto(&url).await.unwrap();
-    assert!(b.text("h1").await.contains("Signed in"));
+    b.expect_h1("Signed in").await;
     let o = finish(first).await;
     assert!(o.status.success(), "{}", out(&o));
     let who: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(who["status"]["userInfo"]["username"], EMAIL, "{}", out(&o));
     let after_login = e.op.stats().await;
-    assert_eq!(after_login["authorization_code"], before["authorization_code"].as_u64().unwrap() + 1);
-    assert_eq!(after_login["logins"], before["logins"], "no second password prompt");
+    assert_eq!(
+        after_login["authorization_code"],
+        before["authorization_code"].as_u64().unwrap() + 1
+    );
+    assert_eq!(
+        after_login["logins"], before["logins"],
+        "no second password prompt"
+    );
 
     let o = finish(
         kubectl_with(&kc, &["auth", "whoami", "-o", "json"], &plugin.vars())
@@ -441,9 +511,13 @@ async fn browser_login_offers_a_kubeconfig_and_kubectl_then_works_from_the_plugi
         .click()
         .await
         .unwrap();
-    assert!(b.text("h1").await.contains("signed out"));
+    b.expect_h1("signed out").await;
     b.screenshot("sso-signed-out.png").await;
-    assert!(b.client.get_named_cookie("__Host-ztgate-session").await.is_err());
+    assert!(b
+        .client
+        .get_named_cookie("__Host-ztgate-session")
+        .await
+        .is_err());
 
     // ztgate logout empties the cache.
     let o = tokio::process::Command::new(env!("CARGO_BIN_EXE_ztgate"))
@@ -492,8 +566,21 @@ fn gateway_kubeconfig(e: &Env, dir: &Path, extra: &[&str]) -> PathBuf {
     let ca = dir.join("op-ca.crt");
     std::fs::write(&ca, &e.op.ca_pem).unwrap();
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_ztgate"))
-        .args(["kubeconfig", "--server", e.h.url(), "--issuer", &e.op.issuer])
-        .args(["--client-id", CLI_CLIENT, "--scope", "openid", "--scope", "email"])
+        .args([
+            "kubeconfig",
+            "--server",
+            e.h.url(),
+            "--issuer",
+            &e.op.issuer,
+        ])
+        .args([
+            "--client-id",
+            CLI_CLIENT,
+            "--scope",
+            "openid",
+            "--scope",
+            "email",
+        ])
         .args(["--scope", "groups"])
         .arg("--certificate-authority")
         .arg(&e.h.demo.env.gateway_ca_path)
@@ -553,7 +640,7 @@ async fn cli_browser_flow_signs_in_through_the_loopback_redirect_with_pkce() {
     // The test is the browser: sign in at the provider, which redirects to the loopback.
     b.client.goto(&url).await.unwrap();
     b.sign_in().await;
-    assert!(b.text("h1").await.contains("Signed in"));
+    b.expect_h1("Signed in").await;
     b.screenshot("sso-cli-loopback-done.png").await;
     let o = finish(child).await;
     assert!(o.status.success(), "{}", out(&o));
@@ -562,16 +649,31 @@ async fn cli_browser_flow_signs_in_through_the_loopback_redirect_with_pkce() {
     assert_eq!(cred["kind"], "ExecCredential");
     let token = cred["status"]["token"].as_str().unwrap();
     assert_eq!(token.split('.').count(), 3, "a JWT");
-    assert!(cred["status"]["expirationTimestamp"].as_str().unwrap().ends_with('Z'));
-    assert!(!String::from_utf8_lossy(&o.stderr).contains(token), "never a token on stderr");
+    assert!(cred["status"]["expirationTimestamp"]
+        .as_str()
+        .unwrap()
+        .ends_with('Z'));
+    assert!(
+        !String::from_utf8_lossy(&o.stderr).contains(token),
+        "never a token on stderr"
+    );
     assert_private(&plugin.cache_files());
 
     // kubectl with the same cache: no new sign-in.
     let kc = gateway_kubeconfig(&e, work.path(), &[]);
     let before = e.op.stats().await;
-    let o = finish(kubectl_with(&kc, &["auth", "whoami"], &plugin.vars()).spawn().unwrap()).await;
+    let o = finish(
+        kubectl_with(&kc, &["auth", "whoami"], &plugin.vars())
+            .spawn()
+            .unwrap(),
+    )
+    .await;
     assert!(o.status.success(), "{}", out(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains(EMAIL), "{}", out(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(EMAIL),
+        "{}",
+        out(&o)
+    );
     assert_eq!(e.op.stats().await, before);
     b.close().await;
     e.op.stop().await;
@@ -586,7 +688,10 @@ fn raw_http_client() -> hyper_util::client::legacy::Client<
         .build(hyper_util::client::legacy::connect::HttpConnector::new())
 }
 
-async fn send<C>(client: &hyper_util::client::legacy::Client<C, Full<Bytes>>, req: Request<Full<Bytes>>) -> (u16, http::HeaderMap, String)
+async fn send<C>(
+    client: &hyper_util::client::legacy::Client<C, Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> (u16, http::HeaderMap, String)
 where
     C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
 {
@@ -628,8 +733,14 @@ async fn device_code_flow_prints_url_and_code_and_signs_in() {
     .await
     .expect("the plugin prints where to sign in");
     let code = plain.rsplit(' ').next().unwrap().to_owned();
-    assert!(plain.contains(&format!("{}/device", e.op.issuer)), "{plain}");
-    assert!(!code.is_empty() && complete.contains("user_code="), "{plain} / {complete}");
+    assert!(
+        plain.contains(&format!("{}/device", e.op.issuer)),
+        "{plain}"
+    );
+    assert!(
+        !code.is_empty() && complete.contains("user_code="),
+        "{plain} / {complete}"
+    );
 
     // The user, on another machine: confirm the code, sign in.
     b.client.goto(&complete).await.unwrap();
@@ -643,7 +754,7 @@ async fn device_code_flow_prints_url_and_code_and_signs_in() {
     b.screenshot("sso-device-confirm.png").await;
     confirm.click().await.unwrap();
     b.sign_in().await;
-    assert!(b.text("h1").await.contains("Signed in"));
+    b.expect_h1("Signed in").await;
     let o = finish(child).await;
     assert!(o.status.success(), "{}", out(&o));
     let cred: Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -652,10 +763,21 @@ async fn device_code_flow_prints_url_and_code_and_signs_in() {
 
     // kubectl with a device-code kubeconfig: from the cache.
     let kc = gateway_kubeconfig(&e, work.path(), &["--grant", "device-code"]);
-    assert!(std::fs::read_to_string(&kc).unwrap().contains("device-code"));
-    let o = finish(kubectl_with(&kc, &["auth", "whoami"], &plugin.vars()).spawn().unwrap()).await;
+    assert!(std::fs::read_to_string(&kc)
+        .unwrap()
+        .contains("device-code"));
+    let o = finish(
+        kubectl_with(&kc, &["auth", "whoami"], &plugin.vars())
+            .spawn()
+            .unwrap(),
+    )
+    .await;
     assert!(o.status.success(), "{}", out(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains(EMAIL), "{}", out(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(EMAIL),
+        "{}",
+        out(&o)
+    );
     b.close().await;
     e.op.stop().await;
 }
@@ -671,7 +793,9 @@ async fn short_lived_tokens_are_refreshed_once_for_twenty_parallel_kubectl_calls
     let mut vars = plugin.vars();
     vars.push(("ZTGATE_REFRESH_SKEW", "30s".into()));
 
-    let first = kubectl_with(&kc, &["auth", "whoami"], &vars).spawn().unwrap();
+    let first = kubectl_with(&kc, &["auth", "whoami"], &vars)
+        .spawn()
+        .unwrap();
     b.client.goto(&plugin.opened_url(0).await).await.unwrap();
     b.sign_in().await;
     let o = finish(first).await;
@@ -690,15 +814,26 @@ async fn short_lived_tokens_are_refreshed_once_for_twenty_parallel_kubectl_calls
     tokio::time::sleep(Duration::from_secs(11)).await;
     let mut calls = Vec::new();
     for _ in 0..20 {
-        calls.push(kubectl_with(&kc, &["auth", "whoami"], &vars).spawn().unwrap());
+        calls.push(
+            kubectl_with(&kc, &["auth", "whoami"], &vars)
+                .spawn()
+                .unwrap(),
+        );
     }
     for c in calls {
         let o = finish(c).await;
         assert!(o.status.success(), "{}", out(&o));
-        assert!(String::from_utf8_lossy(&o.stdout).contains(EMAIL), "{}", out(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains(EMAIL),
+            "{}",
+            out(&o)
+        );
     }
     let after = e.op.stats().await;
-    assert_eq!(after["refresh_token"], 1, "one refresh for twenty calls: {after}");
+    assert_eq!(
+        after["refresh_token"], 1,
+        "one refresh for twenty calls: {after}"
+    );
     assert_eq!(after["authorization_code"], 1, "no new sign-in: {after}");
     assert_eq!(after["logins"], signed_in["logins"]);
     let now: Value = serde_json::from_slice(&std::fs::read(&token_file).unwrap()).unwrap();
@@ -719,18 +854,19 @@ struct Jar {
 
 impl Jar {
     fn new(e: &Env) -> Jar {
-        let cas = format!(
-            "{}{}",
-            e.h.demo.env.pki.gateway_ca.cert_pem(),
-            e.op.ca_pem
-        );
+        let cas = format!("{}{}", e.h.demo.env.pki.gateway_ca.cert_pem(), e.op.ca_pem);
         Jar {
             client: raw_client(&cas, None, false),
             cookies: HashMap::new(),
         }
     }
 
-    async fn request(&mut self, method: &str, url: &str, form: Option<String>) -> (u16, Option<String>, String) {
+    async fn request(
+        &mut self,
+        method: &str,
+        url: &str,
+        form: Option<String>,
+    ) -> (u16, Option<String>, String) {
         let uri: http::Uri = url.parse().unwrap();
         let host = uri.authority().unwrap().to_string();
         let mut b = Request::builder().method(method).uri(url);
@@ -743,7 +879,9 @@ impl Jar {
         if form.is_some() {
             b = b.header("content-type", "application/x-www-form-urlencoded");
         }
-        let req = b.body(Full::new(Bytes::from(form.unwrap_or_default()))).unwrap();
+        let req = b
+            .body(Full::new(Bytes::from(form.unwrap_or_default())))
+            .unwrap();
         let (status, headers, body) = send(&self.client, req).await;
         let jar = self.cookies.entry(host).or_default();
         for sc in headers.get_all("set-cookie") {
@@ -759,7 +897,11 @@ impl Jar {
         let location = headers.get("location").map(|l| {
             let l = l.to_str().unwrap();
             if l.starts_with('/') {
-                format!("{}://{}{l}", uri.scheme_str().unwrap(), uri.authority().unwrap())
+                format!(
+                    "{}://{}{l}",
+                    uri.scheme_str().unwrap(),
+                    uri.authority().unwrap()
+                )
             } else {
                 l.to_owned()
             }
@@ -786,7 +928,7 @@ impl Jar {
             if status == 200 && body.contains("name=\"password\"") {
                 let form = format!("login={USER}&password={PASSWORD}");
                 let (s, l, _) = self.request("POST", &url, Some(form)).await;
-                assert_eq!(s, 303);
+                assert!(matches!(s, 302 | 303), "{s}");
                 url = l.unwrap();
                 continue;
             }
@@ -802,7 +944,13 @@ fn with_param(url: &str, name: &str, value: &str) -> String {
     let pairs: Vec<(String, String)> = u
         .query_pairs()
         .into_owned()
-        .map(|(k, v)| if k == name { (k, value.to_owned()) } else { (k, v) })
+        .map(|(k, v)| {
+            if k == name {
+                (k, value.to_owned())
+            } else {
+                (k, v)
+            }
+        })
         .collect();
     u.query_pairs_mut().clear().extend_pairs(pairs);
     u.to_string()
@@ -829,13 +977,19 @@ async fn callback_refuses_wrong_state_replayed_code_missing_verifier_and_wrong_n
         .request("GET", &with_param(&callback, "state", "forged"), None)
         .await;
     assert_eq!(status, 400, "{body}");
-    assert!(body.contains("does not belong to the sign-in this browser started"), "{body}");
+    assert!(
+        body.contains("does not belong to the sign-in this browser started"),
+        "{body}"
+    );
 
     // A good callback opens the page session; the same callback again is refused.
     let auth = jar.start_login(&e).await;
     let callback = jar.at_provider_until_callback(&e, &auth).await;
     let (status, loc, _) = jar.request("GET", &callback, None).await;
-    assert_eq!((status, loc.as_deref()), (303, Some(e.h.uri("/login").as_str())));
+    assert_eq!(
+        (status, loc.as_deref()),
+        (303, Some(e.h.uri("/login").as_str()))
+    );
     let (status, _, page) = jar.request("GET", &e.h.uri("/login"), None).await;
     assert_eq!(status, 200);
     assert!(page.contains(EMAIL));
@@ -843,7 +997,10 @@ async fn callback_refuses_wrong_state_replayed_code_missing_verifier_and_wrong_n
     assert_eq!(status, 400, "{body}");
     // Replayed code with a fresh sign-in cookie whose state it carries: the provider refuses.
     let code = param(&callback, "code");
-    jar.cookies.get_mut(&e.h.url()[8..]).unwrap().remove("__Host-ztgate-session");
+    jar.cookies
+        .get_mut(&e.h.url()[8..])
+        .unwrap()
+        .remove("__Host-ztgate-session");
     let auth2 = jar.start_login(&e).await;
     let replay = with_param(
         &with_param(&callback, "state", &param(&auth2, "state")),
@@ -860,7 +1017,8 @@ async fn callback_refuses_wrong_state_replayed_code_missing_verifier_and_wrong_n
     let form = format!(
         "grant_type=authorization_code&code={}&redirect_uri={}",
         param(&callback, "code"),
-        openidconnect::url::form_urlencoded::byte_serialize(e.h.uri("/callback").as_bytes()).collect::<String>()
+        openidconnect::url::form_urlencoded::byte_serialize(e.h.uri("/callback").as_bytes())
+            .collect::<String>()
     );
     use base64::Engine;
     let basic = base64::engine::general_purpose::STANDARD

@@ -142,22 +142,6 @@ server.listen(0, '127.0.0.1', () => {
     },
     pkce: { required: () => true },
     issueRefreshToken: async (_ctx, client) => client.grantTypeAllowed('refresh_token'),
-    // First-party clients: consent is implied.
-    loadExistingGrant: async (ctx) => {
-      const grantId = ctx.oidc.result?.consent?.grantId
-        || ctx.oidc.session.grantIdFor(ctx.oidc.client.clientId);
-      if (grantId) {
-        const g = await ctx.oidc.provider.Grant.find(grantId);
-        if (g) return g;
-      }
-      const grant = new ctx.oidc.provider.Grant({
-        clientId: ctx.oidc.client.clientId,
-        accountId: ctx.oidc.session.accountId,
-      });
-      grant.addOIDCScope('openid email profile groups offline_access');
-      await grant.save();
-      return grant;
-    },
     findAccount: async (_ctx, id) => {
       const user = USERS[id];
       if (!user) return undefined;
@@ -176,7 +160,21 @@ server.listen(0, '127.0.0.1', () => {
   provider.use(async (ctx, next) => {
     const m = ctx.path.match(/^\/interaction\/([^/]+)$/);
     if (m && ctx.method === 'GET') {
-      await provider.interactionDetails(ctx.req, ctx.res);
+      const details = await provider.interactionDetails(ctx.req, ctx.res);
+      if (details.prompt.name === 'consent') {
+        // First-party clients: consent is implied.
+        const { prompt: { details: missing }, params, session, grantId } = details;
+        const grant = grantId
+          ? await provider.Grant.find(grantId)
+          : new provider.Grant({ accountId: session.accountId, clientId: params.client_id });
+        if (missing.missingOIDCScope) grant.addOIDCScope(missing.missingOIDCScope.join(' '));
+        if (missing.missingOIDCClaims) grant.addOIDCClaims(missing.missingOIDCClaims);
+        const to = await provider.interactionResult(ctx.req, ctx.res, {
+          consent: { grantId: await grant.save() },
+        }, { mergeWithLastSubmission: true });
+        ctx.redirect(to);
+        return;
+      }
       ctx.type = 'html';
       ctx.body = loginPage(m[1], '');
       return;
