@@ -85,6 +85,31 @@ authentication:
     deviceId:
       from: uriPrefix
       prefix: "urn:device:"
+    posture:
+      required: true
+      maxAge: 24h
+      issuers:
+        - issuer:
+            url: https://mdm.example.com
+            discoveryURL: https://mdm.internal/.well-known/openid-configuration
+            audiences: [ztgate-posture]
+            audienceMatchPolicy: MatchAny
+            certificateAuthority: "-----BEGIN CERTIFICATE-----"
+            certificateAuthorityFile: mdm-ca.crt
+          source: mdm
+          signingAlgorithms: [ES256]
+          maxAge: 12h
+      selfReports:
+        ttl: 1h
+      provider:
+        url: https://posture.example.com/v1/query
+        certificateAuthorityFile: posture-ca.crt
+        tokenFile: posture-token
+        cacheTtl: 5m
+        timeout: 2s
+        requestsPerSecond: 10
+        maxBatch: 100
+        failClosed: true
 state:
   directory: state
 authorization:
