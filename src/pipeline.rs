@@ -43,6 +43,8 @@ pub struct ConnInfo {
     x509: Mutex<Option<Verified>>,
     /// The device read from `chain` (None: not a valid device certificate), by bundle generation.
     device: Mutex<Option<(u64, Option<crate::device::DeviceIdentity>)>>,
+    /// The workload SVID verdict for `chain`, by bundle generation.
+    workload: Mutex<Option<(u64, Result<Arc<Identity>, String>)>>,
 }
 
 impl ConnInfo {
@@ -52,6 +54,7 @@ impl ConnInfo {
             chain: chain.filter(|c| !c.is_empty()).map(Arc::new),
             x509: Mutex::new(None),
             device: Mutex::new(None),
+            workload: Mutex::new(None),
         }
     }
 }
@@ -869,8 +872,10 @@ async fn authenticate(
         // certificate decides. The token is never forwarded either way.
     }
     let chain = creds.peer_chain.as_ref().ok_or(AuthnError::NoCredentials)?;
-    let x509 = gw.x509.as_ref().ok_or(AuthnError::NoCredentials)?;
     let now = SystemTime::now();
+    let Some(x509) = gw.x509.as_ref() else {
+        return workload(gw, conn, chain, now, AuthnError::NoCredentials);
+    };
     let generation = x509.generation();
     let verified = {
         let mut cached = crate::streams::lock(&conn.x509);
@@ -883,11 +888,57 @@ async fn authenticate(
             }
         }
     };
-    let identity = verified.result?;
+    let identity = match verified.result {
+        Ok(i) => i,
+        Err(e) => return workload(gw, conn, chain, now, e),
+    };
     if identity.expires_at().is_some_and(|t| t <= now) {
         return Err(AuthnError::CertificateExpired);
     }
     Ok(identity)
+}
+
+/// A workload X509-SVID from a configured SPIFFE trust domain, when the chain is not a user
+/// certificate (`otherwise` is the user-certificate verdict, returned when it is no SVID either).
+/// Cached per connection while the trust bundles are unchanged.
+fn workload(
+    gw: &Gateway,
+    conn: &ConnInfo,
+    chain: &[CertificateDer<'static>],
+    now: SystemTime,
+    otherwise: AuthnError,
+) -> Result<Arc<Identity>, AuthnError> {
+    if gw.workloads.is_empty() {
+        return Err(otherwise);
+    }
+    let generation = gw.bundles.load().generation;
+    let verdict = {
+        let mut cached = crate::streams::lock(&conn.workload);
+        match cached.as_ref() {
+            Some((g, v)) if *g == generation => v.clone(),
+            _ => {
+                let v = crate::device::workload_from_chain(&gw.workloads, &gw.bundles, chain, now)
+                    .map_err(|e| e.to_string())
+                    .and_then(|w| {
+                        crate::authn::x509::workload_identity(&w)
+                            .map(Arc::new)
+                            .map_err(|e| e.to_string())
+                    });
+                *cached = Some((generation, v.clone()));
+                v
+            }
+        }
+    };
+    match verdict {
+        Ok(identity) if identity.expires_at().is_some_and(|t| t <= now) => {
+            Err(AuthnError::CertificateExpired)
+        }
+        Ok(identity) => Ok(identity),
+        Err(why) => {
+            tracing::debug!(peer = %conn.peer, reason = %why, "client certificate is not a workload SVID either");
+            Err(otherwise)
+        }
+    }
 }
 
 pub(crate) fn plain(code: StatusCode, text: &'static str) -> Response<Body> {

@@ -65,6 +65,8 @@ pub struct Gateway {
     pub bundles: Arc<TrustBundles>,
     pub token_review: Option<TokenReviewConfig>,
     pub devices: Option<crate::device::DeviceConfig>,
+    /// SPIFFE trust domains whose workload SVIDs authenticate as users.
+    pub workloads: Vec<crate::device::WorkloadMapping>,
     /// Device posture (records, signed reports, the pull provider), when configured.
     pub posture: Option<Arc<crate::posture::PostureService>>,
     pub sar: Option<SubjectAccessReviewConfig>,
@@ -383,6 +385,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
         None => None,
     };
     let gw = Arc::new(Gateway {
+        workloads: cfg.authentication.workloads.clone(),
         posture,
         store,
         upstream,

@@ -80,6 +80,10 @@ authentication:
       claimsForPolicy: [amr, acr]
   tokenReview:
     callerBundle: apiserver
+  workloads:
+    - trustDomain: prod.example.org
+      bundle: apiserver
+      usernamePrefix: "spiffe:"
   devices:
     bundle: apiserver
     deviceId:
@@ -139,6 +143,20 @@ audit:
       retryBackoff: 500ms
       maxRetries: 5
       timeout: 10s
+sso:
+  issuer: https://idp.example.com
+  clientId: ztgate-gateway
+  clientSecretFile: sso-client-secret
+  externalUrl: https://ztgate.example.com
+  scopes: [openid, email, profile]
+  sessionKeyFile: sso-session.key
+  sessionTtl: 15m
+  gatewayCaFile: gateway-ca.crt
+  cli:
+    clientId: ztgate-cli
+    scopes: [openid, email, profile, offline_access]
+    grant: browser
+    command: ztgate
 timeouts:
   request: 60s
   upstreamConnect: 5s

@@ -21,6 +21,8 @@ pub enum AuthMethod {
     X509 { bundle: String },
     /// A JWT bearer token (OIDC ID token or JWT access token) from the named issuer URL.
     Oidc { issuer: String },
+    /// A workload X509-SVID from the named SPIFFE trust domain.
+    Spiffe { trust_domain: String },
 }
 
 impl AuthMethod {
@@ -28,6 +30,7 @@ impl AuthMethod {
         match self {
             AuthMethod::X509 { .. } => "x509",
             AuthMethod::Oidc { .. } => "oidc",
+            AuthMethod::Spiffe { .. } => "spiffe",
         }
     }
 }

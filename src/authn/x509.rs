@@ -69,6 +69,27 @@ impl X509Authenticator {
     }
 }
 
+/// The identity of a workload authenticated by its X509-SVID (see
+/// [`crate::device::workload_from_chain`]): the mapped user name, no groups (kube-apiserver adds
+/// `system:authenticated`), valid until the SVID's notAfter.
+pub fn workload_identity(w: &crate::device::Workload) -> Result<Identity, AuthnError> {
+    check_name("user name (SPIFFE ID)", &w.username)?;
+    Ok(Identity {
+        user: w.username.clone(),
+        uid: None,
+        groups: Vec::new(),
+        extra: Default::default(),
+        method: AuthMethod::Spiffe {
+            trust_domain: w.spiffe_id.trust_domain.clone(),
+        },
+        expires_at: Some(w.not_after),
+        facts: super::CredentialFacts {
+            issuer: Some(w.bundle.clone()),
+            ..Default::default()
+        },
+    })
+}
+
 fn describe(e: &webpki::Error) -> String {
     match e {
         webpki::Error::CertExpired { .. } => "certificate has expired".into(),

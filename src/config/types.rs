@@ -123,6 +123,10 @@ pub struct AuthenticationConfig {
     /// device is visible to policy as `context.device`.
     #[serde(default)]
     pub devices: Option<crate::device::DeviceConfig>,
+    /// SPIFFE workloads: X509-SVIDs of these trust domains (each verified against its own
+    /// bundle) authenticate as `usernamePrefix + SPIFFE ID`.
+    #[serde(default)]
+    pub workloads: Vec<crate::device::WorkloadMapping>,
 }
 
 /// The embedded, crash-safe store on local disk.
@@ -189,6 +193,10 @@ pub struct TimeoutsConfig {
     /// TLS handshake deadline.
     #[serde(default = "d10s")]
     pub tls_handshake: GoDuration,
+    /// A client connection with no request in progress for this long is closed (HTTP/2
+    /// GOAWAY). Before its first request a connection gets `headerRead` instead.
+    #[serde(default = "d90s")]
+    pub idle_connection: GoDuration,
     /// On SIGTERM: how long in-flight requests get before streams are closed.
     #[serde(default = "d30s")]
     pub shutdown_grace: GoDuration,
@@ -236,6 +244,7 @@ impl Default for TimeoutsConfig {
             upstream_connect: d5s(),
             header_read: d10s(),
             tls_handshake: d10s(),
+            idle_connection: d90s(),
             shutdown_grace: d30s(),
         }
     }
@@ -281,6 +290,9 @@ fn d30s() -> GoDuration {
 }
 fn d60s() -> GoDuration {
     GoDuration(Duration::from_secs(60))
+}
+fn d90s() -> GoDuration {
+    GoDuration(Duration::from_secs(90))
 }
 fn default_max_header_bytes() -> u64 {
     32 * 1024

@@ -309,6 +309,28 @@ impl Validator {
                 );
             }
         }
+        if !cfg.authentication.workloads.is_empty() {
+            if let Err(e) = crate::device::validate_workload_mappings(&cfg.authentication.workloads)
+            {
+                self.err("authentication.workloads", e.to_string());
+            }
+            for (i, w) in cfg.authentication.workloads.iter().enumerate() {
+                if !cfg
+                    .listener
+                    .client_certificate_bundles
+                    .iter()
+                    .any(|b| b.name == w.bundle)
+                {
+                    self.err(
+                        format!("authentication.workloads[{i}].bundle"),
+                        format!(
+                            "{:?} is not a bundle in listener.clientCertificateBundles",
+                            w.bundle
+                        ),
+                    );
+                }
+            }
+        }
         if let Some(d) = &cfg.authentication.devices {
             if let Err(e) = d.validate() {
                 self.err("authentication.devices", e.to_string());

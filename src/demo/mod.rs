@@ -46,6 +46,9 @@ pub struct DevSettings {
     pub audit_file: Option<PathBuf>,
     /// CA (PEM) of device certificates; devices are identified by their CN.
     pub device_ca_pem: Option<String>,
+    /// SPIFFE trust domains (name, CA PEM) whose workload SVIDs authenticate as
+    /// `spiffe:<SPIFFE ID>`.
+    pub workloads: Vec<(String, String)>,
     /// The `authentication.devices.posture` block (YAML, starting at `posture:`), with
     /// `device_ca_pem`.
     pub device_posture_yaml: Option<String>,
@@ -96,6 +99,7 @@ impl Default for DevSettings {
             audit_file: None,
             device_ca_pem: None,
             device_posture_yaml: None,
+            workloads: Vec::new(),
             state_dir: None,
             sso: None,
         }
@@ -276,6 +280,21 @@ logging:
             }
             None => config,
         };
+        let mut config = config;
+        if !s.workloads.is_empty() {
+            let mut mappings = String::from("authentication:\n  workloads:\n");
+            for (i, (trust_domain, pem)) in s.workloads.iter().enumerate() {
+                std::fs::write(certs.join(format!("spiffe-{i}.crt")), pem)?;
+                config = config.replace(
+                    "    - name: kube-apiserver\n",
+                    &format!("    - name: spiffe-{i}\n      caFile: certs/spiffe-{i}.crt\n    - name: kube-apiserver\n"),
+                );
+                mappings.push_str(&format!(
+                    "    - trustDomain: {trust_domain}\n      bundle: spiffe-{i}\n      usernamePrefix: \"spiffe:\"\n"
+                ));
+            }
+            config = config.replace("authentication:\n", &mappings);
+        }
         let config = format!("{config}{sso}");
         let config = match &s.state_dir {
             Some(d) => format!("{config}state:\n  directory: \"{}\"\n", d.display()),
