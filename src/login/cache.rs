@@ -146,7 +146,9 @@ impl TokenCache {
 
     pub fn remove(&self) -> Result<(), LoginError> {
         match std::fs::remove_file(self.token_path()) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(&self.token_path(), e)),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(io_err(&self.token_path(), e))
+            }
             _ => Ok(()),
         }
     }

@@ -129,7 +129,9 @@ impl Provider {
     ) -> Result<CachedTokens, LoginError> {
         let client = self.client();
         let id_token: &CoreIdToken = resp.id_token().ok_or_else(|| {
-            LoginError::Provider("the token response carries no ID token (is the openid scope granted?)".into())
+            LoginError::Provider(
+                "the token response carries no ID token (is the openid scope granted?)".into(),
+            )
         })?;
         let verifier = client.id_token_verifier();
         let claims = match nonce {
@@ -178,16 +180,18 @@ impl Provider {
 pub async fn browser(p: &Provider, o: &LoginOptions) -> Result<CachedTokens, LoginError> {
     let listener = TcpListener::bind(("127.0.0.1", o.listen_port))
         .await
-        .map_err(|e| LoginError::Browser(format!("cannot listen on 127.0.0.1:{}: {e}", o.listen_port)))?;
+        .map_err(|e| {
+            LoginError::Browser(format!("cannot listen on 127.0.0.1:{}: {e}", o.listen_port))
+        })?;
     let port = listener
         .local_addr()
         .map_err(|e| LoginError::Browser(e.to_string()))?
         .port();
     let redirect = format!("http://127.0.0.1:{port}/callback");
     let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
-    let client = p
-        .client()
-        .set_redirect_uri(RedirectUrl::new(redirect).map_err(|e| LoginError::Browser(e.to_string()))?);
+    let client = p.client().set_redirect_uri(
+        RedirectUrl::new(redirect).map_err(|e| LoginError::Browser(e.to_string()))?,
+    );
     let mut req = client
         .authorize_url(
             CoreAuthenticationFlow::AuthorizationCode,
@@ -277,7 +281,9 @@ async fn loopback_answer(
     }
     if let Some(err) = params.get("error") {
         let desc = params.get("error_description").cloned().unwrap_or_default();
-        let _ = tx.try_send(Err(format!("the provider refused the sign-in: {err} {desc}")));
+        let _ = tx.try_send(Err(format!(
+            "the provider refused the sign-in: {err} {desc}"
+        )));
         return page(
             StatusCode::BAD_REQUEST,
             "Sign-in failed",
@@ -293,7 +299,11 @@ async fn loopback_answer(
                 "You are signed in to ztgate. You can close this tab and return to your terminal.",
             )
         }
-        None => page(StatusCode::BAD_REQUEST, "Sign-in failed", "No authorization code."),
+        None => page(
+            StatusCode::BAD_REQUEST,
+            "Sign-in failed",
+            "No authorization code.",
+        ),
     }
 }
 
@@ -316,7 +326,9 @@ fn page(status: StatusCode, title: &str, text: &str) -> Response<Full<Bytes>> {
 
 /// Runs `$BROWSER <url>` (or `%s` replaced in it), else the platform's opener. True if it started.
 fn open_browser(url: &str) -> bool {
-    let configured = std::env::var("BROWSER").ok().filter(|b| !b.trim().is_empty());
+    let configured = std::env::var("BROWSER")
+        .ok()
+        .filter(|b| !b.trim().is_empty());
     let (program, mut args): (String, Vec<String>) = match &configured {
         Some(b) => {
             let mut words = b.split_whitespace().map(str::to_owned);

@@ -61,7 +61,12 @@ impl PluginSpec {
             a.push("device-code".into());
         }
         if let (Some(c), Some(k)) = (&self.device_cert, &self.device_key) {
-            a.extend(["--device-cert".into(), c.clone(), "--device-key".into(), k.clone()]);
+            a.extend([
+                "--device-cert".into(),
+                c.clone(),
+                "--device-key".into(),
+                k.clone(),
+            ]);
         }
         a
     }

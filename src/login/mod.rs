@@ -370,7 +370,11 @@ pub fn main_kubeconfig(a: KubeconfigArgs) -> ExitCode {
     }
 }
 
-fn pem_arg(file: Option<&PathBuf>, data: Option<&String>, flag: &str) -> Result<Option<String>, LoginError> {
+fn pem_arg(
+    file: Option<&PathBuf>,
+    data: Option<&String>,
+    flag: &str,
+) -> Result<Option<String>, LoginError> {
     if let Some(p) = file {
         return std::fs::read_to_string(p)
             .map(Some)

@@ -172,7 +172,10 @@ pub fn validate(cfg: &GatewayConfig) -> Vec<(String, String)> {
         match std::fs::read_to_string(p) {
             Ok(t) if !t.trim().is_empty() => {}
             Ok(_) => err("clientSecretFile", format!("{} is empty", p.display())),
-            Err(e) => err("clientSecretFile", format!("cannot read {}: {e}", p.display())),
+            Err(e) => err(
+                "clientSecretFile",
+                format!("cannot read {}: {e}", p.display()),
+            ),
         }
     }
     if let Some(p) = &s.session_key_file {
@@ -182,7 +185,10 @@ pub fn validate(cfg: &GatewayConfig) -> Vec<(String, String)> {
                 "sessionKeyFile",
                 format!("{} must hold at least 32 bytes", p.display()),
             ),
-            Err(e) => err("sessionKeyFile", format!("cannot read {}: {e}", p.display())),
+            Err(e) => err(
+                "sessionKeyFile",
+                format!("cannot read {}: {e}", p.display()),
+            ),
         }
     }
     let ttl = s.session_ttl.get();
@@ -199,7 +205,11 @@ pub fn validate(cfg: &GatewayConfig) -> Vec<(String, String)> {
             Err(e) => err("gatewayCaFile", format!("cannot read {}: {e}", p.display())),
         }
     }
-    if s.cli.command.as_deref().is_some_and(|c| c.trim().is_empty()) {
+    if s.cli
+        .command
+        .as_deref()
+        .is_some_and(|c| c.trim().is_empty())
+    {
         err("cli.command", "must not be empty".into());
     }
     out

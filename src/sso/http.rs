@@ -93,7 +93,10 @@ fn system_roots() -> Result<RootCertStore, String> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::CertificateDer;
     let from_env = std::env::var("SSL_CERT_FILE").ok();
-    let candidates = from_env.iter().map(String::as_str).chain(BUNDLES.iter().copied());
+    let candidates = from_env
+        .iter()
+        .map(String::as_str)
+        .chain(BUNDLES.iter().copied());
     for path in candidates {
         let Ok(pem) = std::fs::read(path) else {
             continue;

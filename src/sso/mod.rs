@@ -33,7 +33,9 @@ use crate::config::GatewayConfig;
 use crate::login::flows::{oauth_error, Provider};
 use crate::login::kubeconfig::{KubeconfigSpec, PluginSpec};
 use crate::server::Gateway;
-use session::{cookie, now_unix, set_cookie, CookieKey, Flow, Session, FLOW_COOKIE, SESSION_COOKIE};
+use session::{
+    cookie, now_unix, set_cookie, CookieKey, Flow, Session, FLOW_COOKIE, SESSION_COOKIE,
+};
 
 /// How long a sign-in may take between `/login` and `/callback`.
 const FLOW_TTL: Duration = Duration::from_secs(600);
@@ -73,7 +75,12 @@ impl Sso {
             .jwt
             .iter()
             .find(|j| j.issuer.url == s.issuer)
-            .ok_or_else(|| format!("sso.issuer: {} is not an authentication.jwt issuer", s.issuer))?;
+            .ok_or_else(|| {
+                format!(
+                    "sso.issuer: {} is not an authentication.jwt issuer",
+                    s.issuer
+                )
+            })?;
         let ca = jwt.ca_pem().map_err(|e| format!("sso.issuer: {e}"))?;
         let client_secret = match &s.client_secret_file {
             Some(p) => Some(
@@ -86,7 +93,8 @@ impl Sso {
         };
         let key = match &s.session_key_file {
             Some(p) => CookieKey::new(
-                std::fs::read(p).map_err(|e| format!("sso.sessionKeyFile: {}: {e}", p.display()))?,
+                std::fs::read(p)
+                    .map_err(|e| format!("sso.sessionKeyFile: {}: {e}", p.display()))?,
             ),
             None => CookieKey::random(),
         };
@@ -171,7 +179,8 @@ impl Sso {
     }
 
     fn session<B>(&self, req: &Request<B>) -> Option<Session> {
-        self.key.open_session(cookie(req.headers(), SESSION_COOKIE)?)
+        self.key
+            .open_session(cookie(req.headers(), SESSION_COOKIE)?)
     }
 
     async fn login<B>(&self, req: &Request<B>) -> Response<Body> {
@@ -298,12 +307,12 @@ impl Sso {
         let provider = self.provider().await.map_err(|_| Refusal {
             status: StatusCode::BAD_GATEWAY,
             title: "Identity provider unavailable",
-            message: "The gateway cannot reach the identity provider right now. Try again in a minute.",
+            message:
+                "The gateway cannot reach the identity provider right now. Try again in a minute.",
             log: "discovery failed",
         })?;
-        let redirect = RedirectUrl::new(flow.redirect_uri.clone()).map_err(|_| {
-            Refusal::bad("bad redirect URI in the cookie", "Start again.")
-        })?;
+        let redirect = RedirectUrl::new(flow.redirect_uri.clone())
+            .map_err(|_| Refusal::bad("bad redirect URI in the cookie", "Start again."))?;
         let client = provider.client().set_redirect_uri(redirect);
         let resp = client
             .exchange_code(AuthorizationCode::new(code.clone()))
@@ -321,7 +330,10 @@ impl Sso {
         use openidconnect::TokenResponse;
         let id_token = resp
             .id_token()
-            .ok_or(Refusal::bad("no ID token", "The identity provider sent no ID token."))?
+            .ok_or(Refusal::bad(
+                "no ID token",
+                "The identity provider sent no ID token.",
+            ))?
             .to_string();
         let unauthorized = |log: &'static str| Refusal {
             status: StatusCode::UNAUTHORIZED,
@@ -337,7 +349,7 @@ impl Sso {
         if identity.facts().issuer.as_deref() != Some(self.cfg.issuer.as_str()) {
             return Err(unauthorized("ID token from another issuer"));
         }
-        if !verified.audiences.iter().any(|a| *a == self.cfg.client_id) {
+        if !verified.audiences.contains(&self.cfg.client_id) {
             return Err(unauthorized("ID token for another client"));
         }
         let nonce_ok = token_nonce(&id_token)
@@ -360,7 +372,12 @@ impl Sso {
             name: "ztgate".into(),
             namespace: None,
             plugin: PluginSpec {
-                command: self.cfg.cli.command.clone().unwrap_or_else(|| "ztgate".into()),
+                command: self
+                    .cfg
+                    .cli
+                    .command
+                    .clone()
+                    .unwrap_or_else(|| "ztgate".into()),
                 issuer: self.cfg.issuer.clone(),
                 client_id: self.cfg.cli_client_id().to_owned(),
                 issuer_ca_pem: Some(self.issuer_ca_pem.clone()),
@@ -398,13 +415,19 @@ impl Sso {
         let base = self.base_url(req).unwrap_or_default();
         let mut r = Response::new(full(self.spec(&base).render()));
         let h = r.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/yaml"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/yaml"),
+        );
         h.insert(
             header::CONTENT_DISPOSITION,
             HeaderValue::from_static("attachment; filename=\"ztgate.kubeconfig\""),
         );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+        h.insert(
+            "x-content-type-options",
+            HeaderValue::from_static("nosniff"),
+        );
         r
     }
 
@@ -460,8 +483,14 @@ fn security_headers(r: &mut Response<Body>) {
             "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
         ),
     );
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
 }
 
 fn html(status: StatusCode, page: String) -> Response<Body> {

@@ -55,7 +55,11 @@ pub fn signed_in(p: &SignedIn<'_>) -> String {
     let groups = if p.groups.is_empty() {
         "none".to_owned()
     } else {
-        p.groups.iter().map(|g| esc(g)).collect::<Vec<_>>().join(", ")
+        p.groups
+            .iter()
+            .map(|g| esc(g))
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     let _ = write!(
         b,

@@ -94,7 +94,11 @@ impl CookieKey {
     fn seal<T: Serialize + Expiring>(&self, value: &T) -> String {
         let json = serde_json::to_vec(value).expect("cookie payload serializes");
         let mac = self.mac(T::KIND, &json);
-        format!("{}.{}", URL_SAFE_NO_PAD.encode(&json), URL_SAFE_NO_PAD.encode(mac))
+        format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(&json),
+            URL_SAFE_NO_PAD.encode(mac)
+        )
     }
 
     fn open<T: DeserializeOwned + Expiring>(&self, cookie: &str) -> Option<T> {
@@ -186,7 +190,13 @@ mod tests {
     #[test]
     fn cookie_attributes() {
         let s = set_cookie(SESSION_COOKIE, "x", Duration::from_secs(900));
-        for attr in ["Secure", "HttpOnly", "SameSite=Lax", "Path=/", "Max-Age=900"] {
+        for attr in [
+            "Secure",
+            "HttpOnly",
+            "SameSite=Lax",
+            "Path=/",
+            "Max-Age=900",
+        ] {
             assert!(s.contains(attr), "{s}");
         }
     }
