@@ -162,6 +162,7 @@ timeouts:
   upstreamConnect: 5s
   headerRead: 10s
   tlsHandshake: 10s
+  idleConnection: 90s
   shutdownGrace: 30s
 limits:
   maxHeaderBytes: 32768

@@ -219,7 +219,8 @@ impl Upstream {
                 .get(header::CONTENT_LENGTH)
                 .is_none_or(|v| v.as_bytes() == b"0"))
         .then(|| parts.clone());
-        let body = self.limited_body(&parts.headers, body)?;
+        let outcome = BodyOutcome::default();
+        let body = outcome.watch(self.limited_body(&parts.headers, body)?);
         parts.uri = self.uri_for(parts.uri.path_and_query());
         parts.version = http::Version::HTTP_11;
         let attempt = async {
@@ -245,10 +246,14 @@ impl Upstream {
             None => attempt.await,
         };
         let mut resp = result.map_err(|e| {
-            if is_body_too_large(&e) {
+            if is_body_too_large(&e) || outcome.too_large() {
                 PipelineError::BodyTooLarge {
                     limit: self.max_body,
                 }
+            } else if let Some(why) = outcome.client_error() {
+                PipelineError::BadRequest(
+                    format!("the request body could not be read: {why}").into(),
+                )
             } else {
                 PipelineError::Upstream(classify(e))
             }
@@ -267,6 +272,78 @@ fn is_body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
         cur = err.source();
     }
     false
+}
+
+/// What happened to a client's request body on its way upstream. When forwarding fails, this
+/// says whether the client's side failed first (body over the limit: 413; body unreadable, e.g.
+/// broken chunked framing: 400) rather than kube-apiserver (502): over HTTP/2 the body's own
+/// error is reduced to a stream reset and does not survive in hyper's error.
+#[derive(Clone, Default)]
+struct BodyOutcome(Arc<std::sync::Mutex<Option<BodyFailure>>>);
+
+#[derive(Clone)]
+enum BodyFailure {
+    TooLarge,
+    Client(String),
+}
+
+impl BodyOutcome {
+    fn watch(&self, body: Body) -> Body {
+        WatchedBody {
+            body,
+            outcome: self.clone(),
+        }
+        .boxed_unsync()
+    }
+
+    fn too_large(&self) -> bool {
+        matches!(*self.lock(), Some(BodyFailure::TooLarge))
+    }
+
+    fn client_error(&self) -> Option<String> {
+        match &*self.lock() {
+            Some(BodyFailure::Client(why)) => Some(why.clone()),
+            _ => None,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<BodyFailure>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+struct WatchedBody {
+    body: Body,
+    outcome: BodyOutcome,
+}
+
+impl http_body::Body for WatchedBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Err(e))) = &polled {
+            let failure = if e.is::<http_body_util::LengthLimitError>() {
+                BodyFailure::TooLarge
+            } else {
+                BodyFailure::Client(error_chain(&**e))
+            };
+            self.outcome.lock().get_or_insert(failure);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 fn classify(e: hyper_util::client::legacy::Error) -> UpstreamError {

@@ -1,0 +1,4 @@
+//! See `ztgate::fuzzing::request_info` for the input format and the properties checked.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| ztgate::fuzzing::request_info(data));

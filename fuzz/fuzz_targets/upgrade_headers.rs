@@ -1,0 +1,4 @@
+//! See `ztgate::fuzzing::upgrade_headers` for the input format and the properties checked.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| ztgate::fuzzing::upgrade_headers(data));
