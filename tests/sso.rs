@@ -659,6 +659,29 @@ async fn cli_browser_flow_signs_in_through_the_loopback_redirect_with_pkce() {
     );
     assert_private(&plugin.cache_files());
 
+    // An enrolled device: the same cached token, and the device certificate for kubectl to
+    // present.
+    let device = e.h.demo.env.pki.user("laptop-7", &[]);
+    let (crt, key) = device.write(work.path(), "device");
+    let o = tokio::process::Command::new(env!("CARGO_BIN_EXE_ztgate"))
+        .args(login_args(&e, &plugin.cache()))
+        .arg("--device-cert")
+        .arg(&crt)
+        .arg("--device-key")
+        .arg(&key)
+        .env("XDG_CACHE_HOME", plugin.cache())
+        .output()
+        .await
+        .unwrap();
+    assert!(o.status.success(), "{}", out(&o));
+    let with_device: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(with_device["status"]["token"], token);
+    assert_eq!(
+        with_device["status"]["clientCertificateData"],
+        device.cert_pem
+    );
+    assert_eq!(with_device["status"]["clientKeyData"], device.key_pem);
+
     // kubectl with the same cache: no new sign-in.
     let kc = gateway_kubeconfig(&e, work.path(), &[]);
     let before = e.op.stats().await;

@@ -214,3 +214,70 @@ pub fn validate(cfg: &GatewayConfig) -> Vec<(String, String)> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(sso: &str) -> GatewayConfig {
+        let yaml = format!(
+            r#"apiVersion: ztgate.dev/v1alpha1
+kind: GatewayConfig
+listener:
+  address: 127.0.0.1:0
+  servingCertificate: {{certFile: a, keyFile: b}}
+upstream:
+  url: https://127.0.0.1:6443
+  caFile: c
+authentication:
+  jwt:
+    - issuer:
+        url: https://idp.example.com
+        audiences: [ztgate-gateway, ztgate-cli]
+        audienceMatchPolicy: MatchAny
+        certificateAuthority: x
+{sso}"#
+        );
+        serde_yaml_ng::from_str(&yaml).unwrap()
+    }
+
+    fn paths(sso: &str) -> Vec<String> {
+        validate(&cfg(sso)).into_iter().map(|(p, _)| p).collect()
+    }
+
+    #[test]
+    fn a_good_section_passes() {
+        let ok = "sso:\n  issuer: https://idp.example.com\n  clientId: ztgate-gateway\n  cli: {clientId: ztgate-cli}\n";
+        assert_eq!(validate(&cfg(ok)), vec![]);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(
+            paths("sso:\n  issuer: https://other.example.com\n  clientId: ztgate-gateway\n"),
+            ["sso.issuer"]
+        );
+        assert_eq!(
+            paths("sso:\n  issuer: https://idp.example.com\n  clientId: nobody\n  cli: {clientId: ztgate-cli}\n"),
+            ["sso.clientId"]
+        );
+        assert_eq!(
+            paths("sso:\n  issuer: https://idp.example.com\n  clientId: ztgate-gateway\n  cli: {clientId: stranger}\n"),
+            ["sso.cli.clientId"]
+        );
+        assert_eq!(
+            paths("sso:\n  issuer: https://idp.example.com\n  clientId: ztgate-gateway\n  externalUrl: http://gw/x\n  scopes: [email]\n  sessionTtl: 0s\n  sessionKeyFile: /nonexistent/key\n"),
+            ["sso.externalUrl", "sso.scopes", "sso.sessionKeyFile", "sso.sessionTtl"]
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let yaml =
+            "sso:\n  issuer: https://idp.example.com\n  clientId: a\n  clientSecret: inline\n";
+        let full = format!(
+            "apiVersion: ztgate.dev/v1alpha1\nkind: GatewayConfig\nlistener: {{address: x, servingCertificate: {{certFile: a, keyFile: b}}}}\nupstream: {{url: https://x, caFile: c}}\n{yaml}"
+        );
+        assert!(serde_yaml_ng::from_str::<GatewayConfig>(&full).is_err());
+    }
+}
