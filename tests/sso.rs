@@ -865,6 +865,27 @@ async fn short_lived_tokens_are_refreshed_once_for_twenty_parallel_kubectl_calls
     assert_private(&plugin.cache_files());
     let opened = std::fs::read_to_string(work.path().join("opened-urls")).unwrap();
     assert_eq!(opened.lines().count(), 1, "one browser sign-in in all");
+
+    // A refresh token the provider no longer honours: the plugin signs in again (the provider
+    // still knows the browser, so no password).
+    let mut broken = now.clone();
+    broken["refresh_token"] = json!("revoked-by-the-provider");
+    broken["expiry"] = json!(0);
+    std::fs::write(&token_file, broken.to_string()).unwrap();
+    let again = kubectl_with(&kc, &["auth", "whoami"], &vars)
+        .spawn()
+        .unwrap();
+    b.client.goto(&plugin.opened_url(1).await).await.unwrap();
+    let o = finish(again).await;
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("signing in again"),
+        "{}",
+        out(&o)
+    );
+    let last = e.op.stats().await;
+    assert_eq!(last["authorization_code"], 2, "{last}");
+    assert_eq!(last["refresh_token"], 1, "{last}");
     b.close().await;
     e.op.stop().await;
 }
