@@ -5,6 +5,7 @@
 //! and never buffer a streaming response.
 
 pub mod forward;
+pub mod frames;
 pub mod headers;
 pub mod path;
 pub mod upgrade;
