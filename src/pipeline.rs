@@ -44,8 +44,11 @@ pub struct ConnInfo {
     /// The device read from `chain` (None: not a valid device certificate), by bundle generation.
     device: Mutex<Option<(u64, Option<crate::device::DeviceIdentity>)>>,
     /// The workload SVID verdict for `chain`, by bundle generation.
-    workload: Mutex<Option<(u64, Result<Arc<Identity>, String>)>>,
+    workload: Mutex<Option<(u64, WorkloadVerdict)>>,
 }
+
+/// A workload SVID's identity, or why the chain is not one (for the log).
+type WorkloadVerdict = Result<Arc<Identity>, String>;
 
 impl ConnInfo {
     pub fn new(peer: SocketAddr, chain: Option<Vec<CertificateDer<'static>>>) -> ConnInfo {

@@ -166,7 +166,7 @@ async fn a_watch_is_audited_when_it_starts_and_when_shutdown_closes_it() {
     );
     assert_eq!(
         watch[2]["annotations"]["ztgate.dev/stream-closed"],
-        "gateway shutting down"
+        "the gateway is shutting down; reconnect"
     );
 }
 

@@ -512,3 +512,132 @@ fn write_policy(path: &Path, text: &str) {
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
+
+/// A `kubectl exec -i ... -- cat` session that is live (an echoed line came back).
+struct Session {
+    child: tokio::process::Child,
+    _stdin: tokio::process::ChildStdin,
+    stderr: tokio::task::JoinHandle<String>,
+}
+
+async fn exec_session(kc: &Path) -> Session {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let mut child = support::kubectl_command(
+        kc,
+        &["exec", "-i", "web-0", "-n", "team-a", "--", "cat"],
+        &[],
+    )
+    .stdin(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut pipe = child.stderr.take().unwrap();
+    let stderr = tokio::spawn(async move {
+        let mut s = String::new();
+        let _ = pipe.read_to_string(&mut s).await;
+        s
+    });
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            stdin.write_all(b"ping\n").await.unwrap();
+            match tokio::time::timeout(Duration::from_millis(500), stdout.next_line()).await {
+                Ok(Ok(Some(line))) => {
+                    assert_eq!(line, "ping");
+                    return;
+                }
+                Ok(other) => panic!("kubectl exec ended before the session was live: {other:?}"),
+                Err(_) => continue,
+            }
+        }
+    })
+    .await
+    .expect("the exec session came up");
+    Session {
+        child,
+        _stdin: stdin,
+        stderr,
+    }
+}
+
+impl Session {
+    /// Waits for kubectl to exit; its stderr and when it exited.
+    async fn closed(mut self, limit: Duration) -> (std::process::ExitStatus, String, Instant) {
+        let status = tokio::time::timeout(limit, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("kubectl exec still running after {limit:?}"))
+            .unwrap();
+        let at = Instant::now();
+        (status, self.stderr.await.unwrap(), at)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_exec_is_closed_when_posture_lapses_and_when_a_report_fails_policy() {
+    let e = env("1h", POLICIES).await;
+    let laptop = e.device_ca.issue_client("laptop-1", &[]);
+    let kc = e.kubeconfig(
+        "alice",
+        &e.token("alice", Duration::from_secs(600)),
+        &laptop,
+    );
+
+    // The report lapses 4 s after it was made: the session ends then, with the reason.
+    let (code, body) = e
+        .post_report(
+            &e.report("laptop-1", Duration::from_secs(4), healthy()),
+            None,
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let session = exec_session(&kc).await;
+    let (status, stderr, _) = session.closed(Duration::from_secs(15)).await;
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("posture") && stderr.contains("ztgate device report"),
+        "kubectl shows why: {stderr}"
+    );
+
+    // A fresh report; then a report that the disk is not encrypted ends the session at once.
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let (code, body) = e
+        .post_report(
+            &e.mdm.token(
+                "laptop-1",
+                "ztgate-posture",
+                Duration::from_secs(600),
+                json!({"posture": healthy(), "iat": now}),
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let session = exec_session(&kc).await;
+    let posted = Instant::now();
+    let (code, body) = e
+        .post_report(
+            &e.mdm.token(
+                "laptop-1",
+                "ztgate-posture",
+                Duration::from_secs(600),
+                json!({"posture": {"os": "macos", "diskEncrypted": false}, "iat": now + 1}),
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let (status, stderr, at) = session.closed(Duration::from_secs(5)).await;
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("policy no longer allows"),
+        "kubectl shows why: {stderr}"
+    );
+    println!(
+        "posture report -> kubectl exec exited: {:?}",
+        at.duration_since(posted)
+    );
+    assert!(at.duration_since(posted) < Duration::from_secs(2));
+}
