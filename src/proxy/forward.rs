@@ -1,6 +1,9 @@
 //! The pooled upstream client and ordinary (non-upgrade) forwarding.
 
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -36,6 +39,62 @@ pub enum UpstreamError {
     Protocol(String),
 }
 
+/// Long-lived responses (watches, `logs -f`) at most per upstream HTTP/2 connection.
+///
+/// hyper's pool multiplexes every request to a host on one HTTP/2 connection and never opens a
+/// second one when the server's `SETTINGS_MAX_CONCURRENT_STREAMS` is reached (kube-apiserver
+/// allows 1000 by default; RFC 9113 asks servers for at least 100): past that, a new watch —
+/// and every ordinary request behind it — would wait for a stream to end, which for watches may
+/// be never. So streams ride on their own connections ("lanes") of at most this many each, and
+/// ordinary requests keep a connection of their own.
+pub const STREAMS_PER_LANE: usize = 100;
+
+type PooledClient = Client<HttpsConnector<HttpConnector>, Body>;
+
+/// One upstream connection (its own pool) for long-lived responses.
+struct Lane {
+    client: PooledClient,
+    live: AtomicUsize,
+}
+
+/// A place on a lane, held by the response body until it ends.
+pub struct LaneSlot(Arc<Lane>);
+
+impl Drop for LaneSlot {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The upstream response body; for a stream, it holds its lane place until it ends.
+    pub struct UpstreamBody {
+        #[pin]
+        inner: Incoming,
+        lane: Option<LaneSlot>,
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// kube-apiserver as the gateway reaches it.
 pub struct Upstream {
     scheme: Scheme,
@@ -43,7 +102,11 @@ pub struct Upstream {
     pub(crate) host: String,
     pub(crate) port: u16,
     pub(crate) server_name: ServerName<'static>,
-    client: Client<HttpsConnector<HttpConnector>, Body>,
+    /// Ordinary requests.
+    client: PooledClient,
+    connector: HttpsConnector<HttpConnector>,
+    /// Long-lived responses, [`STREAMS_PER_LANE`] per connection.
+    lanes: Mutex<Vec<Arc<Lane>>>,
     pub(crate) upgrade_tls: tokio_rustls::TlsConnector,
     token: Option<Arc<ArcSwap<Option<HeaderValue>>>>,
     pub(crate) connect_timeout: Duration,
@@ -89,13 +152,7 @@ impl Upstream {
             .with_server_name_resolver(FixedServerNameResolver::new(server_name.clone()))
             .enable_all_versions()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .http2_keep_alive_while_idle(true)
-            .build(connector);
+        let client = pooled_client(connector.clone());
         Ok(Upstream {
             scheme: Scheme::HTTPS,
             authority,
@@ -103,12 +160,42 @@ impl Upstream {
             port,
             server_name,
             client,
+            connector,
+            lanes: Mutex::new(Vec::new()),
             upgrade_tls: tokio_rustls::TlsConnector::from(Arc::new(s.upgrade_tls)),
             token: s.token,
             connect_timeout: s.connect_timeout,
             request_timeout: s.request_timeout,
             max_body: s.max_body,
         })
+    }
+
+    /// A place for one more long-lived response: the first lane with room, else a new lane.
+    fn lane(&self) -> LaneSlot {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        let lane = match lanes
+            .iter()
+            .find(|l| l.live.load(Ordering::Relaxed) < STREAMS_PER_LANE)
+        {
+            Some(l) => l.clone(),
+            None => {
+                let l = Arc::new(Lane {
+                    client: pooled_client(self.connector.clone()),
+                    live: AtomicUsize::new(0),
+                });
+                lanes.push(l.clone());
+                l
+            }
+        };
+        lane.live.fetch_add(1, Ordering::Relaxed);
+        LaneSlot(lane)
+    }
+
+    /// Upstream connections carrying long-lived responses, and the responses on them.
+    pub fn lane_counts(&self) -> (usize, usize) {
+        let lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        let live = lanes.iter().map(|l| l.live.load(Ordering::Relaxed)).sum();
+        (lanes.len(), live)
     }
 
     pub(crate) fn authority(&self) -> &Authority {
@@ -195,14 +282,15 @@ impl Upstream {
     }
 
     /// Forwards an authorized, non-upgrade request. `timeout` bounds the wait for response
-    /// headers (None for streams).
+    /// headers; `None` marks a long-lived response (watch, `logs -f`), which gets a place on a
+    /// stream lane (see [`STREAMS_PER_LANE`]).
     pub async fn forward<B>(
         &self,
         req: Request<B>,
         authorized: &Authorized,
         client_ip: std::net::IpAddr,
         timeout: Option<Duration>,
-    ) -> Result<Response<Incoming>, PipelineError>
+    ) -> Result<Response<UpstreamBody>, PipelineError>
     where
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -223,14 +311,16 @@ impl Upstream {
         let body = outcome.watch(self.limited_body(&parts.headers, body)?);
         parts.uri = self.uri_for(parts.uri.path_and_query());
         parts.version = http::Version::HTTP_11;
+        let lane = timeout.is_none().then(|| self.lane());
+        let client = lane.as_ref().map_or(&self.client, |l| &l.0.client);
         let attempt = async {
-            match self.client.request(Request::from_parts(parts, body)).await {
+            match client.request(Request::from_parts(parts, body)).await {
                 Err(e) if !e.is_connect() && !is_body_too_large(&e) => match retry {
                     Some(mut p) => {
                         tracing::debug!(error = %error_chain(&e), "retrying an idempotent request on a fresh connection");
                         p.uri = self.uri_for(p.uri.path_and_query());
                         p.version = http::Version::HTTP_11;
-                        self.client
+                        client
                             .request(Request::from_parts(p, crate::body::empty()))
                             .await
                     }
@@ -259,8 +349,18 @@ impl Upstream {
             }
         })?;
         headers::sanitize_response_headers(resp.headers_mut());
-        Ok(resp)
+        Ok(resp.map(|inner| UpstreamBody { inner, lane }))
     }
+}
+
+fn pooled_client(connector: HttpsConnector<HttpConnector>) -> PooledClient {
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .http2_keep_alive_while_idle(true)
+        .build(connector)
 }
 
 fn is_body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -351,5 +451,49 @@ fn classify(e: hyper_util::client::legacy::Error) -> UpstreamError {
         UpstreamError::Connect(error_chain(&e))
     } else {
         UpstreamError::Protocol(error_chain(&e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream() -> Upstream {
+        let tls = || {
+            ClientConfig::builder_with_provider(crate::crypto_provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        };
+        Upstream::new(UpstreamSettings {
+            url: "https://127.0.0.1:6443".parse().unwrap(),
+            server_name: None,
+            pooled_tls: tls(),
+            upgrade_tls: tls(),
+            token: None,
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+            max_body: 1024,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn long_lived_responses_fill_lanes_of_bounded_size_and_reuse_freed_places() {
+        let up = upstream();
+        let mut slots: Vec<LaneSlot> = (0..2 * STREAMS_PER_LANE + 1).map(|_| up.lane()).collect();
+        assert_eq!(up.lane_counts(), (3, 2 * STREAMS_PER_LANE + 1));
+        // Streams on the first lane end: new ones take their places, no fourth connection.
+        slots.drain(..10);
+        let first = slots[0].0.clone();
+        assert_eq!(up.lane_counts(), (3, 2 * STREAMS_PER_LANE - 9));
+        slots.extend((0..10).map(|_| up.lane()));
+        assert_eq!(up.lane_counts(), (3, 2 * STREAMS_PER_LANE + 1));
+        assert!(slots[slots.len() - 10..]
+            .iter()
+            .all(|s| Arc::ptr_eq(&s.0, &first)));
+        drop(slots);
+        assert_eq!(up.lane_counts(), (3, 0));
     }
 }

@@ -70,6 +70,12 @@ pub struct ApiServerOptions {
     pub rbac: Vec<RbacRule>,
     /// `None`: 127.0.0.1 on a free port.
     pub addr: Option<SocketAddr>,
+    /// Keep every request for [`ApiServer::requests`] (default). The load benchmark turns it
+    /// off ("fast mode"): the record grows without bound and costs a lock per request.
+    pub record_requests: bool,
+    /// HTTP/2 streams per connection (`None`: hyper's default, 200; kube-apiserver's
+    /// `--http2-max-streams-per-connection` defaults to 1000).
+    pub http2_max_streams: Option<u32>,
 }
 
 impl ApiServerOptions {
@@ -85,6 +91,8 @@ impl ApiServerOptions {
             tokens: HashMap::new(),
             rbac: rbac::demo_rules(),
             addr: None,
+            record_requests: true,
+            http2_max_streams: None,
         }
     }
 }
@@ -185,6 +193,8 @@ struct Shared {
     requests: Mutex<Vec<(u64, RecordedRequest)>>,
     next_request: AtomicU64,
     delay: Mutex<Duration>,
+    record_requests: bool,
+    http2_max_streams: Option<u32>,
     connections: Arc<AtomicUsize>,
     tasks: Tasks,
 }
@@ -261,6 +271,8 @@ impl ApiServer {
             requests: Mutex::new(Vec::new()),
             next_request: AtomicU64::new(0),
             delay: Mutex::new(Duration::ZERO),
+            record_requests: opts.record_requests,
+            http2_max_streams: opts.http2_max_streams,
             connections: Arc::new(AtomicUsize::new(0)),
             tasks: Tasks::new(),
         });
@@ -381,7 +393,10 @@ async fn serve_connection(
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(shared, conn, req).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TrackedExecutor(shared.clone()));
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TrackedExecutor(shared.clone()));
+    if let Some(n) = shared.http2_max_streams {
+        builder.http2().max_concurrent_streams(n);
+    }
     if let Err(e) = builder
         .serve_connection_with_upgrades(TokioIo::new(tls), svc)
         .await
@@ -403,6 +418,10 @@ async fn handle(
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let id = shared.next_request.fetch_add(1, Ordering::SeqCst);
+    if !shared.record_requests {
+        let mut ctx = Ctx::default();
+        return process(&shared, &conn, &mut req, &mut ctx).await;
+    }
     let record = RecordedRequest {
         method: req.method().to_string(),
         path: req.uri().path().to_string(),
