@@ -44,6 +44,11 @@ pub struct DevSettings {
     pub webhooks: bool,
     /// Write audit events (JSON lines) to this file.
     pub audit_file: Option<PathBuf>,
+    // --- audit: raw section (tests of the audit sinks) ---
+    /// The whole `audit` section (YAML starting at `audit:`), appended to the config as is — for
+    /// overflow modes and sinks other than one file. Cannot be combined with `audit_file`.
+    pub audit_yaml: Option<String>,
+    // --- end audit: raw section ---
     /// CA (PEM) of device certificates; devices are identified by their CN.
     pub device_ca_pem: Option<String>,
     /// SPIFFE trust domains (name, CA PEM) whose workload SVIDs authenticate as
@@ -97,6 +102,7 @@ impl Default for DevSettings {
             jwt: Vec::new(),
             webhooks: false,
             audit_file: None,
+            audit_yaml: None,
             device_ca_pem: None,
             device_posture_yaml: None,
             workloads: Vec::new(),
@@ -307,6 +313,16 @@ logging:
             ),
             None => config,
         };
+        let config = match &s.audit_yaml {
+            Some(_) if s.audit_file.is_some() => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "DevSettings: audit_file and audit_yaml both write the audit section",
+                ))
+            }
+            Some(y) => format!("{config}{}\n", y.trim_end()),
+            None => config,
+        };
         let config_path = dir.join("gateway.yaml");
         std::fs::write(&config_path, config)?;
         Ok(DevEnv {
@@ -464,6 +480,11 @@ permit (
 )
 when { resource.path like "/v1/locks*" };
 
+@id("devices-need-encrypted-disks")
+@reason("the last posture report of this device says its disk is not encrypted (or could not tell)")
+forbid (principal, action, resource is k8s::Resource)
+when { context has device && context.device has posture && !context.device.posture.diskEncrypted };
+
 @id("no-pod-deletion")
 @reason("deleting pods goes through the release pipeline, not kubectl")
 forbid (
@@ -556,8 +577,15 @@ pub async fn run(o: DemoOptions) -> Result<(), String> {
             (d.clone(), Some(d))
         }
     };
+    // Device trust: alice's laptop has a device certificate; the gateway wants a fresh posture
+    // report from any device that presents one (self-reports count for 10 minutes).
+    let device_ca = ztgate_testkit::pki::Ca::new("ztgate demo device CA");
     let settings = DevSettings {
         listen: format!("127.0.0.1:{}", o.port),
+        device_ca_pem: Some(device_ca.cert_pem()),
+        device_posture_yaml: Some(
+            "posture:\n  required: true\n  selfReports:\n    ttl: 10m\n".into(),
+        ),
         ..Default::default()
     };
     let demo = Demo::start_with_login(&dir, settings).await?;
@@ -568,6 +596,59 @@ pub async fn run(o: DemoOptions) -> Result<(), String> {
     let alice_cert = demo
         .env
         .kubeconfig_for(&demo.url, "alice-cert", &["team-a"], "team-a");
+    let laptop = device_ca.issue_client("alice-laptop", &[]);
+    let (laptop_crt, laptop_key) = laptop.write(&dir, "alice-laptop");
+    // client-go sends an exec plugin's token only with the plugin's own client certificate, so
+    // the laptop's plugin returns both: the dev issuer's token and the device certificate (as
+    // `ztgate login --device-cert/--device-key` does against a real provider).
+    let alice_laptop = dir.join("alice-laptop.kubeconfig");
+    let plugin = dir.join("alice-laptop-credential.sh");
+    let kubeconfig_text = std::fs::read_to_string(&alice).map_err(|e| e.to_string())?;
+    let curl = kubeconfig_text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("args: "))
+        .and_then(|a| serde_json::from_str::<Vec<String>>(a).ok())
+        .ok_or("demo kubeconfig has no exec args")?;
+    std::fs::write(
+        &plugin,
+        format!(
+            r#"#!/bin/sh
+# kubectl exec credential plugin of the ztgate demo: a token from the dev issuer, plus the
+# laptop's device certificate and key.
+set -e
+pem() {{ awk '{{printf "%s\\n", $0}}' "$1"; }}
+cred=$(curl {args})
+token=$(printf '%s' "$cred" | sed -n 's/.*"token":"\([^"]*\)".*/\1/p')
+exp=$(printf '%s' "$cred" | sed -n 's/.*"expirationTimestamp":"\([^"]*\)".*/\1/p')
+printf '{{"apiVersion":"client.authentication.k8s.io/v1","kind":"ExecCredential","status":{{"token":"%s","expirationTimestamp":"%s","clientCertificateData":"%s","clientKeyData":"%s"}}}}\n' \
+  "$token" "$exp" "$(pem '{crt}')" "$(pem '{key}')"
+"#,
+            args = curl
+                .iter()
+                .map(|a| format!("'{a}'"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            crt = laptop_crt.display(),
+            key = laptop_key.display(),
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let with_device = kubeconfig_text
+        .replace("command: curl", "command: sh")
+        .lines()
+        .map(|l| {
+            if l.trim().starts_with("args: ") {
+                format!("        args: [\"{}\"]", plugin.display())
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&alice_laptop, with_device + "\n").map_err(|e| e.to_string())?;
+    let ztgate = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "ztgate".into());
     let admin = demo.env.pki.user("sec-admin", &["security"]);
     let (admin_crt, admin_key) = admin.write(&dir, "sec-admin");
     let kubeconfig = match o.kubeconfig_out {
@@ -610,6 +691,14 @@ Revoke alice while her watch runs (in another terminal; the watch ends at once w
   curl -s --cacert {gw_ca} --cert {admin_crt} --key {admin_key} {url}/v1/locks          # list
   curl -s --cacert {gw_ca} --cert {admin_crt} --key {admin_key} -X DELETE {url}/v1/locks/<id>
 
+Device posture (the same login, plus alice's laptop certificate):
+  export KUBECONFIG={laptop_kc}
+  kubectl get pods -n team-a          # 401: the gateway has no posture report for alice-laptop
+  {ztgate} device report --server {url} --ca {gw_ca} \
+    --cert {laptop_crt} --key {laptop_key}
+  kubectl get pods -n team-a          # allowed if this machine's disk is encrypted, else Forbidden
+                                      # by policy "devices-need-encrypted-disks"
+
 The token comes from the kubeconfig's exec plugin (curl to the dev issuer); kubectl runs it
 again when the token expires. Press Ctrl-C to stop."#,
         apiserver = demo.apiserver.url(),
@@ -626,6 +715,9 @@ again when the token expires. Press Ctrl-C to stop."#,
         gw_ca = demo.env.gateway_ca_path.display(),
         admin_crt = admin_crt.display(),
         admin_key = admin_key.display(),
+        laptop_kc = alice_laptop.display(),
+        laptop_crt = laptop_crt.display(),
+        laptop_key = laptop_key.display(),
     );
     wait_for_stop().await;
     println!("stopping");
