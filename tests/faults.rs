@@ -149,7 +149,7 @@ async fn a_policy_reload_storm_never_opens_what_no_policy_allows() {
     let writes = storm.await.unwrap();
     eprintln!("{writes} policy writes; answers {seen:?}");
     assert!(
-        seen.get(&(PODS_A, 403)).is_some(),
+        seen.contains_key(&(PODS_A, 403)),
         "the freeze never took effect: {seen:?}"
     );
 
