@@ -577,9 +577,15 @@ impl<'a> EventParts<'a> {
         self.annotate(ANNOTATION_DECISION, decision.as_str())
     }
 
-    /// The event for `stage`, stamped now.
+    /// The event for `stage`, stamped now — except `RequestReceived`, stamped when the request
+    /// was received: the gateway builds it only once it has the answer, and kube-apiserver's
+    /// `RequestReceived` event says when the request arrived.
     pub fn build(&self, level: Level, stage: Stage) -> Event {
-        self.build_at(level, stage, SystemTime::now())
+        let at = match stage {
+            Stage::RequestReceived => self.received,
+            _ => SystemTime::now(),
+        };
+        self.build_at(level, stage, at)
     }
 
     /// The event for `stage`, stamped `at`.
@@ -824,5 +830,20 @@ mod tests {
         let t = truncate_user_agent(&ua);
         assert!(t.ends_with("...TRUNCATED"));
         assert!(t.len() <= MAX_USER_AGENT_LEN + USER_AGENT_TRUNCATED.len());
+    }
+
+    #[test]
+    fn request_received_is_stamped_when_the_request_arrived() {
+        let method = Method::GET;
+        let uri: Uri = "/api/v1/pods".parse().unwrap();
+        let received = SystemTime::now() - std::time::Duration::from_secs(5);
+        let parts = EventParts::new("id", &method, &uri, received);
+        let rr = parts.build(Level::Metadata, Stage::RequestReceived);
+        assert_eq!(rr.stage_timestamp, rr.request_received_timestamp);
+        let rc = parts.build(Level::Metadata, Stage::ResponseComplete);
+        assert!(
+            rc.stage_timestamp.0 > received,
+            "later stages are stamped when built"
+        );
     }
 }
