@@ -414,10 +414,11 @@ async fn run(
     let impersonation = ImpersonationRequest::from_headers(req.headers())?;
     if !matches!(shape, RequestShape::Unary) {
         // A stream is decided again, as this request was, whenever its trust may have changed.
-        let first = match (identity.expires_at(), trace.posture_until) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let max_age_at = gw.max_stream_age.map(|d| now + d);
+        let first = [identity.expires_at(), trace.posture_until, max_age_at]
+            .into_iter()
+            .flatten()
+            .min();
         let check = StreamCheck {
             gw: Arc::downgrade(gw),
             caller: identity.clone(),
@@ -427,6 +428,7 @@ async fn run(
             websocket: ctx.websocket,
             source_ip: ctx.source_ip,
             device: device.as_ref().map(|d| (d.id.clone(), d.bound)),
+            max_age_at,
         };
         trace.recheck = Some((Arc::new(check), first));
     }
@@ -622,6 +624,8 @@ pub(crate) struct StreamCheck {
     source_ip: std::net::IpAddr,
     /// Device id, and whether the token is bound to its certificate.
     device: Option<(String, bool)>,
+    /// When the stream reaches `timeouts.maxStreamAge`.
+    max_age_at: Option<SystemTime>,
 }
 
 impl crate::streams::Recheck for StreamCheck {
@@ -635,6 +639,14 @@ impl crate::streams::Recheck for StreamCheck {
             return Verdict::Close(CloseReason::unauthorized(
                 "credential expired; log in again",
             ));
+        }
+        if let Some(t) = self.max_age_at {
+            if now >= t {
+                return Verdict::Close(CloseReason::unauthorized(
+                    "the stream reached the gateway's maximum stream age; reconnect",
+                ));
+            }
+            until = Some(until.map_or(t, |u| u.min(t)));
         }
         let device = match &self.device {
             Some((id, bound)) => {

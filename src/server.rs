@@ -76,6 +76,8 @@ pub struct Gateway {
     pub inflight: Arc<Inflight>,
     pub inflight_limit: Arc<Semaphore>,
     pub request_timeout: Duration,
+    /// Live streams are closed this long after they opened (None: no limit).
+    pub max_stream_age: Option<Duration>,
     upstream_ready: AtomicBool,
     upstream_status: ArcSwap<String>,
     draining: AtomicBool,
@@ -405,6 +407,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
         metrics,
         inflight: Arc::new(Inflight::default()),
         inflight_limit: Arc::new(Semaphore::new(cfg.limits.max_inflight_requests as usize)),
+        max_stream_age: Some(cfg.timeouts.max_stream_age.get()).filter(|d| !d.is_zero()),
         request_timeout: cfg.timeouts.request.get(),
         upstream_ready: AtomicBool::new(false),
         upstream_status: ArcSwap::from_pointee("not probed yet".to_string()),

@@ -164,6 +164,7 @@ timeouts:
   tlsHandshake: 10s
   idleConnection: 90s
   shutdownGrace: 30s
+  maxStreamAge: 12h
 limits:
   maxHeaderBytes: 32768
   maxRequestBodyBytes: 3145728

@@ -305,3 +305,34 @@ async fn a_lock_survives_kill_9_and_a_restart() {
     assert!(body.contains("offboarded"), "{body}");
     apiserver.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_ends_when_it_reaches_the_maximum_stream_age() {
+    let h = Harness::start_with(DevSettings {
+        max_stream_age: Some("2s"),
+        ..Default::default()
+    })
+    .await;
+    let alice = h.demo.env.pki.user("alice", &["team-a"]);
+    let client = h.client(Some(&alice), false);
+    let req = Request::get(h.uri(WATCH))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let started = Instant::now();
+    let watch = client.request(req).await.unwrap();
+    assert_eq!(watch.status(), 200);
+    let text = tokio::time::timeout(Duration::from_secs(8), drain(watch.into_body()))
+        .await
+        .expect("the watch ended at its maximum age");
+    assert!(started.elapsed() >= Duration::from_millis(1500), "{text}");
+    let event: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(event["type"], "ERROR");
+    assert_eq!(event["object"]["code"], 401, "{text}");
+    assert!(
+        event["object"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("maximum stream age"),
+        "{text}"
+    );
+}

@@ -200,6 +200,10 @@ pub struct TimeoutsConfig {
     /// On SIGTERM: how long in-flight requests get before streams are closed.
     #[serde(default = "d30s")]
     pub shutdown_grace: GoDuration,
+    /// A live stream (watch, logs -f, exec, attach, port-forward) is closed this long after it
+    /// opened, with 401 so the client signs in again. `0` (the default): no limit.
+    #[serde(default)]
+    pub max_stream_age: GoDuration,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -246,6 +250,7 @@ impl Default for TimeoutsConfig {
             tls_handshake: d10s(),
             idle_connection: d90s(),
             shutdown_grace: d30s(),
+            max_stream_age: GoDuration::default(),
         }
     }
 }

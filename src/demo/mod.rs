@@ -54,6 +54,8 @@ pub struct DevSettings {
     /// SPIFFE trust domains (name, CA PEM) whose workload SVIDs authenticate as
     /// `spiffe:<SPIFFE ID>`.
     pub workloads: Vec<(String, String)>,
+    /// `timeouts.maxStreamAge`, when set.
+    pub max_stream_age: Option<&'static str>,
     /// The `authentication.devices.posture` block (YAML, starting at `posture:`), with
     /// `device_ca_pem`.
     pub device_posture_yaml: Option<String>,
@@ -105,6 +107,7 @@ impl Default for DevSettings {
             audit_yaml: None,
             device_ca_pem: None,
             device_posture_yaml: None,
+            max_stream_age: None,
             workloads: Vec::new(),
             state_dir: None,
             sso: None,
@@ -251,7 +254,7 @@ authentication:
 {jwt}{token_review}{authorization}timeouts:
   request: {timeout}
   shutdownGrace: {grace}
-limits:
+{max_age}limits:
   maxRequestBodyBytes: {body}
   maxInflightRequests: {inflight}
 logging:
@@ -262,6 +265,10 @@ logging:
             reload = s.reload_interval,
             timeout = s.request_timeout,
             grace = s.shutdown_grace,
+            max_age = s
+                .max_stream_age
+                .map(|a| format!("  maxStreamAge: {a}\n"))
+                .unwrap_or_default(),
             body = s.max_request_body_bytes,
             inflight = s.max_inflight_requests,
         );
