@@ -905,8 +905,12 @@ fn config_mistakes_are_refused() {
             "unknown field",
         ),
         (
-            "bundle: devices\ndeviceId: {from: spiffe}\nposture: x",
+            "bundle: devices\ndeviceId: {from: spiffe}\npostur: {required: true}",
             "unknown field",
+        ),
+        (
+            "bundle: devices\ndeviceId: {from: spiffe}\nposture: x",
+            "expected struct PostureConfig",
         ),
         ("deviceId: {from: spiffe}", "missing field `bundle`"),
     ] {
