@@ -8,6 +8,12 @@
 //! - `decide/sliced/N`: the engine as shipped (policies indexed by action and namespace scope).
 //! - `decide/whole/N`: the same engine with slicing off (Cedar evaluates all N policies).
 //! - `decide/sliced/0`: no policies, i.e. the fixed cost of building entities and the request.
+//! - `decide/uncached/N`: sliced, with the engine's build cache off (every request's principal,
+//!   entities and context built from scratch, as before the cache).
+//! - `decide/new-second/N`: sliced, the clock one second later on every call (the context is
+//!   rebuilt, the principal and entities come from the cache).
+//! - `decide/new-caller/N`: sliced, a different user on every call (everything is built and
+//!   inserted into the cache: the cost of a miss).
 //!
 //! Run: `cargo bench --bench cedar`
 
@@ -115,6 +121,9 @@ fn decide(c: &mut Criterion) {
         let whole = PolicyEngine::from_sources(&sources)
             .unwrap_or_else(|e| panic!("{e}"))
             .with_slicing(false);
+        let uncached = PolicyEngine::from_sources(&sources)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .with_build_cache(false);
         // the caller is in the last generated team, plus a few unrelated groups
         let teams = (n.saturating_sub(5)) / 2;
         let team = teams.saturating_sub(1);
@@ -144,9 +153,36 @@ fn decide(c: &mut Criterion) {
             let d = sliced.decide_subject(&subject, &req);
             assert!(d.allowed, "{d:?}");
             assert_eq!(d, whole.decide_subject(&subject, &req));
+            assert_eq!(d, uncached.decide_subject(&subject, &req));
         }
         g.bench_with_input(BenchmarkId::new("sliced", n), &n, |b, _| {
             b.iter(|| black_box(sliced.decide_subject(black_box(&subject), black_box(&req))))
+        });
+        g.bench_with_input(BenchmarkId::new("uncached", n), &n, |b, _| {
+            b.iter(|| black_box(uncached.decide_subject(black_box(&subject), black_box(&req))))
+        });
+        let mut second = 0u64;
+        g.bench_with_input(BenchmarkId::new("new-second", n), &n, |b, _| {
+            b.iter(|| {
+                second += 1;
+                let req = RequestFacts {
+                    now: req.now + Duration::from_secs(second),
+                    ..req
+                };
+                black_box(sliced.decide_subject(black_box(&subject), black_box(&req)))
+            })
+        });
+        let mut caller = 0u64;
+        g.bench_with_input(BenchmarkId::new("new-caller", n), &n, |b, _| {
+            b.iter(|| {
+                caller += 1;
+                let user = format!("user-{caller}@example.com");
+                let subject = Subject {
+                    user: &user,
+                    ..subject
+                };
+                black_box(sliced.decide_subject(black_box(&subject), black_box(&req)))
+            })
         });
         if n > 0 {
             g.bench_with_input(BenchmarkId::new("whole", n), &n, |b, _| {

@@ -3,10 +3,11 @@
 
 use std::collections::HashSet;
 use std::net::IpAddr;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use cedar_policy::{Context, Entity, EntityUid, RestrictedExpression};
 
+use super::cache::seconds_between;
 use super::schema::CompiledSchema;
 use super::{DeviceFacts, ImpersonationKind, ImpersonationTarget, RequestFacts, Subject};
 use crate::authz::requestinfo::RequestInfo;
@@ -51,12 +52,11 @@ impl Subject<'_> {
     }
 }
 
-/// The principal entity; returns its uid.
+/// The principal entity and its uid.
 pub(crate) fn principal(
     schema: &CompiledSchema,
     subject: &Subject<'_>,
-    out: &mut Vec<Entity>,
-) -> Result<EntityUid, String> {
+) -> Result<(EntityUid, Entity), String> {
     let types = &schema.types;
     // Groups are parents (for `principal in k8s::Group::"g"`) and members of `groups`; the
     // group entities themselves are not built: nothing but their uid is known about them.
@@ -102,8 +102,7 @@ pub(crate) fn principal(
             (uid, e)
         }
     };
-    out.push(entity);
-    Ok(uid)
+    Ok((uid, entity))
 }
 
 /// The resource entity for an API or non-resource request.
@@ -173,13 +172,6 @@ pub(crate) fn impersonation_target(
     let uid = CompiledSchema::uid(ty, &id);
     out.push(entity(uid.clone(), attrs, HashSet::new())?);
     Ok(uid)
-}
-
-fn seconds_between(later: SystemTime, earlier: SystemTime) -> u64 {
-    later
-        .duration_since(earlier)
-        .unwrap_or(Duration::ZERO)
-        .as_secs()
 }
 
 fn device_record(device: &DeviceFacts) -> Result<RestrictedExpression, String> {

@@ -10,6 +10,7 @@
 //! How requests map to principal / action / resource / context is described in
 //! `docs/policy.md` and in the schema file itself.
 
+mod cache;
 mod entities;
 mod index;
 mod load;
@@ -50,7 +51,7 @@ pub struct DeviceFacts {
 }
 
 /// A device posture record as policy sees it (`context.device.posture`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PostureFacts {
     pub os: String,
     pub os_version: String,
@@ -131,7 +132,7 @@ pub struct RequestFacts<'a> {
 }
 
 /// What a client asks to impersonate (`Impersonate-User`, `-Group`, `-Uid`, `-Extra-<key>`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum ImpersonationKind {
     User,
     Group,
@@ -139,7 +140,7 @@ pub enum ImpersonationKind {
     Extra { key: String },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ImpersonationTarget {
     pub kind: ImpersonationKind,
     pub value: String,
@@ -266,6 +267,9 @@ pub struct PolicyEngine {
     /// Check every request and its entities against the schema (unit tests).
     schema_checks: bool,
     ip_exprs: entities::IpExprCache,
+    /// Principals, entities and contexts already built (see `cache.rs`); `None` builds every
+    /// request's values from scratch.
+    built: Option<cache::BuildCache>,
 }
 
 impl std::fmt::Debug for PolicyEngine {
@@ -299,6 +303,7 @@ impl PolicyEngine {
             slicing: true,
             schema_checks: cfg!(test),
             ip_exprs: entities::IpExprCache::new(10_000),
+            built: Some(cache::BuildCache::new()),
         })
     }
 
@@ -306,6 +311,13 @@ impl PolicyEngine {
     /// policy for every request (same decisions, slower with many policies).
     pub fn with_slicing(mut self, slicing: bool) -> PolicyEngine {
         self.slicing = slicing;
+        self
+    }
+
+    /// Turns the reuse of built principals, entities and contexts (see `cache.rs`) on or off.
+    /// On by default; off builds them for every request (same decisions, slower).
+    pub fn with_build_cache(mut self, on: bool) -> PolicyEngine {
+        self.built = on.then(cache::BuildCache::new);
         self
     }
 
@@ -378,7 +390,8 @@ impl PolicyEngine {
         } else {
             ""
         };
-        self.evaluate(subject, req, req.verb, namespace, |schema, out| {
+        let key = cache::ResourceKey::request(req.info);
+        self.evaluate(subject, req, req.verb, namespace, key, |schema, out| {
             entities::resource(schema, req.info, out)
         })
     }
@@ -390,17 +403,20 @@ impl PolicyEngine {
         req: &RequestFacts<'_>,
         target: &ImpersonationTarget,
     ) -> Decision {
-        self.evaluate(subject, req, "impersonate", "", |schema, out| {
+        let key = cache::ResourceKey::Impersonation(target);
+        self.evaluate(subject, req, "impersonate", "", key, |schema, out| {
             entities::impersonation_target(schema, target, out)
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn evaluate(
         &self,
         subject: &Subject<'_>,
         req: &RequestFacts<'_>,
         verb: &str,
         namespace: &str,
+        resource_key: cache::ResourceKey<'_>,
         resource: impl FnOnce(
             &CompiledSchema,
             &mut Vec<cedar_policy::Entity>,
@@ -416,9 +432,28 @@ impl PolicyEngine {
         // What the construction cannot guarantee (that the verb applies to this kind of
         // principal and resource) is checked here, cheaply.
         let check = self.schema_checks.then_some(&schema.schema);
-        let prepared = (|| -> Result<(Request, Entities), String> {
+        // Principal, entities (with their transitive closure) and context for these inputs;
+        // `principal` is the already built principal entity, when there is one.
+        let build_entities = |principal: Option<(
+            cedar_policy::EntityUid,
+            cedar_policy::Entity,
+        )>|
+         -> Result<
+            (cedar_policy::EntityUid, cedar_policy::EntityUid, Entities),
+            String,
+        > {
             let mut list = Vec::with_capacity(3);
-            let principal = entities::principal(schema, subject, &mut list)?;
+            let principal = match principal {
+                Some((uid, entity)) => {
+                    list.push(entity);
+                    uid
+                }
+                None => {
+                    let (uid, entity) = entities::principal(schema, subject)?;
+                    list.push(entity);
+                    uid
+                }
+            };
             let resource = resource(schema, &mut list)?;
             if !action.applies_to(principal.type_name(), resource.type_name()) {
                 return Err(format!(
@@ -427,14 +462,34 @@ impl PolicyEngine {
                     resource.type_name()
                 ));
             }
-            let context = entities::context(subject, req, self.ip_exprs.get(req.source_ip))?;
             list.push(action.entity.clone());
-            let request = Request::new(principal, action.uid.clone(), resource, context, check)
-                .map_err(|e| format!("request does not match the schema: {e}"))?;
             let entities = Entities::from_entities(list, check)
                 .map_err(|e| format!("entities do not match the schema: {e}"))?;
-            Ok((request, entities))
-        })();
+            Ok((principal, resource, entities))
+        };
+        let build_context = || entities::context(subject, req, self.ip_exprs.get(req.source_ip));
+        let request = |principal: cedar_policy::EntityUid,
+                       resource: cedar_policy::EntityUid,
+                       context: cedar_policy::Context| {
+            Request::new(principal, action.uid.clone(), resource, context, check)
+                .map_err(|e| format!("request does not match the schema: {e}"))
+        };
+        let prepared = match &self.built {
+            Some(cache) => (|| -> Result<(Request, Prepared), String> {
+                let s = cache.subject(subject, || entities::principal(schema, subject))?;
+                let e = cache.entities(s.serial, verb, resource_key, || {
+                    build_entities(Some((s.uid.clone(), s.entity.clone())))
+                })?;
+                let context = cache.context(s.serial, subject, req, build_context)?;
+                let request = request(e.principal.clone(), e.resource.clone(), context)?;
+                Ok((request, Prepared::Cached(e)))
+            })(),
+            None => (|| -> Result<(Request, Prepared), String> {
+                let (principal, resource, entities) = build_entities(None)?;
+                let request = request(principal, resource, build_context()?)?;
+                Ok((request, Prepared::Built(entities)))
+            })(),
+        };
         let (request, entities) = match prepared {
             Ok(v) => v,
             Err(e) => return Decision::error(e),
@@ -447,8 +502,23 @@ impl PolicyEngine {
         combine(
             &loaded,
             sets.into_iter()
-                .map(|set| self.authorizer.is_authorized(&request, set, &entities)),
+                .map(|set| self.authorizer.is_authorized(&request, set, entities.get())),
         )
+    }
+}
+
+/// A request's entities: shared with the build cache, or built for this request only.
+enum Prepared {
+    Cached(Arc<cache::EntitiesEntry>),
+    Built(Entities),
+}
+
+impl Prepared {
+    fn get(&self) -> &Entities {
+        match self {
+            Prepared::Cached(e) => &e.entities,
+            Prepared::Built(e) => e,
+        }
     }
 }
 

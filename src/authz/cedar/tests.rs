@@ -937,3 +937,179 @@ fn reason_messages_read_like_kube_apiserver() {
         "forbidden: User \"alice\" cannot get path \"/metrics\": policy \"p\" could not be evaluated"
     );
 }
+
+// ------------------------------------------------------------------ build cache
+
+#[test]
+fn build_cache_gives_the_same_decisions_as_building_each_time() {
+    // the production path (no schema checks) with and without the cache
+    let cached = examples().with_schema_checks(false);
+    let fresh = examples().with_schema_checks(false).with_build_cache(false);
+    let mut spiffe = Caller::new("spiffe://example.org/ns/ci/sa/deployer", &[]);
+    spiffe.method = "x509";
+    let callers = [
+        Caller::new("alice", &["team-a"]).mfa(),
+        Caller::new("alice", &["team-a"]),
+        Caller::new("alice", &[]).mfa(),
+        Caller::new("vera", &["viewers"]),
+        Caller::new("olga", &["prod-operators"]),
+        Caller::new("root", &["platform-admins", "break-glass"]),
+        Caller::new("root", &["platform-admins"]),
+        spiffe,
+    ];
+    let mut infos = Vec::new();
+    for verb in ["get", "create", "delete"] {
+        for ns in ["team-a", "prod", ""] {
+            for res in ["pods", "pods/exec", "secrets"] {
+                infos.push(resource(verb, "", res, ns, "x"));
+            }
+        }
+    }
+    infos.push(non_resource("get", "/version"));
+    infos.push(non_resource("get", "/metrics"));
+    let managed = managed_device();
+    let mut stale = managed_device();
+    stale.posture_age = Some(Duration::from_millis(120_999));
+    let mut unmanaged = managed_device();
+    if let Some(p) = unmanaged.posture.as_mut() {
+        p.managed = false;
+    }
+    let devices = [None, Some(&managed), Some(&stale), Some(&unmanaged)];
+    let target = ImpersonationTarget {
+        kind: ImpersonationKind::User,
+        value: "system:serviceaccount:team-a:builder".into(),
+    };
+    let mut checked = 0;
+    // twice over: the second round is answered from the cache
+    for _ in 0..2 {
+        for caller in &callers {
+            for info in &infos {
+                for device in devices {
+                    for now in [at(MONDAY_10_UTC), at(SATURDAY_10_UTC)] {
+                        let mut req = Req::new(info);
+                        req.device = device;
+                        req.now = now;
+                        let a = decide(&cached, caller, &req);
+                        let b = decide(&fresh, caller, &req);
+                        assert_eq!(a, b, "{} {} {}", caller.user, info.verb, info.path);
+                        let (s, r) = (caller.subject(), req.facts());
+                        assert_eq!(
+                            cached.decide_subject_impersonation(&s, &r, &target),
+                            fresh.decide_subject_impersonation(&s, &r, &target),
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 1000);
+    let (subjects, entities, contexts) = cached.built.as_ref().unwrap().sizes();
+    assert_eq!(subjects, callers.len() as u64);
+    assert!(entities > 0 && contexts > 0);
+}
+
+#[test]
+fn build_cache_tells_apart_callers_and_requests_that_differ_in_one_fact() {
+    let e = engine(
+        r#"
+        permit(principal in k8s::Group::"g", action == k8s::Action::"get", resource)
+        when {
+          principal.hasTag("dept") && principal.getTag("dept").contains("sre") &&
+          context.authn.mfa &&
+          context.authn has tokenAgeSeconds && context.authn.tokenAgeSeconds < 301 &&
+          context.requestTime.epochSeconds < 1704103201 &&
+          context has device && context.device has postureAgeSeconds &&
+          context.device.postureAgeSeconds < 121 &&
+          context.device has posture && context.device.posture.managed && !context.websocket
+        };
+        "#,
+    );
+    let info = resource("get", "", "pods", "a", "");
+    let device = managed_device();
+    let mut caller = Caller::new("sam", &["g"]).mfa();
+    caller.facts.claims = BTreeMap::from([("dept".to_string(), vec!["sre".to_string()])]);
+    // 2024-01-01T10:00:00Z: token 300 s old, posture 120 s old
+    let base = || {
+        let mut r = Req::new(&info);
+        r.device = Some(&device);
+        r
+    };
+    let allowed = |caller: &Caller, req: &Req<'_>| decide(&e, caller, req).allowed;
+    for _ in 0..3 {
+        assert!(allowed(&caller, &base()));
+    }
+    // the same user, one fact different: each its own principal and context
+    let mut other = Caller::new("sam", &[]).mfa();
+    other.facts.claims = caller.facts.claims.clone();
+    assert!(!allowed(&other, &base()), "groups");
+    let mut other = Caller::new("sam", &["g"]).mfa();
+    other.facts.claims = BTreeMap::from([("dept".to_string(), vec!["ops".to_string()])]);
+    assert!(!allowed(&other, &base()), "claims");
+    let mut other = Caller::new("sam", &["g"]);
+    other.facts.claims = caller.facts.claims.clone();
+    assert!(!allowed(&other, &base()), "amr");
+    let mut other = Caller::new("sam", &["g"]).mfa();
+    other.facts.claims = caller.facts.claims.clone();
+    other.facts.issued_at = Some(at(MONDAY_10_UTC - 301));
+    assert!(!allowed(&other, &base()), "issued at");
+    // the same caller, the time, the posture age or the device one second (or one bit) later
+    let mut req = base();
+    req.now = at(MONDAY_10_UTC) + Duration::from_millis(999);
+    assert!(allowed(&caller, &req), "within the second");
+    req.now = at(MONDAY_10_UTC + 1);
+    assert!(!allowed(&caller, &req), "next second");
+    let mut older = managed_device();
+    older.posture_age = Some(Duration::from_millis(120_999));
+    let mut req = base();
+    req.device = Some(&older);
+    assert!(allowed(&caller, &req), "posture age within the second");
+    older.posture_age = Some(Duration::from_secs(121));
+    let mut req = base();
+    req.device = Some(&older);
+    assert!(!allowed(&caller, &req), "posture age");
+    let mut unmanaged = managed_device();
+    if let Some(p) = unmanaged.posture.as_mut() {
+        p.managed = false;
+    }
+    let mut req = base();
+    req.device = Some(&unmanaged);
+    assert!(!allowed(&caller, &req), "posture");
+    let mut req = base();
+    req.device = None;
+    assert!(!allowed(&caller, &req), "no device");
+    let facts = RequestFacts {
+        websocket: true,
+        ..base().facts()
+    };
+    assert!(
+        !e.decide_subject(&caller.subject(), &facts).allowed,
+        "websocket"
+    );
+    // and the first caller is still allowed
+    assert!(allowed(&caller, &base()));
+}
+
+#[test]
+fn build_cache_keeps_resources_apart() {
+    let e = engine(
+        r#"permit(principal, action == k8s::Action::"get", resource is k8s::Resource in k8s::Namespace::"a")
+           when { resource.name == "x" && resource.subresource == "" };"#,
+    );
+    let caller = Caller::new("a", &[]);
+    for _ in 0..2 {
+        for (info, allowed) in [
+            (resource("get", "", "pods", "a", "x"), true),
+            (resource("get", "", "pods", "b", "x"), false),
+            (resource("get", "", "pods", "a", "y"), false),
+            (resource("get", "", "pods/log", "a", "x"), false),
+            (resource("list", "", "pods", "a", "x"), false),
+        ] {
+            assert_eq!(
+                decide(&e, &caller, &Req::new(&info)).allowed,
+                allowed,
+                "{info:?}"
+            );
+        }
+    }
+}

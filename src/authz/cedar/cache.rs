@@ -1,0 +1,432 @@
+//! Reuse of the per-request Cedar values between requests that would build identical ones.
+//!
+//! Building the principal entity, the request's `Entities` (with Cedar's transitive-closure pass)
+//! and the `context` record is most of a decision's cost, and a client sends many requests with
+//! the same identity, device and resource. Three small caches keep what was built:
+//!
+//! - **subjects**: the principal entity, by the caller's facts (user, uid, groups, method,
+//!   issuer, claims, amr, whether there is an issue time): everything the principal and the
+//!   subject's part of the context are made of, but the token's age. Each entry gets a serial
+//!   number that stands for those facts below; tokens of one caller share it.
+//! - **entities**: the request's `Entities` (principal, resource or impersonation target,
+//!   action), by (subject serial, action, resource attributes).
+//! - **contexts**: the `context` record, by (subject serial, device facts, source address,
+//!   websocket, request verb, and the whole seconds the record contains: request time, token
+//!   age, posture age). A record is reused within one second at most.
+//!
+//! A miss costs the build plus the insertion (`decide/new-caller` in `benches/cedar.rs`).
+//!
+//! Keys are compared in full, never by hash or pointer alone: a cached value is only used for
+//! inputs equal to those it was built from, so it is exactly what building would give (the
+//! values depend on nothing else: the schema is fixed per engine and policies are not part of
+//! them). Nothing time-dependent is cached beyond the second it describes, and no credential is
+//! kept (token ids and certificate thumbprints are not part of any key). Only successful builds
+//! are cached.
+
+use std::collections::hash_map::RandomState;
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, Hash};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use cedar_policy::{Context, Entities, Entity, EntityUid};
+
+use super::{DeviceFacts, ImpersonationTarget, PostureFacts, RequestFacts, Subject};
+use crate::authz::requestinfo::RequestInfo;
+
+/// The caller's facts as the principal entity and the context's `authn` record use them.
+#[derive(Hash, PartialEq, Eq)]
+struct SubjectKey<'a> {
+    user: &'a str,
+    uid: Option<&'a str>,
+    groups: &'a [String],
+    method: &'a str,
+    issuer: Option<&'a str>,
+    claims: &'a BTreeMap<String, Vec<String>>,
+    amr: &'a [String],
+    /// Whether there is an issue time (its value only matters as the token's age, a part of
+    /// the context key).
+    issued: bool,
+}
+
+impl<'a> SubjectKey<'a> {
+    fn of(s: &Subject<'a>) -> SubjectKey<'a> {
+        SubjectKey {
+            user: s.user,
+            uid: s.uid,
+            groups: s.groups,
+            method: s.method,
+            issuer: s.facts.issuer.as_deref(),
+            claims: &s.facts.claims,
+            amr: &s.facts.amr,
+            issued: s.facts.issued_at.is_some(),
+        }
+    }
+}
+
+struct SubjectOwned {
+    user: String,
+    uid: Option<String>,
+    groups: Vec<String>,
+    method: String,
+    issuer: Option<String>,
+    claims: BTreeMap<String, Vec<String>>,
+    amr: Vec<String>,
+    issued: bool,
+}
+
+impl SubjectOwned {
+    fn of(k: &SubjectKey<'_>) -> SubjectOwned {
+        SubjectOwned {
+            user: k.user.to_owned(),
+            uid: k.uid.map(str::to_owned),
+            groups: k.groups.to_vec(),
+            method: k.method.to_owned(),
+            issuer: k.issuer.map(str::to_owned),
+            claims: k.claims.clone(),
+            amr: k.amr.to_vec(),
+            issued: k.issued,
+        }
+    }
+    fn view(&self) -> SubjectKey<'_> {
+        SubjectKey {
+            user: &self.user,
+            uid: self.uid.as_deref(),
+            groups: &self.groups,
+            method: &self.method,
+            issuer: self.issuer.as_deref(),
+            claims: &self.claims,
+            amr: &self.amr,
+            issued: self.issued,
+        }
+    }
+}
+
+/// A cached principal; `serial` names its subject's facts in the other caches' keys.
+pub(crate) struct SubjectEntry {
+    key: SubjectOwned,
+    pub serial: u64,
+    pub uid: EntityUid,
+    pub entity: Entity,
+}
+
+/// What the resource entity of a request is made of.
+#[derive(Hash, PartialEq, Eq, Clone, Copy)]
+pub(crate) enum ResourceKey<'a> {
+    Api {
+        path: &'a str,
+        api_group: &'a str,
+        api_version: &'a str,
+        resource: &'a str,
+        subresource: &'a str,
+        namespace: &'a str,
+        name: &'a str,
+    },
+    NonResource {
+        path: &'a str,
+    },
+    Impersonation(&'a ImpersonationTarget),
+}
+
+impl<'a> ResourceKey<'a> {
+    pub fn request(info: &'a RequestInfo) -> ResourceKey<'a> {
+        if info.is_resource_request {
+            ResourceKey::Api {
+                path: &info.path,
+                api_group: &info.api_group,
+                api_version: &info.api_version,
+                resource: &info.resource,
+                subresource: &info.subresource,
+                namespace: &info.namespace,
+                name: &info.name,
+            }
+        } else {
+            ResourceKey::NonResource { path: &info.path }
+        }
+    }
+}
+
+enum ResourceOwned {
+    Api([String; 7]),
+    NonResource(String),
+    Impersonation(ImpersonationTarget),
+}
+
+impl ResourceOwned {
+    fn of(k: &ResourceKey<'_>) -> ResourceOwned {
+        match *k {
+            ResourceKey::Api {
+                path,
+                api_group,
+                api_version,
+                resource,
+                subresource,
+                namespace,
+                name,
+            } => ResourceOwned::Api(
+                [
+                    path,
+                    api_group,
+                    api_version,
+                    resource,
+                    subresource,
+                    namespace,
+                    name,
+                ]
+                .map(str::to_owned),
+            ),
+            ResourceKey::NonResource { path } => ResourceOwned::NonResource(path.to_owned()),
+            ResourceKey::Impersonation(t) => ResourceOwned::Impersonation(t.clone()),
+        }
+    }
+    fn view(&self) -> ResourceKey<'_> {
+        match self {
+            ResourceOwned::Api(
+                [path, api_group, api_version, resource, subresource, namespace, name],
+            ) => ResourceKey::Api {
+                path,
+                api_group,
+                api_version,
+                resource,
+                subresource,
+                namespace,
+                name,
+            },
+            ResourceOwned::NonResource(path) => ResourceKey::NonResource { path },
+            ResourceOwned::Impersonation(t) => ResourceKey::Impersonation(t),
+        }
+    }
+}
+
+#[derive(Hash, PartialEq, Eq)]
+struct EntitiesKey<'a> {
+    subject: u64,
+    action: &'a str,
+    resource: ResourceKey<'a>,
+}
+
+/// A request's entities and the uids the request names.
+pub(crate) struct EntitiesEntry {
+    subject: u64,
+    action: String,
+    resource_key: ResourceOwned,
+    pub principal: EntityUid,
+    pub resource: EntityUid,
+    pub entities: Entities,
+}
+
+/// What a device contributes to the context, with its posture age in whole seconds.
+#[derive(Hash, PartialEq, Eq)]
+struct DeviceKey<'a> {
+    id: &'a str,
+    bound: bool,
+    posture: Option<&'a PostureFacts>,
+    posture_age: Option<u64>,
+}
+
+impl<'a> DeviceKey<'a> {
+    fn of(d: &'a DeviceFacts) -> DeviceKey<'a> {
+        DeviceKey {
+            id: &d.id,
+            bound: d.bound,
+            posture: d.posture.as_ref(),
+            posture_age: d.posture_age.map(|a| a.as_secs()),
+        }
+    }
+}
+
+#[derive(Hash, PartialEq, Eq)]
+struct ContextKey<'a> {
+    subject: u64,
+    device: Option<DeviceKey<'a>>,
+    source_ip: IpAddr,
+    websocket: bool,
+    verb: &'a str,
+    epoch: u64,
+    token_age: Option<u64>,
+}
+
+struct ContextEntry {
+    subject: u64,
+    device: Option<DeviceFacts>,
+    source_ip: IpAddr,
+    websocket: bool,
+    verb: String,
+    epoch: u64,
+    token_age: Option<u64>,
+    context: Context,
+}
+
+impl ContextEntry {
+    fn view(&self) -> ContextKey<'_> {
+        ContextKey {
+            subject: self.subject,
+            device: self.device.as_ref().map(DeviceKey::of),
+            source_ip: self.source_ip,
+            websocket: self.websocket,
+            verb: &self.verb,
+            epoch: self.epoch,
+            token_age: self.token_age,
+        }
+    }
+}
+
+/// Whole seconds from `earlier` to `later` (0 when `later` is earlier), as the context uses.
+pub(crate) fn seconds_between(later: SystemTime, earlier: SystemTime) -> u64 {
+    later
+        .duration_since(earlier)
+        .unwrap_or(Duration::ZERO)
+        .as_secs()
+}
+
+/// The three caches of one engine.
+pub(crate) struct BuildCache {
+    hasher: RandomState,
+    serials: AtomicU64,
+    subjects: moka::sync::Cache<u64, Arc<SubjectEntry>>,
+    entities: moka::sync::Cache<u64, Arc<EntitiesEntry>>,
+    contexts: moka::sync::Cache<u64, Arc<ContextEntry>>,
+}
+
+impl BuildCache {
+    pub fn new() -> BuildCache {
+        BuildCache {
+            hasher: RandomState::new(),
+            serials: AtomicU64::new(0),
+            subjects: moka::sync::Cache::builder()
+                .max_capacity(4_096)
+                .time_to_idle(Duration::from_secs(300))
+                .build(),
+            entities: moka::sync::Cache::builder()
+                .max_capacity(4_096)
+                .time_to_idle(Duration::from_secs(300))
+                .build(),
+            contexts: moka::sync::Cache::builder()
+                .max_capacity(4_096)
+                .time_to_live(Duration::from_secs(2))
+                .build(),
+        }
+    }
+
+    /// The principal for `subject`: cached, or made by `build` (and cached when it succeeds).
+    pub fn subject(
+        &self,
+        subject: &Subject<'_>,
+        build: impl FnOnce() -> Result<(EntityUid, Entity), String>,
+    ) -> Result<Arc<SubjectEntry>, String> {
+        let key = SubjectKey::of(subject);
+        let hash = self.hasher.hash_one(&key);
+        if let Some(e) = self.subjects.get(&hash) {
+            if e.key.view() == key {
+                return Ok(e);
+            }
+        }
+        let (uid, entity) = build()?;
+        let entry = Arc::new(SubjectEntry {
+            key: SubjectOwned::of(&key),
+            serial: self.serials.fetch_add(1, Ordering::Relaxed),
+            uid,
+            entity,
+        });
+        self.subjects.insert(hash, entry.clone());
+        Ok(entry)
+    }
+
+    /// The entities for `subject` (a serial from [`BuildCache::subject`]) doing `action` on
+    /// `resource`: cached, or made by `build`.
+    pub fn entities(
+        &self,
+        subject: u64,
+        action: &str,
+        resource: ResourceKey<'_>,
+        build: impl FnOnce() -> Result<(EntityUid, EntityUid, Entities), String>,
+    ) -> Result<Arc<EntitiesEntry>, String> {
+        let key = EntitiesKey {
+            subject,
+            action,
+            resource,
+        };
+        let hash = self.hasher.hash_one(&key);
+        if let Some(e) = self.entities.get(&hash) {
+            let cached = EntitiesKey {
+                subject: e.subject,
+                action: &e.action,
+                resource: e.resource_key.view(),
+            };
+            if cached == key {
+                return Ok(e);
+            }
+        }
+        let (principal, resource_uid, entities) = build()?;
+        let entry = Arc::new(EntitiesEntry {
+            subject,
+            action: action.to_owned(),
+            resource_key: ResourceOwned::of(&resource),
+            principal,
+            resource: resource_uid,
+            entities,
+        });
+        self.entities.insert(hash, entry.clone());
+        Ok(entry)
+    }
+
+    /// The context for `subject` (a serial) making `req`: cached, or made by `build`.
+    pub fn context(
+        &self,
+        subject: u64,
+        facts: &Subject<'_>,
+        req: &RequestFacts<'_>,
+        build: impl FnOnce() -> Result<Context, String>,
+    ) -> Result<Context, String> {
+        let key = ContextKey {
+            subject,
+            device: req.device.map(DeviceKey::of),
+            source_ip: req.source_ip,
+            websocket: req.websocket,
+            verb: &req.info.verb,
+            epoch: seconds_between(req.now, SystemTime::UNIX_EPOCH),
+            token_age: facts
+                .facts
+                .issued_at
+                .map(|iat| seconds_between(req.now, iat)),
+        };
+        let hash = self.hasher.hash_one(&key);
+        if let Some(e) = self.contexts.get(&hash) {
+            if e.view() == key {
+                return Ok(e.context.clone());
+            }
+        }
+        let context = build()?;
+        let entry = Arc::new(ContextEntry {
+            subject,
+            device: req.device.cloned(),
+            source_ip: req.source_ip,
+            websocket: req.websocket,
+            verb: req.info.verb.clone(),
+            epoch: key.epoch,
+            token_age: key.token_age,
+            context: context.clone(),
+        });
+        self.contexts.insert(hash, entry);
+        Ok(context)
+    }
+
+    #[cfg(test)]
+    pub fn run_pending_tasks(&self) {
+        self.subjects.run_pending_tasks();
+        self.entities.run_pending_tasks();
+        self.contexts.run_pending_tasks();
+    }
+
+    #[cfg(test)]
+    pub fn sizes(&self) -> (u64, u64, u64) {
+        self.run_pending_tasks();
+        (
+            self.subjects.entry_count(),
+            self.entities.entry_count(),
+            self.contexts.entry_count(),
+        )
+    }
+}
