@@ -324,8 +324,20 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
     };
 
     let store: crate::state::SharedStore = match &cfg.state {
-        Some(st) => {
-            let dir = st.directory.clone();
+        // --- state.etcd (issue 10) ---
+        Some(crate::config::StateConfig {
+            etcd: Some(etcd), ..
+        }) => Arc::new(
+            crate::state::EtcdStore::connect(etcd)
+                .await
+                .map_err(|e| StartError::Config(format!("state.etcd: {e}")))?,
+        ),
+        // --- end state.etcd ---
+        Some(crate::config::StateConfig {
+            directory: Some(dir),
+            ..
+        }) => {
+            let dir = dir.clone();
             let fs = tokio::task::spawn_blocking(move || {
                 crate::state::FileStore::open(&dir, crate::state::FileStoreOptions::default())
             })
@@ -334,7 +346,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
             .map_err(|e| StartError::Config(format!("state.directory: {e}")))?;
             Arc::new(fs)
         }
-        None => {
+        _ => {
             tracing::warn!("no state.directory configured: locks and posture are kept in memory and lost on restart");
             Arc::new(crate::state::MemoryStore::new())
         }

@@ -116,6 +116,13 @@ authentication:
         failClosed: true
 state:
   directory: state
+  etcd:
+    endpoints: [https://etcd-0.etcd:2379]
+    keyPrefix: /ztgate
+    caFile: etcd-ca.crt
+    certFile: etcd-client.crt
+    keyFile: etcd-client.key
+    dialTimeout: 5s
 authorization:
   policies: [policies]
   reloadInterval: 2s

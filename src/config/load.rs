@@ -152,7 +152,12 @@ pub fn resolve_paths(cfg: &mut GatewayConfig, base_dir: &Path) {
         s.resolve_paths(base_dir);
     }
     if let Some(st) = &mut cfg.state {
-        fix(&mut st.directory);
+        if let Some(d) = &mut st.directory {
+            fix(d);
+        }
+        if let Some(e) = &mut st.etcd {
+            e.resolve_paths(base_dir);
+        }
     }
     if let Some(a) = &mut cfg.audit {
         if let Some(p) = &mut a.policy_file {

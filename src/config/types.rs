@@ -129,12 +129,17 @@ pub struct AuthenticationConfig {
     pub workloads: Vec<crate::device::WorkloadMapping>,
 }
 
-/// The embedded, crash-safe store on local disk.
+/// Where locks and posture are kept: exactly one of `directory` (the embedded, crash-safe
+/// store on local disk, one replica) and `etcd` (shared by several replicas).
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct StateConfig {
     /// A directory only this gateway process uses (a lock file refuses a second one).
-    pub directory: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory: Option<PathBuf>,
+    /// etcd, shared by every replica (see `docs/state.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<crate::state::EtcdConfig>,
 }
 
 /// Cedar ABAC policy: default deny, `forbid` wins, evaluation errors deny.

@@ -40,6 +40,20 @@ pub fn validate(cfg: &GatewayConfig) -> Vec<Issue> {
     for (path, msg) in crate::sso::config::validate(cfg) {
         v.err(path, msg);
     }
+    // --- state (etcd store) ---
+    if let Some(st) = &cfg.state {
+        match (&st.directory, &st.etcd) {
+            (Some(_), Some(_)) => v.err("state", "set either directory or etcd, not both"),
+            (None, None) => v.err("state", "set directory or etcd"),
+            (_, Some(e)) => {
+                for (path, msg) in e.validate() {
+                    v.err(format!("state.etcd.{path}"), msg);
+                }
+            }
+            (Some(_), None) => {}
+        }
+    }
+    // --- end state ---
     v.timeouts(cfg);
     v.limits(cfg);
     v.logging(cfg);

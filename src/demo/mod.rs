@@ -61,6 +61,10 @@ pub struct DevSettings {
     pub device_posture_yaml: Option<String>,
     /// Keep locks and posture in this directory (else in memory).
     pub state_dir: Option<PathBuf>,
+    // --- state.etcd (tests/etcd.rs) ---
+    /// The `state.etcd` block (YAML, starting at `etcd:`, not indented); instead of `state_dir`.
+    pub state_etcd_yaml: Option<String>,
+    // --- end state.etcd ---
     /// The web login (`sso`), with its own `authentication.jwt` entry for the provider.
     pub sso: Option<DevSso>,
 }
@@ -110,6 +114,7 @@ impl Default for DevSettings {
             max_stream_age: None,
             workloads: Vec::new(),
             state_dir: None,
+            state_etcd_yaml: None,
             sso: None,
         }
     }
@@ -309,9 +314,15 @@ logging:
             config = config.replace("authentication:\n", &mappings);
         }
         let config = format!("{config}{sso}");
-        let config = match &s.state_dir {
-            Some(d) => format!("{config}state:\n  directory: \"{}\"\n", d.display()),
-            None => config,
+        let config = match (&s.state_dir, &s.state_etcd_yaml) {
+            (Some(d), _) => format!("{config}state:\n  directory: \"{}\"\n", d.display()),
+            // --- state.etcd ---
+            (None, Some(etcd)) => {
+                let block: String = etcd.lines().map(|l| format!("  {l}\n")).collect();
+                format!("{config}state:\n{block}")
+            }
+            // --- end state.etcd ---
+            (None, None) => config,
         };
         let config = match &s.audit_file {
             Some(p) => format!(

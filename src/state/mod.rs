@@ -17,10 +17,12 @@ use std::sync::Arc;
 
 use tokio::sync::broadcast;
 
+mod etcd;
 mod file;
 pub(crate) mod model;
 mod store;
 
+pub use etcd::{EtcdConfig, EtcdStore};
 pub use file::{FileStore, FileStoreOptions};
 pub use model::{new_id, Lock, LockTarget, Posture, PostureRecord, State, MAX_MESSAGE_BYTES};
 pub use store::{LockSubject, MemoryStore, View};
@@ -93,6 +95,10 @@ pub enum StoreError {
     /// The blocking task doing the write panicked or was cancelled at shutdown.
     #[error("state store task failed: {0}")]
     Task(String),
+    /// The shared store (etcd) did not answer or refused the request. Whether a write that
+    /// failed this way was committed is unknown until the watch shows it.
+    #[error("shared state store unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// Where locks and posture records are kept.

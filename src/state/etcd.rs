@@ -1,0 +1,932 @@
+//! The store on etcd, for several gateway replicas sharing locks and posture.
+//!
+//! Speaks etcd's v3 JSON gateway (`/v3/kv/range`, `/v3/kv/txn`, `/v3/lease/grant`,
+//! `/v3/watch`) over HTTP/1.1 with the project's rustls client: no gRPC stack and no second
+//! TLS stack. Keys and values are base64 in that API; numbers (revisions, ids) are strings.
+//!
+//! Layout under the configured prefix `P` (default `/ztgate`):
+//!
+//! - `P/locks/<lock id, escaped>`: a [`Lock`] as JSON;
+//! - `P/posture/<device id, escaped>`: a [`PostureRecord`] as JSON.
+//!
+//! Escaping is percent-encoding of every byte but ASCII letters, digits and `-._~`, so a `/` in
+//! an id can never reach another key.
+//!
+//! Every write is one etcd transaction. A record with an expiry is put with an etcd lease of its
+//! remaining lifetime (+1 s), so etcd deletes it when it lapses and every replica sees the
+//! delete on its watch; reads ignore an expired record before that anyway (see [`View`]).
+//!
+//! Each replica keeps a local [`View`]: loaded by a range at revision R when the store is
+//! opened, then fed by a watch on the prefix from R+1. The watch task remembers the revision of
+//! the last event it applied; when a connection ends (member killed, network) it reconnects to
+//! the next endpoint and resumes from there, so no event is missed. When etcd answers that the
+//! revision was compacted away, the task ranges again and applies the difference to the view as
+//! ordinary changes (so subscribers such as the stream re-verifier learn about them), then
+//! watches from the new revision. A write returns once the local view has applied it (or after
+//! the request timeout, with a warning: it is committed in etcd either way).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use bytes::{Buf, Bytes, BytesMut};
+use http::{Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{json, Value};
+
+use super::store::Op;
+use super::{BoxFuture, Lock, PostureRecord, Revision, State, Store, StoreError, View};
+use crate::config::GoDuration;
+
+/// Bytes escaped in a key segment: everything but ASCII letters, digits and `-._~`.
+const KEY_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Keys fetched per range request when loading.
+const RANGE_PAGE: u64 = 1000;
+
+/// `state.etcd`: where the shared store lives.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EtcdConfig {
+    /// Client URLs of the etcd members, `https://host:2379` (or `http://` for loopback tests).
+    pub endpoints: Vec<String>,
+    /// Every key the gateway writes starts with this (`/ztgate`): starts with `/`, no trailing `/`.
+    #[serde(default = "default_prefix")]
+    pub key_prefix: String,
+    /// CA bundle etcd's serving certificates chain to; required for `https` endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate for etcd's `--client-cert-auth` (with `keyFile`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// TCP (and TLS) connect timeout per endpoint; a request gives up after three times this.
+    #[serde(default = "default_dial_timeout")]
+    pub dial_timeout: GoDuration,
+}
+
+fn default_prefix() -> String {
+    "/ztgate".into()
+}
+
+fn default_dial_timeout() -> GoDuration {
+    GoDuration(Duration::from_secs(5))
+}
+
+impl EtcdConfig {
+    /// Makes relative file paths relative to `base`.
+    pub fn resolve_paths(&mut self, base: &std::path::Path) {
+        for p in [&mut self.ca_file, &mut self.cert_file, &mut self.key_file]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
+    /// Semantic problems, as (field path below `state.etcd`, message).
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut err = |p: &str, m: String| out.push((p.to_owned(), m));
+        if self.endpoints.is_empty() {
+            err("endpoints", "at least one endpoint is required".into());
+        }
+        let mut https = false;
+        for (i, e) in self.endpoints.iter().enumerate() {
+            match parse_endpoint(e) {
+                Ok(u) => https |= u.scheme_str() == Some("https"),
+                Err(m) => err(&format!("endpoints[{i}]"), m),
+            }
+        }
+        if let Err(m) = check_prefix(&self.key_prefix) {
+            err("keyPrefix", m);
+        }
+        if https && self.ca_file.is_none() {
+            err(
+                "caFile",
+                "required with https endpoints (the CA etcd's serving certificates chain to)"
+                    .into(),
+            );
+        }
+        if let Some(ca) = &self.ca_file {
+            match std::fs::read(ca) {
+                Ok(pem) => {
+                    if let Err(m) = crate::tls::client::roots_from_pem(&pem) {
+                        err("caFile", format!("{}: {m}", ca.display()));
+                    }
+                }
+                Err(e) => err("caFile", format!("{}: {e}", ca.display())),
+            }
+        }
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) => err("keyFile", "required with certFile".into()),
+            (None, Some(_)) => err("certFile", "required with keyFile".into()),
+            (Some(c), Some(k)) => {
+                if !https {
+                    err(
+                        "certFile",
+                        "a client certificate needs https endpoints".into(),
+                    );
+                }
+                if let Err(e) = load_client_cert(c, k) {
+                    err("certFile", e);
+                }
+            }
+            (None, None) => {}
+        }
+        if self.dial_timeout.get().is_zero() {
+            err("dialTimeout", "must be > 0".into());
+        }
+        out
+    }
+}
+
+fn parse_endpoint(e: &str) -> Result<Uri, String> {
+    let u: Uri = e.parse().map_err(|x| format!("{e:?} is not a URL: {x}"))?;
+    match u.scheme_str() {
+        Some("https" | "http") => {}
+        _ => return Err(format!("{e:?}: the scheme must be https (or http)")),
+    }
+    if u.host().is_none_or(str::is_empty) {
+        return Err(format!("{e:?} has no host"));
+    }
+    if !matches!(u.path(), "" | "/") || u.query().is_some() {
+        return Err(format!("{e:?}: only scheme, host and port are allowed"));
+    }
+    Ok(u)
+}
+
+fn check_prefix(p: &str) -> Result<(), String> {
+    if !p.starts_with('/') {
+        return Err(format!("{p:?} must start with /"));
+    }
+    if p.len() > 1 && p.ends_with('/') {
+        return Err(format!("{p:?} must not end with /"));
+    }
+    if p.chars().any(char::is_control) {
+        return Err("must not contain control characters".into());
+    }
+    Ok(())
+}
+
+fn load_client_cert(
+    c: &std::path::Path,
+    k: &std::path::Path,
+) -> Result<
+    (
+        Vec<rustls_pki_types::CertificateDer<'static>>,
+        rustls_pki_types::PrivateKeyDer<'static>,
+    ),
+    String,
+> {
+    let cert_pem = crate::tls::pem::read(c).map_err(|e| e.to_string())?;
+    let key_pem = crate::tls::pem::read(k).map_err(|e| e.to_string())?;
+    let chain = crate::tls::pem::certs_from_pem(c, &cert_pem).map_err(|e| e.to_string())?;
+    let key = crate::tls::pem::key_from_pem(k, &key_pem).map_err(|e| e.to_string())?;
+    Ok((chain, key))
+}
+
+type EtcdClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Locks and posture records in etcd, with a local [`View`] kept current by a watch.
+pub struct EtcdStore {
+    inner: Arc<Inner>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.inner.endpoints)
+            .field("prefix", &self.inner.prefix)
+            .field("view", &self.inner.view)
+            .finish()
+    }
+}
+
+struct Inner {
+    view: View,
+    client: EtcdClient,
+    endpoints: Vec<String>,
+    /// The endpoint tried first (the last one that answered).
+    current: AtomicUsize,
+    prefix: String,
+    request_timeout: Duration,
+    /// The etcd revision the view reflects (every event up to it applied).
+    applied: tokio::sync::watch::Sender<Revision>,
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
+
+fn unavailable(m: impl Into<String>) -> StoreError {
+    StoreError::Unavailable(m.into())
+}
+
+impl EtcdStore {
+    /// Connects, loads everything under the prefix and starts watching. Fails when no endpoint
+    /// answers.
+    pub async fn connect(cfg: &EtcdConfig) -> Result<EtcdStore, StoreError> {
+        let problems = cfg.validate();
+        if let Some((p, m)) = problems.into_iter().next() {
+            return Err(StoreError::Invalid(format!("{p}: {m}")));
+        }
+        let roots = match &cfg.ca_file {
+            Some(ca) => {
+                let pem = std::fs::read(ca).map_err(|e| StoreError::Io {
+                    path: ca.display().to_string(),
+                    source: e,
+                })?;
+                crate::tls::client::roots_from_pem(&pem).map_err(StoreError::Invalid)?
+            }
+            None => rustls::RootCertStore::empty(),
+        };
+        let builder = crate::tls::client::config_builder(roots).map_err(StoreError::Invalid)?;
+        let tls = match (&cfg.cert_file, &cfg.key_file) {
+            (Some(c), Some(k)) => {
+                let (chain, key) = load_client_cert(c, k).map_err(StoreError::Invalid)?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| StoreError::Invalid(format!("certFile: {e}")))?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(cfg.dial_timeout.get()));
+        http.set_nodelay(true);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        let inner = Arc::new(Inner {
+            view: View::default(),
+            client,
+            endpoints: cfg
+                .endpoints
+                .iter()
+                .map(|e| e.trim_end_matches('/').to_owned())
+                .collect(),
+            current: AtomicUsize::new(0),
+            prefix: cfg.key_prefix.trim_end_matches('/').to_owned(),
+            request_timeout: cfg.dial_timeout.get() * 3,
+            applied: tokio::sync::watch::channel(0).0,
+        });
+        let (rev, state) = inner.range_all().await?;
+        inner.view.load(rev, state);
+        inner.applied.send_replace(rev);
+        let watcher = tokio::spawn(Arc::clone(&inner).watch_forever(rev));
+        Ok(EtcdStore { inner, watcher })
+    }
+
+    /// The etcd revision this replica's view has caught up with (every event under the prefix
+    /// up to it applied). Unlike [`Store::revision`], it also moves on a resync that changed
+    /// nothing.
+    pub fn applied_revision(&self) -> Revision {
+        *self.inner.applied.borrow()
+    }
+}
+
+impl Inner {
+    fn lock_key(&self, id: &str) -> String {
+        format!(
+            "{}/locks/{}",
+            self.prefix,
+            utf8_percent_encode(id, KEY_SEGMENT)
+        )
+    }
+
+    fn posture_key(&self, device: &str) -> String {
+        format!(
+            "{}/posture/{}",
+            self.prefix,
+            utf8_percent_encode(device, KEY_SEGMENT)
+        )
+    }
+
+    /// One JSON request, tried on each endpoint in turn (starting with the last that answered)
+    /// while the failure is the endpoint's (unreachable, timeout, 5xx).
+    async fn call(&self, path: &str, body: Value) -> Result<Value, StoreError> {
+        let body = Bytes::from(body.to_string());
+        let n = self.endpoints.len();
+        let first = self.current.load(Ordering::Relaxed);
+        let mut last_err = String::new();
+        for i in 0..n {
+            let idx = (first + i) % n;
+            let ep = &self.endpoints[idx];
+            let req = Request::post(format!("{ep}{path}"))
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(body.clone()))
+                .map_err(|e| unavailable(format!("{ep}{path}: {e}")))?;
+            let fut = async {
+                let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+                let status = resp.status();
+                let bytes = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .to_bytes();
+                Ok::<_, String>((status, bytes))
+            };
+            match tokio::time::timeout(self.request_timeout, fut).await {
+                Err(_) => last_err = format!("{ep}: no answer within {:?}", self.request_timeout),
+                Ok(Err(e)) => last_err = format!("{ep}: {e}"),
+                Ok(Ok((status, bytes))) => {
+                    let v: Value = serde_json::from_slice(&bytes).unwrap_or_else(
+                        |_| json!({"message": String::from_utf8_lossy(&bytes).into_owned()}),
+                    );
+                    if status == StatusCode::OK {
+                        self.current.store(idx, Ordering::Relaxed);
+                        return Ok(v);
+                    }
+                    let msg = v
+                        .get("message")
+                        .or_else(|| v.get("error"))
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_owned();
+                    last_err = format!("{ep}: HTTP {status}: {msg}");
+                    if !(status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS) {
+                        return Err(unavailable(format!("etcd refused {path}: {last_err}")));
+                    }
+                }
+            }
+        }
+        Err(unavailable(format!(
+            "no etcd endpoint answered {path}: {last_err}"
+        )))
+    }
+
+    /// Everything under the prefix, at one revision (paged).
+    async fn range_all(&self) -> Result<(Revision, State), StoreError> {
+        let start = format!("{}/", self.prefix);
+        let end = prefix_end(start.as_bytes());
+        let mut key = start.into_bytes();
+        let mut at: Option<Revision> = None;
+        let mut state = State::default();
+        loop {
+            let mut req = json!({
+                "key": B64.encode(&key),
+                "range_end": B64.encode(&end),
+                "limit": RANGE_PAGE.to_string(),
+            });
+            if let Some(r) = at {
+                req["revision"] = json!(r.to_string());
+            }
+            let resp: RangeResponse = decode(self.call("/v3/kv/range", req).await?)?;
+            let rev = *at.get_or_insert(resp.header.revision);
+            for kv in &resp.kvs {
+                match self.decode_kv(kv) {
+                    Ok(Some(Op::PutLock { lock })) => {
+                        state.locks.insert(lock.id.clone(), lock);
+                    }
+                    Ok(Some(Op::PutPosture { record })) => {
+                        state.posture.insert(record.device_id.clone(), record);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "skipping an unreadable etcd record"),
+                }
+            }
+            match (resp.more, resp.kvs.last()) {
+                (true, Some(last)) => {
+                    key = B64
+                        .decode(&last.key)
+                        .map_err(|e| unavailable(format!("etcd key not base64: {e}")))?;
+                    key.push(0);
+                }
+                _ => return Ok((rev, state)),
+            }
+        }
+    }
+
+    /// What a key-value under the prefix means. `Ok(None)` for keys this version does not use.
+    fn decode_kv(&self, kv: &KeyValue) -> Result<Option<Op>, String> {
+        let key = B64.decode(&kv.key).map_err(|e| e.to_string())?;
+        let key = String::from_utf8(key).map_err(|e| e.to_string())?;
+        let Some(rest) = key.strip_prefix(&format!("{}/", self.prefix)) else {
+            return Ok(None);
+        };
+        let value = B64.decode(&kv.value).map_err(|e| format!("{key}: {e}"))?;
+        let (kind, name) = rest.split_once('/').unwrap_or((rest, ""));
+        let name = percent_decode_str(name)
+            .decode_utf8()
+            .map_err(|e| format!("{key}: {e}"))?
+            .into_owned();
+        let delete = kv.deleted;
+        Ok(Some(match (kind, delete) {
+            ("locks", true) => Op::DeleteLock { id: name },
+            ("posture", true) => Op::DeletePosture { device_id: name },
+            ("locks", false) => Op::PutLock {
+                lock: serde_json::from_slice(&value).map_err(|e| format!("{key}: {e}"))?,
+            },
+            ("posture", false) => Op::PutPosture {
+                record: serde_json::from_slice(&value).map_err(|e| format!("{key}: {e}"))?,
+            },
+            _ => return Ok(None),
+        }))
+    }
+
+    /// A lease that lapses a second after `expires_at` (at least one second from now).
+    async fn lease_for(&self, expires_at: SystemTime) -> Result<String, StoreError> {
+        let left = expires_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        let ttl = left.as_secs() + u64::from(left.subsec_nanos() > 0) + 1;
+        let resp = self
+            .call("/v3/lease/grant", json!({"TTL": ttl.to_string()}))
+            .await?;
+        if let Some(e) = resp.get("error").and_then(Value::as_str) {
+            if !e.is_empty() {
+                return Err(unavailable(format!("lease grant: {e}")));
+            }
+        }
+        match resp.get("ID") {
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(Value::Number(n)) => Ok(n.to_string()),
+            _ => Err(unavailable("lease grant answered no ID")),
+        }
+    }
+
+    async fn put(
+        &self,
+        key: String,
+        value: Vec<u8>,
+        expires_at: Option<SystemTime>,
+    ) -> Result<Revision, StoreError> {
+        let mut put = json!({"key": B64.encode(key.as_bytes()), "value": B64.encode(&value)});
+        if let Some(t) = expires_at {
+            put["lease"] = json!(self.lease_for(t).await?);
+        }
+        let resp: TxnResponse = decode(
+            self.call(
+                "/v3/kv/txn",
+                json!({"compare": [], "success": [{"request_put": put}]}),
+            )
+            .await?,
+        )?;
+        let rev = resp.header.revision;
+        self.wait_applied(rev).await;
+        Ok(rev)
+    }
+
+    /// Deletes `key` in one transaction; the previous value when there was one.
+    async fn delete(&self, key: String) -> Result<Option<(Revision, Vec<u8>)>, StoreError> {
+        let resp: TxnResponse = decode(
+            self.call(
+                "/v3/kv/txn",
+                json!({"compare": [], "success": [{"request_delete_range":
+                    {"key": B64.encode(key.as_bytes()), "prev_kv": true}}]}),
+            )
+            .await?,
+        )?;
+        let dr = resp
+            .responses
+            .first()
+            .and_then(|r| r.get("response_delete_range"))
+            .cloned()
+            .unwrap_or(Value::Null);
+        let dr: DeleteRangeResponse = serde_json::from_value(dr).unwrap_or_default();
+        if dr.deleted == 0 {
+            return Ok(None);
+        }
+        let prev = dr
+            .prev_kvs
+            .first()
+            .map(|kv| B64.decode(&kv.value))
+            .transpose()
+            .map_err(|e| unavailable(format!("etcd value not base64: {e}")))?
+            .unwrap_or_default();
+        let rev = resp.header.revision;
+        self.wait_applied(rev).await;
+        Ok(Some((rev, prev)))
+    }
+
+    /// Waits until the watch has applied `rev` to the view, so the writer reads its write.
+    async fn wait_applied(&self, rev: Revision) {
+        let mut rx = self.applied.subscribe();
+        let waited = tokio::time::timeout(self.request_timeout, rx.wait_for(|r| *r >= rev)).await;
+        if !matches!(waited, Ok(Ok(_))) {
+            tracing::warn!(
+                revision = rev,
+                "etcd write committed but not yet seen on this replica's watch"
+            );
+        }
+    }
+
+    /// Keeps the view current for as long as the store lives.
+    async fn watch_forever(self: Arc<Self>, mut rev: Revision) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.watch_once(&mut rev, &mut backoff).await {
+                WatchEnd::Compacted(at) => {
+                    tracing::warn!(
+                        revision = rev,
+                        compacted = at,
+                        "etcd watch history compacted away: resyncing the state store"
+                    );
+                    loop {
+                        match self.resync().await {
+                            Ok(r) => {
+                                rev = r;
+                                break;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "etcd resync failed; retrying");
+                                tokio::time::sleep(backoff).await;
+                                backoff = (backoff * 2).min(Duration::from_secs(2));
+                            }
+                        }
+                    }
+                }
+                WatchEnd::Failed(e) => {
+                    tracing::warn!(error = %e, revision = rev, "etcd watch ended; reconnecting");
+                    let n = self.endpoints.len();
+                    let _ = self
+                        .current
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| Some((c + 1) % n));
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// One watch connection, from `rev + 1`, until it ends.
+    async fn watch_once(&self, rev: &mut Revision, backoff: &mut Duration) -> WatchEnd {
+        let start = format!("{}/", self.prefix);
+        let end = prefix_end(start.as_bytes());
+        let body = json!({"create_request": {
+            "key": B64.encode(start.as_bytes()),
+            "range_end": B64.encode(&end),
+            "start_revision": (*rev + 1).to_string(),
+        }});
+        let idx = self.current.load(Ordering::Relaxed) % self.endpoints.len();
+        let ep = &self.endpoints[idx];
+        let req = match Request::post(format!("{ep}/v3/watch"))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+        {
+            Ok(r) => r,
+            Err(e) => return WatchEnd::Failed(e.to_string()),
+        };
+        let resp = match tokio::time::timeout(self.request_timeout, self.client.request(req)).await
+        {
+            Err(_) => return WatchEnd::Failed(format!("{ep}: no answer")),
+            Ok(Err(e)) => return WatchEnd::Failed(format!("{ep}: {e}")),
+            Ok(Ok(r)) => r,
+        };
+        if resp.status() != StatusCode::OK {
+            return WatchEnd::Failed(format!("{ep}: watch answered HTTP {}", resp.status()));
+        }
+        let mut body = resp.into_body();
+        let mut buf = BytesMut::new();
+        loop {
+            let frame = match body.frame().await {
+                None => return WatchEnd::Failed(format!("{ep}: watch stream ended")),
+                Some(Err(e)) => return WatchEnd::Failed(format!("{ep}: {e}")),
+                Some(Ok(f)) => f,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            buf.extend_from_slice(&data);
+            // Consecutive JSON objects (newline-separated in practice); keep an incomplete tail.
+            loop {
+                let mut it = serde_json::Deserializer::from_slice(&buf).into_iter::<WatchMessage>();
+                let msg = match it.next() {
+                    None => {
+                        buf.clear();
+                        break;
+                    }
+                    Some(Err(e)) if e.is_eof() => break,
+                    Some(Err(e)) => {
+                        return WatchEnd::Failed(format!("{ep}: unreadable watch message: {e}"))
+                    }
+                    Some(Ok(m)) => m,
+                };
+                let used = it.byte_offset();
+                buf.advance(used);
+                *backoff = Duration::from_millis(100);
+                if let Some(e) = msg.error {
+                    return WatchEnd::Failed(format!("{ep}: watch error: {e}"));
+                }
+                let Some(r) = msg.result else { continue };
+                if r.canceled || r.compact_revision > 0 {
+                    if r.compact_revision > 0 {
+                        return WatchEnd::Compacted(r.compact_revision);
+                    }
+                    return WatchEnd::Failed(format!("{ep}: watch canceled: {}", r.cancel_reason));
+                }
+                for ev in &r.events {
+                    let mut kv = ev.kv.clone();
+                    kv.deleted = ev.kind == "DELETE";
+                    match self.decode_kv(&kv) {
+                        Ok(Some(op)) => self.view.apply(kv.mod_revision, op),
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, "skipping an unreadable etcd record")
+                        }
+                    }
+                    *rev = (*rev).max(kv.mod_revision);
+                }
+                if !r.events.is_empty() {
+                    self.applied.send_replace(*rev);
+                }
+            }
+        }
+    }
+
+    /// Ranges everything again and applies the difference to the view as ordinary changes.
+    async fn resync(&self) -> Result<Revision, StoreError> {
+        let (rev, fresh) = self.range_all().await?;
+        let (_, current) = self.view.snapshot();
+        for (id, lock) in &fresh.locks {
+            if self.view.lock(id).as_ref() != Some(lock) {
+                self.view.apply(rev, Op::PutLock { lock: lock.clone() });
+            }
+        }
+        for id in current.locks.keys() {
+            if !fresh.locks.contains_key(id) {
+                self.view.apply(rev, Op::DeleteLock { id: id.clone() });
+            }
+        }
+        for (device, record) in &fresh.posture {
+            if self
+                .view
+                .posture_at(device, SystemTime::UNIX_EPOCH)
+                .as_ref()
+                != Some(record)
+            {
+                self.view.apply(
+                    rev,
+                    Op::PutPosture {
+                        record: record.clone(),
+                    },
+                );
+            }
+        }
+        for device in current.posture.keys() {
+            if !fresh.posture.contains_key(device) {
+                self.view.apply(
+                    rev,
+                    Op::DeletePosture {
+                        device_id: device.clone(),
+                    },
+                );
+            }
+        }
+        self.view.prune(SystemTime::now());
+        self.applied.send_replace(rev);
+        Ok(rev)
+    }
+}
+
+enum WatchEnd {
+    Compacted(Revision),
+    Failed(String),
+}
+
+/// The end of the range of keys starting with `prefix`: the prefix with its last byte + 1.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(v: Value) -> Result<T, StoreError> {
+    serde_json::from_value(v).map_err(|e| unavailable(format!("unexpected etcd answer: {e}")))
+}
+
+/// int64 fields arrive as JSON strings; accept numbers too.
+fn de_u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum N {
+        S(String),
+        N(u64),
+    }
+    match N::deserialize(d)? {
+        N::N(n) => Ok(n),
+        N::S(s) => s.parse().map_err(serde::de::Error::custom),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Header {
+    #[serde(default, deserialize_with = "de_u64")]
+    revision: u64,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+struct KeyValue {
+    #[serde(default)]
+    key: String,
+    #[serde(default)]
+    value: String,
+    #[serde(default, deserialize_with = "de_u64")]
+    mod_revision: u64,
+    /// Not in etcd's answer: set for DELETE events.
+    #[serde(skip)]
+    deleted: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct RangeResponse {
+    #[serde(default)]
+    header: Header,
+    #[serde(default)]
+    kvs: Vec<KeyValue>,
+    #[serde(default)]
+    more: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct TxnResponse {
+    #[serde(default)]
+    header: Header,
+    #[serde(default)]
+    responses: Vec<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct DeleteRangeResponse {
+    #[serde(default, deserialize_with = "de_u64")]
+    deleted: u64,
+    #[serde(default)]
+    prev_kvs: Vec<KeyValue>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WatchMessage {
+    #[serde(default)]
+    result: Option<WatchResponse>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WatchResponse {
+    #[serde(default)]
+    canceled: bool,
+    #[serde(default, deserialize_with = "de_u64")]
+    compact_revision: u64,
+    #[serde(default)]
+    cancel_reason: String,
+    #[serde(default)]
+    events: Vec<Event>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Event {
+    /// `PUT` is proto3's default and left out of the JSON; `DELETE` is spelled out.
+    #[serde(default, rename = "type")]
+    kind: String,
+    #[serde(default)]
+    kv: KeyValue,
+}
+
+impl Store for EtcdStore {
+    fn view(&self) -> &View {
+        &self.inner.view
+    }
+
+    fn put_lock(&self, lock: Lock) -> BoxFuture<'_, Result<Revision, StoreError>> {
+        Box::pin(async move {
+            lock.validate()?;
+            let value =
+                serde_json::to_vec(&lock).map_err(|e| StoreError::Invalid(e.to_string()))?;
+            self.inner
+                .put(self.inner.lock_key(&lock.id), value, lock.expires_at)
+                .await
+        })
+    }
+
+    fn delete_lock(&self, id: &str) -> BoxFuture<'_, Result<Option<(Revision, Lock)>, StoreError>> {
+        let key = self.inner.lock_key(id);
+        Box::pin(async move {
+            let Some((rev, prev)) = self.inner.delete(key).await? else {
+                return Ok(None);
+            };
+            let lock = serde_json::from_slice(&prev)
+                .map_err(|e| unavailable(format!("deleted lock unreadable: {e}")))?;
+            Ok(Some((rev, lock)))
+        })
+    }
+
+    fn put_posture(&self, record: PostureRecord) -> BoxFuture<'_, Result<Revision, StoreError>> {
+        Box::pin(async move {
+            record.validate()?;
+            let value =
+                serde_json::to_vec(&record).map_err(|e| StoreError::Invalid(e.to_string()))?;
+            self.inner
+                .put(
+                    self.inner.posture_key(&record.device_id),
+                    value,
+                    Some(record.expires_at),
+                )
+                .await
+        })
+    }
+
+    fn delete_posture(
+        &self,
+        device_id: &str,
+    ) -> BoxFuture<'_, Result<Option<(Revision, PostureRecord)>, StoreError>> {
+        let key = self.inner.posture_key(device_id);
+        Box::pin(async move {
+            let Some((rev, prev)) = self.inner.delete(key).await? else {
+                return Ok(None);
+            };
+            let record = serde_json::from_slice(&prev)
+                .map_err(|e| unavailable(format!("deleted posture record unreadable: {e}")))?;
+            Ok(Some((rev, record)))
+        })
+    }
+
+    /// Expired records are deleted by their etcd leases; this only drops them from the local
+    /// view early.
+    fn compact(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.inner.view.prune(SystemTime::now());
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_increments_the_last_byte() {
+        assert_eq!(prefix_end(b"/ztgate/"), b"/ztgate0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+    }
+
+    #[test]
+    fn keys_escape_slashes_and_percent() {
+        let segment = utf8_percent_encode("a/b%c d", KEY_SEGMENT).to_string();
+        assert_eq!(segment, "a%2Fb%25c%20d");
+        assert_eq!(
+            percent_decode_str(&segment).decode_utf8().unwrap(),
+            "a/b%c d"
+        );
+    }
+
+    #[test]
+    fn config_problems_name_their_fields() {
+        let cfg: EtcdConfig = serde_yaml_ng::from_str(
+            "endpoints: [\"https://127.0.0.1:2379\", \"ftp://x\"]\nkeyPrefix: ztgate/\ncertFile: c.pem\n",
+        )
+        .unwrap();
+        let fields: Vec<String> = cfg.validate().into_iter().map(|(p, _)| p).collect();
+        assert_eq!(fields, ["endpoints[1]", "keyPrefix", "caFile", "keyFile"]);
+    }
+
+    #[test]
+    fn watch_messages_parse() {
+        let m: WatchMessage = serde_json::from_str(
+            r#"{"result":{"header":{"revision":"7"},"events":[{"kv":{"key":"YQ==","mod_revision":"7","value":"e30="}},{"type":"DELETE","kv":{"key":"YQ==","mod_revision":"8"}}]}}"#,
+        )
+        .unwrap();
+        let r = m.result.unwrap();
+        assert_eq!(r.events.len(), 2);
+        assert_eq!(r.events[0].kind, "");
+        assert_eq!(r.events[1].kind, "DELETE");
+        assert_eq!(r.events[1].kv.mod_revision, 8);
+        let m: WatchMessage = serde_json::from_str(
+            r#"{"result":{"header":{},"canceled":true,"compact_revision":"3"}}"#,
+        )
+        .unwrap();
+        assert_eq!(m.result.unwrap().compact_revision, 3);
+    }
+}

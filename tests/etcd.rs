@@ -1,0 +1,617 @@
+//! The etcd state store on real etcd (Debian's `etcd-server`, started here on loopback ports
+//! with TLS and client-certificate authentication): writes through one store reach another
+//! store's view through its watch, a compacted watch resyncs, and two gateway replicas sharing
+//! one etcd enforce each other's locks and posture.
+
+mod support;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use serde_json::{json, Value};
+use support::{get, raw_client, send, Harness};
+use tokio::sync::broadcast::Receiver;
+use ztgate::demo::{DevJwtIssuer, DevSettings};
+use ztgate::state::{
+    Change, ChangeKind, EtcdConfig, EtcdStore, Lock, LockTarget, Posture, PostureRecord, Store,
+};
+use ztgate_testkit::pki::{Ca, LeafSpec};
+use ztgate_testkit::{CertKey, DevIssuer};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One single-member etcd with TLS and client-certificate auth, killed on drop.
+struct Etcd {
+    child: Child,
+    _dir: tempfile::TempDir,
+    url: String,
+    ca_pem: String,
+    ca_file: PathBuf,
+    client: CertKey,
+    cert_file: PathBuf,
+    key_file: PathBuf,
+}
+
+impl Etcd {
+    fn start() -> Etcd {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new("etcd-ca");
+        // The JSON gateway of etcd 3.4 dials its own gRPC port with the serving certificate, so
+        // that certificate must be good for client auth too.
+        let server = ca.issue(&LeafSpec {
+            common_name: "etcd".into(),
+            dns_names: vec!["localhost".into()],
+            ip_addresses: vec!["127.0.0.1".parse().unwrap()],
+            server: true,
+            client: true,
+            ..Default::default()
+        });
+        let client = ca.issue_client("ztgate", &[]);
+        let (srv_crt, srv_key) = server.write(dir.path(), "server");
+        let (cert_file, key_file) = client.write(dir.path(), "client");
+        let ca_file = dir.path().join("ca.crt");
+        std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+        let (cport, pport) = (free_port(), free_port());
+        let url = format!("https://127.0.0.1:{cport}");
+        let peer = format!("http://127.0.0.1:{pport}");
+        let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
+        let child = Command::new("etcd")
+            .arg("--name=m0")
+            .arg(format!("--data-dir={}", dir.path().join("data").display()))
+            .arg(format!("--listen-client-urls={url}"))
+            .arg(format!("--advertise-client-urls={url}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=m0={peer}"))
+            .arg(format!("--cert-file={}", srv_crt.display()))
+            .arg(format!("--key-file={}", srv_key.display()))
+            .arg(format!("--trusted-ca-file={}", ca_file.display()))
+            .arg("--client-cert-auth")
+            .arg("--log-level=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("etcd runs (scripts/install-test-deps installs etcd-server)");
+        Etcd {
+            child,
+            url,
+            ca_pem: ca.cert_pem(),
+            ca_file,
+            client,
+            cert_file,
+            key_file,
+            _dir: dir,
+        }
+    }
+
+    /// The `state.etcd` block for these endpoints (YAML, starting at `etcd:`).
+    fn yaml(&self, endpoints: &[String], prefix: &str) -> String {
+        format!(
+            "etcd:\n  endpoints: {endpoints:?}\n  keyPrefix: {prefix}\n  caFile: \"{}\"\n  certFile: \"{}\"\n  keyFile: \"{}\"\n  dialTimeout: 1s\n",
+            self.ca_file.display(),
+            self.cert_file.display(),
+            self.key_file.display()
+        )
+    }
+
+    fn config(&self, endpoints: &[String], prefix: &str) -> EtcdConfig {
+        let y: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(&self.yaml(endpoints, prefix)).unwrap();
+        serde_yaml_ng::from_value(y["etcd"].clone()).unwrap()
+    }
+
+    /// A store on this etcd, retried while etcd starts.
+    async fn store(&self, endpoints: &[String], prefix: &str) -> EtcdStore {
+        let cfg = self.config(endpoints, prefix);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match EtcdStore::connect(&cfg).await {
+                Ok(s) => return s,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("etcd store: {e}"),
+            }
+        }
+    }
+
+    /// Calls the JSON gateway directly (with the client certificate).
+    async fn call(&self, path: &str, body: Value) -> Value {
+        let client = raw_client(&self.ca_pem, Some(&self.client), false);
+        let req = Request::post(format!("{}{path}", self.url))
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let (code, _, body) = send(&client, req).await;
+        assert_eq!(code, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    async fn compact_to_now(&self) {
+        let rev = self.call("/v3/kv/range", json!({"key": "AA=="})).await["header"]["revision"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        self.call(
+            "/v3/kv/compaction",
+            json!({"revision": rev, "physical": true}),
+        )
+        .await;
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP forwarder to etcd that can cut every connection and refuse new ones, so a store's
+/// watch can be made to miss events.
+struct Cut {
+    url: String,
+    open: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Cut {
+    async fn start(target_url: &str) -> Cut {
+        let target = target_url.trim_start_matches("https://").to_owned();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://127.0.0.1:{}", l.local_addr().unwrap().port());
+        let open = Arc::new(AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (o, c) = (open.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((mut down, _)) = l.accept().await else {
+                    return;
+                };
+                if !o.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let target = target.clone();
+                c.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                }));
+            }
+        });
+        Cut {
+            url,
+            open,
+            conns,
+            accept,
+        }
+    }
+
+    fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+fn lock(user: &str) -> Lock {
+    Lock::new(LockTarget::User(user.into()), "stolen laptop", None, "test").unwrap()
+}
+
+fn posture(device: &str, ttl: Duration) -> PostureRecord {
+    let now = SystemTime::now();
+    PostureRecord {
+        device_id: device.into(),
+        attributes: Posture {
+            disk_encrypted: Some(true),
+            ..Default::default()
+        },
+        source: "self".into(),
+        collected_at: now,
+        expires_at: now + ttl,
+    }
+}
+
+/// The next change on `rx`, within `within`.
+async fn next_change(rx: &mut Receiver<Change>, within: Duration) -> Change {
+    tokio::time::timeout(within, rx.recv())
+        .await
+        .expect("a change arrived in time")
+        .expect("change channel open")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_through_one_store_reach_another_through_its_watch() {
+    let etcd = Etcd::start();
+    let eps = vec![etcd.url.clone()];
+    let a = etcd.store(&eps, "/zt").await;
+    let b = etcd.store(&eps, "/zt").await;
+    let mut rx = b.subscribe();
+    let mut latencies = Vec::new();
+
+    // A lock put through a: b sees it, with etcd's revision, within a second.
+    let l = lock("alice");
+    let t = Instant::now();
+    let rev = a.put_lock(l.clone()).await.unwrap();
+    let c = next_change(&mut rx, Duration::from_secs(1)).await;
+    latencies.push(t.elapsed());
+    assert_eq!(c.revision, rev);
+    assert_eq!(c.kind, ChangeKind::LockPut(l.clone()));
+    // The writer reads its own write at once.
+    assert_eq!(a.lock(&l.id), Some(l.clone()));
+    assert_eq!(b.locks(), vec![l.clone()]);
+    assert_eq!(a.revision(), rev);
+
+    // A device id with a slash and a percent sign stays one key.
+    let p = posture("laptop/7%", Duration::from_secs(600));
+    let t = Instant::now();
+    let prev = a.put_posture(p.clone()).await.unwrap();
+    let c = next_change(&mut rx, Duration::from_secs(1)).await;
+    latencies.push(t.elapsed());
+    assert!(prev > rev);
+    assert_eq!(c.kind, ChangeKind::PosturePut("laptop/7%".into()));
+    assert_eq!(b.posture("laptop/7%"), Some(p.clone()));
+
+    // Deletes: the removed record comes back; deleting again writes nothing.
+    let t = Instant::now();
+    let (_, removed) = a.delete_lock(&l.id).await.unwrap().unwrap();
+    assert_eq!(removed, l);
+    let c = next_change(&mut rx, Duration::from_secs(1)).await;
+    latencies.push(t.elapsed());
+    assert_eq!(c.kind, ChangeKind::LockDeleted(l.id.clone()));
+    assert!(b.locks().is_empty());
+    assert!(a.delete_lock(&l.id).await.unwrap().is_none());
+    let (_, removed) = b.delete_posture("laptop/7%").await.unwrap().unwrap();
+    assert_eq!(removed, p);
+    let c = next_change(&mut rx, Duration::from_secs(1)).await;
+    assert_eq!(c.kind, ChangeKind::PostureDeleted("laptop/7%".into()));
+    assert!(a.posture("laptop/7%").is_none());
+
+    // A store opened now loads what is there; another prefix sees nothing of it.
+    let l2 = lock("bob");
+    a.put_lock(l2.clone()).await.unwrap();
+    let c2 = etcd.store(&eps, "/zt").await;
+    assert_eq!(c2.locks(), vec![l2.clone()]);
+    let other = etcd.store(&eps, "/other").await;
+    assert!(other.locks().is_empty());
+
+    // An invalid record is refused before anything is written.
+    let mut bad = lock("carol");
+    bad.id = String::new();
+    assert!(a.put_lock(bad).await.is_err());
+
+    latencies.sort();
+    eprintln!(
+        "etcd store-to-store propagation (write start to change on the other store): {latencies:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_with_an_expiry_is_deleted_by_its_lease() {
+    let etcd = Etcd::start();
+    let eps = vec![etcd.url.clone()];
+    let a = etcd.store(&eps, "/zt").await;
+    let b = etcd.store(&eps, "/zt").await;
+    let mut rx = b.subscribe();
+    a.put_posture(posture("laptop-1", Duration::from_secs(1)))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_change(&mut rx, Duration::from_secs(1)).await.kind,
+        ChangeKind::PosturePut(_)
+    ));
+    // Lease of 1 s + 1 s grace; etcd's lease checks run about every 500 ms.
+    let c = next_change(&mut rx, Duration::from_secs(6)).await;
+    assert_eq!(c.kind, ChangeKind::PostureDeleted("laptop-1".into()));
+    let fresh = etcd.store(&eps, "/zt").await;
+    assert!(fresh.posture("laptop-1").is_none());
+    assert!(fresh.snapshot().1.posture.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_cut_off_resumes_from_its_revision_and_resyncs_after_compaction() {
+    let etcd = Etcd::start();
+    let cut = Cut::start(&etcd.url).await;
+    let a = etcd.store(std::slice::from_ref(&etcd.url), "/zt").await;
+    let b = etcd.store(std::slice::from_ref(&cut.url), "/zt").await;
+    let mut rx = b.subscribe();
+
+    // Cut b off; what a writes meanwhile reaches b when it reconnects (resumed watch).
+    cut.cut();
+    let l1 = lock("alice");
+    a.put_lock(l1.clone()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(b.locks().is_empty(), "b is cut off");
+    cut.restore();
+    let c = next_change(&mut rx, Duration::from_secs(5)).await;
+    assert_eq!(c.kind, ChangeKind::LockPut(l1.clone()));
+    assert_eq!(b.locks(), vec![l1.clone()]);
+
+    // Cut b off again; a writes, deletes, and etcd compacts that history away. b resyncs and
+    // tells its subscribers about the difference.
+    cut.cut();
+    let l2 = lock("bob");
+    a.put_lock(l2.clone()).await.unwrap();
+    a.delete_lock(&l1.id).await.unwrap().unwrap();
+    a.put_posture(posture("laptop-9", Duration::from_secs(600)))
+        .await
+        .unwrap();
+    etcd.compact_to_now().await;
+    cut.restore();
+    let mut kinds = Vec::new();
+    for _ in 0..3 {
+        kinds.push(next_change(&mut rx, Duration::from_secs(5)).await.kind);
+    }
+    assert!(
+        kinds.contains(&ChangeKind::LockPut(l2.clone())),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&ChangeKind::LockDeleted(l1.id.clone())),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&ChangeKind::PosturePut("laptop-9".into())),
+        "{kinds:?}"
+    );
+    assert_eq!(b.locks(), vec![l2.clone()]);
+    assert!(b.posture("laptop-9").is_some());
+    // b's revision catches up with a's (it is set just after the changes are published).
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while b.applied_revision() < a.applied_revision() {
+        assert!(Instant::now() < deadline, "b's revision caught up");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // And the watch works after the resync.
+    let t = Instant::now();
+    a.delete_lock(&l2.id).await.unwrap().unwrap();
+    let c = next_change(&mut rx, Duration::from_secs(1)).await;
+    eprintln!("after resync, propagation: {:?}", t.elapsed());
+    assert_eq!(c.kind, ChangeKind::LockDeleted(l2.id.clone()));
+}
+
+// --- two gateway replicas sharing one etcd ---
+
+const POLICIES: &str = r#"
+@id("discovery-read")
+permit (principal, action == k8s::Action::"get", resource is k8s::NonResourceURL)
+when { resource.path == "/api" || resource.path like "/api/*" || resource.path == "/apis" || resource.path like "/apis/*" || resource.path like "/openapi/*" || resource.path == "/version" };
+
+@id("team-a-namespace")
+permit (principal in k8s::Group::"team-a", action, resource in k8s::Namespace::"team-a");
+
+@id("security-manages-locks")
+permit (principal in k8s::Group::"security", action, resource is k8s::NonResourceURL)
+when { resource.path like "/v1/locks*" };
+"#;
+
+const WATCH: &str = "/api/v1/namespaces/team-a/pods?watch=1";
+const PODS: &str = "/api/v1/namespaces/team-a/pods";
+
+/// Fields drop in order: the gateways before etcd.
+struct Replicas {
+    r: Vec<Harness>,
+    users: DevIssuer,
+    device_ca: Ca,
+    _dir: tempfile::TempDir,
+    _etcd: Etcd,
+}
+
+async fn replicas(n: usize) -> Replicas {
+    let etcd = Etcd::start();
+    // Wait until etcd answers before the gateways start.
+    drop(etcd.store(std::slice::from_ref(&etcd.url), "/gw").await);
+    let users = DevIssuer::start(&Ca::new("users-idp-ca")).await.unwrap();
+    let device_ca = Ca::new("device-ca");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("p.cedar"), POLICIES).unwrap();
+    let mut r = Vec::new();
+    for _ in 0..n {
+        r.push(
+            Harness::start_with(DevSettings {
+                jwt: vec![DevJwtIssuer {
+                    url: users.issuer_url(),
+                    ca_pem: users.ca_pem(),
+                    audience: "ztgate".into(),
+                    username_claim: "sub".into(),
+                    username_prefix: String::new(),
+                    groups_prefix: String::new(),
+                }],
+                device_ca_pem: Some(device_ca.cert_pem()),
+                device_posture_yaml: Some(
+                    "posture:\n  required: true\n  selfReports:\n    ttl: 10m\n".into(),
+                ),
+                policies: vec![dir.path().join("p.cedar")],
+                state_etcd_yaml: Some(etcd.yaml(std::slice::from_ref(&etcd.url), "/gw")),
+                ..Default::default()
+            })
+            .await,
+        );
+    }
+    Replicas {
+        _etcd: etcd,
+        users,
+        device_ca,
+        _dir: dir,
+        r,
+    }
+}
+
+impl Replicas {
+    fn bearer(&self, h: &Harness, user: &str, groups: &[&str], path: &str) -> Request<Full<Bytes>> {
+        let token = self.users.token(
+            user,
+            "ztgate",
+            Duration::from_secs(600),
+            json!({"groups": groups}),
+        );
+        Request::get(h.uri(path))
+            .header("authorization", format!("Bearer {token}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    }
+}
+
+async fn drain(body: hyper::body::Incoming) -> String {
+    let bytes = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_through_one_replica_closes_a_watch_on_another_and_refuses_requests_there() {
+    let rs = replicas(2).await;
+    let (r1, r2) = (&rs.r[0], &rs.r[1]);
+    let admin = r1.demo.env.pki.user("sec-admin", &["security"]);
+    let mut latencies = Vec::new();
+    for round in 0..3 {
+        let alice = r2.client(None, round % 2 == 0);
+        let watch = alice
+            .request(rs.bearer(r2, "alice", &["team-a"], WATCH))
+            .await
+            .unwrap();
+        assert_eq!(watch.status(), 200);
+        let reader = tokio::spawn(drain(watch.into_body()));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        let t = Instant::now();
+        let body = json!({"target": {"kind": "user", "value": "alice"}, "message": "incident 7"});
+        let req = Request::post(r1.uri("/v1/locks"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let (code, _, body) = send(&r1.client(Some(&admin), false), req).await;
+        assert_eq!(code, 201, "{body}");
+        let text = tokio::time::timeout(Duration::from_secs(2), reader)
+            .await
+            .expect("the watch on replica 2 was closed")
+            .unwrap();
+        latencies.push(t.elapsed());
+        let last: Value = serde_json::from_str(text.lines().last().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert_eq!(last["type"], "ERROR", "{text}");
+        assert_eq!(last["object"]["code"], 403, "{text}");
+        assert!(text.contains("incident 7"), "{text}");
+
+        // New requests on both replicas are refused.
+        for r in [r1, r2] {
+            let (code, _, body) = send(
+                &r.client(None, false),
+                rs.bearer(r, "alice", &["team-a"], PODS),
+            )
+            .await;
+            assert_eq!(code, 403, "{body}");
+            assert!(body.contains("access is locked: incident 7"), "{body}");
+        }
+
+        // Deleted through replica 2 (where it is listed): alice works again through replica 1.
+        let admin2 = r2.demo.env.pki.user("sec-admin", &["security"]);
+        let (code, _, body) =
+            send(&r2.client(Some(&admin2), false), get(&r2.uri("/v1/locks"))).await;
+        assert_eq!(code, 200, "{body}");
+        let list: Value = serde_json::from_str(&body).unwrap();
+        let id = list["items"][0]["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("a lock listed on replica 2: {list}"))
+            .to_owned();
+        let del = Request::delete(r2.uri(&format!("/v1/locks/{id}")))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let (code, _, body) = send(&r2.client(Some(&admin2), false), del).await;
+        assert_eq!(code, 200, "{body}");
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            let (code, _, body) = send(
+                &r1.client(None, false),
+                rs.bearer(r1, "alice", &["team-a"], PODS),
+            )
+            .await;
+            if code == 200 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still refused after 1 s: {code} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    latencies.sort();
+    eprintln!("lock on replica 1 -> watch closed on replica 2: {latencies:?}");
+    assert!(
+        latencies.iter().all(|d| *d < Duration::from_secs(1)),
+        "{latencies:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_posture_report_to_one_replica_lets_requests_through_another() {
+    let rs = replicas(2).await;
+    let (r1, r2) = (&rs.r[0], &rs.r[1]);
+    let laptop = rs.device_ca.issue_client("laptop-1", &[]);
+
+    // Without posture, the device is refused on replica 1.
+    let (code, _, body) = send(
+        &r1.client(Some(&laptop), false),
+        rs.bearer(r1, "alice", &["team-a"], PODS),
+    )
+    .await;
+    assert_eq!(code, 401, "{body}");
+
+    // The device reports to replica 2; replica 1 lets it through within a second.
+    let report = Request::post(r2.uri("/v1/devices/posture"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(
+            json!({"attributes": {"os": "linux", "diskEncrypted": true}}).to_string(),
+        )))
+        .unwrap();
+    let t = Instant::now();
+    let (code, _, body) = send(&r2.client(Some(&laptop), false), report).await;
+    assert!(code == 200 || code == 201, "{code} {body}");
+    let took = loop {
+        let (code, _, body) = send(
+            &r1.client(Some(&laptop), false),
+            rs.bearer(r1, "alice", &["team-a"], PODS),
+        )
+        .await;
+        if code == 200 {
+            break t.elapsed();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "replica 1 still refuses after 1 s: {code} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    eprintln!("posture report on replica 2 -> request allowed on replica 1: {took:?}");
+}
