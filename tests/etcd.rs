@@ -33,11 +33,14 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// One single-member etcd with TLS and client-certificate auth, killed on drop.
+/// An etcd cluster on loopback (client URLs with TLS and client-certificate auth, peers over
+/// plain http), its members killed on drop.
 struct Etcd {
-    child: Child,
+    members: Vec<Option<Child>>,
     _dir: tempfile::TempDir,
+    /// The first member's client URL.
     url: String,
+    urls: Vec<String>,
     ca_pem: String,
     ca_file: PathBuf,
     client: CertKey,
@@ -47,6 +50,10 @@ struct Etcd {
 
 impl Etcd {
     fn start() -> Etcd {
+        Etcd::start_cluster(1)
+    }
+
+    fn start_cluster(n: usize) -> Etcd {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::new("etcd-ca");
         // The JSON gateway of etcd 3.4 dials its own gRPC port with the serving certificate, so
@@ -64,31 +71,54 @@ impl Etcd {
         let (cert_file, key_file) = client.write(dir.path(), "client");
         let ca_file = dir.path().join("ca.crt");
         std::fs::write(&ca_file, ca.cert_pem()).unwrap();
-        let (cport, pport) = (free_port(), free_port());
-        let url = format!("https://127.0.0.1:{cport}");
-        let peer = format!("http://127.0.0.1:{pport}");
-        let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
-        let child = Command::new("etcd")
-            .arg("--name=m0")
-            .arg(format!("--data-dir={}", dir.path().join("data").display()))
-            .arg(format!("--listen-client-urls={url}"))
-            .arg(format!("--advertise-client-urls={url}"))
-            .arg(format!("--listen-peer-urls={peer}"))
-            .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=m0={peer}"))
-            .arg(format!("--cert-file={}", srv_crt.display()))
-            .arg(format!("--key-file={}", srv_key.display()))
-            .arg(format!("--trusted-ca-file={}", ca_file.display()))
-            .arg("--client-cert-auth")
-            .arg("--log-level=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("etcd runs (scripts/install-test-deps installs etcd-server)");
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let urls: Vec<String> = ports
+            .iter()
+            .map(|(c, _)| format!("https://127.0.0.1:{c}"))
+            .collect();
+        let peers: Vec<String> = ports
+            .iter()
+            .map(|(_, p)| format!("http://127.0.0.1:{p}"))
+            .collect();
+        let cluster = peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("m{i}={p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let members = (0..n)
+            .map(|i| {
+                let log = std::fs::File::create(dir.path().join(format!("etcd-m{i}.log"))).unwrap();
+                let child = Command::new("etcd")
+                    .arg(format!("--name=m{i}"))
+                    .arg(format!(
+                        "--data-dir={}",
+                        dir.path().join(format!("m{i}")).display()
+                    ))
+                    .arg(format!("--listen-client-urls={}", urls[i]))
+                    .arg(format!("--advertise-client-urls={}", urls[i]))
+                    .arg(format!("--listen-peer-urls={}", peers[i]))
+                    .arg(format!("--initial-advertise-peer-urls={}", peers[i]))
+                    .arg(format!("--initial-cluster={cluster}"))
+                    .arg("--initial-cluster-state=new")
+                    .arg("--initial-cluster-token=ztgate-test")
+                    .arg(format!("--cert-file={}", srv_crt.display()))
+                    .arg(format!("--key-file={}", srv_key.display()))
+                    .arg(format!("--trusted-ca-file={}", ca_file.display()))
+                    .arg("--client-cert-auth")
+                    .arg("--log-level=warn")
+                    .stdin(Stdio::null())
+                    .stdout(log.try_clone().unwrap())
+                    .stderr(log)
+                    .spawn()
+                    .expect("etcd runs (scripts/install-test-deps installs etcd-server)");
+                Some(child)
+            })
+            .collect();
         Etcd {
-            child,
-            url,
+            members,
+            url: urls[0].clone(),
+            urls,
             ca_pem: ca.cert_pem(),
             ca_file,
             client,
@@ -98,10 +128,35 @@ impl Etcd {
         }
     }
 
+    /// The index of the member that is the raft leader now.
+    async fn leader(&self) -> usize {
+        for (i, url) in self.urls.iter().enumerate() {
+            let client = raw_client(&self.ca_pem, Some(&self.client), false);
+            let req = Request::post(format!("{url}/v3/maintenance/status"))
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .unwrap();
+            let (code, _, body) = send(&client, req).await;
+            assert_eq!(code, 200, "{body}");
+            let v: Value = serde_json::from_str(&body).unwrap();
+            if v["leader"] == v["header"]["member_id"] {
+                return i;
+            }
+        }
+        panic!("no member is the leader");
+    }
+
+    /// Kills member `i` (SIGKILL).
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// The `state.etcd` block for these endpoints (YAML, starting at `etcd:`).
     fn yaml(&self, endpoints: &[String], prefix: &str) -> String {
         format!(
-            "etcd:\n  endpoints: {endpoints:?}\n  keyPrefix: {prefix}\n  caFile: \"{}\"\n  certFile: \"{}\"\n  keyFile: \"{}\"\n  dialTimeout: 1s\n",
+            "etcd:\n  endpoints: {endpoints:?}\n  keyPrefix: {prefix}\n  caFile: \"{}\"\n  certFile: \"{}\"\n  keyFile: \"{}\"\n  dialTimeout: 2s\n",
             self.ca_file.display(),
             self.cert_file.display(),
             self.key_file.display()
@@ -155,8 +210,9 @@ impl Etcd {
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
     }
 }
 
@@ -395,6 +451,50 @@ async fn a_store_cut_off_resumes_from_its_revision_and_resyncs_after_compaction(
     let c = next_change(&mut rx, Duration::from_secs(1)).await;
     eprintln!("after resync, propagation: {:?}", t.elapsed());
     assert_eq!(c.kind, ChangeKind::LockDeleted(l2.id.clone()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_member_cluster_loses_a_member_without_an_error() {
+    let mut etcd = Etcd::start_cluster(3);
+    let first = etcd.store(&etcd.urls, "/zt").await;
+    drop(first);
+    // a writes and b watches through the leader (first in their lists), which is then killed.
+    let leader = etcd.leader().await;
+    let mut eps = etcd.urls.clone();
+    eps.rotate_left(leader);
+    let a = etcd.store(&eps, "/zt").await;
+    let b = etcd.store(&eps, "/zt").await;
+    let mut rx = b.subscribe();
+    let l1 = lock("alice");
+    a.put_lock(l1.clone()).await.unwrap();
+    assert_eq!(
+        next_change(&mut rx, Duration::from_secs(1)).await.kind,
+        ChangeKind::LockPut(l1.clone())
+    );
+
+    // Kill the leader: writes wait out the election (retried on the other members).
+    etcd.kill(leader);
+    let t = Instant::now();
+    let l2 = lock("bob");
+    a.put_lock(l2.clone())
+        .await
+        .expect("a write with one member down");
+    let wrote = t.elapsed();
+    let c = next_change(&mut rx, Duration::from_secs(5)).await;
+    let seen = t.elapsed();
+    assert_eq!(c.kind, ChangeKind::LockPut(l2.clone()));
+    eprintln!("leader killed: write took {wrote:?}, seen on the other store after {seen:?}");
+
+    // Steady state on the two remaining members: deletes and puts propagate as before.
+    let t = Instant::now();
+    a.delete_lock(&l1.id).await.unwrap().unwrap();
+    let c = next_change(&mut rx, Duration::from_secs(1)).await;
+    eprintln!("two of three members: propagation {:?}", t.elapsed());
+    assert_eq!(c.kind, ChangeKind::LockDeleted(l1.id.clone()));
+    assert_eq!(b.locks(), vec![l2.clone()]);
+    // A store opened now, with the dead member first in its list, loads everything.
+    let c2 = etcd.store(&eps, "/zt").await;
+    assert_eq!(c2.locks(), vec![l2]);
 }
 
 // --- two gateway replicas sharing one etcd ---

@@ -74,7 +74,8 @@ pub struct EtcdConfig {
     pub cert_file: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_file: Option<PathBuf>,
-    /// TCP (and TLS) connect timeout per endpoint; a request gives up after three times this.
+    /// Connect timeout, and the longest one attempt on one endpoint may take; a request is
+    /// retried on the other endpoints and gives up after three times this.
     #[serde(default = "default_dial_timeout")]
     pub dial_timeout: GoDuration,
 }
@@ -227,6 +228,7 @@ struct Inner {
     /// The endpoint tried first (the last one that answered).
     current: AtomicUsize,
     prefix: String,
+    dial_timeout: Duration,
     request_timeout: Duration,
     /// The etcd revision the view reflects (every event up to it applied).
     applied: tokio::sync::watch::Sender<Revision>,
@@ -292,6 +294,7 @@ impl EtcdStore {
                 .collect(),
             current: AtomicUsize::new(0),
             prefix: cfg.key_prefix.trim_end_matches('/').to_owned(),
+            dial_timeout: cfg.dial_timeout.get(),
             request_timeout: cfg.dial_timeout.get() * 3,
             applied: tokio::sync::watch::channel(0).0,
         });
@@ -328,57 +331,69 @@ impl Inner {
     }
 
     /// One JSON request, tried on each endpoint in turn (starting with the last that answered)
-    /// while the failure is the endpoint's (unreachable, timeout, 5xx).
+    /// while the failure is the endpoint's (unreachable, timeout, 5xx such as "leader changed"),
+    /// round after round until the request timeout has passed. Each attempt gets at most the dial
+    /// timeout. Retrying is safe: a put writes the same value again; a delete whose first attempt
+    /// committed unseen answers "nothing deleted" the second time.
     async fn call(&self, path: &str, body: Value) -> Result<Value, StoreError> {
         let body = Bytes::from(body.to_string());
         let n = self.endpoints.len();
-        let first = self.current.load(Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
         let mut last_err = String::new();
-        for i in 0..n {
-            let idx = (first + i) % n;
-            let ep = &self.endpoints[idx];
-            let req = Request::post(format!("{ep}{path}"))
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .body(Full::new(body.clone()))
-                .map_err(|e| unavailable(format!("{ep}{path}: {e}")))?;
-            let fut = async {
-                let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
-                let status = resp.status();
-                let bytes = resp
-                    .into_body()
-                    .collect()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .to_bytes();
-                Ok::<_, String>((status, bytes))
-            };
-            match tokio::time::timeout(self.request_timeout, fut).await {
-                Err(_) => last_err = format!("{ep}: no answer within {:?}", self.request_timeout),
-                Ok(Err(e)) => last_err = format!("{ep}: {e}"),
-                Ok(Ok((status, bytes))) => {
-                    let v: Value = serde_json::from_slice(&bytes).unwrap_or_else(
-                        |_| json!({"message": String::from_utf8_lossy(&bytes).into_owned()}),
-                    );
-                    if status == StatusCode::OK {
-                        self.current.store(idx, Ordering::Relaxed);
-                        return Ok(v);
-                    }
-                    let msg = v
-                        .get("message")
-                        .or_else(|| v.get("error"))
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_owned();
-                    last_err = format!("{ep}: HTTP {status}: {msg}");
-                    if !(status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS) {
-                        return Err(unavailable(format!("etcd refused {path}: {last_err}")));
+        loop {
+            let first = self.current.load(Ordering::Relaxed);
+            for i in 0..n {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    return Err(unavailable(format!(
+                        "no etcd endpoint answered {path} within {:?}: {last_err}",
+                        self.request_timeout
+                    )));
+                }
+                let idx = (first + i) % n;
+                let ep = &self.endpoints[idx];
+                let req = Request::post(format!("{ep}{path}"))
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .body(Full::new(body.clone()))
+                    .map_err(|e| unavailable(format!("{ep}{path}: {e}")))?;
+                let fut = async {
+                    let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+                    let status = resp.status();
+                    let bytes = resp
+                        .into_body()
+                        .collect()
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .to_bytes();
+                    Ok::<_, String>((status, bytes))
+                };
+                let attempt = left.min(self.dial_timeout);
+                match tokio::time::timeout(attempt, fut).await {
+                    Err(_) => last_err = format!("{ep}: no answer within {attempt:?}"),
+                    Ok(Err(e)) => last_err = format!("{ep}: {e}"),
+                    Ok(Ok((status, bytes))) => {
+                        let v: Value = serde_json::from_slice(&bytes).unwrap_or_else(
+                            |_| json!({"message": String::from_utf8_lossy(&bytes).into_owned()}),
+                        );
+                        if status == StatusCode::OK {
+                            self.current.store(idx, Ordering::Relaxed);
+                            return Ok(v);
+                        }
+                        let msg = v
+                            .get("message")
+                            .or_else(|| v.get("error"))
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_owned();
+                        last_err = format!("{ep}: HTTP {status}: {msg}");
+                        if !(status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS) {
+                            return Err(unavailable(format!("etcd refused {path}: {last_err}")));
+                        }
                     }
                 }
             }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Err(unavailable(format!(
-            "no etcd endpoint answered {path}: {last_err}"
-        )))
     }
 
     /// Everything under the prefix, at one revision (paged).
