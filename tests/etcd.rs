@@ -714,4 +714,17 @@ async fn a_posture_report_to_one_replica_lets_requests_through_another() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     eprintln!("posture report on replica 2 -> request allowed on replica 1: {took:?}");
+
+    // The replicas' config, with a directory added next to etcd, is refused, naming the field.
+    let path = &r1.demo.env.config_path;
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(ztgate::config::load_str(&text, "r1", path.parent().unwrap()).is_ok());
+    let both = text.replace("state:\n", "state:\n  directory: state\n");
+    let err = ztgate::config::load_str(&both, "r1", path.parent().unwrap())
+        .expect_err("directory and etcd together are refused")
+        .to_string();
+    assert!(
+        err.contains("state") && err.contains("either directory or etcd, not both"),
+        "{err}"
+    );
 }
