@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use crate::authn::AuthnError;
 use crate::authz::AuthzError;
-use crate::posture::PostureError;
 use crate::body::{full, Body};
+use crate::posture::PostureError;
 use crate::proxy::UpstreamError;
 
 /// `metav1.Status`, as kube-apiserver writes it.
@@ -193,9 +193,9 @@ impl PipelineError {
             PipelineError::Posture(e @ PostureError::NoDevice) => {
                 Status::failure(StatusCode::UNAUTHORIZED, "Unauthorized", e.to_string())
             }
-            PipelineError::Posture(e @ (PostureError::WrongDevice { .. } | PostureError::NotAccepted(_))) => {
-                Status::failure(StatusCode::FORBIDDEN, "Forbidden", e.to_string())
-            }
+            PipelineError::Posture(
+                e @ (PostureError::WrongDevice { .. } | PostureError::NotAccepted(_)),
+            ) => Status::failure(StatusCode::FORBIDDEN, "Forbidden", e.to_string()),
             PipelineError::Posture(e @ PostureError::BadReport(_)) => {
                 Status::failure(StatusCode::BAD_REQUEST, "BadRequest", e.to_string())
             }
