@@ -484,3 +484,70 @@ pub fn upgrade_headers(data: &[u8]) {
     assert_eq!(values("impersonate-user"), [id.user()]);
     assert_eq!(values("impersonate-group"), id.groups());
 }
+
+/// Device posture reports as the gateway turns them into records: the first byte picks a
+/// self-report body as an agent posts it (even) or the claims of a signed report (odd).
+///
+/// Properties: the agent cannot date a record into the future; a record that validates
+/// survives the state store's JSON unchanged (what is persisted and shared with other replicas
+/// is what was decided on); its policy facts and audit summary are computed without panic.
+pub fn posture_report(data: &[u8]) {
+    use crate::state::{Posture, PostureRecord};
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let now = fuzz_now();
+    let (attributes, collected_at, source) = if mode % 2 == 0 {
+        let Ok(r) = serde_json::from_slice::<crate::posture::SelfReport>(rest) else {
+            return;
+        };
+        let at = r.collected_at.unwrap_or(now).min(now);
+        (r.attributes, at, crate::posture::SOURCE_SELF)
+    } else {
+        let Ok(Value::Object(claims)) = serde_json::from_slice::<Value>(rest) else {
+            return;
+        };
+        let Some(p) = claims.get("posture").filter(|v| v.is_object()) else {
+            return;
+        };
+        let Ok(p) = serde_json::from_value::<Posture>(p.clone()) else {
+            return;
+        };
+        (p, now, "mdm")
+    };
+    let rec = PostureRecord {
+        device_id: "laptop-1".into(),
+        attributes,
+        source: source.into(),
+        collected_at,
+        expires_at: collected_at + Duration::from_secs(3600),
+    };
+    assert!(rec.collected_at <= now);
+    if rec.validate().is_err() {
+        return;
+    }
+    let json = serde_json::to_string(&rec).expect("a valid record serializes");
+    let back: PostureRecord = serde_json::from_str(&json).expect("a stored record reads back");
+    assert_eq!(
+        back, rec,
+        "the record changed through the store's JSON: {json}"
+    );
+    let (facts, age) = crate::posture::facts(&rec, now);
+    assert_eq!(facts.self_reported, source == crate::posture::SOURCE_SELF);
+    assert!(age <= now.duration_since(UNIX_EPOCH).unwrap());
+    let _ = crate::posture::summary(&rec, now);
+}
+
+#[cfg(test)]
+mod tests {
+    /// Inputs the fuzzers found, kept as regression tests.
+    #[test]
+    fn posture_numbers_survive_the_store_exactly() {
+        // A big integer in a free-form fact was read back one ULP off before serde_json's
+        // `float_roundtrip`.
+        super::posture_report(
+            b"\x00{\"attributes\": {\"extra\": {\"x\": 0.1, \"y\": 0e+308, \"z\": -0.0, \
+              \"w\": 123456789012674538901234567890}}}",
+        );
+    }
+}
