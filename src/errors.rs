@@ -76,6 +76,35 @@ impl Status {
     }
 }
 
+// --- state store write failures (issue 9, tests/faults_disk.rs) ---
+/// A lock or posture write that the state store refused: 503, as kube-apiserver answers when its
+/// own storage cannot take a write, naming the cause an operator must fix (disk full, read-only)
+/// but never a path. Nothing was acknowledged; what is stored stays in force.
+fn store_write_failed(e: &crate::state::StoreError) -> Status {
+    use std::io::ErrorKind;
+    let crate::state::StoreError::Io { source, .. } = e else {
+        return Status::failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            "the gateway's state store cannot be written; try again",
+        );
+    };
+    let cause = match source.kind() {
+        ErrorKind::StorageFull | ErrorKind::QuotaExceeded => "its disk is full",
+        ErrorKind::ReadOnlyFilesystem => "its file system is read-only",
+        _ => "a disk write failed",
+    };
+    Status::failure(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "ServiceUnavailable",
+        format!(
+            "the gateway's state store could not save this change: {cause}; locks and posture \
+             already stored stay in force; try again later"
+        ),
+    )
+}
+// --- end state store write failures ---
+
 /// Everything that can stop a request inside the gateway, by the side that caused it.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -90,7 +119,7 @@ pub enum PipelineError {
     NotFound(&'static str),
     /// The state store (locks, posture) cannot be written (server side).
     #[error("state store unavailable: {0}")]
-    StoreUnavailable(String),
+    StoreUnavailable(crate::state::StoreError),
     /// A lock (revocation) matches the caller, its device or its token.
     #[error("locked: {0}")]
     Locked(String),
@@ -164,11 +193,7 @@ impl PipelineError {
                 "NotFound",
                 format!("{what} not found"),
             ),
-            PipelineError::StoreUnavailable(_) => Status::failure(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "ServiceUnavailable",
-                "the gateway's state store cannot be written; try again",
-            ),
+            PipelineError::StoreUnavailable(e) => store_write_failed(e),
             PipelineError::Locked(message) => Status::failure(
                 StatusCode::FORBIDDEN,
                 "Forbidden",
@@ -202,11 +227,7 @@ impl PipelineError {
             PipelineError::Posture(e @ PostureError::Superseded(_)) => {
                 Status::failure(StatusCode::CONFLICT, "Conflict", e.to_string())
             }
-            PipelineError::Posture(PostureError::Store(_)) => Status::failure(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "ServiceUnavailable",
-                "the gateway's state store cannot be written; try again",
-            ),
+            PipelineError::Posture(PostureError::Store(e)) => store_write_failed(e),
             PipelineError::Authz(e) => {
                 Status::failure(StatusCode::BAD_REQUEST, "BadRequest", e.to_string())
             }

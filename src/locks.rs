@@ -100,7 +100,7 @@ struct NewLock {
 
 fn store_error(e: crate::state::StoreError) -> PipelineError {
     tracing::error!(error = %e, "lock store write failed");
-    PipelineError::StoreUnavailable(e.to_string())
+    PipelineError::StoreUnavailable(e)
 }
 
 /// Serves `GET /v1/locks`, `POST /v1/locks`, `DELETE /v1/locks/<id>` for an authorized caller.

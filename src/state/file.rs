@@ -3,7 +3,9 @@
 //! Files in the directory:
 //!
 //! - `state.log`: one line per committed write, `L1 <revision> <length> <sha256> <json>\n`,
-//!   appended and fdatasync'd before the write is acknowledged;
+//!   appended and fdatasync'd before the write is acknowledged. It is opened for each write and
+//!   closed after it: between writes the store holds no file of the directory open for writing,
+//!   so the file system can be remounted read-only under a running gateway;
 //! - `state.snapshot`: one line, `S1 <revision> <length> <sha256> <json>\n`, the whole state at
 //!   `revision`, replaced atomically (temp file, fsync, rename, directory fsync) by compaction;
 //! - `LOCK`: the pid (and start time) of the process that has the directory open.
@@ -11,6 +13,14 @@
 //! The checksum covers the header before it and the JSON. `docs/state.md` explains why a torn
 //! write can only be the last line, which is why a bad last line is cut off (with a warning)
 //! while a bad line anywhere else stops the open.
+//!
+//! A write that fails (disk full, file system read-only, I/O error) is not acknowledged, and
+//! the in-memory view keeps what is on disk. When the log can be cut back to its last
+//! acknowledged record, the next write simply tries again. When it cannot (or the error was
+//! not a plain "no space" / "read-only"), the next write first rewrites everything from the
+//! in-memory view (snapshot, then an empty log) — the repair — and only then appends. So the
+//! store recovers by itself once space is freed or the file system is writable again; no
+//! restart is needed (`docs/hardening.md`, tests/faults_disk.rs).
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -72,10 +82,11 @@ struct Inner {
 
 #[derive(Debug)]
 struct Writer {
-    log: File,
+    /// Bytes of acknowledged records in the log.
     log_len: u64,
-    /// Set after a write whose outcome on disk is unknown; writes are refused until reopen.
-    poisoned: Option<String>,
+    /// Why the log may hold more (or other) bytes than the acknowledged records, after a write
+    /// that failed and could not be cut back: the next write repairs first (see the module doc).
+    repair: Option<String>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -131,14 +142,14 @@ impl FileStore {
         for (rev, op) in replay.ops {
             view.apply(rev, op);
         }
+        drop(log);
 
         let store = FileStore {
             inner: Arc::new(Inner {
                 view,
                 writer: Mutex::new(Writer {
-                    log,
                     log_len,
-                    poisoned: None,
+                    repair: None,
                 }),
                 dir,
                 options,
@@ -149,8 +160,11 @@ impl FileStore {
             let mut w = lock_ignoring_poison(&store.inner.writer);
             if replay.skipped || w.log_len > store.inner.options.compact_log_bytes {
                 // A compaction interrupted after its snapshot leaves records the snapshot
-                // already holds; finishing it now keeps replay short.
-                store.inner.compact_locked(&mut w)?;
+                // already holds; finishing it now keeps replay short. Not finishing it (a full
+                // disk) loses nothing: the records are valid where they are.
+                if let Err(e) = store.inner.compact_locked(&mut w) {
+                    tracing::warn!(error = %e, "state store compaction at open failed; will retry");
+                }
             }
         }
         tracing::info!(
@@ -183,9 +197,6 @@ impl FileStore {
 impl Inner {
     fn commit(&self, op: Op) -> Result<Option<(Revision, Option<Removed>)>, StoreError> {
         let mut w = lock_ignoring_poison(&self.writer);
-        if let Some(why) = &w.poisoned {
-            return Err(StoreError::Poisoned(why.clone()));
-        }
         let removed = self.view.existing(&op);
         if matches!(op, Op::DeleteLock { .. } | Op::DeletePosture { .. }) && removed.is_none() {
             return Ok(None);
@@ -200,16 +211,36 @@ impl Inner {
         }
         let line = encode(LOG_TAG, revision, &json);
         let path = self.dir.join(LOG_FILE);
-        let written = w.log.write_all(&line).and_then(|()| w.log.sync_data());
+        let mut log = self.open_log(&mut w)?;
+        let written = log.write_all(&line).and_then(|()| log.sync_data());
         if let Err(e) = written {
-            // fsync failing can leave the kernel's view of the file and the disk's disagreeing;
-            // do not append after it. Cutting back is best effort: replay at the next open
-            // cuts a partial record anyway.
-            let old_len = w.log_len;
-            let _ = w.log.set_len(old_len).and_then(|()| w.log.sync_all());
-            w.poisoned = Some(format!("appending to {}: {e}", path.display()));
+            // Cut the log back to its acknowledged records. After an error other than "no
+            // space" or "read-only" (EIO from fsync), the kernel's view of the file and the
+            // disk's may disagree: rewrite everything before the next append, even if the cut
+            // worked.
+            let cut = log
+                .set_len(w.log_len)
+                .and_then(|()| log.sync_all())
+                .err()
+                .map(|c| format!("appending failed ({e}); cutting the log back failed ({c})"));
+            let plain = matches!(
+                e.kind(),
+                io::ErrorKind::StorageFull
+                    | io::ErrorKind::QuotaExceeded
+                    | io::ErrorKind::ReadOnlyFilesystem
+            );
+            if let Some(why) = cut.or_else(|| (!plain).then(|| format!("appending failed ({e})"))) {
+                w.repair = Some(why);
+            }
+            tracing::warn!(
+                path = %path.display(),
+                error = %e,
+                repair_pending = w.repair.is_some(),
+                "state store write failed; the change was not acknowledged"
+            );
             return Err(io_err(&path)(e));
         }
+        drop(log);
         w.log_len += line.len() as u64;
         self.view.apply(revision, op);
         if w.log_len > self.options.compact_log_bytes {
@@ -221,12 +252,34 @@ impl Inner {
         Ok(Some((revision, removed)))
     }
 
-    /// Writes a snapshot of everything in force and empties the log. Holds the writer mutex
-    /// throughout, so the log never holds a record newer than the snapshot being written.
-    fn compact_locked(&self, w: &mut Writer) -> Result<(), StoreError> {
-        if let Some(why) = &w.poisoned {
-            return Err(StoreError::Poisoned(why.clone()));
+    /// Opens the log for one append, after repairing it if an earlier failure (or anything
+    /// else) left it different from the acknowledged records.
+    fn open_log(&self, w: &mut Writer) -> Result<File, StoreError> {
+        let path = self.dir.join(LOG_FILE);
+        for _ in 0..2 {
+            if w.repair.is_some() {
+                self.compact_locked(w)?;
+            }
+            let log = open_private(OpenOptions::new().append(true).create(true))
+                .open(&path)
+                .map_err(io_err(&path))?;
+            let len = log.metadata().map_err(io_err(&path))?.len();
+            if len == w.log_len {
+                return Ok(log);
+            }
+            w.repair = Some(format!("the log is {len} bytes, {} expected", w.log_len));
         }
+        Err(StoreError::Io {
+            path: path.display().to_string(),
+            source: io::Error::other(w.repair.clone().unwrap_or_default()),
+        })
+    }
+
+    /// Writes a snapshot of everything in force and empties the log. Holds the writer mutex
+    /// throughout, so the log never holds a record newer than the snapshot being written. This
+    /// is also the repair after a failed write: the snapshot comes from the in-memory view,
+    /// which holds exactly the acknowledged writes.
+    fn compact_locked(&self, w: &mut Writer) -> Result<(), StoreError> {
         let now = SystemTime::now();
         self.view.prune(now);
         let (revision, state) = {
@@ -238,26 +291,42 @@ impl Inner {
 
         let tmp = self.dir.join(SNAPSHOT_TMP);
         let snap = self.dir.join(SNAPSHOT_FILE);
-        {
+        let written = (|| {
             let mut f = open_private(OpenOptions::new().write(true).create(true).truncate(true))
                 .open(&tmp)
                 .map_err(io_err(&tmp))?;
             f.write_all(&frame).map_err(io_err(&tmp))?;
             f.sync_all().map_err(io_err(&tmp))?;
+            drop(f);
+            fs::rename(&tmp, &snap).map_err(io_err(&snap))
+        })();
+        if let Err(e) = written {
+            // A partial snapshot must not keep the space a full disk needs back.
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
         }
-        fs::rename(&tmp, &snap).map_err(io_err(&snap))?;
         // Until the rename is durable the old snapshot may come back after a crash, and it needs
-        // the log: only empty the log after this.
+        // the log: only empty the log after this. (Either snapshot with the log as it is reads
+        // back as the same state: records the new snapshot holds are skipped at replay.)
         sync_dir(&self.dir)?;
 
         let log_path = self.dir.join(LOG_FILE);
-        let truncated = w.log.set_len(0).and_then(|()| w.log.sync_all());
-        if let Err(e) = truncated {
-            w.poisoned = Some(format!("emptying {}: {e}", log_path.display()));
+        let emptied = open_private(OpenOptions::new().write(true).create(true))
+            .open(&log_path)
+            .and_then(|log| {
+                log.set_len(0)?;
+                log.sync_all()
+            });
+        if let Err(e) = emptied {
+            w.repair = Some(format!("emptying the log after a snapshot failed ({e})"));
             return Err(io_err(&log_path)(e));
         }
+        sync_dir(&self.dir)?;
         let before = w.log_len;
         w.log_len = 0;
+        if let Some(why) = w.repair.take() {
+            tracing::info!(revision, after = %why, "state store repaired: snapshot rewritten, log emptied");
+        }
         tracing::debug!(
             revision,
             log_bytes_before = before,
