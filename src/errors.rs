@@ -76,6 +76,10 @@ impl Status {
     }
 }
 
+/// What a client is told when the gateway cannot confirm its locks and posture are current.
+pub const STATE_STALE_MESSAGE: &str = "the gateway cannot confirm that its locks and device \
+     posture are current (its shared state store is unreachable), so it refuses; try again later";
+
 // --- state store write failures (issue 9, tests/faults_disk.rs) ---
 /// A lock or posture write that the state store refused: 503, as kube-apiserver answers when its
 /// own storage cannot take a write, naming the cause an operator must fix (disk full, read-only)
@@ -120,6 +124,10 @@ pub enum PipelineError {
     /// The state store (locks, posture) cannot be written (server side).
     #[error("state store unavailable: {0}")]
     StoreUnavailable(crate::state::StoreError),
+    /// The shared state store has not confirmed this replica's view of locks and posture for
+    /// longer than `state.etcd.maxStaleness`: decisions that need them fail closed (server side).
+    #[error("state not confirmed current: {0}")]
+    StateStale(String),
     /// A lock (revocation) matches the caller, its device or its token.
     #[error("locked: {0}")]
     Locked(String),
@@ -162,6 +170,7 @@ impl PipelineError {
             PipelineError::Posture(_) => "posture_refused",
             PipelineError::NotFound(_) => "not_found",
             PipelineError::StoreUnavailable(_) => "store_unavailable",
+            PipelineError::StateStale(_) => "state_stale",
             PipelineError::BadRequest(_) => "bad_request",
             PipelineError::BodyTooLarge { .. } => "body_too_large",
             PipelineError::TooManyRequests => "throttled",
@@ -194,6 +203,18 @@ impl PipelineError {
                 format!("{what} not found"),
             ),
             PipelineError::StoreUnavailable(e) => store_write_failed(e),
+            PipelineError::StateStale(_) => {
+                let mut s = Status::failure(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    STATE_STALE_MESSAGE,
+                );
+                s.details = Some(StatusDetails {
+                    retry_after_seconds: Some(5),
+                    ..Default::default()
+                });
+                s
+            }
             PipelineError::Locked(message) => Status::failure(
                 StatusCode::FORBIDDEN,
                 "Forbidden",

@@ -49,6 +49,7 @@ fn why(lock: &Lock) -> crate::streams::CloseReason {
 /// Closes live streams as soon as a lock that matches them is written (by this replica or, with
 /// a shared store, any other).
 pub fn spawn_enforcer(gw: Arc<Gateway>, stop: tokio_util::sync::CancellationToken) {
+    spawn_staleness_guard(gw.clone(), stop.clone());
     let mut changes = gw.store.subscribe();
     tokio::spawn(async move {
         loop {
@@ -83,6 +84,45 @@ pub fn spawn_enforcer(gw: Arc<Gateway>, stop: tokio_util::sync::CancellationToke
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }
+        }
+    });
+}
+
+/// How often the state store's health is looked at.
+const HEALTH_TICK: Duration = Duration::from_millis(200);
+
+/// Watches the state store's health: logs when a shared store stops (and starts again)
+/// confirming its view, and once it is stale closes every live stream, as the pipeline refuses
+/// new requests: a lock written meanwhile could not be seen here.
+fn spawn_staleness_guard(gw: Arc<Gateway>, stop: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(HEALTH_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = crate::state::StoreHealth::Current;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let health = gw.store.health();
+            if health.is_stale() {
+                let n = gw.streams.close_matching(
+                    |_| true,
+                    &crate::streams::CloseReason::unavailable(crate::errors::STATE_STALE_MESSAGE),
+                );
+                if !last.is_stale() {
+                    tracing::error!(
+                        state = %health,
+                        streams_closed = n,
+                        "state store stale: refusing requests and closing live streams"
+                    );
+                }
+            } else if !health.is_current() && last.is_current() {
+                tracing::warn!(state = %health, "state store not confirmed current: not ready");
+            } else if health.is_current() && !last.is_current() {
+                tracing::info!("state store confirmed current again: ready");
+            }
+            last = health;
         }
     });
 }

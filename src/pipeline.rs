@@ -69,7 +69,7 @@ struct Trace {
     impersonated: Option<String>,
     identity: Option<Arc<Identity>>,
     impersonated_identity: Option<Arc<Identity>>,
-    info: Option<RequestInfo>,
+    info: Option<Arc<RequestInfo>>,
     /// (decision, reason, determining policies) when policy decided.
     decision: Option<(crate::audit::event::Decision, String, String)>,
     /// Set for streams, to record ResponseComplete when they end.
@@ -126,7 +126,11 @@ pub async fn handle(
     // One audit ID per request, sent upstream so kube-apiserver's events carry the same ID.
     // A client's own Audit-ID is replaced: it must not be able to pick the ID of another event.
     let audit_id = crate::audit::Auditor::new_audit_id();
-    let audit_id_value = HeaderValue::from_str(&audit_id).expect("a UUID is a header value");
+    let mut audit_id_value = HeaderValue::from_str(&audit_id).expect("a UUID is a header value");
+    // Unique per request: never worth a place in an HPACK dynamic table, where it would evict
+    // the headers that do repeat and lengthen every later look-up (h2 skips indexing for
+    // values marked sensitive). It is not a secret.
+    audit_id_value.set_sensitive(true);
     req.headers_mut().insert("audit-id", audit_id_value.clone());
     let user_agent = req
         .headers()
@@ -190,16 +194,27 @@ pub async fn handle(
         )
         .await;
     }
-    tracing::info!(
-        method = %method,
-        path = uri.path(),
-        user = trace.user.as_deref().unwrap_or(""),
-        impersonated = trace.impersonated.as_deref().unwrap_or(""),
-        code,
-        outcome,
-        ms = took.as_secs_f64() * 1000.0,
-        "request"
-    );
+    // The request line says what the audit event says: at debug when there is an audit log.
+    macro_rules! request_line {
+        ($level:expr) => {
+            tracing::event!(
+                $level,
+                method = %method,
+                path = uri.path(),
+                user = trace.user.as_deref().unwrap_or(""),
+                impersonated = trace.impersonated.as_deref().unwrap_or(""),
+                code,
+                outcome,
+                ms = took.as_secs_f64() * 1000.0,
+                "request"
+            )
+        };
+    }
+    if gw.auditor.is_enabled() {
+        request_line!(tracing::Level::DEBUG);
+    } else {
+        request_line!(tracing::Level::INFO);
+    }
     Ok(resp)
 }
 
@@ -220,7 +235,7 @@ struct AuditFacts<'a> {
 async fn audit(gw: &Arc<Gateway>, trace: &Trace, f: AuditFacts<'_>) {
     use crate::audit::event::{EventParts, ResponseInfo, Stage, UserInfo};
     let subject = trace.identity.as_deref().map(crate::audit::Subject::from);
-    let policy = gw.auditor.decide(subject, trace.info.as_ref());
+    let policy = gw.auditor.decide(subject, trace.info.as_deref());
     if policy.level == crate::audit::Level::None {
         return;
     }
@@ -234,7 +249,7 @@ async fn audit(gw: &Arc<Gateway>, trace: &Trace, f: AuditFacts<'_>) {
     parts.source_ips = &source_ips;
     parts.identity = trace.identity.as_deref();
     parts.impersonated = impersonated.as_ref();
-    parts.request_info = trace.info.as_ref();
+    parts.request_info = trace.info.as_deref();
     parts.response = Some(ResponseInfo {
         code: f.code,
         reason: f.status.map(|s| s.0.as_str()),
@@ -357,7 +372,13 @@ async fn run(
     let device = device_of(gw, conn, now);
     trace.device_id = device.as_ref().map(|d| d.id.clone());
 
-    // 4c. Locks (revocation) on the caller, its groups, its device or its token.
+    // 4c. Locks (revocation) on the caller, its groups, its device or its token, from a view
+    // known to be current: a replica whose shared store has not confirmed it for longer than
+    // `state.etcd.maxStaleness` fails closed (a lock written meanwhile may be missing).
+    let health = gw.store.health();
+    if health.is_stale() {
+        return Err(PipelineError::StateStale(health.to_string()));
+    }
     let lock = gw.store.matches(&crate::state::LockSubject {
         user: Some(identity.user()),
         groups: identity.groups(),
@@ -369,15 +390,19 @@ async fn run(
         return Err(PipelineError::Locked(lock.message));
     }
 
-    trace.subject = Some(crate::streams::StreamSubject {
-        user: identity.user().to_owned(),
-        groups: identity.groups().to_vec(),
-        device: trace.device_id.clone(),
-        token_id: identity.facts().token_id.clone(),
-    });
+    // Who holds a stream (only streams need it).
+    if !matches!(shape, RequestShape::Unary) {
+        trace.subject = Some(crate::streams::StreamSubject {
+            user: identity.user().to_owned(),
+            groups: identity.groups().to_vec(),
+            device: trace.device_id.clone(),
+            token_id: identity.facts().token_id.clone(),
+        });
+    }
 
     // 5. What kube-apiserver will act on.
     let info = request_info(req.method(), req.uri().path(), req.uri().query())
+        .map(Arc::new)
         .map_err(|e| PipelineError::BadRequest(e.to_string().into()))?;
     if gw.auditor.is_enabled() {
         trace.info = Some(info.clone());
@@ -402,7 +427,7 @@ async fn run(
     };
     let method = req.method().clone();
     let ctx = RequestContext {
-        info: &info,
+        info: &*info,
         device: device.as_ref(),
         method: &method,
         websocket: is_websocket(req.headers()),
@@ -618,7 +643,7 @@ pub(crate) struct StreamCheck {
     /// The authenticated caller (before `kubectl --as`).
     caller: Arc<Identity>,
     impersonation: Option<ImpersonationRequest>,
-    info: RequestInfo,
+    info: Arc<RequestInfo>,
     method: Method,
     websocket: bool,
     source_ip: std::net::IpAddr,
@@ -634,6 +659,9 @@ impl crate::streams::Recheck for StreamCheck {
         let Some(gw) = self.gw.upgrade() else {
             return Verdict::Keep { until: None };
         };
+        if gw.store.health().is_stale() {
+            return Verdict::Close(CloseReason::unavailable(crate::errors::STATE_STALE_MESSAGE));
+        }
         let mut until = self.caller.expires_at();
         if until.is_some_and(|t| now >= t) {
             return Verdict::Close(CloseReason::unauthorized(

@@ -107,6 +107,7 @@ impl Gateway {
         !self.is_draining()
             && self.upstream_ready.load(Ordering::Relaxed)
             && self.issuers_not_loaded().is_empty()
+            && self.store.health().is_current()
     }
 
     /// `/readyz`, in kube-apiserver's verbose style.
@@ -120,6 +121,22 @@ impl Gateway {
         }
         if !self.upstream_ready.load(Ordering::Relaxed) {
             text.push_str(&format!("[-]upstream: {}\n", self.upstream_status.load()));
+        }
+        // Without the reason (it names etcd members); the log has it.
+        match self.store.health() {
+            crate::state::StoreHealth::Current => {}
+            crate::state::StoreHealth::Lagging {
+                unconfirmed_for, ..
+            } => text.push_str(&format!(
+                "[-]state store: not confirmed current for {}s\n",
+                unconfirmed_for.as_secs()
+            )),
+            crate::state::StoreHealth::Stale {
+                unconfirmed_for, ..
+            } => text.push_str(&format!(
+                "[-]state store: stale for {}s, failing closed\n",
+                unconfirmed_for.as_secs()
+            )),
         }
         for issuer in self.issuers_not_loaded() {
             text.push_str(&format!("[-]oidc issuer {issuer}: keys not loaded yet\n"));
@@ -723,7 +740,11 @@ async fn serve_connection(
         let activity = activity.clone();
         hyper::service::service_fn(move |req: Request<Incoming>| {
             let active = activity.begin();
-            let handled = pipeline::handle(gw.clone(), conn.clone(), req);
+            // Boxed: the pipeline's future is large, and hyper keeps each HTTP/2 stream's task
+            // (sized for its largest state) for as long as the response body streams — a
+            // watch would hold all of it for hours. Boxed, it is freed once the response
+            // head is out, and spawning moves a pointer instead of the whole future.
+            let handled = Box::pin(pipeline::handle(gw.clone(), conn.clone(), req));
             async move {
                 let resp = handled.await?;
                 Ok::<_, std::convert::Infallible>(resp.map(|body| ActiveBody {

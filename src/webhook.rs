@@ -108,7 +108,26 @@ pub async fn serve(
     let caller = hook.caller.as_str();
     match hook.kind {
         Kind::TokenReview => {
-            let (code, v) = crate::authn::tokenreview::review(&gw.oidc, &body, hook.version).await;
+            // A locked caller is not authenticated to kube-apiserver either; and when this
+            // replica cannot confirm its locks are current, nobody is (fail closed).
+            let admit = |id: &crate::authn::Identity| {
+                let health = gw.store.health();
+                if health.is_stale() {
+                    return Err(format!("state store {health}"));
+                }
+                match gw.store.matches(&crate::state::LockSubject {
+                    user: Some(id.user()),
+                    groups: id.groups(),
+                    device: None,
+                    token_id: id.facts().token_id.as_deref(),
+                    session: None,
+                }) {
+                    Some(lock) => Err(format!("locked by lock {}", lock.id)),
+                    None => Ok(()),
+                }
+            };
+            let (code, v) =
+                crate::authn::tokenreview::review_with(&gw.oidc, &body, hook.version, &admit).await;
             tracing::info!(
                 caller,
                 authenticated = v["status"]["authenticated"].as_bool().unwrap_or(false),

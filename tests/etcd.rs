@@ -37,6 +37,8 @@ fn free_port() -> u16 {
 /// plain http), its members killed on drop.
 struct Etcd {
     members: Vec<Option<Child>>,
+    /// Each member's command line, to restart it after a kill.
+    args: Vec<Vec<String>>,
     _dir: tempfile::TempDir,
     /// The first member's client URL.
     url: String,
@@ -86,37 +88,32 @@ impl Etcd {
             .map(|(i, p)| format!("m{i}={p}"))
             .collect::<Vec<_>>()
             .join(",");
-        let members = (0..n)
+        let args: Vec<Vec<String>> = (0..n)
             .map(|i| {
-                let log = std::fs::File::create(dir.path().join(format!("etcd-m{i}.log"))).unwrap();
-                let child = Command::new("etcd")
-                    .arg(format!("--name=m{i}"))
-                    .arg(format!(
-                        "--data-dir={}",
-                        dir.path().join(format!("m{i}")).display()
-                    ))
-                    .arg(format!("--listen-client-urls={}", urls[i]))
-                    .arg(format!("--advertise-client-urls={}", urls[i]))
-                    .arg(format!("--listen-peer-urls={}", peers[i]))
-                    .arg(format!("--initial-advertise-peer-urls={}", peers[i]))
-                    .arg(format!("--initial-cluster={cluster}"))
-                    .arg("--initial-cluster-state=new")
-                    .arg("--initial-cluster-token=ztgate-test")
-                    .arg(format!("--cert-file={}", srv_crt.display()))
-                    .arg(format!("--key-file={}", srv_key.display()))
-                    .arg(format!("--trusted-ca-file={}", ca_file.display()))
-                    .arg("--client-cert-auth")
-                    .arg("--log-level=warn")
-                    .stdin(Stdio::null())
-                    .stdout(log.try_clone().unwrap())
-                    .stderr(log)
-                    .spawn()
-                    .expect("etcd runs (scripts/install-test-deps installs etcd-server)");
-                Some(child)
+                vec![
+                    format!("--name=m{i}"),
+                    format!("--data-dir={}", dir.path().join(format!("m{i}")).display()),
+                    format!("--listen-client-urls={}", urls[i]),
+                    format!("--advertise-client-urls={}", urls[i]),
+                    format!("--listen-peer-urls={}", peers[i]),
+                    format!("--initial-advertise-peer-urls={}", peers[i]),
+                    format!("--initial-cluster={cluster}"),
+                    "--initial-cluster-state=new".into(),
+                    "--initial-cluster-token=ztgate-test".into(),
+                    format!("--cert-file={}", srv_crt.display()),
+                    format!("--key-file={}", srv_key.display()),
+                    format!("--trusted-ca-file={}", ca_file.display()),
+                    "--client-cert-auth".into(),
+                    "--log-level=warn".into(),
+                ]
             })
+            .collect();
+        let members = (0..n)
+            .map(|i| Some(spawn_member(dir.path(), i, &args[i])))
             .collect();
         Etcd {
             members,
+            args,
             url: urls[0].clone(),
             urls,
             ca_pem: ca.cert_pem(),
@@ -126,6 +123,12 @@ impl Etcd {
             key_file,
             _dir: dir,
         }
+    }
+
+    /// Starts member `i` again after [`Etcd::kill`], on its data directory.
+    fn restart(&mut self, i: usize) {
+        assert!(self.members[i].is_none(), "member {i} is running");
+        self.members[i] = Some(spawn_member(self._dir.path(), i, &self.args[i]));
     }
 
     /// The index of the member that is the raft leader now.
@@ -155,8 +158,13 @@ impl Etcd {
 
     /// The `state.etcd` block for these endpoints (YAML, starting at `etcd:`).
     fn yaml(&self, endpoints: &[String], prefix: &str) -> String {
+        self.yaml_with(endpoints, prefix, "  dialTimeout: 2s\n")
+    }
+
+    /// [`Etcd::yaml`] with other settings (`extra`: lines indented by two spaces).
+    fn yaml_with(&self, endpoints: &[String], prefix: &str, extra: &str) -> String {
         format!(
-            "etcd:\n  endpoints: {endpoints:?}\n  keyPrefix: {prefix}\n  caFile: \"{}\"\n  certFile: \"{}\"\n  keyFile: \"{}\"\n  dialTimeout: 2s\n",
+            "etcd:\n  endpoints: {endpoints:?}\n  keyPrefix: {prefix}\n  caFile: \"{}\"\n  certFile: \"{}\"\n  keyFile: \"{}\"\n{extra}",
             self.ca_file.display(),
             self.cert_file.display(),
             self.key_file.display()
@@ -206,6 +214,21 @@ impl Etcd {
         )
         .await;
     }
+}
+
+fn spawn_member(dir: &std::path::Path, i: usize, args: &[String]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("etcd-m{i}.log")))
+        .unwrap();
+    Command::new("etcd")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("etcd runs (scripts/install-test-deps installs etcd-server)")
 }
 
 impl Drop for Etcd {
@@ -521,13 +544,20 @@ struct Replicas {
     users: DevIssuer,
     device_ca: Ca,
     _dir: tempfile::TempDir,
-    _etcd: Etcd,
+    etcd: Etcd,
 }
 
+/// `n` gateway replicas on a one-member etcd.
 async fn replicas(n: usize) -> Replicas {
-    let etcd = Etcd::start();
+    replicas_with(n, 1, "  dialTimeout: 2s\n").await
+}
+
+/// `n` gateway replicas, each with its own stand-in kube-apiserver, sharing an etcd cluster of
+/// `members` (every replica lists all of them), with `extra` in their `state.etcd`.
+async fn replicas_with(n: usize, members: usize, extra: &str) -> Replicas {
+    let etcd = Etcd::start_cluster(members);
     // Wait until etcd answers before the gateways start.
-    drop(etcd.store(std::slice::from_ref(&etcd.url), "/gw").await);
+    drop(etcd.store(&etcd.urls, "/gw").await);
     let users = DevIssuer::start(&Ca::new("users-idp-ca")).await.unwrap();
     let device_ca = Ca::new("device-ca");
     let dir = tempfile::tempdir().unwrap();
@@ -549,14 +579,14 @@ async fn replicas(n: usize) -> Replicas {
                     "posture:\n  required: true\n  selfReports:\n    ttl: 10m\n".into(),
                 ),
                 policies: vec![dir.path().join("p.cedar")],
-                state_etcd_yaml: Some(etcd.yaml(std::slice::from_ref(&etcd.url), "/gw")),
+                state_etcd_yaml: Some(etcd.yaml_with(&etcd.urls, "/gw", extra)),
                 ..Default::default()
             })
             .await,
         );
     }
     Replicas {
-        _etcd: etcd,
+        etcd,
         users,
         device_ca,
         _dir: dir,
@@ -589,15 +619,16 @@ async fn drain(body: hyper::body::Incoming) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lock_through_one_replica_closes_a_watch_on_another_and_refuses_requests_there() {
-    let rs = replicas(2).await;
-    let (r1, r2) = (&rs.r[0], &rs.r[1]);
+async fn a_lock_through_replica_1_closes_a_watch_on_replica_3_and_refuses_requests_on_all_three() {
+    // Three replicas on a three-member etcd cluster.
+    let rs = replicas_with(3, 3, "  dialTimeout: 2s\n").await;
+    let (r1, r2, r3) = (&rs.r[0], &rs.r[1], &rs.r[2]);
     let admin = r1.demo.env.pki.user("sec-admin", &["security"]);
     let mut latencies = Vec::new();
     for round in 0..3 {
-        let alice = r2.client(None, round % 2 == 0);
+        let alice = r3.client(None, round % 2 == 0);
         let watch = alice
-            .request(rs.bearer(r2, "alice", &["team-a"], WATCH))
+            .request(rs.bearer(r3, "alice", &["team-a"], WATCH))
             .await
             .unwrap();
         assert_eq!(watch.status(), 200);
@@ -614,7 +645,7 @@ async fn a_lock_through_one_replica_closes_a_watch_on_another_and_refuses_reques
         assert_eq!(code, 201, "{body}");
         let text = tokio::time::timeout(Duration::from_secs(2), reader)
             .await
-            .expect("the watch on replica 2 was closed")
+            .expect("the watch on replica 3 was closed")
             .unwrap();
         latencies.push(t.elapsed());
         let last: Value = serde_json::from_str(text.lines().last().unwrap_or_default())
@@ -623,8 +654,8 @@ async fn a_lock_through_one_replica_closes_a_watch_on_another_and_refuses_reques
         assert_eq!(last["object"]["code"], 403, "{text}");
         assert!(text.contains("incident 7"), "{text}");
 
-        // New requests on both replicas are refused.
-        for r in [r1, r2] {
+        // New requests on all three replicas are refused.
+        for r in [r1, r2, r3] {
             let (code, _, body) = send(
                 &r.client(None, false),
                 rs.bearer(r, "alice", &["team-a"], PODS),
@@ -667,7 +698,7 @@ async fn a_lock_through_one_replica_closes_a_watch_on_another_and_refuses_reques
         }
     }
     latencies.sort();
-    eprintln!("lock on replica 1 -> watch closed on replica 2: {latencies:?}");
+    eprintln!("lock on replica 1 -> watch closed on replica 3: {latencies:?}");
     assert!(
         latencies.iter().all(|d| *d < Duration::from_secs(1)),
         "{latencies:?}"
@@ -726,5 +757,209 @@ async fn a_posture_report_to_one_replica_lets_requests_through_another() {
     assert!(
         err.contains("state") && err.contains("either directory or etcd, not both"),
         "{err}"
+    );
+}
+
+// --- quorum lost and regained ---
+
+async fn readyz(h: &Harness) -> (u16, String) {
+    let (code, _, body) = send(&h.client(None, false), get(&h.uri("/readyz?verbose"))).await;
+    (code, body)
+}
+
+/// Adds a lock through `h`, as its security admin.
+async fn post_lock(h: &Harness, user: &str, message: &str) -> (u16, String) {
+    let admin = h.demo.env.pki.user("sec-admin", &["security"]);
+    let body = json!({"target": {"kind": "user", "value": user}, "message": message});
+    let req = Request::post(h.uri("/v1/locks"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let (code, _, body) = send(&h.client(Some(&admin), false), req).await;
+    (code, body)
+}
+
+/// Polls `f` every 50 ms until it is true, for at most `within`; how long it took.
+async fn until<F, Fut>(within: Duration, what: &str, mut f: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let t = Instant::now();
+    loop {
+        if f().await {
+            return t.elapsed();
+        }
+        assert!(t.elapsed() < within, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_quorum_makes_replicas_not_ready_refuses_writes_then_fails_closed_and_all_resumes() {
+    const MAX_STALENESS: Duration = Duration::from_secs(6);
+    let mut rs = replicas_with(
+        3,
+        3,
+        "  dialTimeout: 1s\n  heartbeatInterval: 200ms\n  maxStaleness: 6s\n",
+    )
+    .await;
+    let code_of = |rs: &Replicas, i: usize, user: &'static str| {
+        let req = rs.bearer(&rs.r[i], user, &["team-a"], PODS);
+        let client = rs.r[i].client(None, false);
+        async move { send(&client, req).await }
+    };
+
+    // A lock written before the outage, in force on every replica.
+    let (code, body) = post_lock(&rs.r[0], "mallory", "before the outage").await;
+    assert_eq!(code, 201, "{body}");
+    for i in 0..3 {
+        until(
+            Duration::from_secs(1),
+            "the lock reached every replica",
+            || async { code_of(&rs, i, "mallory").await.0 == 403 },
+        )
+        .await;
+    }
+    // Alice's watch through replica 2.
+    let watch = rs.r[1]
+        .client(None, false)
+        .request(rs.bearer(&rs.r[1], "alice", &["team-a"], WATCH))
+        .await
+        .unwrap();
+    assert_eq!(watch.status(), 200);
+    let reader = tokio::spawn(drain(watch.into_body()));
+
+    // One member (not the leader) down: quorum kept, nothing changes.
+    let leader = rs.etcd.leader().await;
+    let follower = (leader + 1) % 3;
+    rs.etcd.kill(follower);
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(3) {
+        for h in &rs.r {
+            let (code, body) = readyz(h).await;
+            assert_eq!(code, 200, "one member down: {body}");
+        }
+        assert_eq!(code_of(&rs, 0, "alice").await.0, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, body) = post_lock(&rs.r[2], "bob", "one member down").await;
+    assert_eq!(code, 201, "a write with one member down: {body}");
+    until(
+        Duration::from_secs(1),
+        "bob's lock reached replica 1",
+        || async { code_of(&rs, 0, "bob").await.0 == 403 },
+    )
+    .await;
+    assert!(
+        !reader.is_finished(),
+        "alice's watch ended with one member down"
+    );
+
+    // The leader down too: quorum lost.
+    rs.etcd.kill(leader);
+    let lost = Instant::now();
+    for h in &rs.r {
+        until(
+            Duration::from_secs(5),
+            "replicas report not-ready",
+            || async {
+                let (code, body) = readyz(h).await;
+                code == 503 && body.contains("[-]state store: not confirmed current")
+            },
+        )
+        .await;
+    }
+    let not_ready = lost.elapsed();
+    // Within the bound, decisions still come from the last view: alice in, mallory locked.
+    let (code, _, body) = code_of(&rs, 0, "alice").await;
+    assert_eq!(
+        code, 200,
+        "within maxStaleness the last view decides: {body}"
+    );
+    let (code, _, body) = code_of(&rs, 2, "mallory").await;
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("before the outage"), "{body}");
+    // Writes are refused with a clear 503, quickly.
+    let t = Instant::now();
+    let (code, body) = post_lock(&rs.r[0], "carol", "during the outage").await;
+    let refused_in = t.elapsed();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("state store cannot be written"), "{body}");
+    assert!(
+        refused_in < Duration::from_secs(3),
+        "write refused after {refused_in:?}"
+    );
+
+    // Past maxStaleness: alice's watch is closed with a 503 Status, and requests fail closed.
+    let text = tokio::time::timeout(MAX_STALENESS + Duration::from_secs(4), reader)
+        .await
+        .expect("the watch was closed once the state went stale")
+        .unwrap();
+    let closed = lost.elapsed();
+    let last: Value = serde_json::from_str(text.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(last["type"], "ERROR", "{text}");
+    assert_eq!(last["object"]["code"], 503, "{text}");
+    assert!(
+        last["object"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cannot confirm that its locks and device posture are current"),
+        "{text}"
+    );
+    for i in 0..3 {
+        // Each replica's bound runs from its own last confirmation (they differ by a heartbeat).
+        until(
+            Duration::from_secs(3),
+            "every replica fails closed",
+            || async { code_of(&rs, i, "alice").await.0 == 503 },
+        )
+        .await;
+        let (code, headers, body) = code_of(&rs, i, "alice").await;
+        assert_eq!(code, 503, "replica {}: fail closed: {body}", i + 1);
+        assert!(body.contains("cannot confirm"), "{body}");
+        assert!(headers.contains_key("retry-after"), "{headers:?}");
+        let (code, body) = readyz(&rs.r[i]).await;
+        assert_eq!(code, 503);
+        assert!(body.contains("failing closed"), "{body}");
+        assert!(
+            !body.contains("127.0.0.1"),
+            "readyz names no etcd member: {body}"
+        );
+    }
+
+    // Both members back: every replica resumes without a restart, and everything written
+    // before the outage is still in force.
+    rs.etcd.restart(leader);
+    rs.etcd.restart(follower);
+    let back = Instant::now();
+    for h in &rs.r {
+        until(Duration::from_secs(30), "replicas ready again", || async {
+            readyz(h).await.0 == 200
+        })
+        .await;
+    }
+    let ready_again = back.elapsed();
+    for i in 0..3 {
+        assert_eq!(code_of(&rs, i, "alice").await.0, 200, "replica {}", i + 1);
+        let (code, _, body) = code_of(&rs, i, "mallory").await;
+        assert_eq!(code, 403, "{body}");
+        assert!(body.contains("before the outage"), "{body}");
+        let (code, _, body) = code_of(&rs, i, "bob").await;
+        assert_eq!(code, 403, "{body}");
+        assert!(body.contains("one member down"), "{body}");
+    }
+    let (code, body) = post_lock(&rs.r[2], "dave", "after the outage").await;
+    assert_eq!(code, 201, "{body}");
+    until(
+        Duration::from_secs(1),
+        "dave's lock reached replica 1",
+        || async { code_of(&rs, 0, "dave").await.0 == 403 },
+    )
+    .await;
+    eprintln!(
+        "quorum lost: not-ready after {not_ready:?}, write refused in {refused_in:?}, \
+         watch closed (stale) after {closed:?}; members back: ready again after {ready_again:?}"
     );
 }

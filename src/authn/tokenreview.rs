@@ -60,6 +60,18 @@ pub async fn review(
     body: &[u8],
     api_version: &str,
 ) -> (StatusCode, Value) {
+    review_with(auth, body, api_version, &|_| Ok(())).await
+}
+
+/// [`review`], with `admit` asked about every identity a token verified as: `Err(why)` (a lock
+/// matches it, or locks cannot be confirmed current) refuses the token like a bad one, and the
+/// reason goes to the log only.
+pub async fn review_with(
+    auth: &OidcAuthenticator,
+    body: &[u8],
+    api_version: &str,
+    admit: &(dyn Fn(&super::Identity) -> Result<(), String> + Sync),
+) -> (StatusCode, Value) {
     let version = api_version
         .strip_prefix(GROUP)
         .and_then(|v| v.strip_prefix('/'))
@@ -138,6 +150,10 @@ pub async fn review(
         Some(both)
     };
     let id = &verified.identity;
+    if let Err(why) = admit(id) {
+        tracing::info!(user = id.user(), reason = %why, "token review refused");
+        return refused(None);
+    }
     let mut user = json!({ "username": id.user() });
     if let Some(uid) = id.uid() {
         user["uid"] = json!(uid);

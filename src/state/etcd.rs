@@ -26,7 +26,7 @@
 //! the request timeout, with a warning: it is committed in etcd either way).
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -44,7 +44,9 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
 
 use super::store::Op;
-use super::{BoxFuture, Lock, PostureRecord, Revision, State, Store, StoreError, View};
+use super::{
+    BoxFuture, Lock, PostureRecord, Revision, State, Store, StoreError, StoreHealth, View,
+};
 use crate::config::GoDuration;
 
 /// Bytes escaped in a key segment: everything but ASCII letters, digits and `-._~`.
@@ -78,6 +80,24 @@ pub struct EtcdConfig {
     /// retried on the other endpoints and gives up after three times this.
     #[serde(default = "default_dial_timeout")]
     pub dial_timeout: GoDuration,
+    /// How often the replica confirms, with a linearizable read on the member its watch is on,
+    /// that the member has a quorum and the watch has delivered everything up to then.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_interval: GoDuration,
+    /// How long after the last confirmation the replica keeps deciding from its last view.
+    /// Past it, requests (and live streams) that need locks and posture fail closed with 503
+    /// until etcd answers again. Not-ready (and quick 503s on writes) starts earlier, after
+    /// `2 × heartbeatInterval + dialTimeout`.
+    #[serde(default = "default_max_staleness")]
+    pub max_staleness: GoDuration,
+}
+
+fn default_heartbeat() -> GoDuration {
+    GoDuration(Duration::from_secs(1))
+}
+
+fn default_max_staleness() -> GoDuration {
+    GoDuration(Duration::from_secs(30))
 }
 
 fn default_prefix() -> String {
@@ -154,6 +174,18 @@ impl EtcdConfig {
         if self.dial_timeout.get().is_zero() {
             err("dialTimeout", "must be > 0".into());
         }
+        if self.heartbeat_interval.get().is_zero() {
+            err("heartbeatInterval", "must be > 0".into());
+        }
+        if self.max_staleness.get() <= self.heartbeat_interval.get() {
+            err(
+                "maxStaleness",
+                format!(
+                    "must be longer than heartbeatInterval ({:?})",
+                    self.heartbeat_interval.get()
+                ),
+            );
+        }
         out
     }
 }
@@ -209,6 +241,7 @@ type EtcdClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 pub struct EtcdStore {
     inner: Arc<Inner>,
     watcher: tokio::task::JoinHandle<()>,
+    prober: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -232,11 +265,85 @@ struct Inner {
     request_timeout: Duration,
     /// The etcd revision the view reflects (every event up to it applied).
     applied: tokio::sync::watch::Sender<Revision>,
+    /// Freshness: when the view was last confirmed against a quorum.
+    fresh: Freshness,
+    /// The endpoint the watch is connected to, and whether it is connected now.
+    watch_endpoint: AtomicUsize,
+    watch_live: AtomicBool,
+    /// Tells the watch to leave its member (which answers but has no quorum) for the next one.
+    rewatch: tokio::sync::Notify,
+}
+
+/// When the view was last confirmed current, and why not since.
+struct Freshness {
+    origin: std::time::Instant,
+    /// Milliseconds after `origin` at which the last confirming probe was sent.
+    confirmed_ms: AtomicU64,
+    /// Why the last probe did not confirm (empty after a confirmation).
+    problem: std::sync::Mutex<String>,
+    heartbeat: Duration,
+    unready_after: Duration,
+    max_staleness: Duration,
+}
+
+impl Freshness {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn confirm(&self, sent_ms: u64) {
+        self.confirmed_ms.fetch_max(sent_ms, Ordering::AcqRel);
+        self.problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+    }
+
+    fn problem_is_empty(&self) -> bool {
+        self.problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_empty()
+    }
+
+    fn trouble(&self, why: String) {
+        *self
+            .problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = why;
+    }
+
+    fn health(&self) -> StoreHealth {
+        let age = Duration::from_millis(
+            self.now_ms()
+                .saturating_sub(self.confirmed_ms.load(Ordering::Acquire)),
+        );
+        if age <= self.unready_after {
+            return StoreHealth::Current;
+        }
+        let reason = self
+            .problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if age <= self.max_staleness {
+            StoreHealth::Lagging {
+                unconfirmed_for: age,
+                reason,
+            }
+        } else {
+            StoreHealth::Stale {
+                unconfirmed_for: age,
+                reason,
+            }
+        }
+    }
 }
 
 impl Drop for EtcdStore {
     fn drop(&mut self) {
         self.watcher.abort();
+        self.prober.abort();
     }
 }
 
@@ -297,12 +404,32 @@ impl EtcdStore {
             dial_timeout: cfg.dial_timeout.get(),
             request_timeout: cfg.dial_timeout.get() * 3,
             applied: tokio::sync::watch::channel(0).0,
+            fresh: Freshness {
+                origin: std::time::Instant::now(),
+                confirmed_ms: AtomicU64::new(0),
+                problem: std::sync::Mutex::new(String::new()),
+                heartbeat: cfg.heartbeat_interval.get(),
+                unready_after: (cfg.heartbeat_interval.get() * 2 + cfg.dial_timeout.get())
+                    .min(cfg.max_staleness.get()),
+                max_staleness: cfg.max_staleness.get(),
+            },
+            watch_endpoint: AtomicUsize::new(0),
+            watch_live: AtomicBool::new(false),
+            rewatch: tokio::sync::Notify::new(),
         });
+        let loaded_at = inner.fresh.now_ms();
         let (rev, state) = inner.range_all().await?;
         inner.view.load(rev, state);
         inner.applied.send_replace(rev);
+        // The range was a linearizable read: the view is current as of when it was sent.
+        inner.fresh.confirm(loaded_at);
         let watcher = tokio::spawn(Arc::clone(&inner).watch_forever(rev));
-        Ok(EtcdStore { inner, watcher })
+        let prober = tokio::spawn(Arc::clone(&inner).probe_forever());
+        Ok(EtcdStore {
+            inner,
+            watcher,
+            prober,
+        })
     }
 
     /// The etcd revision this replica's view has caught up with (every event under the prefix
@@ -330,15 +457,66 @@ impl Inner {
         )
     }
 
+    /// One JSON request to one endpoint, given at most `budget`. `Err((message, retry))`:
+    /// `retry` when the failure is the endpoint's (unreachable, timeout, 5xx such as "leader
+    /// changed") rather than a refusal of the request.
+    async fn call_one(
+        &self,
+        idx: usize,
+        path: &str,
+        body: Bytes,
+        budget: Duration,
+    ) -> Result<Value, (String, bool)> {
+        let ep = &self.endpoints[idx];
+        let req = Request::post(format!("{ep}{path}"))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .map_err(|e| (format!("{ep}{path}: {e}"), false))?;
+        let fut = async {
+            let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+            let status = resp.status();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok::<_, String>((status, bytes))
+        };
+        let (status, bytes) = match tokio::time::timeout(budget, fut).await {
+            Err(_) => return Err((format!("{ep}: no answer within {budget:?}"), true)),
+            Ok(Err(e)) => return Err((format!("{ep}: {e}"), true)),
+            Ok(Ok(x)) => x,
+        };
+        let v: Value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| json!({"message": String::from_utf8_lossy(&bytes).into_owned()}));
+        if status == StatusCode::OK {
+            return Ok(v);
+        }
+        let msg = v
+            .get("message")
+            .or_else(|| v.get("error"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let retry = status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
+        Err((format!("{ep}: HTTP {status}: {msg}"), retry))
+    }
+
     /// One JSON request, tried on each endpoint in turn (starting with the last that answered)
-    /// while the failure is the endpoint's (unreachable, timeout, 5xx such as "leader changed"),
-    /// round after round until the request timeout has passed. Each attempt gets at most the dial
-    /// timeout. Retrying is safe: a put writes the same value again; a delete whose first attempt
+    /// while the failure is the endpoint's, round after round until the request timeout has
+    /// passed — or, when this replica already knows it cannot reach a quorum, for one dial
+    /// timeout only, so writes are refused quickly. Each attempt gets at most the dial timeout.
+    /// Retrying is safe: a put writes the same value again; a delete whose first attempt
     /// committed unseen answers "nothing deleted" the second time.
     async fn call(&self, path: &str, body: Value) -> Result<Value, StoreError> {
         let body = Bytes::from(body.to_string());
         let n = self.endpoints.len();
-        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let budget = if self.fresh.health().is_current() {
+            self.request_timeout
+        } else {
+            self.dial_timeout
+        };
+        let deadline = tokio::time::Instant::now() + budget;
         let mut last_err = String::new();
         loop {
             let first = self.current.load(Ordering::Relaxed);
@@ -346,54 +524,96 @@ impl Inner {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 if left.is_zero() {
                     return Err(unavailable(format!(
-                        "no etcd endpoint answered {path} within {:?}: {last_err}",
-                        self.request_timeout
+                        "no etcd endpoint answered {path} within {budget:?}: {last_err}"
                     )));
                 }
                 let idx = (first + i) % n;
-                let ep = &self.endpoints[idx];
-                let req = Request::post(format!("{ep}{path}"))
-                    .header(http::header::CONTENT_TYPE, "application/json")
-                    .body(Full::new(body.clone()))
-                    .map_err(|e| unavailable(format!("{ep}{path}: {e}")))?;
-                let fut = async {
-                    let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
-                    let status = resp.status();
-                    let bytes = resp
-                        .into_body()
-                        .collect()
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .to_bytes();
-                    Ok::<_, String>((status, bytes))
-                };
-                let attempt = left.min(self.dial_timeout);
-                match tokio::time::timeout(attempt, fut).await {
-                    Err(_) => last_err = format!("{ep}: no answer within {attempt:?}"),
-                    Ok(Err(e)) => last_err = format!("{ep}: {e}"),
-                    Ok(Ok((status, bytes))) => {
-                        let v: Value = serde_json::from_slice(&bytes).unwrap_or_else(
-                            |_| json!({"message": String::from_utf8_lossy(&bytes).into_owned()}),
-                        );
-                        if status == StatusCode::OK {
-                            self.current.store(idx, Ordering::Relaxed);
-                            return Ok(v);
-                        }
-                        let msg = v
-                            .get("message")
-                            .or_else(|| v.get("error"))
-                            .and_then(Value::as_str)
-                            .unwrap_or("")
-                            .to_owned();
-                        last_err = format!("{ep}: HTTP {status}: {msg}");
-                        if !(status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS) {
-                            return Err(unavailable(format!("etcd refused {path}: {last_err}")));
-                        }
+                match self
+                    .call_one(idx, path, body.clone(), left.min(self.dial_timeout))
+                    .await
+                {
+                    Ok(v) => {
+                        self.current.store(idx, Ordering::Relaxed);
+                        return Ok(v);
+                    }
+                    Err((e, true)) => last_err = e,
+                    Err((e, false)) => {
+                        return Err(unavailable(format!("etcd refused {path}: {e}")));
                     }
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Every `heartbeatInterval`: a linearizable read on the member the watch is connected to.
+    /// It answers only when that member is part of a quorum, and tells the newest revision of
+    /// any record under the prefix; once the watch has applied that, the view is confirmed
+    /// current as of when the probe was sent. A member that answers the watch but fails two
+    /// probes in a row is left for the next one.
+    async fn probe_forever(self: Arc<Self>) {
+        let mut failures = 0u32;
+        let mut interval = tokio::time::interval(self.fresh.heartbeat);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            let sent = self.fresh.now_ms();
+            match self.probe().await {
+                Ok(()) => {
+                    if failures > 0 || !self.fresh.problem_is_empty() {
+                        tracing::info!("etcd answers with a quorum again; state is current");
+                    }
+                    failures = 0;
+                    self.fresh.confirm(sent);
+                }
+                Err(why) => {
+                    failures += 1;
+                    if failures == 1 {
+                        tracing::warn!(error = %why, "cannot confirm the state store is current");
+                    }
+                    if failures >= 2 && self.watch_live.load(Ordering::Acquire) {
+                        self.rewatch.notify_waiters();
+                    }
+                    self.fresh.trouble(why);
+                }
+            }
+        }
+    }
+
+    async fn probe(&self) -> Result<(), String> {
+        if !self.watch_live.load(Ordering::Acquire) {
+            return Err("the watch on etcd is not connected".into());
+        }
+        let idx = self.watch_endpoint.load(Ordering::Acquire) % self.endpoints.len();
+        let start = format!("{}/", self.prefix);
+        let end = prefix_end(start.as_bytes());
+        let body = json!({
+            "key": B64.encode(start.as_bytes()),
+            "range_end": B64.encode(&end),
+            "limit": "1",
+            "sort_order": "DESCEND",
+            "sort_target": "MOD",
+            "keys_only": true,
+        });
+        let v = self
+            .call_one(
+                idx,
+                "/v3/kv/range",
+                Bytes::from(body.to_string()),
+                self.dial_timeout,
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+        let resp: RangeResponse =
+            serde_json::from_value(v).map_err(|e| format!("unexpected etcd answer: {e}"))?;
+        let newest = resp.kvs.first().map_or(0, |kv| kv.mod_revision);
+        let applied = *self.applied.borrow();
+        if applied < newest {
+            return Err(format!(
+                "the watch has applied revision {applied}, etcd has {newest}"
+            ));
+        }
+        Ok(())
     }
 
     /// Everything under the prefix, at one revision (paged).
@@ -590,14 +810,22 @@ impl Inner {
         }
     }
 
-    /// One watch connection, from `rev + 1`, until it ends.
+    /// One watch connection, from `rev + 1`, until it ends (or the prober finds its member
+    /// without a quorum).
     async fn watch_once(&self, rev: &mut Revision, backoff: &mut Duration) -> WatchEnd {
+        let end = self.watch_connection(rev, backoff).await;
+        self.watch_live.store(false, Ordering::Release);
+        end
+    }
+
+    async fn watch_connection(&self, rev: &mut Revision, backoff: &mut Duration) -> WatchEnd {
         let start = format!("{}/", self.prefix);
         let end = prefix_end(start.as_bytes());
         let body = json!({"create_request": {
             "key": B64.encode(start.as_bytes()),
             "range_end": B64.encode(&end),
             "start_revision": (*rev + 1).to_string(),
+            "progress_notify": true,
         }});
         let idx = self.current.load(Ordering::Relaxed) % self.endpoints.len();
         let ep = &self.endpoints[idx];
@@ -617,10 +845,20 @@ impl Inner {
         if resp.status() != StatusCode::OK {
             return WatchEnd::Failed(format!("{ep}: watch answered HTTP {}", resp.status()));
         }
+        self.watch_endpoint.store(idx, Ordering::Release);
+        self.watch_live.store(true, Ordering::Release);
         let mut body = resp.into_body();
         let mut buf = BytesMut::new();
         loop {
-            let frame = match body.frame().await {
+            let frame = tokio::select! {
+                f = body.frame() => f,
+                () = self.rewatch.notified() => {
+                    return WatchEnd::Failed(format!(
+                        "{ep}: answers the watch but not a linearizable read (no quorum?)"
+                    ));
+                }
+            };
+            let frame = match frame {
                 None => return WatchEnd::Failed(format!("{ep}: watch stream ended")),
                 Some(Err(e)) => return WatchEnd::Failed(format!("{ep}: {e}")),
                 Some(Ok(f)) => f,
@@ -832,6 +1070,10 @@ struct Event {
 impl Store for EtcdStore {
     fn view(&self) -> &View {
         &self.inner.view
+    }
+
+    fn health(&self) -> StoreHealth {
+        self.inner.fresh.health()
     }
 
     fn put_lock(&self, lock: Lock) -> BoxFuture<'_, Result<Revision, StoreError>> {

@@ -101,6 +101,59 @@ pub enum StoreError {
     Unavailable(String),
 }
 
+/// Whether a replica's view is known to reflect the shared store (see [`Store::health`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreHealth {
+    /// The view is current (a local store), or was confirmed against a quorum recently.
+    Current,
+    /// Not confirmed for `unconfirmed_for`: the replica reports not-ready and refuses writes
+    /// quickly, but still decides from its last view (bounded by `maxStaleness`).
+    Lagging {
+        unconfirmed_for: std::time::Duration,
+        reason: String,
+    },
+    /// Not confirmed for longer than the configured bound: a lock or posture change may have
+    /// been missed, so decisions that need them fail closed.
+    Stale {
+        unconfirmed_for: std::time::Duration,
+        reason: String,
+    },
+}
+
+impl StoreHealth {
+    pub fn is_current(&self) -> bool {
+        matches!(self, StoreHealth::Current)
+    }
+
+    pub fn is_stale(&self) -> bool {
+        matches!(self, StoreHealth::Stale { .. })
+    }
+}
+
+impl std::fmt::Display for StoreHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreHealth::Current => f.write_str("current"),
+            StoreHealth::Lagging {
+                unconfirmed_for,
+                reason,
+            } => write!(
+                f,
+                "not confirmed against a quorum for {:.1}s: {reason}",
+                unconfirmed_for.as_secs_f64()
+            ),
+            StoreHealth::Stale {
+                unconfirmed_for,
+                reason,
+            } => write!(
+                f,
+                "stale: not confirmed against a quorum for {:.1}s (beyond maxStaleness): {reason}",
+                unconfirmed_for.as_secs_f64()
+            ),
+        }
+    }
+}
+
 /// Where locks and posture records are kept.
 ///
 /// Writes are async (the file store does its blocking I/O on `spawn_blocking`; an etcd store
@@ -171,5 +224,11 @@ pub trait Store: Send + Sync + 'static {
     /// The revision of the last committed write (0 for an empty store).
     fn revision(&self) -> Revision {
         self.view().revision()
+    }
+
+    /// Whether the view is known to be current. Local stores always are; a shared store is
+    /// when it confirmed its view against a quorum recently. Cheap: called on every request.
+    fn health(&self) -> StoreHealth {
+        StoreHealth::Current
     }
 }
