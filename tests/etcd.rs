@@ -963,3 +963,247 @@ async fn losing_quorum_makes_replicas_not_ready_refuses_writes_then_fails_closed
          watch closed (stale) after {closed:?}; members back: ready again after {ready_again:?}"
     );
 }
+
+// --- three gateway processes behind one address, one killed mid-stream ---
+
+/// A TCP round-robin balancer in front of the replicas, as a Service spreads connections: a
+/// backend that refuses the connection is skipped. Records which backend took each connection.
+struct Balancer {
+    url: String,
+    taken: Arc<Mutex<Vec<usize>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Balancer {
+    async fn start(backends: Vec<String>) -> Balancer {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://127.0.0.1:{}", l.local_addr().unwrap().port());
+        let taken: Arc<Mutex<Vec<usize>>> = Arc::default();
+        let t = taken.clone();
+        let accept = tokio::spawn(async move {
+            let mut next = 0usize;
+            loop {
+                let Ok((mut down, _)) = l.accept().await else {
+                    return;
+                };
+                let n = backends.len();
+                for k in 0..n {
+                    let i = (next + k) % n;
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(&backends[i]).await {
+                        t.lock().unwrap().push(i);
+                        tokio::spawn(async move {
+                            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                        });
+                        break;
+                    }
+                }
+                next = (next + 1) % n;
+            }
+        });
+        Balancer { url, taken, accept }
+    }
+
+    fn last_backend(&self) -> usize {
+        *self.taken.lock().unwrap().last().expect("a connection")
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Reads watch events (one JSON object per line) from `body` until it ends or fails; sends
+/// each as it arrives.
+fn watch_events(
+    mut body: hyper::body::Incoming,
+) -> tokio::sync::mpsc::UnboundedReceiver<Result<Value, String>> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut buf = Vec::new();
+        loop {
+            match body.frame().await {
+                Some(Ok(f)) => {
+                    if let Ok(d) = f.into_data() {
+                        buf.extend_from_slice(&d);
+                        while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+                            let line: Vec<u8> = buf.drain(..=nl).collect();
+                            let _ =
+                                tx.send(serde_json::from_slice(&line).map_err(|e| e.to_string()));
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    let _ = tx.send(Err(format!("stream failed: {e}")));
+                    return;
+                }
+                None => {
+                    let _ = tx.send(Err("stream ended".into()));
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_stream_leaves_the_others_serving_and_the_client_resumes_through_them()
+{
+    support::init_logs();
+    let etcd = Etcd::start();
+    drop(etcd.store(&etcd.urls, "/gw").await);
+    let pki = ztgate_testkit::TestPki::new();
+    let apiserver = ztgate_testkit::ApiServer::start(ztgate_testkit::ApiServerOptions::new(&pki))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let env = ztgate::demo::DevEnv::create(
+        dir.path(),
+        pki,
+        &apiserver.url(),
+        &DevSettings {
+            listen: format!("127.0.0.1:{}", ports[0]),
+            operations: false,
+            state_etcd_yaml: Some(etcd.yaml(&etcd.urls, "/gw")),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // The same configuration on three addresses: three replicas.
+    let text = std::fs::read_to_string(&env.config_path).unwrap();
+    let first = format!("address: 127.0.0.1:{}", ports[0]);
+    assert!(text.contains(&first), "{text}");
+    let configs: Vec<PathBuf> = (0..3)
+        .map(|i| {
+            let p = dir.path().join(format!("replica-{i}.yaml"));
+            std::fs::write(
+                &p,
+                text.replace(&first, &format!("address: 127.0.0.1:{}", ports[i])),
+            )
+            .unwrap();
+            p
+        })
+        .collect();
+    let mut gateways: Vec<tokio::process::Child> = configs
+        .iter()
+        .map(|c| {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_ztgate"))
+                .args(["serve", "--config"])
+                .arg(c)
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let ca = env.pki.gateway_ca.cert_pem();
+    for p in &ports {
+        let base = format!("https://127.0.0.1:{p}");
+        until(Duration::from_secs(20), "replica ready", || async {
+            let client = raw_client(&ca, None, false);
+            let r = tokio::time::timeout(
+                Duration::from_secs(1),
+                client.request(get(&format!("{base}/readyz"))),
+            )
+            .await;
+            matches!(r, Ok(Ok(r)) if r.status() == 200)
+        })
+        .await;
+    }
+    let lb = Balancer::start(ports.iter().map(|p| format!("127.0.0.1:{p}")).collect()).await;
+    let alice = env.pki.user("alice", &["team-a"]);
+
+    // A client lists, then watches from the list's resourceVersion, through the balancer.
+    let (code, _, body) = send(
+        &raw_client(&ca, Some(&alice), false),
+        get(&format!("{}{PODS}", lb.url)),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let list: Value = serde_json::from_str(&body).unwrap();
+    let mut rv = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let watch = raw_client(&ca, Some(&alice), true)
+        .request(get(&format!(
+            "{}{PODS}?watch=1&resourceVersion={rv}",
+            lb.url
+        )))
+        .await
+        .unwrap();
+    assert_eq!(watch.status(), 200);
+    let holder = lb.last_backend();
+    let mut events = watch_events(watch.into_body());
+    apiserver.create_pod("team-a", "before-kill");
+    let ev = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("an event")
+        .unwrap()
+        .unwrap();
+    assert_eq!(ev["type"], "ADDED");
+    assert_eq!(ev["object"]["metadata"]["name"], "before-kill");
+    rv = ev["object"]["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // kill -9 the replica holding the watch: the client's stream breaks.
+    let pid = gateways[holder].id().unwrap().to_string();
+    assert!(Command::new("kill")
+        .args(["-9", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let _ = gateways[holder].wait().await;
+    let end = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("the broken stream is noticed")
+        .unwrap();
+    assert!(end.is_err(), "{end:?}");
+    apiserver.create_pod("team-a", "while-reconnecting");
+
+    // The other replicas keep serving through the same address...
+    for _ in 0..20 {
+        let (code, _, body) = send(
+            &raw_client(&ca, Some(&alice), false),
+            get(&format!("{}{PODS}", lb.url)),
+        )
+        .await;
+        assert_eq!(code, 200, "{body}");
+        assert_ne!(lb.last_backend(), holder);
+    }
+    // ...and the client's watch resumes from its last resourceVersion, missing nothing.
+    let t = Instant::now();
+    let watch = raw_client(&ca, Some(&alice), true)
+        .request(get(&format!(
+            "{}{PODS}?watch=1&resourceVersion={rv}",
+            lb.url
+        )))
+        .await
+        .unwrap();
+    assert_eq!(watch.status(), 200);
+    assert_ne!(lb.last_backend(), holder);
+    let mut events = watch_events(watch.into_body());
+    let ev = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("the missed event")
+        .unwrap()
+        .unwrap();
+    assert_eq!(ev["type"], "ADDED", "{ev}");
+    assert_eq!(
+        ev["object"]["metadata"]["name"], "while-reconnecting",
+        "{ev}"
+    );
+    eprintln!(
+        "replica {} killed mid-watch; resumed through replica {} in {:?}",
+        holder + 1,
+        lb.last_backend() + 1,
+        t.elapsed()
+    );
+    drop(gateways);
+    apiserver.shutdown().await;
+}
