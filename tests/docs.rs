@@ -123,6 +123,8 @@ state:
     certFile: etcd-client.crt
     keyFile: etcd-client.key
     dialTimeout: 5s
+    heartbeatInterval: 1s
+    maxStaleness: 30s
 authorization:
   policies: [policies]
   reloadInterval: 2s

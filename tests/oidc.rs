@@ -765,6 +765,38 @@ async fn token_review_answers_kube_apiserver_and_nobody_else() {
         );
     }
 
+    // A locked user is not authenticated to kube-apiserver either (same generic answer), and is
+    // again once the lock is deleted.
+    let store = &h.demo.gateway.gateway.store;
+    let lock = ztgate::state::Lock::new(
+        ztgate::state::LockTarget::User("oidc:alice".into()),
+        "offboarded",
+        None,
+        "test",
+    )
+    .unwrap();
+    store.put_lock(lock.clone()).await.unwrap();
+    let (code, _, body) = send(
+        &apiserver_client,
+        request("POST", h.uri(TOKEN_REVIEWS), None, &review(&token)),
+    )
+    .await;
+    assert!(code == 200 || code == 201, "{code}: {body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["status"],
+        json!({"authenticated": false, "error": "token rejected"}),
+        "locked: {body}"
+    );
+    store.delete_lock(&lock.id).await.unwrap().unwrap();
+    let (_, _, body) = send(
+        &apiserver_client,
+        request("POST", h.uri(TOKEN_REVIEWS), None, &review(&token)),
+    )
+    .await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["status"]["authenticated"], true, "unlocked: {body}");
+
     // Anyone else gets no answer from the gateway's webhook: their TokenReview is an ordinary
     // API request (authenticated, authorized, forwarded as themselves), so kube-apiserver's
     // own rules apply and the token in the body is never reviewed by the gateway.
