@@ -338,6 +338,11 @@ fn the_doc_check_notices_a_missing_field() {
 /// Writes what `deploy/base/config/config.yaml` names under `root` and returns the config text
 /// with its absolute paths moved there.
 fn deploy_config_in(root: &Path) -> String {
+    deploy_file_in(root, "deploy/base/config/config.yaml")
+}
+
+/// [`deploy_config_in`] for any of the deploy configs (`file`, relative to the repository).
+fn deploy_file_in(root: &Path, file: &str) -> String {
     let pki = TestPki::new();
     let etc = root.join("etc/ztgate");
     let sa = root.join("serviceaccount");
@@ -347,18 +352,25 @@ fn deploy_config_in(root: &Path) -> String {
     std::fs::create_dir_all(&sa).unwrap();
     pki.gateway_serving.write(&etc.join("tls"), "tls");
     std::fs::write(etc.join("users-ca/ca.crt"), pki.users_ca.cert_pem()).unwrap();
+    // --- deploy: state.etcd client files (Secret ztgate-etcd-client) and state.directory ---
+    std::fs::create_dir_all(etc.join("etcd")).unwrap();
+    pki.gateway_client.write(&etc.join("etcd"), "tls");
+    std::fs::write(etc.join("etcd/ca.crt"), pki.cluster_ca.cert_pem()).unwrap();
+    let state = root.join("var/lib/ztgate");
+    // --- end deploy ---
     std::fs::write(sa.join("ca.crt"), pki.cluster_ca.cert_pem()).unwrap();
     std::fs::write(sa.join("token"), "token\n").unwrap();
     for entry in std::fs::read_dir(repo("deploy/base/policies")).unwrap() {
         let p = entry.unwrap().path();
         std::fs::copy(&p, etc.join("policies").join(p.file_name().unwrap())).unwrap();
     }
-    read("deploy/base/config/config.yaml")
+    read(file)
         .replace(
             "/var/run/secrets/kubernetes.io/serviceaccount/",
             &format!("{}/", sa.display()),
         )
         .replace("/etc/ztgate/", &format!("{}/", etc.display()))
+        .replace("/var/lib/ztgate/", &format!("{}/", state.display()))
 }
 
 #[test]
@@ -376,6 +388,27 @@ fn deploy_config_passes_config_check() {
     );
     assert!(cfg.listener.address.ends_with(":8443"));
 }
+
+// --- deploy: the state store of each deploy config ---
+#[test]
+fn deploy_configs_keep_locks_in_a_durable_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = deploy_config_in(dir.path());
+    let cfg = ztgate::config::load_str(&text, "deploy/base/config/config.yaml", dir.path())
+        .unwrap_or_else(|e| panic!("deploy/base/config/config.yaml:\n{e}"));
+    let state = cfg.state.expect("the base's replicas share state");
+    let etcd = state.etcd.expect("two replicas: state.etcd");
+    assert_eq!(etcd.endpoints.len(), 3, "every member of components/etcd");
+
+    let file = "deploy/overlays/single-replica/config.yaml";
+    let dir = tempfile::tempdir().unwrap();
+    let text = deploy_file_in(dir.path(), file);
+    let cfg = ztgate::config::load_str(&text, file, dir.path())
+        .unwrap_or_else(|e| panic!("{file}:\n{e}"));
+    let state = cfg.state.expect("one replica: state.directory");
+    assert!(state.etcd.is_none() && state.directory.is_some(), "{file}");
+}
+// --- end deploy ---
 
 #[test]
 fn deploy_policies_match_the_examples() {
