@@ -24,8 +24,8 @@ use ztgate_testkit::DevIssuer;
 
 const PODS: &str = "/api/v1/namespaces/team-a/pods";
 
-/// A posture provider on 127.0.0.1: answers from `known`, records each batch of ids asked, and
-/// answers 503 while `down`.
+/// A posture provider on 127.0.0.1: answers from `known`, records each batch of ids asked,
+/// answers 503 while `down`, and waits `delay` before each answer.
 struct FakeProvider {
     addr: SocketAddr,
     ca_pem: String,
@@ -33,6 +33,7 @@ struct FakeProvider {
     batches: Arc<Mutex<Vec<Vec<String>>>>,
     down: Arc<AtomicBool>,
     requests: Arc<AtomicUsize>,
+    delay: Arc<Mutex<Duration>>,
 }
 
 impl FakeProvider {
@@ -61,12 +62,14 @@ impl FakeProvider {
             batches: Arc::default(),
             down: Arc::default(),
             requests: Arc::default(),
+            delay: Arc::default(),
         };
-        let (known, batches, down, requests) = (
+        let (known, batches, down, requests, delay) = (
             p.known.clone(),
             p.batches.clone(),
             p.down.clone(),
             p.requests.clone(),
+            p.delay.clone(),
         );
         tokio::spawn(async move {
             loop {
@@ -74,11 +77,12 @@ impl FakeProvider {
                     return;
                 };
                 let acceptor = acceptor.clone();
-                let (known, batches, down, requests) = (
+                let (known, batches, down, requests, delay) = (
                     known.clone(),
                     batches.clone(),
                     down.clone(),
                     requests.clone(),
+                    delay.clone(),
                 );
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
@@ -91,8 +95,10 @@ impl FakeProvider {
                             down.clone(),
                             requests.clone(),
                         );
+                        let wait = *delay.lock().unwrap();
                         async move {
                             requests.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(wait).await;
                             let body = req.into_body().collect().await.unwrap().to_bytes();
                             if down.load(Ordering::SeqCst) {
                                 return Ok::<_, hyper::Error>(
@@ -277,4 +283,89 @@ async fn concurrent_lookups_are_batched_and_rate_limited() {
     assert!(unavailable >= 7, "only {unavailable} of 10 were limited");
     assert!(provider.requests.load(Ordering::SeqCst) <= 4);
     stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_posture_provider_fails_closed_after_its_timeout_and_recovers() {
+    let provider = FakeProvider::start().await;
+    for device in ["laptop-1", "laptop-2"] {
+        provider.known.lock().unwrap().insert(
+            device.into(),
+            json!({"attributes": {"os": "linux", "diskEncrypted": true}}),
+        );
+    }
+    let users = DevIssuer::start(&Ca::new("users-idp-ca")).await.unwrap();
+    let device_ca = Ca::new("device-ca");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("p.cedar"), POLICIES).unwrap();
+    std::fs::write(dir.path().join("provider-ca.pem"), &provider.ca_pem).unwrap();
+    let posture = format!(
+        "posture:\n  provider:\n    url: https://{}/v1/query\n    certificateAuthorityFile: {}\n    cacheTtl: 1m\n    timeout: 1s\n",
+        provider.addr,
+        dir.path().join("provider-ca.pem").display()
+    );
+    let h = Harness::start_with(DevSettings {
+        jwt: vec![DevJwtIssuer {
+            url: users.issuer_url(),
+            ca_pem: users.ca_pem(),
+            audience: "ztgate".into(),
+            username_claim: "sub".into(),
+            username_prefix: "oidc:".into(),
+            groups_prefix: String::new(),
+        }],
+        device_ca_pem: Some(device_ca.cert_pem()),
+        device_posture_yaml: Some(posture),
+        policies: vec![dir.path().join("p.cedar")],
+        ..Default::default()
+    })
+    .await;
+    let token = users.token(
+        "alice",
+        "ztgate",
+        Duration::from_secs(600),
+        json!({"groups": ["team-a"]}),
+    );
+    let get = || {
+        Request::get(h.uri(PODS))
+            .header("authorization", format!("Bearer {token}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let laptop1 = device_ca.issue_client("laptop-1", &[]);
+    let laptop2 = device_ca.issue_client("laptop-2", &[]);
+    // laptop-2's posture is pulled (and kept) while the provider is quick.
+    let (code, _, body) = send(&h.client(Some(&laptop2), true), get()).await;
+    assert_eq!(code, 200, "{body}");
+
+    // The provider now takes 5 s, longer than its 1 s timeout. A device it was never asked
+    // about gets 401 with the message to report posture (fail closed) — the answer that would
+    // have let it in arrives too late to count.
+    *provider.delay.lock().unwrap() = Duration::from_secs(5);
+    let asked = provider.requests.load(Ordering::SeqCst);
+    let (code, _, body) = send(&h.client(Some(&laptop1), true), get()).await;
+    assert_eq!(code, 401, "{body}");
+    assert_eq!(support::status_of(&body), (401, "Unauthorized".into()));
+    assert!(body.contains("ztgate device report"), "{body}");
+    assert_eq!(provider.requests.load(Ordering::SeqCst), asked + 1);
+    // Meanwhile a device whose posture the gateway holds is served without the provider.
+    let (code, _, body) = send(&h.client(Some(&laptop2), true), get()).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(provider.requests.load(Ordering::SeqCst), asked + 1);
+    assert!(h.demo.gateway.gateway.is_ready());
+
+    // Quick again: a timed-out lookup was not cached, so laptop-1 is asked about again and let in.
+    *provider.delay.lock().unwrap() = Duration::ZERO;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, _, body) = send(&h.client(Some(&laptop1), true), get()).await;
+        if code == 200 {
+            break;
+        }
+        assert_eq!(code, 401, "{body}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "laptop-1 never got in: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -193,6 +193,10 @@ struct Shared {
     requests: Mutex<Vec<(u64, RecordedRequest)>>,
     next_request: AtomicU64,
     delay: Mutex<Duration>,
+    // --- per-path stall (tests/faults.rs) ---
+    /// Extra delays for non-streaming responses, by path prefix.
+    path_delays: Mutex<Vec<(String, Duration)>>,
+    // --- end per-path stall ---
     record_requests: bool,
     http2_max_streams: Option<u32>,
     connections: Arc<AtomicUsize>,
@@ -206,6 +210,16 @@ impl Shared {
 
     fn delay(&self) -> Duration {
         *self.delay.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn path_delay(&self, path: &str) -> Duration {
+        self.path_delays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(p, _)| path.starts_with(p.as_str()))
+            .map(|(_, d)| *d)
+            .sum()
     }
 }
 
@@ -271,6 +285,7 @@ impl ApiServer {
             requests: Mutex::new(Vec::new()),
             next_request: AtomicU64::new(0),
             delay: Mutex::new(Duration::ZERO),
+            path_delays: Mutex::new(Vec::new()),
             record_requests: opts.record_requests,
             http2_max_streams: opts.http2_max_streams,
             connections: Arc::new(AtomicUsize::new(0)),
@@ -319,6 +334,22 @@ impl ApiServer {
     pub fn set_response_delay(&self, d: Duration) {
         *self.shared.delay.lock().unwrap_or_else(|e| e.into_inner()) = d;
     }
+
+    // --- per-path stall (tests/faults.rs) ---
+    /// Delays non-streaming responses to paths starting with `prefix` by `d` as well (zero:
+    /// removes it), so one request can stall while the others are answered at once.
+    pub fn set_path_delay(&self, prefix: &str, d: Duration) {
+        let mut delays = self
+            .shared
+            .path_delays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        delays.retain(|(p, _)| p != prefix);
+        if !d.is_zero() {
+            delays.push((prefix.to_owned(), d));
+        }
+    }
+    // --- end per-path stall ---
 
     /// Open TCP connections right now (upgraded ones included).
     pub fn active_connections(&self) -> usize {
@@ -443,9 +474,10 @@ async fn handle(
     shared.requests().push((id, record));
 
     let mut ctx = Ctx::default();
+    let path = req.uri().path().to_owned();
     let resp = process(&shared, &conn, &mut req, &mut ctx).await;
     if resp.extensions().get::<Streaming>().is_none() {
-        let delay = shared.delay();
+        let delay = shared.delay() + shared.path_delay(&path);
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
