@@ -344,11 +344,13 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
         // --- state.etcd (issue 10) ---
         Some(crate::config::StateConfig {
             etcd: Some(etcd), ..
-        }) => Arc::new(
-            crate::state::EtcdStore::connect(etcd)
+        }) => {
+            let store = crate::state::EtcdStore::connect(etcd)
                 .await
-                .map_err(|e| StartError::Config(format!("state.etcd: {e}")))?,
-        ),
+                .map_err(|e| StartError::Config(format!("state.etcd: {e}")))?;
+            store.spawn_tls_reloaders(etcd, reload, stop.clone());
+            Arc::new(store)
+        }
         // --- end state.etcd ---
         Some(crate::config::StateConfig {
             directory: Some(dir),

@@ -44,6 +44,8 @@ struct Etcd {
     url: String,
     urls: Vec<String>,
     ca_pem: String,
+    /// The CA of etcd's certificates and of the gateway's client certificate.
+    ca: Ca,
     ca_file: PathBuf,
     client: CertKey,
     cert_file: PathBuf,
@@ -117,6 +119,7 @@ impl Etcd {
             url: urls[0].clone(),
             urls,
             ca_pem: ca.cert_pem(),
+            ca,
             ca_file,
             client,
             cert_file,
@@ -1206,4 +1209,73 @@ async fn a_replica_killed_mid_stream_leaves_the_others_serving_and_the_client_re
     );
     drop(gateways);
     apiserver.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_etcd_client_certificate_is_used_without_a_restart() {
+    let mut etcd = Etcd::start();
+    drop(etcd.store(&etcd.urls, "/zt").await);
+    // Both stores start with a client certificate that expires in a few seconds, in files of
+    // their own; one of them re-reads its files.
+    let expires = time::OffsetDateTime::now_utc() + time::Duration::seconds(4);
+    let short = etcd.ca.issue(&LeafSpec {
+        common_name: "ztgate".into(),
+        client: true,
+        not_after: Some(expires),
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config = |name: &str| {
+        let (cert, key) = short.write(dir.path(), name);
+        let mut cfg = etcd.config(&etcd.urls, "/zt");
+        cfg.cert_file = Some(cert);
+        cfg.key_file = Some(key);
+        cfg
+    };
+    let (renewing_cfg, fixed_cfg) = (config("renewing"), config("fixed"));
+    let renewing = EtcdStore::connect(&renewing_cfg).await.unwrap();
+    let fixed = EtcdStore::connect(&fixed_cfg).await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    renewing.spawn_tls_reloaders(&renewing_cfg, Duration::from_millis(100), stop.clone());
+    renewing.put_lock(lock("alice")).await.unwrap();
+
+    // Renewed (as cert-manager would) before it expires; the old one then lapses.
+    let renewed = etcd.ca.issue_client("ztgate", &[]);
+    renewed.write(dir.path(), "renewing");
+    let wait =
+        (expires - time::OffsetDateTime::now_utc()).unsigned_abs() + Duration::from_millis(500);
+    tokio::time::sleep(wait).await;
+
+    // etcd restarts: every connection is new, and must present a valid certificate.
+    etcd.kill(0);
+    etcd.restart(0);
+    let t = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match renewing.put_lock(lock("bob")).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the renewed certificate was not used: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    eprintln!(
+        "renewed client certificate: writes after an etcd restart in {:?}",
+        t.elapsed()
+    );
+    // The store that kept the expired certificate is refused: the renewal is what made the
+    // difference.
+    let err = fixed
+        .put_lock(lock("carol"))
+        .await
+        .expect_err("an expired client certificate is refused by etcd");
+    assert!(
+        matches!(err, ztgate::state::StoreError::Unavailable(_)),
+        "{err}"
+    );
+    stop.cancel();
 }

@@ -48,6 +48,8 @@ use super::{
     BoxFuture, Lock, PostureRecord, Revision, State, Store, StoreError, StoreHealth, View,
 };
 use crate::config::GoDuration;
+use crate::tls::reload::spawn_file_reloader;
+use crate::tls::upstream::{ReloadingClientCert, ReloadingServerVerifier};
 
 /// Bytes escaped in a key segment: everything but ASCII letters, digits and `-._~`.
 const KEY_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
@@ -235,6 +237,15 @@ fn load_client_cert(
     Ok((chain, key))
 }
 
+fn client_key(
+    c: &std::path::Path,
+    k: &std::path::Path,
+) -> Result<rustls::sign::CertifiedKey, String> {
+    let cert_pem = crate::tls::pem::read(c).map_err(|e| e.to_string())?;
+    let key_pem = crate::tls::pem::read(k).map_err(|e| e.to_string())?;
+    crate::tls::pem::certified_key(c, &cert_pem, k, &key_pem).map_err(|e| e.to_string())
+}
+
 type EtcdClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// Locks and posture records in etcd, with a local [`View`] kept current by a watch.
@@ -242,6 +253,8 @@ pub struct EtcdStore {
     inner: Arc<Inner>,
     watcher: tokio::task::JoinHandle<()>,
     prober: tokio::task::JoinHandle<()>,
+    verifier: Option<Arc<ReloadingServerVerifier>>,
+    client_cert: Arc<ReloadingClientCert>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -359,25 +372,39 @@ impl EtcdStore {
         if let Some((p, m)) = problems.into_iter().next() {
             return Err(StoreError::Invalid(format!("{p}: {m}")));
         }
-        let roots = match &cfg.ca_file {
+        // TLS material that can be swapped while running (see `spawn_tls_reloaders`).
+        let verifier = match &cfg.ca_file {
             Some(ca) => {
                 let pem = std::fs::read(ca).map_err(|e| StoreError::Io {
                     path: ca.display().to_string(),
                     source: e,
                 })?;
-                crate::tls::client::roots_from_pem(&pem).map_err(StoreError::Invalid)?
+                let roots = crate::config::jwt::parse_ca_pem(&pem)
+                    .map_err(|e| StoreError::Invalid(format!("caFile: {e}")))?;
+                Some(
+                    ReloadingServerVerifier::new(roots)
+                        .map_err(|e| StoreError::Invalid(format!("caFile: {e}")))?,
+                )
             }
-            None => rustls::RootCertStore::empty(),
+            None => None,
         };
-        let builder = crate::tls::client::config_builder(roots).map_err(StoreError::Invalid)?;
-        let tls = match (&cfg.cert_file, &cfg.key_file) {
-            (Some(c), Some(k)) => {
-                let (chain, key) = load_client_cert(c, k).map_err(StoreError::Invalid)?;
-                builder
-                    .with_client_auth_cert(chain, key)
-                    .map_err(|e| StoreError::Invalid(format!("certFile: {e}")))?
-            }
-            _ => builder.with_no_client_auth(),
+        let client_cert = ReloadingClientCert::new(match (&cfg.cert_file, &cfg.key_file) {
+            (Some(c), Some(k)) => Some(client_key(c, k).map_err(StoreError::Invalid)?),
+            _ => None,
+        });
+        let builder = rustls::ClientConfig::builder_with_provider(crate::crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| StoreError::Invalid(format!("TLS setup: {e}")))?;
+        let tls = match &verifier {
+            // Full WebPKI verification against caFile; the wrapper only makes it swappable.
+            Some(v) => builder
+                .dangerous()
+                .with_custom_certificate_verifier(v.clone())
+                .with_client_cert_resolver(client_cert.clone()),
+            // http:// endpoints only (validation requires caFile with https).
+            None => builder
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_client_cert_resolver(client_cert.clone()),
         };
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -429,7 +456,50 @@ impl EtcdStore {
             inner,
             watcher,
             prober,
+            verifier,
+            client_cert,
         })
+    }
+
+    /// Re-reads `caFile`, `certFile` and `keyFile` every `interval` and uses what changed for new
+    /// connections to etcd (cert-manager renewals need no restart); a file that does not parse
+    /// is logged and the last good material kept.
+    pub fn spawn_tls_reloaders(
+        &self,
+        cfg: &EtcdConfig,
+        interval: Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        if let (Some(v), Some(ca)) = (&self.verifier, &cfg.ca_file) {
+            let v = v.clone();
+            spawn_file_reloader(
+                "etcd CA",
+                vec![ca.clone()],
+                interval,
+                stop.clone(),
+                move |files| {
+                    let roots = crate::config::jwt::parse_ca_pem(&files[0])?;
+                    v.replace(roots).map_err(|e| e.to_string())
+                },
+            );
+        }
+        if let (Some(c), Some(k)) = (&cfg.cert_file, &cfg.key_file) {
+            let r = self.client_cert.clone();
+            let (c, k) = (c.clone(), k.clone());
+            spawn_file_reloader(
+                "etcd client certificate",
+                vec![c.clone(), k.clone()],
+                interval,
+                stop,
+                move |files| {
+                    r.store(
+                        crate::tls::pem::certified_key(&c, &files[0], &k, &files[1])
+                            .map_err(|e| e.to_string())?,
+                    );
+                    Ok(())
+                },
+            );
+        }
     }
 
     /// The etcd revision this replica's view has caught up with (every event under the prefix
