@@ -171,9 +171,9 @@ impl PostureService {
     /// The device's posture for a request at `now`: the store's record when fresh, else the pull
     /// provider's answer.
     pub async fn lookup(&self, store: &SharedStore, device_id: &str, now: SystemTime) -> Lookup {
-        if let Some(rec) = store.view().posture_at(device_id, now) {
+        if let Some(rec) = store.view().posture_shared_at(device_id, now) {
             if self.is_fresh(&rec, now) {
-                return Lookup::Fresh(Arc::new(rec));
+                return Lookup::Fresh(rec);
             }
         }
         let Some(p) = &self.provider else {

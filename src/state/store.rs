@@ -201,6 +201,17 @@ impl View {
             .map(|r| PostureRecord::clone(r))
     }
 
+    /// [`View::posture_at`] without copying the record: the request path's look-up (a
+    /// reference count, not a deep copy of its facts).
+    pub fn posture_shared_at(
+        &self,
+        device_id: &str,
+        now: SystemTime,
+    ) -> Option<Arc<PostureRecord>> {
+        let map = self.posture.read().unwrap_or_else(PoisonError::into_inner);
+        map.get(device_id).filter(|r| !r.is_expired(now)).cloned()
+    }
+
     /// The first lock in force that applies to the subject: checked by user, then each group,
     /// then device, token id and session. One hash lookup per name, no allocation unless a lock
     /// matches, nothing at all when there are no locks.
