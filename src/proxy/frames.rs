@@ -23,7 +23,7 @@
 //! kubectl reports the lost connection.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use base64::Engine as _;
 use flate2::{Decompress, FlushDecompress, Status};
@@ -680,8 +680,10 @@ fn inflate_block(inflate: &mut Decompress, block: &[u8]) -> Option<Vec<u8>> {
             Ok(Status::StreamEnd) => return Some(out),
             Ok(_) => {}
             Err(e) => match e.needs_dictionary() {
-                Some(SPDY_DICTIONARY_ID) => {
-                    inflate.set_dictionary(spdy_dictionary()).ok()?;
+                Some(super::spdy_dictionary::DICTIONARY_ID) => {
+                    inflate
+                        .set_dictionary(super::spdy_dictionary::dictionary())
+                        .ok()?;
                     continue;
                 }
                 _ => return None,
@@ -726,109 +728,6 @@ fn parse_header_block(mut block: &[u8]) -> Option<Vec<(String, String)>> {
         headers.push((name, value));
     }
     Some(headers)
-}
-
-/// The length-prefixed words of the SPDY/3 header dictionary (SPDY/3 draft, section 2.6.10.1),
-/// in order; the same construction as the test kit's SPDY stand-in.
-const DICTIONARY_WORDS: [&str; 65] = [
-    "options",
-    "head",
-    "post",
-    "put",
-    "delete",
-    "trace",
-    "accept",
-    "accept-charset",
-    "accept-encoding",
-    "accept-language",
-    "accept-ranges",
-    "age",
-    "allow",
-    "authorization",
-    "cache-control",
-    "connection",
-    "content-base",
-    "content-encoding",
-    "content-language",
-    "content-length",
-    "content-location",
-    "content-md5",
-    "content-range",
-    "content-type",
-    "date",
-    "etag",
-    "expect",
-    "expires",
-    "from",
-    "host",
-    "if-match",
-    "if-modified-since",
-    "if-none-match",
-    "if-range",
-    "if-unmodified-since",
-    "last-modified",
-    "location",
-    "max-forwards",
-    "pragma",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "range",
-    "referer",
-    "retry-after",
-    "server",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "user-agent",
-    "vary",
-    "via",
-    "warning",
-    "www-authenticate",
-    "method",
-    "get",
-    "status",
-    "200 OK",
-    "version",
-    "HTTP/1.1",
-    "url",
-    "public",
-    "set-cookie",
-    "keep-alive",
-    "origin",
-];
-
-/// The dictionary's tail, appended without length prefixes.
-const DICTIONARY_TAIL: [&str; 7] = [
-    "100101201202205206300302303304305306307402405406407408409410411412413414415416417502504505",
-    "203 Non-Authoritative Information204 No Content301 Moved Permanently400 Bad Request\
-     401 Unauthorized403 Forbidden404 Not Found500 Internal Server Error501 Not Implemented\
-     503 Service Unavailable",
-    "Jan Feb Mar Apr May Jun Jul Aug Sept Oct Nov Dec 00:00:00 ",
-    "Mon, Tue, Wed, Thu, Fri, Sat, Sun, GMT",
-    "chunked,text/html,image/png,image/jpg,image/gif,application/xml,application/xhtml+xml,\
-     text/plain,text/javascript,",
-    "publicprivatemax-age=gzip,deflate,sdch",
-    "charset=utf-8charset=iso-8859-1,utf-,*,enq=0.",
-];
-
-/// Adler-32 of the dictionary: the DICTID a zlib stream that uses it carries in its header.
-const SPDY_DICTIONARY_ID: u32 = 0xe3c6_a7c2;
-
-/// The SPDY/3 header-compression dictionary.
-fn spdy_dictionary() -> &'static [u8] {
-    static DICT: OnceLock<Vec<u8>> = OnceLock::new();
-    DICT.get_or_init(|| {
-        let mut d = Vec::with_capacity(1423);
-        for w in DICTIONARY_WORDS {
-            d.extend_from_slice(&(w.len() as u32).to_be_bytes());
-            d.extend_from_slice(w.as_bytes());
-        }
-        for t in DICTIONARY_TAIL {
-            d.extend_from_slice(t.as_bytes());
-        }
-        d
-    })
 }
 
 #[cfg(test)]
@@ -1080,7 +979,8 @@ mod tests {
 
     fn deflater() -> Compress {
         let mut c = Compress::new(Compression::default(), true);
-        c.set_dictionary(spdy_dictionary()).unwrap();
+        c.set_dictionary(crate::proxy::spdy_dictionary::dictionary())
+            .unwrap();
         c
     }
 
@@ -1169,18 +1069,6 @@ mod tests {
             b = &b[8 + len..];
         }
         (datas, goaway)
-    }
-
-    #[test]
-    fn spdy_dictionary_is_byte_exact() {
-        let d = spdy_dictionary();
-        assert_eq!(d.len(), 1423);
-        let (mut a, mut b) = (1u32, 0u32);
-        for &byte in d {
-            a = (a + u32::from(byte)) % 65521;
-            b = (b + a) % 65521;
-        }
-        assert_eq!((b << 16) | a, SPDY_DICTIONARY_ID);
     }
 
     #[test]

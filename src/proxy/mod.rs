@@ -8,6 +8,7 @@ pub mod forward;
 pub mod frames;
 pub mod headers;
 pub mod path;
+pub mod spdy_dictionary;
 pub mod upgrade;
 
 pub use forward::{Upstream, UpstreamError};

@@ -12,6 +12,7 @@
 //! A session ends when the client closes the connection or sends GOAWAY (`Ok(())`); an exec
 //! session also ends on its own once the process exits, with GOAWAY from this side.
 
+#[path = "../../../../src/proxy/spdy_dictionary.rs"]
 mod dictionary;
 mod exec;
 mod frame;

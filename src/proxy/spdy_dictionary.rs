@@ -1,5 +1,9 @@
 //! The zlib dictionary of SPDY/3 header compression (SPDY/3 draft, section 2.6.10.1).
 //!
+//! One file for two crates: the gateway's frame-aware relay (`proxy::frames`) and the test kit's
+//! SPDY stand-in include it (the test kit cannot depend on the gateway, which depends on it for
+//! the demo). It uses nothing but `std`.
+//!
 //! The dictionary is a run of length-prefixed words (a 4-byte big-endian length, then the word)
 //! followed by a tail of concatenated status lines, dates and media types. It is rebuilt here
 //! from that structure instead of being spelled out byte by byte; the tests pin its length and
@@ -92,13 +96,13 @@ const TAIL: [&str; 7] = [
 ];
 
 /// Length of the dictionary in bytes.
-pub(crate) const DICTIONARY_LEN: usize = 1423;
+pub const DICTIONARY_LEN: usize = 1423;
 
 /// Adler-32 of the dictionary: the DICTID that a zlib stream using it carries in its header.
-pub(crate) const DICTIONARY_ID: u32 = 0xe3c6_a7c2;
+pub const DICTIONARY_ID: u32 = 0xe3c6_a7c2;
 
 /// The SPDY/3 header-compression dictionary.
-pub(crate) fn dictionary() -> &'static [u8] {
+pub fn dictionary() -> &'static [u8] {
     static DICT: OnceLock<Vec<u8>> = OnceLock::new();
     DICT.get_or_init(|| {
         let mut d = Vec::with_capacity(DICTIONARY_LEN);
