@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +15,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
-use support::{get, raw_client, send, Harness};
+use support::{free_port, get, raw_client, send, Harness, ServeProcess};
 use tokio::sync::broadcast::Receiver;
 use ztgate::demo::{DevJwtIssuer, DevSettings};
 use ztgate::state::{
@@ -24,14 +23,6 @@ use ztgate::state::{
 };
 use ztgate_testkit::pki::{Ca, LeafSpec};
 use ztgate_testkit::{CertKey, DevIssuer};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// An etcd cluster on loopback (client URLs with TLS and client-certificate auth, peers over
 /// plain http), its members killed on drop.
@@ -1090,31 +1081,10 @@ async fn a_replica_killed_mid_stream_leaves_the_others_serving_and_the_client_re
             p
         })
         .collect();
-    let mut gateways: Vec<tokio::process::Child> = configs
-        .iter()
-        .map(|c| {
-            tokio::process::Command::new(env!("CARGO_BIN_EXE_ztgate"))
-                .args(["serve", "--config"])
-                .arg(c)
-                .stdout(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .unwrap()
-        })
-        .collect();
     let ca = env.pki.gateway_ca.cert_pem();
-    for p in &ports {
-        let base = format!("https://127.0.0.1:{p}");
-        until(Duration::from_secs(20), "replica ready", || async {
-            let client = raw_client(&ca, None, false);
-            let r = tokio::time::timeout(
-                Duration::from_secs(1),
-                client.request(get(&format!("{base}/readyz"))),
-            )
-            .await;
-            matches!(r, Ok(Ok(r)) if r.status() == 200)
-        })
-        .await;
+    let mut gateways = Vec::new();
+    for (c, p) in configs.iter().zip(&ports) {
+        gateways.push(ServeProcess::start(c, &format!("https://127.0.0.1:{p}"), &ca).await);
     }
     let lb = Balancer::start(ports.iter().map(|p| format!("127.0.0.1:{p}")).collect()).await;
     let alice = env.pki.user("alice", &["team-a"]);
@@ -1155,13 +1125,7 @@ async fn a_replica_killed_mid_stream_leaves_the_others_serving_and_the_client_re
         .to_owned();
 
     // kill -9 the replica holding the watch: the client's stream breaks.
-    let pid = gateways[holder].id().unwrap().to_string();
-    assert!(Command::new("kill")
-        .args(["-9", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let _ = gateways[holder].wait().await;
+    gateways[holder].kill9().await;
     let end = tokio::time::timeout(Duration::from_secs(5), events.recv())
         .await
         .expect("the broken stream is noticed")

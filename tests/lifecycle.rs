@@ -125,53 +125,16 @@ async fn kubernetes_secret_symlink_swap_rotates_the_serving_cert() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_request_finish_and_closes_a_watch_cleanly() {
-    support::init_logs();
-    let dir = tempfile::tempdir().unwrap();
-    let pki = TestPki::new();
-    let apiserver = ApiServer::start(ApiServerOptions::new(&pki)).await.unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let env = DevEnv::create(
-        dir.path(),
-        pki,
-        &apiserver.url(),
-        &DevSettings {
-            listen: format!("127.0.0.1:{port}"),
-            shutdown_grace: "10s",
-            operations: false,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ztgate"))
-        .args(["serve", "--config"])
-        .arg(&env.config_path)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let base = format!("https://127.0.0.1:{port}");
+    let pe = support::ProcessEnv::create(DevSettings {
+        shutdown_grace: "10s",
+        ..Default::default()
+    })
+    .await;
+    let mut child = pe.serve().await.child;
+    let (apiserver, env) = (&pe.apiserver, &pe.env);
+    let base = pe.base();
     let alice = env.pki.user("alice", &["team-a"]);
-    let ca = env.pki.gateway_ca.cert_pem();
-    let client = raw_client(&ca, Some(&alice), false);
-    let mut up = false;
-    for _ in 0..100 {
-        if let Ok(Ok(r)) = tokio::time::timeout(
-            Duration::from_secs(1),
-            client.request(get(&format!("{base}/readyz"))),
-        )
-        .await
-        {
-            if r.status() == 200 {
-                up = true;
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(up, "gateway became ready");
+    let ca = pe.ca_pem();
 
     let watch_client = raw_client(&ca, Some(&alice), false);
     let watch = watch_client
@@ -210,5 +173,4 @@ async fn sigterm_lets_a_request_finish_and_closes_a_watch_cleanly() {
         .expect("gateway exited in time")
         .unwrap();
     assert!(status.success(), "{status:?}");
-    apiserver.shutdown().await;
 }

@@ -9,9 +9,9 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use support::{get, raw_client, send, status_of, Harness};
-use ztgate::demo::{DevEnv, DevJwtIssuer, DevSettings};
+use ztgate::demo::{DevJwtIssuer, DevSettings};
 use ztgate_testkit::pki::Ca;
-use ztgate_testkit::{ApiServer, ApiServerOptions, CertKey, DevIssuer, TestPki};
+use ztgate_testkit::{CertKey, DevIssuer};
 
 const POLICIES: &str = r#"
 @id("discovery-read")
@@ -226,59 +226,18 @@ async fn a_watch_ends_with_401_when_its_token_expires() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_survives_kill_9_and_a_restart() {
-    support::init_logs();
-    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
     let pol = policies_dir();
-    let pki = TestPki::new();
-    let apiserver = ApiServer::start(ApiServerOptions::new(&pki)).await.unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let env = DevEnv::create(
-        dir.path(),
-        pki,
-        &apiserver.url(),
-        &DevSettings {
-            listen: format!("127.0.0.1:{port}"),
-            operations: false,
-            policies: vec![pol.path().join("p.cedar")],
-            state_dir: Some(dir.path().join("state")),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let base = format!("https://127.0.0.1:{port}");
-    let ca = env.pki.gateway_ca.cert_pem();
-    let alice: CertKey = env.pki.user("alice", &["team-a"]);
-    let admin = env.pki.user("sec-admin", &["security"]);
-    let start = || {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_ztgate"))
-            .args(["serve", "--config"])
-            .arg(&env.config_path)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap()
-    };
-    let ready = |client: support::RawClient, base: String| async move {
-        for _ in 0..100 {
-            if let Ok(Ok(r)) = tokio::time::timeout(
-                Duration::from_secs(1),
-                client.request(get(&format!("{base}/readyz"))),
-            )
-            .await
-            {
-                if r.status() == 200 {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("gateway not ready");
-    };
-    let mut gw = start();
-    ready(raw_client(&ca, None, false), base.clone()).await;
+    let pe = support::ProcessEnv::create(DevSettings {
+        policies: vec![pol.path().join("p.cedar")],
+        state_dir: Some(state.path().join("state")),
+        ..Default::default()
+    })
+    .await;
+    let (base, ca) = (pe.base(), pe.ca_pem());
+    let alice: CertKey = pe.env.pki.user("alice", &["team-a"]);
+    let admin = pe.env.pki.user("sec-admin", &["security"]);
+    let mut gw = pe.serve().await;
     let (code, _, body) = send(
         &raw_client(&ca, Some(&admin), false),
         post_lock(&format!("{base}/v1/locks"), "user", "alice", "offboarded"),
@@ -286,16 +245,8 @@ async fn a_lock_survives_kill_9_and_a_restart() {
     .await;
     assert_eq!(code, 201, "{body}");
 
-    let pid = gw.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-9", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let _ = gw.wait().await;
-
-    let _gw = start();
-    ready(raw_client(&ca, None, false), base.clone()).await;
+    gw.kill9().await;
+    let _gw = pe.serve().await;
     let (code, _, body) = send(
         &raw_client(&ca, Some(&alice), false),
         get(&format!("{base}/api/v1/namespaces/team-a/pods")),
@@ -303,7 +254,6 @@ async fn a_lock_survives_kill_9_and_a_restart() {
     .await;
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("offboarded"), "{body}");
-    apiserver.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -190,3 +190,119 @@ pub fn status_of(body: &str) -> (u64, String) {
 pub fn shared<T>(t: T) -> Arc<T> {
     Arc::new(t)
 }
+
+/// An ephemeral loopback port (bound and released; the caller binds it again at once).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+/// Files for a gateway run as its own process (`ztgate serve`): a stand-in kube-apiserver, the
+/// dev config on a free loopback port, its PKI.
+pub struct ProcessEnv {
+    pub env: ztgate::demo::DevEnv,
+    pub apiserver: ztgate_testkit::ApiServer,
+    pub port: u16,
+    pub dir: TempDir,
+}
+
+impl ProcessEnv {
+    /// `settings.listen` is replaced by a free port; the operations listener is off.
+    pub async fn create(settings: DevSettings) -> ProcessEnv {
+        init_logs();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = ztgate_testkit::TestPki::new();
+        let apiserver =
+            ztgate_testkit::ApiServer::start(ztgate_testkit::ApiServerOptions::new(&pki))
+                .await
+                .expect("stand-in kube-apiserver starts");
+        let port = free_port();
+        let env = ztgate::demo::DevEnv::create(
+            dir.path(),
+            pki,
+            &apiserver.url(),
+            &DevSettings {
+                listen: format!("127.0.0.1:{port}"),
+                operations: false,
+                ..settings
+            },
+        )
+        .expect("dev config");
+        ProcessEnv {
+            env,
+            apiserver,
+            port,
+            dir,
+        }
+    }
+
+    pub fn base(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    pub fn ca_pem(&self) -> String {
+        self.env.pki.gateway_ca.cert_pem()
+    }
+
+    /// `ztgate serve` on this config, ready.
+    pub async fn serve(&self) -> ServeProcess {
+        ServeProcess::start(&self.env.config_path, &self.base(), &self.ca_pem()).await
+    }
+}
+
+/// A `ztgate serve --config …` process, killed when dropped.
+pub struct ServeProcess {
+    pub child: tokio::process::Child,
+}
+
+impl ServeProcess {
+    /// Starts the binary and waits (up to 20 s) until `base/readyz` answers 200.
+    pub async fn start(config: &Path, base: &str, ca_pem: &str) -> ServeProcess {
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ztgate"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("ztgate serve starts");
+        let p = ServeProcess { child };
+        p.wait_ready(base, ca_pem).await;
+        p
+    }
+
+    pub async fn wait_ready(&self, base: &str, ca_pem: &str) {
+        let client = raw_client(ca_pem, None, false);
+        for _ in 0..200 {
+            let r = tokio::time::timeout(
+                Duration::from_secs(1),
+                client.request(get(&format!("{base}/readyz"))),
+            )
+            .await;
+            if matches!(r, Ok(Ok(ref r)) if r.status() == 200) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("ztgate serve at {base} not ready within 20 s");
+    }
+
+    /// Sends `signal` (`-9`, `-TERM`, ...) with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let ok = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("kill runs")
+            .success();
+        assert!(ok, "kill {signal} {pid}");
+    }
+
+    /// `kill -9`, then reaps the process.
+    pub async fn kill9(&mut self) {
+        self.signal("-9");
+        let _ = self.child.wait().await;
+    }
+}
