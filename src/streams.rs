@@ -242,6 +242,11 @@ impl Drop for StreamHandle {
 /// How many stream checks run between yields of the re-verifier task.
 const CHECKS_PER_YIELD: usize = 64;
 
+/// The deadline heap is compacted once it holds at least this many entries and more than
+/// `DEADLINES_SLACK` per live stream.
+const DEADLINES_COMPACT_MIN: usize = 1024;
+const DEADLINES_SLACK: usize = 4;
+
 impl StreamRegistry {
     pub fn new(metrics: Arc<Metrics>) -> Arc<StreamRegistry> {
         Arc::new(StreamRegistry {
@@ -299,6 +304,20 @@ impl StreamRegistry {
         let mut heap = lock(&self.deadlines);
         let earliest = heap.peek().is_none_or(|Reverse((t, _))| at < *t);
         heap.push(Reverse((at, id)));
+        // --- deadline heap compaction (issue 9 soak) ---
+        // An ended stream's entry stays until its deadline comes, and a credential or posture
+        // record can live for hours: with streams opening and closing all day the heap grew by
+        // one entry per stream until then. Once ended streams' entries dominate, drop them, so
+        // the heap stays proportional to the live streams. `live` is read under the heap's lock,
+        // and a stream is in `live` before its first deadline is pushed: no entry of a live
+        // stream is ever dropped.
+        if heap.len() >= DEADLINES_COMPACT_MIN {
+            let live = lock(&self.live);
+            if heap.len() > DEADLINES_SLACK * live.len() {
+                heap.retain(|Reverse((_, id))| live.contains_key(id));
+            }
+        }
+        // --- end deadline heap compaction ---
         drop(heap);
         if earliest {
             self.wake.notify_one();
@@ -588,3 +607,55 @@ where
         self.inner.size_hint()
     }
 }
+
+// --- deadline heap compaction (issue 9 soak) ---
+#[cfg(test)]
+mod deadline_tests {
+    use super::*;
+
+    struct Never;
+    impl Recheck for Never {
+        fn recheck(&self, _now: SystemTime) -> Verdict {
+            Verdict::Keep { until: None }
+        }
+    }
+
+    fn subject() -> StreamSubject {
+        StreamSubject {
+            user: "alice".into(),
+            groups: Vec::new(),
+            device: None,
+            token_id: None,
+        }
+    }
+
+    #[test]
+    fn ended_streams_do_not_pile_up_in_the_deadline_heap() {
+        let reg = StreamRegistry::new(Arc::new(Metrics::new()));
+        let far = SystemTime::now() + Duration::from_secs(24 * 3600);
+        let check: Arc<dyn Recheck> = Arc::new(Never);
+        let kept: Vec<StreamHandle> = (0..10)
+            .map(|_| {
+                reg.register_checked(StreamKind::Watch, subject(), Some(check.clone()), Some(far))
+            })
+            .collect();
+        // 100,000 streams open and close, each with a deadline a day away.
+        for _ in 0..100_000 {
+            drop(reg.register_checked(StreamKind::Exec, subject(), Some(check.clone()), Some(far)));
+        }
+        let heap = lock(&reg.deadlines).len();
+        assert!(
+            heap <= DEADLINES_COMPACT_MIN,
+            "{heap} entries for 10 live streams"
+        );
+        // The live streams' entries are all still there.
+        let ids: HashSet<u64> = lock(&reg.deadlines)
+            .iter()
+            .map(|Reverse((_, id))| *id)
+            .collect();
+        for h in &kept {
+            assert!(ids.contains(&h.id()), "stream {} lost its deadline", h.id());
+        }
+    }
+}
+// --- end deadline heap compaction ---

@@ -593,3 +593,60 @@ async fn a_config_reload_storm_never_drops_a_working_issuer_or_the_gateway() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(readyz(&h).await.0, 200);
 }
+
+// ------------------------------------------------------------------ the table in the docs
+
+/// Every test named in docs/hardening.md's fault table exists: `file::name` is `fn name` in
+/// tests/file.rs; a bare `name` is a unit test somewhere under src/.
+#[test]
+fn every_row_of_the_fault_table_names_a_test_that_exists() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("docs/hardening.md")).unwrap();
+    let start = doc
+        .find("## Faults in dependencies")
+        .expect("the fault table's section");
+    let section = &doc[start..];
+    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
+    let mut sources = Vec::new();
+    let mut dirs = vec![root.join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                sources.push(std::fs::read_to_string(path).unwrap());
+            }
+        }
+    }
+    let defines = |text: &str, name: &str| text.contains(&format!("fn {name}("));
+    let mut rows = 0;
+    for line in section.lines().filter(|l| l.starts_with("| ")) {
+        let cell = line.trim_end_matches('|').rsplit('|').next().unwrap();
+        if cell.trim() == "test" || cell.trim().starts_with("---") {
+            continue;
+        }
+        rows += 1;
+        let names: Vec<&str> = cell.split('`').skip(1).step_by(2).collect();
+        assert!(!names.is_empty(), "a row names no test: {line}");
+        for name in names {
+            match name.split_once("::") {
+                Some((file, test)) => {
+                    let path = root.join("tests").join(format!("{file}.rs"));
+                    let text = std::fs::read_to_string(&path)
+                        .unwrap_or_else(|e| panic!("{name}: {}: {e}", path.display()));
+                    assert!(
+                        defines(&text, test),
+                        "{name}: no such test in {}",
+                        path.display()
+                    );
+                }
+                None => assert!(
+                    sources.iter().any(|s| defines(s, name)),
+                    "{name}: no such unit test under src/"
+                ),
+            }
+        }
+    }
+    assert!(rows >= 19, "only {rows} rows in the fault table");
+}
