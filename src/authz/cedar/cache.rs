@@ -14,6 +14,11 @@
 //!   websocket, request verb, and the whole seconds the record contains: request time, token
 //!   age, posture age). A record is reused within one second at most.
 //!
+//! Each entities entry also remembers the last decision made with it: the policy set's epoch
+//! and the context entry it was made with (compared in full). The same entities, policy set
+//! and context decide the same, so a caller repeating a request within the same second skips
+//! evaluation; a reload (new epoch) or any other context decides afresh.
+//!
 //! A miss costs the build plus the insertion (`decide/new-caller` in `benches/cedar.rs`).
 //!
 //! Keys are compared in full, never by hash or pointer alone: a cached value is only used for
@@ -31,9 +36,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwapOption;
 use cedar_policy::{Context, Entities, Entity, EntityUid};
 
-use super::{DeviceFacts, ImpersonationTarget, PostureFacts, RequestFacts, Subject};
+use super::{Decision, DeviceFacts, ImpersonationTarget, PostureFacts, RequestFacts, Subject};
 use crate::authz::requestinfo::RequestInfo;
 
 /// The caller's facts as the principal entity and the context's `authn` record use them.
@@ -215,6 +221,36 @@ pub(crate) struct EntitiesEntry {
     pub principal: EntityUid,
     pub resource: EntityUid,
     pub entities: Entities,
+    /// The last decision made with these entities: by which policy set, in which context.
+    memo: ArcSwapOption<Memo>,
+}
+
+/// A decision and everything it was computed from besides its entities.
+struct Memo {
+    /// The policy set's epoch (one per engine and set: it goes up with every reload).
+    epoch: u64,
+    context: Arc<ContextEntry>,
+    decision: Decision,
+}
+
+impl EntitiesEntry {
+    /// The decision already made with these entities, the policy set of `epoch` and a context
+    /// equal to `context` (compared in full), if it was the last one made.
+    pub fn decided(&self, epoch: u64, context: &Arc<ContextEntry>) -> Option<Decision> {
+        let memo = self.memo.load();
+        let m = memo.as_ref()?;
+        let same_context = Arc::ptr_eq(&m.context, context) || m.context.view() == context.view();
+        (m.epoch == epoch && same_context).then(|| m.decision.clone())
+    }
+
+    /// Remembers `decision`, made with these entities, the set of `epoch` and `context`.
+    pub fn remember(&self, epoch: u64, context: &Arc<ContextEntry>, decision: &Decision) {
+        self.memo.store(Some(Arc::new(Memo {
+            epoch,
+            context: context.clone(),
+            decision: decision.clone(),
+        })));
+    }
 }
 
 /// What a device contributes to the context, with its posture age in whole seconds.
@@ -248,7 +284,7 @@ struct ContextKey<'a> {
     token_age: Option<u64>,
 }
 
-struct ContextEntry {
+pub(crate) struct ContextEntry {
     subject: u64,
     device: Option<DeviceFacts>,
     source_ip: IpAddr,
@@ -256,7 +292,7 @@ struct ContextEntry {
     verb: String,
     epoch: u64,
     token_age: Option<u64>,
-    context: Context,
+    pub context: Context,
 }
 
 impl ContextEntry {
@@ -367,6 +403,7 @@ impl BuildCache {
             principal,
             resource: resource_uid,
             entities,
+            memo: ArcSwapOption::empty(),
         });
         self.entities.insert(hash, entry.clone());
         Ok(entry)
@@ -379,7 +416,7 @@ impl BuildCache {
         facts: &Subject<'_>,
         req: &RequestFacts<'_>,
         build: impl FnOnce() -> Result<Context, String>,
-    ) -> Result<Context, String> {
+    ) -> Result<Arc<ContextEntry>, String> {
         let key = ContextKey {
             subject,
             device: req.device.map(DeviceKey::of),
@@ -395,7 +432,7 @@ impl BuildCache {
         let hash = self.hasher.hash_one(&key);
         if let Some(e) = self.contexts.get(&hash) {
             if e.view() == key {
-                return Ok(e.context.clone());
+                return Ok(e);
             }
         }
         let context = build()?;
@@ -407,10 +444,10 @@ impl BuildCache {
             verb: req.info.verb.clone(),
             epoch: key.epoch,
             token_age: key.token_age,
-            context: context.clone(),
+            context,
         });
-        self.contexts.insert(hash, entry);
-        Ok(context)
+        self.contexts.insert(hash, entry.clone());
+        Ok(entry)
     }
 
     #[cfg(test)]

@@ -474,24 +474,37 @@ impl PolicyEngine {
             Request::new(principal, action.uid.clone(), resource, context, check)
                 .map_err(|e| format!("request does not match the schema: {e}"))
         };
+        // With the build cache, the entities remember their last decision: the same entities,
+        // policy set and context (compared in full, whole seconds included) decide the same.
         let prepared = match &self.built {
-            Some(cache) => (|| -> Result<(Request, Prepared), String> {
+            Some(cache) => (|| -> Result<Prepared, String> {
                 let s = cache.subject(subject, || entities::principal(schema, subject))?;
                 let e = cache.entities(s.serial, verb, resource_key, || {
                     build_entities(Some((s.uid.clone(), s.entity.clone())))
                 })?;
                 let context = cache.context(s.serial, subject, req, build_context)?;
-                let request = request(e.principal.clone(), e.resource.clone(), context)?;
-                Ok((request, Prepared::Cached(e)))
+                if let Some(decision) = e.decided(loaded.epoch, &context) {
+                    return Ok(Prepared::Decided(decision));
+                }
+                let request = request(
+                    e.principal.clone(),
+                    e.resource.clone(),
+                    context.context.clone(),
+                )?;
+                Ok(Prepared::Cached(request, e, context))
             })(),
-            None => (|| -> Result<(Request, Prepared), String> {
+            None => (|| -> Result<Prepared, String> {
                 let (principal, resource, entities) = build_entities(None)?;
                 let request = request(principal, resource, build_context()?)?;
-                Ok((request, Prepared::Built(entities)))
+                Ok(Prepared::Built(request, entities))
             })(),
         };
-        let (request, entities) = match prepared {
-            Ok(v) => v,
+        let (request, entities, memo) = match prepared {
+            Ok(Prepared::Decided(decision)) => return decision,
+            Ok(Prepared::Cached(request, e, context)) => {
+                (request, MaybeShared::Shared(e.clone()), Some((e, context)))
+            }
+            Ok(Prepared::Built(request, entities)) => (request, MaybeShared::Own(entities), None),
             Err(e) => return Decision::error(e),
         };
         let sets: Vec<&PolicySet> = if self.slicing {
@@ -499,25 +512,39 @@ impl PolicyEngine {
         } else {
             vec![&loaded.policies]
         };
-        combine(
+        let decision = combine(
             &loaded,
             sets.into_iter()
                 .map(|set| self.authorizer.is_authorized(&request, set, entities.get())),
-        )
+        );
+        if let Some((e, context)) = memo {
+            e.remember(loaded.epoch, &context, &decision);
+        }
+        decision
     }
 }
 
-/// A request's entities: shared with the build cache, or built for this request only.
+/// What evaluating a request starts from.
 enum Prepared {
-    Cached(Arc<cache::EntitiesEntry>),
-    Built(Entities),
+    /// The decision the cached entities remember for this policy set and context.
+    Decided(Decision),
+    /// A request over cached entities and context.
+    Cached(Request, Arc<cache::EntitiesEntry>, Arc<cache::ContextEntry>),
+    /// A request over entities built for it alone.
+    Built(Request, Entities),
 }
 
-impl Prepared {
+/// A request's entities: shared with the build cache, or built for this request only.
+enum MaybeShared {
+    Shared(Arc<cache::EntitiesEntry>),
+    Own(Entities),
+}
+
+impl MaybeShared {
     fn get(&self) -> &Entities {
         match self {
-            Prepared::Cached(e) => &e.entities,
-            Prepared::Built(e) => e,
+            MaybeShared::Shared(e) => &e.entities,
+            MaybeShared::Own(e) => e,
         }
     }
 }

@@ -1113,3 +1113,31 @@ fn build_cache_keeps_resources_apart() {
         }
     }
 }
+
+#[test]
+fn remembered_decisions_follow_policy_reloads_and_the_context() {
+    let e = engine(r#"permit(principal, action == k8s::Action::"get", resource);"#);
+    let info = resource("get", "", "pods", "a", "x");
+    let caller = Caller::new("a", &[]);
+    for _ in 0..3 {
+        assert!(decide(&e, &caller, &Req::new(&info)).allowed);
+    }
+    // the same request after a reload is decided by the new set
+    e.reload_sources(&[(
+        "p.cedar".into(),
+        r#"permit(principal, action == k8s::Action::"get", resource) when { context has device };"#
+            .into(),
+    )])
+    .unwrap();
+    for _ in 0..2 {
+        assert!(!decide(&e, &caller, &Req::new(&info)).allowed, "reloaded");
+    }
+    // the same entities in another context (a device now) are decided again, and back
+    let device = managed_device();
+    for _ in 0..2 {
+        let mut with_device = Req::new(&info);
+        with_device.device = Some(&device);
+        assert!(decide(&e, &caller, &with_device).allowed, "device");
+        assert!(!decide(&e, &caller, &Req::new(&info)).allowed, "no device");
+    }
+}
