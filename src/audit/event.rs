@@ -295,6 +295,199 @@ impl<E> EventList<E> {
     }
 }
 
+impl Event {
+    /// Appends the event as one JSON line's worth of bytes: exactly what `serde_json` writes
+    /// for it (`audit::event::tests::json_writer_matches_serde`), without serde's byte-by-byte
+    /// escaping of strings that need none — the file and stdout sinks write two of these per
+    /// request.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"kind\":");
+        json_str(out, &self.kind);
+        out.extend_from_slice(b",\"apiVersion\":");
+        json_str(out, &self.api_version);
+        out.extend_from_slice(b",\"level\":");
+        json_str(out, self.level.as_str());
+        out.extend_from_slice(b",\"auditID\":");
+        json_str(out, &self.audit_id);
+        out.extend_from_slice(b",\"stage\":");
+        json_str(out, self.stage.as_str());
+        out.extend_from_slice(b",\"requestURI\":");
+        json_str(out, &self.request_uri);
+        out.extend_from_slice(b",\"verb\":");
+        json_str(out, &self.verb);
+        out.extend_from_slice(b",\"user\":");
+        self.user.write_json(out);
+        if let Some(u) = &self.impersonated_user {
+            out.extend_from_slice(b",\"impersonatedUser\":");
+            u.write_json(out);
+        }
+        if !self.source_ips.is_empty() {
+            out.extend_from_slice(b",\"sourceIPs\":");
+            json_strs(out, &self.source_ips);
+        }
+        if !self.user_agent.is_empty() {
+            out.extend_from_slice(b",\"userAgent\":");
+            json_str(out, &self.user_agent);
+        }
+        if let Some(o) = &self.object_ref {
+            out.extend_from_slice(b",\"objectRef\":");
+            let mut first = true;
+            for (name, v) in [
+                ("resource", &o.resource),
+                ("namespace", &o.namespace),
+                ("name", &o.name),
+                ("uid", &o.uid),
+                ("apiGroup", &o.api_group),
+                ("apiVersion", &o.api_version),
+                ("resourceVersion", &o.resource_version),
+                ("subresource", &o.subresource),
+            ] {
+                if !v.is_empty() {
+                    json_key(out, &mut first, name);
+                    json_str(out, v);
+                }
+            }
+            out.extend_from_slice(if first { &b"{}"[..] } else { &b"}"[..] });
+        }
+        if let Some(r) = &self.response_status {
+            out.extend_from_slice(b",\"responseStatus\":{\"metadata\":{}");
+            for (name, v) in [
+                ("status", &r.status),
+                ("message", &r.message),
+                ("reason", &r.reason),
+            ] {
+                if !v.is_empty() {
+                    out.extend_from_slice(b",\"");
+                    out.extend_from_slice(name.as_bytes());
+                    out.extend_from_slice(b"\":");
+                    json_str(out, v);
+                }
+            }
+            if r.code != 0 {
+                out.extend_from_slice(b",\"code\":");
+                out.extend_from_slice(r.code.to_string().as_bytes());
+            }
+            out.push(b'}');
+        }
+        let mut buf = [0u8; 27];
+        for (name, t) in [
+            ("requestReceivedTimestamp", &self.request_received_timestamp),
+            ("stageTimestamp", &self.stage_timestamp),
+        ] {
+            out.extend_from_slice(b",\"");
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b"\":");
+            match t.write_rfc3339_micro(&mut buf) {
+                Some(text) => json_str(out, text),
+                None => json_str(out, &t.format_rfc3339_micro_slow()),
+            }
+        }
+        if !self.annotations.is_empty() {
+            out.extend_from_slice(b",\"annotations\":{");
+            for (i, (k, v)) in self.annotations.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                json_str(out, k);
+                out.push(b':');
+                json_str(out, v);
+            }
+            out.push(b'}');
+        }
+        out.push(b'}');
+    }
+}
+
+impl UserInfo {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        let mut first = true;
+        for (name, v) in [("username", &self.username), ("uid", &self.uid)] {
+            if !v.is_empty() {
+                json_key(out, &mut first, name);
+                json_str(out, v);
+            }
+        }
+        if !self.groups.is_empty() {
+            json_key(out, &mut first, "groups");
+            json_strs(out, &self.groups);
+        }
+        if !self.extra.is_empty() {
+            json_key(out, &mut first, "extra");
+            out.push(b'{');
+            for (i, (k, vs)) in self.extra.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                json_str(out, k);
+                out.push(b':');
+                json_strs(out, vs);
+            }
+            out.push(b'}');
+        }
+        out.extend_from_slice(if first { &b"{}"[..] } else { &b"}"[..] });
+    }
+}
+
+/// `{"name":` for the first field of an object, `,"name":` for the others.
+fn json_key(out: &mut Vec<u8>, first: &mut bool, name: &str) {
+    out.push(if *first { b'{' } else { b',' });
+    *first = false;
+    out.push(b'"');
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\":");
+}
+
+fn json_strs(out: &mut Vec<u8>, items: &[String]) {
+    out.push(b'[');
+    for (i, s) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        json_str(out, s);
+    }
+    out.push(b']');
+}
+
+/// A JSON string as `serde_json` writes it: `"` and `\\` escaped, control characters as `\n`-style
+/// or `\u00XX` escapes, everything else (UTF-8 included) as is.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    let bytes = s.as_bytes();
+    out.push(b'"');
+    // No early exit: this loop vectorizes, and most strings need no escaping at all.
+    let plain = !bytes.iter().fold(false, |acc, &b| {
+        acc | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if plain {
+        out.extend_from_slice(bytes);
+    } else {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut start = 0;
+        let mut unicode = *b"\\u0000";
+        for (i, &b) in bytes.iter().enumerate() {
+            let esc: &[u8] = match b {
+                b'"' => b"\\\"",
+                b'\\' => b"\\\\",
+                0x08 => b"\\b",
+                0x0c => b"\\f",
+                b'\n' => b"\\n",
+                b'\r' => b"\\r",
+                b'\t' => b"\\t",
+                0x00..=0x1f => {
+                    unicode[4] = HEX[(b >> 4) as usize];
+                    unicode[5] = HEX[(b & 0xf) as usize];
+                    &unicode
+                }
+                _ => continue,
+            };
+            out.extend_from_slice(&bytes[start..i]);
+            out.extend_from_slice(esc);
+            start = i + 1;
+        }
+        out.extend_from_slice(&bytes[start..]);
+    }
+    out.push(b'"');
+}
+
 /// `metav1.MicroTime`: a timestamp written as RFC 3339 UTC with microseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MicroTime(pub SystemTime);
@@ -306,6 +499,52 @@ impl MicroTime {
 
     /// `2026-11-26T15:04:05.123456Z` (truncated, not rounded, to microseconds, as Go does).
     pub fn to_rfc3339_micro(&self) -> String {
+        let mut buf = [0u8; 27];
+        match self.write_rfc3339_micro(&mut buf) {
+            Some(s) => s.to_owned(),
+            None => self.format_rfc3339_micro_slow(),
+        }
+    }
+
+    /// [`MicroTime::to_rfc3339_micro`] into `buf`, without allocating (two of these per audit
+    /// event); `None` for times before 1970 or after 9999, which take the slow path.
+    fn write_rfc3339_micro<'b>(&self, buf: &'b mut [u8; 27]) -> Option<&'b str> {
+        let since = self.0.duration_since(SystemTime::UNIX_EPOCH).ok()?;
+        let secs = since.as_secs();
+        let (y, m, d) = civil_from_days(i64::try_from(secs / 86_400).ok()?);
+        if !(0..=9999).contains(&y) {
+            return None;
+        }
+        let sod = secs % 86_400;
+        let mut put = |at: usize, v: u64, width: usize| {
+            let mut v = v;
+            for i in (0..width).rev() {
+                buf[at + i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(0, y as u64, 4);
+        put(5, m, 2);
+        put(8, d, 2);
+        put(11, sod / 3600, 2);
+        put(14, sod / 60 % 60, 2);
+        put(17, sod % 60, 2);
+        put(20, u64::from(since.subsec_micros()), 6);
+        for (at, c) in [
+            (4, b'-'),
+            (7, b'-'),
+            (10, b'T'),
+            (13, b':'),
+            (16, b':'),
+            (19, b'.'),
+            (26, b'Z'),
+        ] {
+            buf[at] = c;
+        }
+        std::str::from_utf8(buf).ok()
+    }
+
+    fn format_rfc3339_micro_slow(&self) -> String {
         let t = time::OffsetDateTime::from(self.0);
         format!(
             "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
@@ -339,8 +578,27 @@ impl fmt::Display for MicroTime {
 
 impl Serialize for MicroTime {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_rfc3339_micro())
+        let mut buf = [0u8; 27];
+        match self.write_rfc3339_micro(&mut buf) {
+            Some(text) => s.serialize_str(text),
+            None => s.serialize_str(&self.format_rfc3339_micro_slow()),
+        }
     }
+}
+
+/// (year, month, day) of the proleptic Gregorian calendar for days since 1970-01-01 (Howard
+/// Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u64, u64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u64;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u64;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
 }
 
 impl<'de> Deserialize<'de> for MicroTime {
@@ -635,6 +893,120 @@ impl<'a> EventParts<'a> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn json_writer_matches_serde() {
+        let odd = [
+            "",
+            "plain",
+            "quote \" and \\ backslash",
+            "control \u{0} \u{1} \u{8} \u{9} \u{a} \u{c} \u{d} \u{1f} \u{7f} end",
+            "ünïcødé ✓ 😀",
+            "</script>&'",
+        ];
+        let user = |i: usize| UserInfo {
+            username: odd[i % odd.len()].to_owned(),
+            uid: odd[(i + 1) % odd.len()].to_owned(),
+            groups: odd.iter().take(i % 4).map(|s| s.to_string()).collect(),
+            extra: if i % 2 == 0 {
+                BTreeMap::new()
+            } else {
+                BTreeMap::from([
+                    ("scopes".to_owned(), vec![odd[i % odd.len()].to_owned()]),
+                    (odd[(i + 2) % odd.len()].to_owned(), vec![]),
+                ])
+            },
+        };
+        let mut checked = 0;
+        for i in 0..48 {
+            let o = |k: usize| odd[(i + k) % odd.len()].to_owned();
+            let ev = Event {
+                kind: "Event".into(),
+                api_version: API_VERSION.into(),
+                level: [
+                    Level::None,
+                    Level::Metadata,
+                    Level::Request,
+                    Level::RequestResponse,
+                ][i % 4],
+                audit_id: o(0),
+                stage: Stage::ALL[i % 4],
+                request_uri: o(1),
+                verb: o(2),
+                user: if i % 5 == 0 {
+                    UserInfo::default()
+                } else {
+                    user(i)
+                },
+                impersonated_user: (i % 3 == 0).then(|| user(i + 1)),
+                source_ips: odd.iter().take(i % 3).map(|s| s.to_string()).collect(),
+                user_agent: o(3),
+                object_ref: match i % 3 {
+                    0 => None,
+                    1 => Some(ObjectReference::default()),
+                    _ => Some(ObjectReference {
+                        resource: o(0),
+                        namespace: o(1),
+                        name: o(2),
+                        uid: o(3),
+                        api_group: o(4),
+                        api_version: o(5),
+                        resource_version: o(6),
+                        subresource: o(7),
+                    }),
+                },
+                response_status: match i % 4 {
+                    0 => None,
+                    1 => Some(ResponseStatus::default()),
+                    2 => Some(ResponseStatus::new(200, None, None)),
+                    _ => Some(ResponseStatus::new(403, Some(&o(1)), Some(&o(2)))),
+                },
+                request_received_timestamp: MicroTime(
+                    SystemTime::UNIX_EPOCH
+                        + Duration::from_nanos(1_764_000_000_123_456_789 / 48 * i as u64),
+                ),
+                stage_timestamp: MicroTime(if i == 7 {
+                    SystemTime::UNIX_EPOCH - Duration::from_secs(1)
+                } else {
+                    SystemTime::now()
+                }),
+                annotations: (0..i % 4).map(|k| (o(k), o(k + 1))).collect(),
+            };
+            let mut mine = Vec::new();
+            ev.write_json(&mut mine);
+            assert_eq!(
+                String::from_utf8(mine).unwrap(),
+                serde_json::to_string(&ev).unwrap(),
+                "event {i}"
+            );
+            checked += 1;
+        }
+        assert_eq!(checked, 48);
+    }
+
+    #[test]
+    fn micro_time_writes_what_the_calendar_says() {
+        // every day boundary from 1970 to 2400 and times within days, against the `time` crate
+        let mut secs: u64 = 0;
+        let mut n = 0;
+        while secs < 13_569_465_600 {
+            for offset in [0, 1, 59, 3_599, 43_200, 86_399] {
+                for nanos in [0, 999, 1_000, 123_456_789, 999_999_999] {
+                    let t = MicroTime(SystemTime::UNIX_EPOCH + Duration::new(secs + offset, nanos));
+                    assert_eq!(t.to_rfc3339_micro(), t.format_rfc3339_micro_slow());
+                    n += 1;
+                }
+            }
+            secs += 86_400 * 7 + 86_400 / 3;
+        }
+        assert!(n > 100_000);
+        let before = MicroTime(SystemTime::UNIX_EPOCH - Duration::from_micros(1));
+        assert_eq!(before.to_rfc3339_micro(), "1969-12-31T23:59:59.999999Z");
+        assert_eq!(
+            serde_json::to_string(&MicroTime(ts("2024-02-29T23:59:59.999999Z"))).unwrap(),
+            "\"2024-02-29T23:59:59.999999Z\""
+        );
+    }
 
     fn ts(s: &str) -> SystemTime {
         MicroTime::parse(s).unwrap().0

@@ -164,10 +164,7 @@ async fn write_lines(
             match msg {
                 Msg::Event(ev) => {
                     line.clear();
-                    if let Err(e) = serde_json::to_writer(&mut line, &*ev) {
-                        st.add_dropped(1, &format!("cannot serialize event: {e}"));
-                        continue;
-                    }
+                    ev.write_json(&mut line);
                     line.push(b'\n');
                     match sink.write_line(&line) {
                         Ok(()) => st.add_written(1),
