@@ -365,11 +365,17 @@ async fn run(
         .as_ref()
         .and_then(|c| c.first())
         .map(|c| c.as_ref());
-    let binding = crate::device::check_binding_der(identity.facts().cnf_x5t_s256.as_deref(), leaf);
+    let device = device_of(gw, conn, now);
+    // The device read from the leaf (once per connection) carries the leaf's SHA-256; any
+    // other certificate is hashed here.
+    let cnf = identity.facts().cnf_x5t_s256.as_deref();
+    let binding = match &device {
+        Some(d) => crate::device::check_binding(cnf, Some(d)),
+        None => crate::device::check_binding_der(cnf, leaf),
+    };
     if binding.rejects_request() {
         return Err(AuthnError::TokenBindingMismatch(binding.as_str()).into());
     }
-    let device = device_of(gw, conn, now);
     trace.device_id = device.as_ref().map(|d| d.id.clone());
 
     // 4c. Locks (revocation) on the caller, its groups, its device or its token, from a view
@@ -427,7 +433,7 @@ async fn run(
     };
     let method = req.method().clone();
     let ctx = RequestContext {
-        info: &*info,
+        info: &info,
         device: device.as_ref(),
         method: &method,
         websocket: is_websocket(req.headers()),
