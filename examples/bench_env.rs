@@ -34,16 +34,20 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// 100 policies: discovery, the bench team's namespace (bound device required), 90 other teams,
-/// and forbids that are evaluated on every request.
+/// 100 policies: discovery, the bench team's namespace (bound device required), other teams (as many
+/// as make 100) and forbids that are evaluated on every request.
 fn policies() -> String {
     let mut p = String::from(ztgate::demo::DEMO_POLICIES);
-    // DEMO_POLICIES has 4; replace its unconditional team-a permit by a device-bound one.
+    // The demo's own policies, then teams up to 100 with the 6 forbids below.
+    let teams = 100 - 6 - p.matches("@id(").count();
+    // Replace the demo's unconditional team-a permit by a device-bound one.
+    let demo = p.clone();
     p = p.replace(
         "@id(\"team-a-namespace\")\npermit (\n  principal in k8s::Group::\"team-a\",\n  action,\n  resource in k8s::Namespace::\"team-a\"\n);",
         "@id(\"team-a-namespace\")\npermit (\n  principal in k8s::Group::\"team-a\",\n  action,\n  resource in k8s::Namespace::\"team-a\"\n)\nwhen {\n  context has device && context.device.bound &&\n  context.device has posture && context.device.posture.diskEncrypted &&\n  context.device.posture.screenLock\n};",
     );
-    for i in 0..90 {
+    assert_ne!(p, demo, "the demo's team-a permit is where it was");
+    for i in 0..teams {
         p.push_str(&format!(
             r#"
 @id("team-{i}-read")
