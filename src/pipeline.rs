@@ -153,7 +153,14 @@ pub async fn handle(
             match &err {
                 PipelineError::Authn(e) => {
                     gw.metrics.authn_failure(e.reason_label());
-                    tracing::warn!(peer = %conn.peer, method = %method, path = uri.path(), reason = %e, "authentication failed");
+                    // With an audit log (every refusal is an event there, and counted in
+                    // authentication_failures), one line a second at warn: a flood of junk
+                    // tokens must not turn into a flood of log lines.
+                    if !gw.auditor.is_enabled() || authn_warning_due() {
+                        tracing::warn!(peer = %conn.peer, method = %method, path = uri.path(), reason = %e, "authentication failed");
+                    } else {
+                        tracing::debug!(peer = %conn.peer, method = %method, path = uri.path(), reason = %e, "authentication failed");
+                    }
                 }
                 PipelineError::Authz(crate::authz::AuthzError::Denied(d)) => {
                     tracing::info!(peer = %conn.peer, method = %method, path = uri.path(), user, policies = ?d.decision.determining, reason = %err, "denied");
@@ -216,6 +223,20 @@ pub async fn handle(
         request_line!(tracing::Level::INFO);
     }
     Ok(resp)
+}
+
+/// True at most once per wall-clock second (for rate-limited warnings).
+fn authn_warning_due() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(u64::MAX);
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let prev = LAST.load(Ordering::Relaxed);
+    prev != now
+        && LAST
+            .compare_exchange(prev, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
 }
 
 struct AuditFacts<'a> {
