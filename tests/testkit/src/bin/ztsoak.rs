@@ -1154,7 +1154,7 @@ fn report(
 
 /// Most RSS may grow over the second half of a run, as a fraction of the half-way minute.
 const RSS_HALF_GROWTH: f64 = 0.10;
-/// Largest least-squares RSS slope over the last 4 minutes: 0.25 MiB a minute, about 28 bytes
+/// Largest least-squares RSS slope over the last 4 minutes: 0.25 MiB a minute, about 29 bytes
 /// a request at the default 150 requests a second. A smaller leak passes a 10-minute run (RSS
 /// wanders by ~0.7 MiB on a shared machine); `SOAK_HEAPTRACK=1` and longer runs find those.
 const RSS_SLOPE_KIB_PER_MIN: f64 = 256.0;
