@@ -85,6 +85,23 @@ pub struct OidcStats {
     pub verifications: u64,
     /// Tokens answered from the cache.
     pub cache_hits: u64,
+    /// Tokens refused again from the bad-signature cache (no public-key verification).
+    pub refusals_cached: u64,
+}
+
+/// How many tokens with a bad signature are remembered, and for how long at most.
+const REFUSED_CAPACITY: u64 = 10_000;
+const REFUSED_TTL: Duration = Duration::from_secs(300);
+
+/// A token whose signature did not verify with its issuer's keys: refused again without another
+/// public-key verification while the config and that issuer's key set are the ones it failed
+/// against (a key change makes it count for nothing, so a valid token is never refused by it).
+#[derive(Clone)]
+struct Refused {
+    issuer: Arc<str>,
+    generation: u64,
+    key_generation: u64,
+    reason: Arc<str>,
 }
 
 struct Issuer {
@@ -134,6 +151,9 @@ impl moka::Expiry<[u8; 32], CacheEntry> for EntryExpiry {
 pub struct OidcAuthenticator {
     state: ArcSwap<State>,
     cache: Cache<[u8; 32], CacheEntry>,
+    /// Bad signatures, by the token's SHA-256 (see [`Refused`]).
+    refused: Cache<[u8; 32], Refused>,
+    refusals_cached: AtomicU64,
     opts: OidcOptions,
     stop: CancellationToken,
     update_lock: tokio::sync::Mutex<()>,
@@ -208,6 +228,11 @@ impl OidcAuthenticator {
                 generation: 0,
             }),
             cache,
+            refused: Cache::builder()
+                .max_capacity(REFUSED_CAPACITY)
+                .time_to_live(REFUSED_TTL)
+                .build(),
+            refusals_cached: AtomicU64::new(0),
             opts,
             stop,
             update_lock: tokio::sync::Mutex::new(()),
@@ -317,6 +342,7 @@ impl OidcAuthenticator {
         OidcStats {
             verifications: self.verifications.load(Ordering::Relaxed),
             cache_hits: self.cache_hits.load(Ordering::Relaxed),
+            refusals_cached: self.refusals_cached.load(Ordering::Relaxed),
         }
     }
 
@@ -359,7 +385,47 @@ impl OidcAuthenticator {
             }
             self.cache.invalidate(&key).await;
         }
-        let verified = self.verify_uncached(&state, token).await?;
+        if let Some(r) = self.refused.get(&key).await {
+            if r.generation == state.generation
+                && state
+                    .issuers
+                    .get(&*r.issuer)
+                    .is_some_and(|i| i.source.generation() == r.key_generation)
+            {
+                self.refusals_cached.fetch_add(1, Ordering::Relaxed);
+                return Err(AuthnError::BadSignature(format!(
+                    "{} (refused before; the issuer's keys have not changed since)",
+                    r.reason
+                )));
+            }
+            self.refused.invalidate(&key).await;
+        }
+        // The issuer's key generation before verifying: if the keys change meanwhile, a failure
+        // is remembered against the old generation and so never used.
+        let before = verify::parse_unverified(token).ok().and_then(|t| {
+            let i = state.issuers.get(&t.iss)?;
+            Some((Arc::<str>::from(t.iss.as_str()), i.source.generation()))
+        });
+        let verified = match self.verify_uncached(&state, token).await {
+            Ok(v) => v,
+            Err(AuthnError::BadSignature(reason)) => {
+                if let Some((issuer, key_generation)) = before {
+                    self.refused
+                        .insert(
+                            key,
+                            Refused {
+                                issuer,
+                                generation: state.generation,
+                                key_generation,
+                                reason: Arc::from(reason.as_str()),
+                            },
+                        )
+                        .await;
+                }
+                return Err(AuthnError::BadSignature(reason));
+            }
+            Err(e) => return Err(e),
+        };
         let key_generation = verified
             .identity
             .facts()

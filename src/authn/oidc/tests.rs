@@ -595,7 +595,8 @@ async fn cache_hit_does_not_reverify() {
         f.auth.stats(),
         OidcStats {
             verifications: 1,
-            cache_hits: 1
+            cache_hits: 1,
+            refusals_cached: 0,
         }
     );
     // Failures are not cached.
@@ -605,6 +606,41 @@ async fn cache_hit_does_not_reverify() {
     auth_err(&f.auth, &bad).await;
     auth_err(&f.auth, &bad).await;
     assert_eq!(f.auth.stats().verifications, 3);
+}
+
+#[tokio::test]
+async fn a_bad_signature_is_refused_again_without_verifying_until_the_keys_change() {
+    let f = fixture().await;
+    let good = f.idp.sign(SigningAlg::RS256, &claims(&f.idp, json!({})));
+    // The same header and claims, one signature character changed.
+    let mut bad = good.clone().into_bytes();
+    let i = bad.len() - 2;
+    bad[i] = if bad[i] == b'A' { b'B' } else { b'A' };
+    let bad = String::from_utf8(bad).unwrap();
+    for _ in 0..3 {
+        let e = auth_err(&f.auth, &bad).await;
+        assert_eq!(e.reason_label(), "bad_signature", "{e}");
+    }
+    assert_eq!(
+        f.auth.stats().verifications,
+        1,
+        "verified once, refused twice from memory"
+    );
+    assert_eq!(f.auth.stats().refusals_cached, 2);
+    // The valid token is unaffected.
+    f.auth.authenticate(&bearer(&good)).await.unwrap();
+    assert_eq!(f.auth.stats().verifications, 2);
+
+    // Keys change (a rotation that keeps the old keys published, picked up on a kid miss):
+    // the remembered failure no longer counts, the signature is checked again.
+    f.idp.rotate(true);
+    let rotated = f.idp.sign(SigningAlg::ES256, &claims(&f.idp, json!({})));
+    f.auth.authenticate(&bearer(&rotated)).await.unwrap();
+    let before = f.auth.stats();
+    let e = auth_err(&f.auth, &bad).await;
+    assert_eq!(e.reason_label(), "bad_signature", "{e}");
+    assert_eq!(f.auth.stats().verifications, before.verifications + 1);
+    assert_eq!(f.auth.stats().refusals_cached, before.refusals_cached);
 }
 
 #[tokio::test]
