@@ -1243,3 +1243,41 @@ async fn a_renewed_etcd_client_certificate_is_used_without_a_restart() {
     );
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_lock_already_gone_from_etcd_but_held_here_reports_it_deleted() {
+    // The case of a delete retried after an attempt that committed but whose answer was lost:
+    // etcd no longer has the key while this replica's view still does.
+    let etcd = Etcd::start();
+    let cut = Cut::start(&etcd.url).await;
+    let a = etcd.store(std::slice::from_ref(&etcd.url), "/zt").await;
+    let b = etcd.store(std::slice::from_ref(&cut.url), "/zt").await;
+    let mut rx = b.subscribe();
+    let l = lock("alice");
+    a.put_lock(l.clone()).await.unwrap();
+    assert_eq!(
+        next_change(&mut rx, Duration::from_secs(2)).await.kind,
+        ChangeKind::LockPut(l.clone())
+    );
+    cut.cut();
+    a.delete_lock(&l.id).await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        b.lock(&l.id).as_ref(),
+        Some(&l),
+        "b has not seen the delete"
+    );
+    cut.restore();
+    let (_, deleted) = b
+        .delete_lock(&l.id)
+        .await
+        .unwrap()
+        .expect("reported deleted, not 'no such lock'");
+    assert_eq!(deleted, l);
+    // A lock nobody has is still "no such lock".
+    assert!(b.delete_lock("no-such-lock").await.unwrap().is_none());
+    // And b catches up: the lock is gone from its view.
+    let c = next_change(&mut rx, Duration::from_secs(5)).await;
+    assert_eq!(c.kind, ChangeKind::LockDeleted(l.id.clone()));
+    assert!(b.lock(&l.id).is_none());
+}

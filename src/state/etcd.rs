@@ -577,7 +577,8 @@ impl Inner {
     /// passed — or, when this replica already knows it cannot reach a quorum, for one dial
     /// timeout only, so writes are refused quickly. Each attempt gets at most the dial timeout.
     /// Retrying is safe: a put writes the same value again; a delete whose first attempt
-    /// committed unseen answers "nothing deleted" the second time.
+    /// committed unseen finds nothing the second time, which `delete_lock`/`delete_posture`
+    /// report as deleted when this replica still held the record.
     async fn call(&self, path: &str, body: Value) -> Result<Value, StoreError> {
         let body = Bytes::from(body.to_string());
         let n = self.endpoints.len();
@@ -799,6 +800,8 @@ impl Inner {
     }
 
     /// Deletes `key` in one transaction; the previous value when there was one.
+    /// `None` when etcd had no such key. (The revision etcd answered with is not waited for
+    /// then: nothing under the prefix may ever reach it.)
     async fn delete(&self, key: String) -> Result<Option<(Revision, Vec<u8>)>, StoreError> {
         let resp: TxnResponse = decode(
             self.call(
@@ -1157,11 +1160,15 @@ impl Store for EtcdStore {
         })
     }
 
+    /// A lock this replica holds but etcd no longer has (deleted through another replica and not
+    /// yet seen here, or by an earlier attempt of this same delete whose answer was lost) counts
+    /// as deleted: the caller asked for it to be gone, and it is.
     fn delete_lock(&self, id: &str) -> BoxFuture<'_, Result<Option<(Revision, Lock)>, StoreError>> {
         let key = self.inner.lock_key(id);
+        let had = self.inner.view.lock(id);
         Box::pin(async move {
             let Some((rev, prev)) = self.inner.delete(key).await? else {
-                return Ok(None);
+                return Ok(had.map(|l| (self.inner.view.revision(), l)));
             };
             let lock = serde_json::from_slice(&prev)
                 .map_err(|e| unavailable(format!("deleted lock unreadable: {e}")))?;
@@ -1189,9 +1196,14 @@ impl Store for EtcdStore {
         device_id: &str,
     ) -> BoxFuture<'_, Result<Option<(Revision, PostureRecord)>, StoreError>> {
         let key = self.inner.posture_key(device_id);
+        let had = self
+            .inner
+            .view
+            .posture_at(device_id, SystemTime::UNIX_EPOCH);
         Box::pin(async move {
             let Some((rev, prev)) = self.inner.delete(key).await? else {
-                return Ok(None);
+                // As for locks: a record this replica holds but etcd no longer has is gone.
+                return Ok(had.map(|r| (self.inner.view.revision(), r)));
             };
             let record = serde_json::from_slice(&prev)
                 .map_err(|e| unavailable(format!("deleted posture record unreadable: {e}")))?;
