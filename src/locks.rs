@@ -27,6 +27,19 @@ pub fn is_locks_path(path: &str) -> bool {
     path == PATH || path.strip_prefix(PATH).is_some_and(|r| r.starts_with('/'))
 }
 
+/// Why `subject` may not proceed, if it may not: the state store cannot confirm its locks are
+/// current (a shared store past `state.etcd.maxStaleness`: fail closed), or a lock matches.
+/// The one check behind every request and every TokenReview.
+pub fn refusal(gw: &Gateway, subject: &crate::state::LockSubject<'_>) -> Option<PipelineError> {
+    let health = gw.store.health();
+    if health.is_stale() {
+        return Some(PipelineError::StateStale(health.to_string()));
+    }
+    gw.store
+        .matches(subject)
+        .map(|lock| PipelineError::Locked(lock.message))
+}
+
 /// Does `lock` apply to the holder of a stream?
 pub fn applies_to(lock: &Lock, s: &StreamSubject) -> bool {
     match &lock.target {

@@ -402,19 +402,18 @@ async fn run(
     // 4c. Locks (revocation) on the caller, its groups, its device or its token, from a view
     // known to be current: a replica whose shared store has not confirmed it for longer than
     // `state.etcd.maxStaleness` fails closed (a lock written meanwhile may be missing).
-    let health = gw.store.health();
-    if health.is_stale() {
-        return Err(PipelineError::StateStale(health.to_string()));
-    }
-    let lock = gw.store.matches(&crate::state::LockSubject {
-        user: Some(identity.user()),
-        groups: identity.groups(),
-        device: trace.device_id.as_deref(),
-        token_id: identity.facts().token_id.as_deref(),
-        session: None,
-    });
-    if let Some(lock) = lock {
-        return Err(PipelineError::Locked(lock.message));
+    let refused = crate::locks::refusal(
+        gw,
+        &crate::state::LockSubject {
+            user: Some(identity.user()),
+            groups: identity.groups(),
+            device: trace.device_id.as_deref(),
+            token_id: identity.facts().token_id.as_deref(),
+            session: None,
+        },
+    );
+    if let Some(e) = refused {
+        return Err(e);
     }
 
     // Who holds a stream (only streams need it).

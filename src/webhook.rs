@@ -111,18 +111,15 @@ pub async fn serve(
             // A locked caller is not authenticated to kube-apiserver either; and when this
             // replica cannot confirm its locks are current, nobody is (fail closed).
             let admit = |id: &crate::authn::Identity| {
-                let health = gw.store.health();
-                if health.is_stale() {
-                    return Err(format!("state store {health}"));
-                }
-                match gw.store.matches(&crate::state::LockSubject {
+                let subject = crate::state::LockSubject {
                     user: Some(id.user()),
                     groups: id.groups(),
                     device: None,
                     token_id: id.facts().token_id.as_deref(),
                     session: None,
-                }) {
-                    Some(lock) => Err(format!("locked by lock {}", lock.id)),
+                };
+                match crate::locks::refusal(gw, &subject) {
+                    Some(e) => Err(e.to_string()),
                     None => Ok(()),
                 }
             };

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
-use support::{free_port, get, raw_client, send, Harness, ServeProcess};
+use support::{drain, free_port, get, raw_client, send, Harness, ServeProcess};
 use tokio::sync::broadcast::Receiver;
 use ztgate::demo::{DevJwtIssuer, DevSettings};
 use ztgate::state::{
@@ -609,15 +609,6 @@ impl Replicas {
             .body(Full::new(Bytes::new()))
             .unwrap()
     }
-}
-
-async fn drain(body: hyper::body::Incoming) -> String {
-    let bytes = body
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
-    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

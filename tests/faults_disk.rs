@@ -15,10 +15,10 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 use serde_json::{json, Value};
-use support::{get, raw_client, send, status_of, RawClient};
-use ztgate::demo::{DevEnv, DevSettings};
+use support::{get, raw_client, send, status_of, RawClient, ServeProcess};
+use ztgate::demo::DevSettings;
 use ztgate_testkit::pki::Ca;
-use ztgate_testkit::{ApiServer, ApiServerOptions, CertKey, TestPki};
+use ztgate_testkit::CertKey;
 
 const POLICIES: &str = r#"
 @id("team-a-namespace")
@@ -133,119 +133,67 @@ impl Drop for Tmpfs {
 /// A `ztgate serve` process whose state directory is on the tmpfs, restartable on the same
 /// port and directory.
 struct Gateway {
-    env: DevEnv,
-    base: String,
-    child: Option<tokio::process::Child>,
+    pe: support::ProcessEnv,
+    process: Option<ServeProcess>,
     admin: CertKey,
     alice: CertKey,
     mallory: CertKey,
     device_ca: Ca,
-    _apiserver: ApiServer,
     _policies: tempfile::TempDir,
-    _files: tempfile::TempDir,
 }
 
 impl Gateway {
     async fn start(state_dir: PathBuf) -> Gateway {
-        support::init_logs();
-        let files = tempfile::tempdir().unwrap();
         let policies = tempfile::tempdir().unwrap();
         std::fs::write(policies.path().join("p.cedar"), POLICIES).unwrap();
-        let pki = TestPki::new();
-        let apiserver = ApiServer::start(ApiServerOptions::new(&pki)).await.unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let device_ca = Ca::new("device-ca");
-        let env = DevEnv::create(
-            files.path(),
-            pki,
-            &apiserver.url(),
-            &DevSettings {
-                listen: format!("127.0.0.1:{port}"),
-                operations: false,
-                policies: vec![policies.path().join("p.cedar")],
-                state_dir: Some(state_dir),
-                device_ca_pem: Some(device_ca.cert_pem()),
-                device_posture_yaml: Some(
-                    "posture:\n  required: false\n  selfReports:\n    ttl: 1h\n".into(),
-                ),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let mut gw = Gateway {
-            admin: env.pki.user("sec-admin", &["security"]),
-            alice: env.pki.user("alice", &["team-a"]),
-            mallory: env.pki.user("mallory", &["team-a"]),
-            base: format!("https://127.0.0.1:{port}"),
-            env,
-            child: None,
+        let pe = support::ProcessEnv::create(DevSettings {
+            policies: vec![policies.path().join("p.cedar")],
+            state_dir: Some(state_dir),
+            device_ca_pem: Some(device_ca.cert_pem()),
+            device_posture_yaml: Some(
+                "posture:\n  required: false\n  selfReports:\n    ttl: 1h\n".into(),
+            ),
+            ..Default::default()
+        })
+        .await;
+        let process = Some(pe.serve().await);
+        Gateway {
+            admin: pe.env.pki.user("sec-admin", &["security"]),
+            alice: pe.env.pki.user("alice", &["team-a"]),
+            mallory: pe.env.pki.user("mallory", &["team-a"]),
+            pe,
+            process,
             device_ca,
-            _apiserver: apiserver,
             _policies: policies,
-            _files: files,
-        };
-        gw.spawn().await;
-        gw
-    }
-
-    async fn spawn(&mut self) {
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ztgate"))
-            .args(["serve", "--config"])
-            .arg(&self.env.config_path)
-            .env("RUST_LOG", "ztgate=info")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let client = self.client(None);
-        for _ in 0..150 {
-            if let Ok(Ok(r)) = tokio::time::timeout(
-                Duration::from_secs(1),
-                client.request(get(&self.uri("/readyz"))),
-            )
-            .await
-            {
-                if r.status() == 200 {
-                    return;
-                }
-            }
-            self.assert_running();
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("gateway not ready");
     }
 
     /// `kill -9`, then a new process on the same port and directory.
     async fn restart(&mut self) {
-        let mut child = self.child.take().unwrap();
-        child.kill().await.unwrap();
-        self.spawn().await;
+        if let Some(mut p) = self.process.take() {
+            p.kill9().await;
+        }
+        self.process = Some(self.pe.serve().await);
     }
 
     /// `kill -9`, waiting until the process is gone.
     async fn stop(mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().await.unwrap();
+        if let Some(mut p) = self.process.take() {
+            p.kill9().await;
         }
     }
 
     fn assert_running(&mut self) {
-        let status = self.child.as_mut().unwrap().try_wait().unwrap();
-        assert!(status.is_none(), "the gateway exited: {status:?}");
+        self.process.as_mut().unwrap().assert_running();
     }
 
     fn client(&self, cert: Option<&CertKey>) -> RawClient {
-        raw_client(&self.env.pki.gateway_ca.cert_pem(), cert, false)
+        raw_client(&self.pe.ca_pem(), cert, false)
     }
 
     fn uri(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+        format!("{}{path}", self.pe.base())
     }
 
     async fn add_lock(&self, user: &str, message: &str) -> (u16, String) {
@@ -502,7 +450,7 @@ async fn a_read_only_state_disk_refuses_changes_with_503_keeps_every_lock_and_re
     let (code, body) = gw.delete_lock(&mallory_lock).await;
     assert!(code == 200 || code == 204, "{code} {body}");
     assert_eq!(gw.pods_as(&gw.mallory).await.0, 200);
-    let (code, body) = gw.pods_as(&gw.env.pki.user("eve", &["team-a"])).await;
+    let (code, body) = gw.pods_as(&gw.pe.env.pki.user("eve", &["team-a"])).await;
     assert_eq!(code, 403, "{body}");
     let locks = gw.locks().await;
     let laptop2 = record_of(&gw.posture("laptop-2").await.unwrap());

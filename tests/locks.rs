@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Request;
-use http_body_util::{BodyExt, Full};
-use support::{get, raw_client, send, status_of, Harness};
+use http_body_util::Full;
+use support::{drain, get, raw_client, send, status_of, Harness};
 use ztgate::demo::{DevJwtIssuer, DevSettings};
 use ztgate_testkit::pki::Ca;
 use ztgate_testkit::{CertKey, DevIssuer};
@@ -41,16 +41,6 @@ fn post_lock(uri: &str, target_kind: &str, value: &str, message: &str) -> Reques
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.to_string())))
         .unwrap()
-}
-
-/// Reads a watch body until it ends; returns everything it carried.
-async fn drain(body: hyper::body::Incoming) -> String {
-    let bytes = body
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
-    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

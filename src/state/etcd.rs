@@ -167,7 +167,7 @@ impl EtcdConfig {
                         "a client certificate needs https endpoints".into(),
                     );
                 }
-                if let Err(e) = load_client_cert(c, k) {
+                if let Err(e) = client_key(c, k) {
                     err("certFile", e);
                 }
             }
@@ -218,23 +218,6 @@ fn check_prefix(p: &str) -> Result<(), String> {
         return Err("must not contain control characters".into());
     }
     Ok(())
-}
-
-fn load_client_cert(
-    c: &std::path::Path,
-    k: &std::path::Path,
-) -> Result<
-    (
-        Vec<rustls_pki_types::CertificateDer<'static>>,
-        rustls_pki_types::PrivateKeyDer<'static>,
-    ),
-    String,
-> {
-    let cert_pem = crate::tls::pem::read(c).map_err(|e| e.to_string())?;
-    let key_pem = crate::tls::pem::read(k).map_err(|e| e.to_string())?;
-    let chain = crate::tls::pem::certs_from_pem(c, &cert_pem).map_err(|e| e.to_string())?;
-    let key = crate::tls::pem::key_from_pem(k, &key_pem).map_err(|e| e.to_string())?;
-    Ok((chain, key))
 }
 
 fn client_key(
@@ -310,13 +293,6 @@ impl Freshness {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clear();
-    }
-
-    fn problem_is_empty(&self) -> bool {
-        self.problem
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .is_empty()
     }
 
     fn trouble(&self, why: String) {
@@ -631,7 +607,7 @@ impl Inner {
             let sent = self.fresh.now_ms();
             match self.probe().await {
                 Ok(()) => {
-                    if failures > 0 || !self.fresh.problem_is_empty() {
+                    if failures > 0 {
                         tracing::info!("etcd answers with a quorum again; state is current");
                     }
                     failures = 0;

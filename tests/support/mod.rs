@@ -268,12 +268,13 @@ impl ServeProcess {
             .kill_on_drop(true)
             .spawn()
             .expect("ztgate serve starts");
-        let p = ServeProcess { child };
+        let mut p = ServeProcess { child };
         p.wait_ready(base, ca_pem).await;
         p
     }
 
-    pub async fn wait_ready(&self, base: &str, ca_pem: &str) {
+    /// Waits until `base/readyz` answers 200; fails at once if the process exits.
+    pub async fn wait_ready(&mut self, base: &str, ca_pem: &str) {
         let client = raw_client(ca_pem, None, false);
         for _ in 0..200 {
             let r = tokio::time::timeout(
@@ -284,9 +285,15 @@ impl ServeProcess {
             if matches!(r, Ok(Ok(ref r)) if r.status() == 200) {
                 return;
             }
+            self.assert_running();
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("ztgate serve at {base} not ready within 20 s");
+    }
+
+    pub fn assert_running(&mut self) {
+        let status = self.child.try_wait().expect("process status");
+        assert!(status.is_none(), "ztgate serve exited: {status:?}");
     }
 
     /// Sends `signal` (`-9`, `-TERM`, ...) with kill(1).
@@ -305,4 +312,14 @@ impl ServeProcess {
         self.signal("-9");
         let _ = self.child.wait().await;
     }
+}
+
+/// Reads a (watch) body until it ends or fails; returns everything it carried, as text.
+pub async fn drain(body: Incoming) -> String {
+    let bytes = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    String::from_utf8_lossy(&bytes).into_owned()
 }
