@@ -5,6 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc: the per-request path allocates many small, short-lived objects across two worker
+/// threads, where glibc malloc cost ~20% of the gateway's CPU (docs/performance.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// ztgate: a zero-trust gateway in front of kube-apiserver.
 #[derive(Parser)]
 #[command(name = "ztgate", version, about)]

@@ -131,7 +131,10 @@ pub async fn handle(
     // the headers that do repeat and lengthen every later look-up (h2 skips indexing for
     // values marked sensitive). It is not a secret.
     audit_id_value.set_sensitive(true);
-    req.headers_mut().insert("audit-id", audit_id_value.clone());
+    req.headers_mut().insert(
+        crate::proxy::headers::AUDIT_ID.clone(),
+        audit_id_value.clone(),
+    );
     let user_agent = req
         .headers()
         .get(header::USER_AGENT)
@@ -182,7 +185,8 @@ pub async fn handle(
     };
     let took = start.elapsed();
     let code = resp.status().as_u16();
-    resp.headers_mut().insert("audit-id", audit_id_value);
+    resp.headers_mut()
+        .insert(crate::proxy::headers::AUDIT_ID.clone(), audit_id_value);
     gw.metrics.request(verb, code, outcome, took);
     if gw.auditor.is_enabled() {
         audit(

@@ -298,110 +298,112 @@ impl<E> EventList<E> {
 impl Event {
     /// Appends the event as one JSON line's worth of bytes: exactly what `serde_json` writes
     /// for it (`audit::event::tests::json_writer_matches_serde`), without serde's byte-by-byte
-    /// escaping of strings that need none — the file and stdout sinks write two of these per
-    /// request.
+    /// escaping of strings that need none.
     pub fn write_json(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(b"{\"kind\":");
-        json_str(out, &self.kind);
-        out.extend_from_slice(b",\"apiVersion\":");
-        json_str(out, &self.api_version);
-        out.extend_from_slice(b",\"level\":");
-        json_str(out, self.level.as_str());
-        out.extend_from_slice(b",\"auditID\":");
-        json_str(out, &self.audit_id);
-        out.extend_from_slice(b",\"stage\":");
-        json_str(out, self.stage.as_str());
-        out.extend_from_slice(b",\"requestURI\":");
-        json_str(out, &self.request_uri);
-        out.extend_from_slice(b",\"verb\":");
-        json_str(out, &self.verb);
-        out.extend_from_slice(b",\"user\":");
-        self.user.write_json(out);
-        if let Some(u) = &self.impersonated_user {
-            out.extend_from_slice(b",\"impersonatedUser\":");
-            u.write_json(out);
+        EventView {
+            kind: &self.kind,
+            api_version: &self.api_version,
+            level: self.level,
+            audit_id: &self.audit_id,
+            stage: self.stage,
+            request_uri: &self.request_uri,
+            verb: &self.verb,
+            user: UserView::of(&self.user),
+            impersonated_user: self.impersonated_user.as_ref().map(UserView::of),
+            source_ips: Ips::Text(&self.source_ips),
+            user_agent: &self.user_agent,
+            object_ref: self.object_ref.as_ref().map(|o| {
+                [
+                    ("resource", o.resource.as_str()),
+                    ("namespace", &o.namespace),
+                    ("name", &o.name),
+                    ("uid", &o.uid),
+                    ("apiGroup", &o.api_group),
+                    ("apiVersion", &o.api_version),
+                    ("resourceVersion", &o.resource_version),
+                    ("subresource", &o.subresource),
+                ]
+            }),
+            response_status: self.response_status.as_ref().map(|r| StatusView {
+                status: &r.status,
+                message: &r.message,
+                reason: &r.reason,
+                code: r.code,
+            }),
+            request_received: self.request_received_timestamp,
+            stage_timestamp: self.stage_timestamp,
+            annotations: &self.annotations,
+            extra_annotation: None,
         }
-        if !self.source_ips.is_empty() {
-            out.extend_from_slice(b",\"sourceIPs\":");
-            json_strs(out, &self.source_ips);
-        }
-        if !self.user_agent.is_empty() {
-            out.extend_from_slice(b",\"userAgent\":");
-            json_str(out, &self.user_agent);
-        }
-        if let Some(o) = &self.object_ref {
-            out.extend_from_slice(b",\"objectRef\":");
-            let mut first = true;
-            for (name, v) in [
-                ("resource", &o.resource),
-                ("namespace", &o.namespace),
-                ("name", &o.name),
-                ("uid", &o.uid),
-                ("apiGroup", &o.api_group),
-                ("apiVersion", &o.api_version),
-                ("resourceVersion", &o.resource_version),
-                ("subresource", &o.subresource),
-            ] {
-                if !v.is_empty() {
-                    json_key(out, &mut first, name);
-                    json_str(out, v);
-                }
-            }
-            out.extend_from_slice(if first { &b"{}"[..] } else { &b"}"[..] });
-        }
-        if let Some(r) = &self.response_status {
-            out.extend_from_slice(b",\"responseStatus\":{\"metadata\":{}");
-            for (name, v) in [
-                ("status", &r.status),
-                ("message", &r.message),
-                ("reason", &r.reason),
-            ] {
-                if !v.is_empty() {
-                    out.extend_from_slice(b",\"");
-                    out.extend_from_slice(name.as_bytes());
-                    out.extend_from_slice(b"\":");
-                    json_str(out, v);
-                }
-            }
-            if r.code != 0 {
-                out.extend_from_slice(b",\"code\":");
-                out.extend_from_slice(r.code.to_string().as_bytes());
-            }
-            out.push(b'}');
-        }
-        let mut buf = [0u8; 27];
-        for (name, t) in [
-            ("requestReceivedTimestamp", &self.request_received_timestamp),
-            ("stageTimestamp", &self.stage_timestamp),
-        ] {
-            out.extend_from_slice(b",\"");
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b"\":");
-            match t.write_rfc3339_micro(&mut buf) {
-                Some(text) => json_str(out, text),
-                None => json_str(out, &t.format_rfc3339_micro_slow()),
-            }
-        }
-        if !self.annotations.is_empty() {
-            out.extend_from_slice(b",\"annotations\":{");
-            for (i, (k, v)) in self.annotations.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                json_str(out, k);
-                out.push(b':');
-                json_str(out, v);
-            }
-            out.push(b'}');
-        }
-        out.push(b'}');
+        .write_json(out);
     }
 }
 
-impl UserInfo {
+/// An event's fields, borrowed: what both [`Event::write_json`] and
+/// [`EventParts::write_json`] write, so a request's events are serialized straight from its
+/// parts without first copying every field into an [`Event`].
+struct EventView<'a> {
+    kind: &'a str,
+    api_version: &'a str,
+    level: Level,
+    audit_id: &'a str,
+    stage: Stage,
+    request_uri: &'a str,
+    verb: &'a str,
+    user: UserView<'a>,
+    impersonated_user: Option<UserView<'a>>,
+    source_ips: Ips<'a>,
+    user_agent: &'a str,
+    /// `objectRef`'s fields in kube-apiserver's order; empty ones are left out.
+    object_ref: Option<[(&'static str, &'a str); 8]>,
+    response_status: Option<StatusView<'a>>,
+    request_received: MicroTime,
+    stage_timestamp: MicroTime,
+    annotations: &'a BTreeMap<String, String>,
+    /// One more annotation, written in key order, unless `annotations` has its key.
+    extra_annotation: Option<(&'a str, &'a str)>,
+}
+
+struct UserView<'a> {
+    username: &'a str,
+    uid: &'a str,
+    groups: &'a [String],
+    extra: &'a BTreeMap<String, Vec<String>>,
+}
+
+/// No extra user fields (for a request whose caller is unknown).
+static NO_EXTRA: BTreeMap<String, Vec<String>> = BTreeMap::new();
+
+impl<'a> UserView<'a> {
+    fn of(u: &'a UserInfo) -> UserView<'a> {
+        UserView {
+            username: &u.username,
+            uid: &u.uid,
+            groups: &u.groups,
+            extra: &u.extra,
+        }
+    }
+
+    fn of_identity(id: Option<&'a Identity>) -> UserView<'a> {
+        match id {
+            Some(id) => UserView {
+                username: id.user(),
+                uid: id.uid().unwrap_or_default(),
+                groups: id.groups(),
+                extra: id.extra(),
+            },
+            None => UserView {
+                username: "",
+                uid: "",
+                groups: &[],
+                extra: &NO_EXTRA,
+            },
+        }
+    }
+
     fn write_json(&self, out: &mut Vec<u8>) {
         let mut first = true;
-        for (name, v) in [("username", &self.username), ("uid", &self.uid)] {
+        for (name, v) in [("username", self.username), ("uid", self.uid)] {
             if !v.is_empty() {
                 json_key(out, &mut first, name);
                 json_str(out, v);
@@ -409,7 +411,7 @@ impl UserInfo {
         }
         if !self.groups.is_empty() {
             json_key(out, &mut first, "groups");
-            json_strs(out, &self.groups);
+            json_strs(out, self.groups);
         }
         if !self.extra.is_empty() {
             json_key(out, &mut first, "extra");
@@ -426,6 +428,178 @@ impl UserInfo {
         }
         out.extend_from_slice(if first { &b"{}"[..] } else { &b"}"[..] });
     }
+}
+
+/// `sourceIPs`, as text (a built event) or as addresses (a request's parts).
+enum Ips<'a> {
+    Text(&'a [String]),
+    Addrs(&'a [IpAddr]),
+}
+
+struct StatusView<'a> {
+    status: &'a str,
+    message: &'a str,
+    reason: &'a str,
+    code: i32,
+}
+
+impl EventView<'_> {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"kind\":");
+        json_str(out, self.kind);
+        out.extend_from_slice(b",\"apiVersion\":");
+        json_str(out, self.api_version);
+        out.extend_from_slice(b",\"level\":");
+        json_str(out, self.level.as_str());
+        out.extend_from_slice(b",\"auditID\":");
+        json_str(out, self.audit_id);
+        out.extend_from_slice(b",\"stage\":");
+        json_str(out, self.stage.as_str());
+        out.extend_from_slice(b",\"requestURI\":");
+        json_str(out, self.request_uri);
+        out.extend_from_slice(b",\"verb\":");
+        json_str(out, self.verb);
+        out.extend_from_slice(b",\"user\":");
+        self.user.write_json(out);
+        if let Some(u) = &self.impersonated_user {
+            out.extend_from_slice(b",\"impersonatedUser\":");
+            u.write_json(out);
+        }
+        match self.source_ips {
+            Ips::Text(ips) if !ips.is_empty() => {
+                out.extend_from_slice(b",\"sourceIPs\":");
+                json_strs(out, ips);
+            }
+            Ips::Addrs(ips) if !ips.is_empty() => {
+                out.extend_from_slice(b",\"sourceIPs\":[");
+                for (i, ip) in ips.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.push(b'"');
+                    write_ip(out, ip);
+                    out.push(b'"');
+                }
+                out.push(b']');
+            }
+            _ => {}
+        }
+        if !self.user_agent.is_empty() {
+            out.extend_from_slice(b",\"userAgent\":");
+            json_str(out, self.user_agent);
+        }
+        if let Some(fields) = &self.object_ref {
+            out.extend_from_slice(b",\"objectRef\":");
+            let mut first = true;
+            for (name, v) in fields {
+                if !v.is_empty() {
+                    json_key(out, &mut first, name);
+                    json_str(out, v);
+                }
+            }
+            out.extend_from_slice(if first { &b"{}"[..] } else { &b"}"[..] });
+        }
+        if let Some(r) = &self.response_status {
+            out.extend_from_slice(b",\"responseStatus\":{\"metadata\":{}");
+            for (name, v) in [
+                ("status", r.status),
+                ("message", r.message),
+                ("reason", r.reason),
+            ] {
+                if !v.is_empty() {
+                    out.extend_from_slice(b",\"");
+                    out.extend_from_slice(name.as_bytes());
+                    out.extend_from_slice(b"\":");
+                    json_str(out, v);
+                }
+            }
+            if r.code != 0 {
+                out.extend_from_slice(b",\"code\":");
+                out.extend_from_slice(fmt_i32(r.code, &mut [0; 11]));
+            }
+            out.push(b'}');
+        }
+        let mut buf = [0u8; 27];
+        for (name, t) in [
+            ("requestReceivedTimestamp", &self.request_received),
+            ("stageTimestamp", &self.stage_timestamp),
+        ] {
+            out.extend_from_slice(b",\"");
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b"\":");
+            match t.write_rfc3339_micro(&mut buf) {
+                Some(text) => json_str(out, text),
+                None => json_str(out, &t.format_rfc3339_micro_slow()),
+            }
+        }
+        let extra = self
+            .extra_annotation
+            .filter(|(k, _)| !self.annotations.contains_key(*k));
+        if !self.annotations.is_empty() || extra.is_some() {
+            out.extend_from_slice(b",\"annotations\":{");
+            let mut first = true;
+            let mut put = |out: &mut Vec<u8>, k: &str, v: &str| {
+                if !first {
+                    out.push(b',');
+                }
+                first = false;
+                json_str(out, k);
+                out.push(b':');
+                json_str(out, v);
+            };
+            let mut pending = extra;
+            for (k, v) in self.annotations {
+                if let Some((ek, ev)) = pending.filter(|(ek, _)| *ek < k.as_str()) {
+                    put(out, ek, ev);
+                    pending = None;
+                }
+                put(out, k, v);
+            }
+            if let Some((ek, ev)) = pending {
+                put(out, ek, ev);
+            }
+            out.push(b'}');
+        }
+        out.push(b'}');
+    }
+}
+
+/// An address as its `Display` writes it (its text never needs escaping); IPv4 without `fmt`.
+fn write_ip(out: &mut Vec<u8>, ip: &IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                out.extend_from_slice(fmt_i32(i32::from(octet), &mut [0; 11]));
+            }
+        }
+        IpAddr::V6(_) => {
+            use std::io::Write as _;
+            // Writing to a Vec cannot fail.
+            let _ = write!(out, "{ip}");
+        }
+    }
+}
+
+/// An `i32` in decimal, without `fmt`.
+fn fmt_i32(v: i32, buf: &mut [u8; 11]) -> &[u8] {
+    let mut n = v.unsigned_abs();
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if v < 0 {
+        i -= 1;
+        buf[i] = b'-';
+    }
+    &buf[i..]
 }
 
 /// `{"name":` for the first field of an object, `,"name":` for the others.
@@ -758,15 +932,15 @@ pub fn redact_request_uri(uri: &Uri) -> String {
 pub const MAX_USER_AGENT_LEN: usize = 1024;
 const USER_AGENT_TRUNCATED: &str = "...TRUNCATED";
 
-fn truncate_user_agent(ua: &str) -> String {
+fn truncate_user_agent(ua: &str) -> std::borrow::Cow<'_, str> {
     if ua.len() <= MAX_USER_AGENT_LEN {
-        return ua.to_owned();
+        return ua.into();
     }
     let mut end = MAX_USER_AGENT_LEN;
     while !ua.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}{USER_AGENT_TRUNCATED}", &ua[..end])
+    format!("{}{USER_AGENT_TRUNCATED}", &ua[..end]).into()
 }
 
 /// The response part of an event.
@@ -839,11 +1013,81 @@ impl<'a> EventParts<'a> {
     /// was received: the gateway builds it only once it has the answer, and kube-apiserver's
     /// `RequestReceived` event says when the request arrived.
     pub fn build(&self, level: Level, stage: Stage) -> Event {
-        let at = match stage {
+        self.build_at(level, stage, self.stamp(stage))
+    }
+
+    /// When an event for `stage` is stamped (see [`EventParts::build`]).
+    pub fn stamp(&self, stage: Stage) -> SystemTime {
+        match stage {
             Stage::RequestReceived => self.received,
             _ => SystemTime::now(),
+        }
+    }
+
+    /// Appends the event for `stage`, stamped `at`, as JSON: the same bytes as
+    /// `self.build_at(level, stage, at).write_json(out)` without building the [`Event`] (two
+    /// per request; `tests::parts_write_the_json_of_the_event_they_build`).
+    pub fn write_json(&self, level: Level, stage: Stage, at: SystemTime, out: &mut Vec<u8>) {
+        let verb_lower;
+        let verb = match self.request_info {
+            Some(info) => info.verb.as_str(),
+            None => {
+                verb_lower = self.method.as_str().to_ascii_lowercase();
+                &verb_lower
+            }
         };
-        self.build_at(level, stage, at)
+        let request_uri = redact_request_uri(self.uri);
+        let user_agent = self.user_agent.map(truncate_user_agent).unwrap_or_default();
+        let object_ref = self
+            .request_info
+            .filter(|info| info.is_resource_request)
+            .map(|info| {
+                [
+                    ("resource", info.resource.as_str()),
+                    ("namespace", &info.namespace),
+                    ("name", &info.name),
+                    ("uid", ""),
+                    ("apiGroup", &info.api_group),
+                    ("apiVersion", &info.api_version),
+                    ("resourceVersion", ""),
+                    ("subresource", &info.subresource),
+                ]
+            });
+        let response_status = match stage {
+            Stage::RequestReceived => None,
+            _ => self.response.map(|r| StatusView {
+                status: if (r.reason.is_some() || r.message.is_some()) && r.code >= 400 {
+                    "Failure"
+                } else {
+                    ""
+                },
+                message: r.message.unwrap_or_default(),
+                reason: r.reason.unwrap_or_default(),
+                code: i32::from(r.code),
+            }),
+        };
+        EventView {
+            kind: "Event",
+            api_version: API_VERSION,
+            level,
+            audit_id: self.audit_id,
+            stage,
+            request_uri: &request_uri,
+            verb,
+            user: UserView::of_identity(self.identity),
+            impersonated_user: self.impersonated.map(UserView::of),
+            source_ips: Ips::Addrs(self.source_ips),
+            user_agent: &user_agent,
+            object_ref,
+            response_status,
+            request_received: MicroTime(self.received),
+            stage_timestamp: MicroTime(at),
+            annotations: &self.annotations,
+            extra_annotation: self
+                .identity
+                .map(|id| (ANNOTATION_AUTHN_METHOD, id.method().as_str())),
+        }
+        .write_json(out);
     }
 
     /// The event for `stage`, stamped `at`.
@@ -872,7 +1116,10 @@ impl<'a> EventParts<'a> {
                 .unwrap_or_default(),
             impersonated_user: self.impersonated.cloned(),
             source_ips: self.source_ips.iter().map(ToString::to_string).collect(),
-            user_agent: self.user_agent.map(truncate_user_agent).unwrap_or_default(),
+            user_agent: self
+                .user_agent
+                .map(|ua| truncate_user_agent(ua).into_owned())
+                .unwrap_or_default(),
             object_ref: self
                 .request_info
                 .and_then(ObjectReference::from_request_info),

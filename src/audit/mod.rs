@@ -35,6 +35,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -131,6 +132,7 @@ impl Auditor {
                         stop.clone(),
                         Box::new(file),
                         stats.clone(),
+                        tx.clone(),
                     ))
                 }
                 SinkConfig::Stdout(_) => tokio::spawn(sink::run_line_sink(
@@ -138,6 +140,7 @@ impl Auditor {
                     stop.clone(),
                     Box::new(sink::stdout::StdoutSink::new()),
                     stats.clone(),
+                    tx.clone(),
                 )),
                 SinkConfig::Webhook(wc) => {
                     let hook =
@@ -193,7 +196,8 @@ impl Auditor {
         self.decide(user, info).level
     }
 
-    /// Builds and records the event for `stage` if `decision` records that stage.
+    /// Records the event for `stage` if `decision` records that stage, written as JSON straight
+    /// from `parts` (no [`Event`] is built).
     pub async fn record_stage(
         &self,
         decision: &PolicyDecision,
@@ -201,7 +205,9 @@ impl Auditor {
         parts: &EventParts<'_>,
     ) {
         if decision.records(stage) && self.is_enabled() {
-            self.record(parts.build(decision.level, stage)).await;
+            let mut json = Vec::with_capacity(1024);
+            parts.write_json(decision.level, stage, parts.stamp(stage), &mut json);
+            self.queue(Bytes::from(json)).await;
         }
     }
 
@@ -212,12 +218,16 @@ impl Auditor {
         if self.sinks.is_empty() || event.level == Level::None {
             return;
         }
-        let ev = Arc::new(event);
+        self.queue(to_json(&event)).await;
+    }
+
+    /// Queues one event's JSON on every sink (see [`Auditor::record`]).
+    async fn queue(&self, json: Bytes) {
         for s in &self.sinks {
             match self.overflow {
-                Overflow::Drop => try_queue(s, ev.clone()),
+                Overflow::Drop => try_queue(s, json.clone()),
                 Overflow::Block => {
-                    if s.tx.send(Msg::Event(ev.clone())).await.is_err() {
+                    if s.tx.send(Msg::Event(json.clone())).await.is_err() {
                         s.stats.add_dropped(1, "sink stopped");
                     }
                 }
@@ -231,9 +241,9 @@ impl Auditor {
         if self.sinks.is_empty() || event.level == Level::None {
             return;
         }
-        let ev = Arc::new(event);
+        let json = to_json(&event);
         for s in &self.sinks {
-            try_queue(s, ev.clone());
+            try_queue(s, json.clone());
         }
     }
 
@@ -293,8 +303,14 @@ impl Auditor {
     }
 }
 
-fn try_queue(s: &SinkHandle, ev: Arc<Event>) {
-    match s.tx.try_send(Msg::Event(ev)) {
+fn to_json(event: &Event) -> Bytes {
+    let mut json = Vec::with_capacity(1024);
+    event.write_json(&mut json);
+    Bytes::from(json)
+}
+
+fn try_queue(s: &SinkHandle, json: Bytes) {
+    match s.tx.try_send(Msg::Event(json)) {
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(_)) => s.stats.add_dropped(1, "queue full"),
         Err(mpsc::error::TrySendError::Closed(_)) => s.stats.add_dropped(1, "sink stopped"),

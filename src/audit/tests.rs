@@ -603,3 +603,112 @@ async fn block_mode_waits_for_room() {
         .unwrap();
     rx.shutdown().await;
 }
+
+/// The request path writes its events straight from the parts; the bytes must be those of the
+/// event the parts build (whose writer is checked against serde in `event::tests`).
+#[test]
+fn parts_write_the_json_of_the_event_they_build() {
+    let pki = TestPki::new();
+    let alice = identity(&pki, "alice \"the\" admin", &["team-a", "ops\\n"]);
+    let bob = alice
+        .impersonated(
+            "bob".into(),
+            vec!["viewers".into()],
+            Some("uid-1".into()),
+            [(
+                "scopes".to_owned(),
+                vec!["a".to_owned(), "b\u{1}".to_owned()],
+            )]
+            .into(),
+        )
+        .unwrap();
+    let bob = event::UserInfo::from_identity(&bob);
+    let long_agent = "kubectl/v1.31 ".repeat(100);
+    let uris: Vec<Uri> = [
+        "/version",
+        "/api/v1/namespaces/team-a/pods/web-0/log?follow=true&token=secret",
+        "/apis/apps/v1/deployments?access_token=x",
+        "/api/v1/namespaces/team-a/pods?watch=1&labelSelector=app%3Dweb",
+    ]
+    .iter()
+    .map(|u| u.parse().unwrap())
+    .collect();
+    let methods = [Method::GET, Method::POST, Method::DELETE];
+    let ips: Vec<std::net::IpAddr> = ["10.0.0.1", "2001:db8::1", "255.255.255.0", "0.0.0.9"]
+        .iter()
+        .map(|ip| ip.parse().unwrap())
+        .collect();
+    let mut checked = 0;
+    for i in 0..96usize {
+        let uri = &uris[i % uris.len()];
+        let method = &methods[i % methods.len()];
+        let info = request_info(method, uri.path(), uri.query()).unwrap();
+        let mut parts = EventParts::new(
+            "0b7e7a4c-2f0e-4a4e-9d1c-1f5b2f0e6a11",
+            method,
+            uri,
+            SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_000_000_123_456 + i as u64),
+        );
+        parts.identity = (i % 3 != 0).then_some(&*alice);
+        parts.impersonated = (i % 4 == 1).then_some(&bob);
+        parts.request_info = (i % 5 != 0).then_some(&info);
+        parts.user_agent = match i % 3 {
+            0 => None,
+            1 => Some("kubectl/v1.31.0 (linux/amd64)"),
+            _ => Some(&long_agent),
+        };
+        parts.source_ips = &ips[..i % 5];
+        parts.response = match i % 4 {
+            0 => None,
+            1 => Some(event::ResponseInfo {
+                code: 200,
+                reason: None,
+                message: None,
+            }),
+            2 => Some(event::ResponseInfo {
+                code: 403,
+                reason: Some("Forbidden"),
+                message: Some("no policy allows \"it\"\n"),
+            }),
+            _ => Some(event::ResponseInfo {
+                code: 201,
+                reason: None,
+                message: Some("created"),
+            }),
+        };
+        match i % 6 {
+            0 => {}
+            1 => {
+                parts.annotate("a.example/first", "before the authn method");
+            }
+            2 => {
+                parts.annotate("zz.example/last", "after it");
+                parts.decision(event::Decision::Allow);
+            }
+            3 => {
+                parts.annotate(ANNOTATION_AUTHN_METHOD, "set by the caller");
+            }
+            _ => {
+                parts.annotate(ANNOTATION_REASON, "allowed by policy \"p1\"");
+                parts.annotate("a.example/first", "x");
+                parts.annotate("zz.example/last", "y");
+            }
+        }
+        let level = [Level::Metadata, Level::Request, Level::RequestResponse][i % 3];
+        for stage in Stage::ALL {
+            let at =
+                SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_000_001_000_000 + i as u64);
+            let mut direct = Vec::new();
+            parts.write_json(level, stage, at, &mut direct);
+            let mut built = Vec::new();
+            parts.build_at(level, stage, at).write_json(&mut built);
+            assert_eq!(
+                String::from_utf8(direct).unwrap(),
+                String::from_utf8(built).unwrap(),
+                "case {i}, {stage:?}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 96 * Stage::ALL.len());
+}

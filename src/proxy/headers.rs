@@ -19,6 +19,13 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
+/// Header names the gateway writes on every request, made once (a `&str` name is parsed again
+/// on every insert).
+pub static AUDIT_ID: HeaderName = HeaderName::from_static("audit-id");
+static IMPERSONATE_USER: HeaderName = HeaderName::from_static("impersonate-user");
+static IMPERSONATE_GROUP: HeaderName = HeaderName::from_static("impersonate-group");
+static IMPERSONATE_UID: HeaderName = HeaderName::from_static("impersonate-uid");
+
 /// Is this header one a client must never get through to kube-apiserver?
 fn is_identity_header(name: &str) -> bool {
     // HeaderName is always lower-case, so prefix checks are case-insensitive by construction.
@@ -121,12 +128,12 @@ pub fn set_impersonation(
     identity: &Identity,
 ) -> Result<(), UnencodableIdentity> {
     let value = |s: &str, what| HeaderValue::from_str(s).map_err(|_| UnencodableIdentity(what));
-    headers.insert("impersonate-user", value(identity.user(), "user")?);
+    headers.insert(IMPERSONATE_USER.clone(), value(identity.user(), "user")?);
     for g in identity.groups() {
-        headers.append("impersonate-group", value(g, "group")?);
+        headers.append(IMPERSONATE_GROUP.clone(), value(g, "group")?);
     }
     if let Some(uid) = identity.uid() {
-        headers.insert("impersonate-uid", value(uid, "uid")?);
+        headers.insert(IMPERSONATE_UID.clone(), value(uid, "uid")?);
     }
     for (k, vs) in identity.extra() {
         let name =

@@ -1,8 +1,10 @@
 //! Sinks: background tasks that write events somewhere, each fed by its own bounded queue.
 //!
-//! The request path only ever puts an `Arc<Event>` on a queue ([`super::Auditor::record`]);
-//! serialization and I/O happen here. Blocking file and stdout writes run on tokio's blocking
-//! pool, a batch at a time, so they never hold up a runtime worker.
+//! The request path serializes each event (one JSON object, about 1 KB) and puts the bytes on
+//! the queues ([`super::Auditor::record`]); I/O happens here. A file or stdout sink has a
+//! thread of its own that writes whatever has queued up since its last write, one `write`
+//! per batch, so blocking I/O never holds up a runtime worker and a busy gateway does not pay
+//! a hand-off to tokio's blocking pool for every few events.
 
 pub mod file;
 pub mod stdout;
@@ -16,13 +18,17 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::event::Event;
+use bytes::Bytes;
 
 /// What a sink's queue carries.
 pub(crate) enum Msg {
-    Event(Arc<Event>),
+    /// One event as a JSON object (no trailing newline).
+    Event(Bytes),
     /// Answered once every event queued before it has been written (or given up on).
     Flush(oneshot::Sender<()>),
+    /// The gateway is stopping: write what is queued, then end (line sinks; a webhook sink
+    /// watches its stop token instead).
+    Stop,
 }
 
 /// Drops (and delivery failures) are logged at most this often per sink.
@@ -107,88 +113,80 @@ pub(crate) trait LineSink: Send + 'static {
     fn flush(&mut self) -> io::Result<()>;
 }
 
-/// At most this many queued messages are written per trip to the blocking pool.
+/// At most this many queued messages are written per `write`.
 const LINE_BATCH: usize = 512;
 
-/// The task behind a file or stdout sink.
+/// The task behind a file or stdout sink: it starts the writer thread and, when `stop` is
+/// cancelled, asks it to write what is queued and end; it ends with the thread.
 pub(crate) async fn run_line_sink(
-    mut rx: mpsc::Receiver<Msg>,
+    rx: mpsc::Receiver<Msg>,
     stop: CancellationToken,
     sink: Box<dyn LineSink>,
     stats: Arc<SinkStats>,
+    stopper: mpsc::Sender<Msg>,
 ) {
-    let mut sink = Some(sink);
-    loop {
-        let first = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            m = rx.recv() => m,
-        };
-        let Some(first) = first else { break };
-        let mut batch = vec![first];
-        while batch.len() < LINE_BATCH {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
+    let (done_tx, done) = oneshot::channel::<()>();
+    let st = stats.clone();
+    let spawned = std::thread::Builder::new()
+        .name("ztgate-audit".into())
+        .spawn(move || {
+            write_lines(rx, sink, &st);
+            let _ = done_tx.send(());
+        });
+    if let Err(e) = spawned {
+        tracing::error!(sink = %stats.name, error = %e, "cannot start the audit writer thread");
+        return;
+    }
+    let mut done = done;
+    let ended = tokio::select! {
+        _ = stop.cancelled() => {
+            // Queued behind every event already sent; waits for room if the queue is full.
+            let _ = stopper.send(Msg::Stop).await;
+            drop(stopper);
+            done.await
         }
-        sink = write_lines(sink, batch, &stats).await;
-    }
-    // Shutting down: refuse new events, write what is queued.
-    rx.close();
-    let mut rest = Vec::new();
-    while let Some(m) = rx.recv().await {
-        rest.push(m);
-    }
-    if !rest.is_empty() {
-        write_lines(sink, rest, &stats).await;
+        r = &mut done => r,
+    };
+    if ended.is_err() {
+        tracing::error!(sink = %stats.name, "audit sink writer panicked; its events are dropped");
     }
 }
 
-async fn write_lines(
-    sink: Option<Box<dyn LineSink>>,
-    batch: Vec<Msg>,
-    stats: &Arc<SinkStats>,
-) -> Option<Box<dyn LineSink>> {
-    let Some(mut sink) = sink else {
-        // The writer was lost to a panic: nothing can be written any more.
-        let n = batch.iter().filter(|m| matches!(m, Msg::Event(_))).count();
-        stats.add_dropped(n as u64, "sink writer failed");
-        return None;
-    };
-    let st = stats.clone();
-    let job = tokio::task::spawn_blocking(move || {
-        let mut acks = Vec::new();
-        let mut line = Vec::with_capacity(1024);
-        for msg in batch {
+/// The writer thread: batches of queued lines, one write and flush per batch, until
+/// [`Msg::Stop`] (then what is still queued) or until every sender is gone.
+fn write_lines(mut rx: mpsc::Receiver<Msg>, mut sink: Box<dyn LineSink>, stats: &SinkStats) {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut acks = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(msg) = next.take() {
             match msg {
-                Msg::Event(ev) => {
-                    line.clear();
-                    ev.write_json(&mut line);
-                    line.push(b'\n');
-                    match sink.write_line(&line) {
-                        Ok(()) => st.add_written(1),
-                        Err(e) => st.add_dropped(1, &format!("write failed: {e}")),
+                Msg::Event(json) => {
+                    buf.clear();
+                    buf.extend_from_slice(&json);
+                    buf.push(b'\n');
+                    match sink.write_line(&buf) {
+                        Ok(()) => stats.add_written(1),
+                        Err(e) => stats.add_dropped(1, &format!("write failed: {e}")),
                     }
                 }
                 Msg::Flush(ack) => acks.push(ack),
+                Msg::Stop => {
+                    // Write what is already queued, accept nothing more.
+                    rx.close();
+                }
+            }
+            n += 1;
+            if n < LINE_BATCH {
+                next = rx.try_recv().ok();
             }
         }
         if let Err(e) = sink.flush() {
-            st.failure(&format!("flush failed: {e}"));
+            stats.failure(&format!("flush failed: {e}"));
         }
-        (sink, acks)
-    });
-    match job.await {
-        Ok((sink, acks)) => {
-            for ack in acks {
-                let _ = ack.send(());
-            }
-            Some(sink)
-        }
-        Err(e) => {
-            tracing::error!(sink = %stats.name, error = %e, "audit sink writer panicked");
-            None
+        for ack in acks.drain(..) {
+            let _ = ack.send(());
         }
     }
 }

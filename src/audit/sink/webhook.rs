@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Msg, SinkStats};
 use crate::audit::config::WebhookSinkConfig;
-use crate::audit::event::{Event, EventList};
+use crate::audit::event::API_VERSION;
 use crate::errors::error_chain;
 
 /// Longest wait between retries unless `retryBackoff` itself is longer.
@@ -91,7 +91,7 @@ impl WebhookSink {
     }
 
     pub(crate) async fn run(self, mut rx: mpsc::Receiver<Msg>, stop: CancellationToken) {
-        let mut leftover: Vec<Arc<Event>> = Vec::new();
+        let mut leftover: Vec<Bytes> = Vec::new();
         'main: loop {
             let first = tokio::select! {
                 biased;
@@ -104,6 +104,7 @@ impl WebhookSink {
             match first {
                 Msg::Event(ev) => batch.push(ev),
                 Msg::Flush(ack) => acks.push(ack),
+                Msg::Stop => {}
             }
             let deadline = Instant::now() + self.batch_max_wait;
             while acks.is_empty() && batch.len() < self.batch_max_events {
@@ -116,6 +117,7 @@ impl WebhookSink {
                     m = rx.recv() => match m {
                         Some(Msg::Event(ev)) => batch.push(ev),
                         Some(Msg::Flush(ack)) => acks.push(ack),
+                        Some(Msg::Stop) => {}
                         None => break,
                     },
                     _ = tokio::time::sleep_until(deadline) => break,
@@ -151,11 +153,7 @@ impl WebhookSink {
 
     /// Sends one batch, retrying transient failures. `Err` hands the batch back when `stop`
     /// fires during a backoff, so the shutdown path can make a last attempt.
-    async fn deliver(
-        &self,
-        batch: Vec<Arc<Event>>,
-        stop: &CancellationToken,
-    ) -> Result<(), Vec<Arc<Event>>> {
+    async fn deliver(&self, batch: Vec<Bytes>, stop: &CancellationToken) -> Result<(), Vec<Bytes>> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -193,10 +191,8 @@ impl WebhookSink {
         }
     }
 
-    async fn post(&self, batch: &[Arc<Event>]) -> Result<(), PostError> {
-        let list = EventList::new(batch.iter().map(|e| &**e).collect::<Vec<&Event>>());
-        let body = serde_json::to_vec(&list)
-            .map_err(|e| PostError::Permanent(format!("cannot serialize events: {e}")))?;
+    async fn post(&self, batch: &[Bytes]) -> Result<(), PostError> {
+        let body = event_list(batch);
         let req = Request::post(self.uri.clone())
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::ACCEPT, "application/json")
@@ -225,6 +221,23 @@ impl WebhookSink {
     }
 }
 
+/// An `audit.k8s.io/v1` `EventList` of events already serialized as JSON objects (the same
+/// bytes as serializing an [`crate::audit::event::EventList`] of them).
+fn event_list(items: &[Bytes]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(128 + items.iter().map(|e| e.len() + 1).sum::<usize>());
+    body.extend_from_slice(b"{\"kind\":\"EventList\",\"apiVersion\":\"");
+    body.extend_from_slice(API_VERSION.as_bytes());
+    body.extend_from_slice(b"\",\"metadata\":{},\"items\":[");
+    for (i, e) in items.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(e);
+    }
+    body.extend_from_slice(b"]}");
+    body
+}
+
 fn classify(status: StatusCode) -> Result<(), PostError> {
     if status.is_success() {
         Ok(())
@@ -235,5 +248,39 @@ fn classify(status: StatusCode) -> Result<(), PostError> {
         Err(PostError::Transient(format!("status {status}")))
     } else {
         Err(PostError::Permanent(format!("status {status}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::event::{EventList, EventParts, Level, Stage};
+
+    #[test]
+    fn the_posted_list_is_what_serde_writes_for_the_events() {
+        let method = http::Method::GET;
+        let uri: Uri = "/api/v1/namespaces/a/pods?watch=1".parse().unwrap();
+        let events: Vec<_> = (0..3)
+            .map(|i| {
+                let mut p = EventParts::new("id", &method, &uri, std::time::SystemTime::now());
+                p.annotate("n", format!("{i} \"quoted\""));
+                p.build(Level::Metadata, Stage::ALL[i])
+            })
+            .collect();
+        let lines: Vec<Bytes> = events
+            .iter()
+            .map(|e| {
+                let mut v = Vec::new();
+                e.write_json(&mut v);
+                Bytes::from(v)
+            })
+            .collect();
+        for n in 0..=3 {
+            let expected = serde_json::to_vec(&EventList::new(events[..n].to_vec())).unwrap();
+            assert_eq!(
+                String::from_utf8(event_list(&lines[..n])).unwrap(),
+                String::from_utf8(expected).unwrap()
+            );
+        }
     }
 }

@@ -24,7 +24,6 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwap;
 use moka::future::Cache;
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::credentials::BearerToken;
@@ -364,7 +363,10 @@ impl OidcAuthenticator {
                 state.max_token_bytes
             )));
         }
-        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        // aws-lc's SHA-256 (SHA-NI / AVX2 assembly), as rustls uses: this runs per request.
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+        let mut key = [0u8; 32];
+        key.copy_from_slice(digest.as_ref());
         if let Some(e) = self.cache.get(&key).await {
             let live = e
                 .verified

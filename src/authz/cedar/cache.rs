@@ -28,7 +28,6 @@
 //! kept (token ids and certificate thumbprints are not part of any key). Only successful builds
 //! are cached.
 
-use std::collections::hash_map::RandomState;
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
@@ -319,30 +318,32 @@ pub(crate) fn seconds_between(later: SystemTime, earlier: SystemTime) -> u64 {
 
 /// The three caches of one engine.
 pub(crate) struct BuildCache {
-    hasher: RandomState,
+    /// foldhash, seeded per process: keys are hashed on every request (SipHash was ~3% of a
+    /// request), and a collision only costs a rebuild, since entries are compared in full.
+    hasher: foldhash::fast::RandomState,
     serials: AtomicU64,
-    subjects: moka::sync::Cache<u64, Arc<SubjectEntry>>,
-    entities: moka::sync::Cache<u64, Arc<EntitiesEntry>>,
-    contexts: moka::sync::Cache<u64, Arc<ContextEntry>>,
+    subjects: moka::sync::Cache<u64, Arc<SubjectEntry>, foldhash::fast::RandomState>,
+    entities: moka::sync::Cache<u64, Arc<EntitiesEntry>, foldhash::fast::RandomState>,
+    contexts: moka::sync::Cache<u64, Arc<ContextEntry>, foldhash::fast::RandomState>,
 }
 
 impl BuildCache {
     pub fn new() -> BuildCache {
         BuildCache {
-            hasher: RandomState::new(),
+            hasher: foldhash::fast::RandomState::default(),
             serials: AtomicU64::new(0),
             subjects: moka::sync::Cache::builder()
                 .max_capacity(4_096)
                 .time_to_idle(Duration::from_secs(300))
-                .build(),
+                .build_with_hasher(foldhash::fast::RandomState::default()),
             entities: moka::sync::Cache::builder()
                 .max_capacity(4_096)
                 .time_to_idle(Duration::from_secs(300))
-                .build(),
+                .build_with_hasher(foldhash::fast::RandomState::default()),
             contexts: moka::sync::Cache::builder()
                 .max_capacity(4_096)
                 .time_to_live(Duration::from_secs(2))
-                .build(),
+                .build_with_hasher(foldhash::fast::RandomState::default()),
         }
     }
 

@@ -57,6 +57,10 @@ struct Hop {
     upgrade_tls: tokio_rustls::TlsConnector,
 }
 
+/// The same global allocator as the gateway, so the floor is measured with it too.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn die(msg: String) -> ! {
     eprintln!("bare-hop: {msg}");
     std::process::exit(2)
