@@ -1,9 +1,9 @@
 //! Building the gateway from its config, the accept loops, readiness and graceful shutdown.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -802,43 +802,83 @@ async fn serve_connection(
 /// Requests in progress on one client connection (and how many ever started), so that a
 /// connection with nothing in progress — or one that never completes a request, which hyper's
 /// header read timeout does not cover on HTTP/2 — is closed.
-#[derive(Clone, Default)]
-struct ConnActivity(Arc<tokio::sync::watch::Sender<(usize, u64)>>);
+///
+/// Plain atomics, looked at by the idle timer when it fires: a request costs two atomic updates
+/// and a clock read, and never wakes the connection's task (a channel here woke it, and so
+/// polled the whole HTTP/2 connection, twice per request).
+#[derive(Clone)]
+struct ConnActivity(Arc<ActivityState>);
+
+struct ActivityState {
+    active: AtomicUsize,
+    started: AtomicU64,
+    /// When the last request ended (or the connection opened), as an offset from `opened`.
+    last_end_ms: AtomicU64,
+    opened: Instant,
+}
 
 /// Counts one request as in progress until its response body is done or dropped.
-struct ActiveGuard(Arc<tokio::sync::watch::Sender<(usize, u64)>>);
+struct ActiveGuard(Arc<ActivityState>);
+
+impl Default for ConnActivity {
+    fn default() -> ConnActivity {
+        ConnActivity(Arc::new(ActivityState {
+            active: AtomicUsize::new(0),
+            started: AtomicU64::new(0),
+            last_end_ms: AtomicU64::new(0),
+            opened: Instant::now(),
+        }))
+    }
+}
+
+impl ActivityState {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
 
 impl ConnActivity {
     fn begin(&self) -> ActiveGuard {
-        self.0.send_modify(|(active, started)| {
-            *active += 1;
-            *started += 1;
-        });
+        self.0.active.fetch_add(1, Ordering::AcqRel);
+        self.0.started.fetch_add(1, Ordering::Relaxed);
         ActiveGuard(self.0.clone())
     }
 
     /// Resolves once nothing has been in progress for `idle` (for `first` before any request
-    /// started).
+    /// started). Checked when the timer fires, so a connection closes at most one period late
+    /// after a request that ended just before a check.
     async fn idle(&self, first: Duration, idle: Duration) {
-        let mut rx = self.0.subscribe();
+        let st = &self.0;
         loop {
-            let (active, started) = *rx.borrow_and_update();
-            if active > 0 {
-                let _ = rx.changed().await;
+            let wait = if st.started.load(Ordering::Relaxed) == 0 {
+                first
+            } else {
+                idle
+            };
+            if st.active.load(Ordering::Acquire) > 0 {
+                tokio::time::sleep(wait).await;
                 continue;
             }
-            let wait = if started == 0 { first } else { idle };
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => return,
-                _ = rx.changed() => {}
+            let quiet = Duration::from_millis(
+                st.now_ms()
+                    .saturating_sub(st.last_end_ms.load(Ordering::Acquire)),
+            );
+            if quiet >= wait {
+                // A request may have begun since the load above; look once more.
+                if st.active.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                continue;
             }
+            tokio::time::sleep(wait - quiet).await;
         }
     }
 }
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.send_modify(|(active, _)| *active -= 1);
+        self.0.last_end_ms.store(self.0.now_ms(), Ordering::Release);
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

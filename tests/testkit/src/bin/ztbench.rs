@@ -427,7 +427,8 @@ async fn watches(a: &Args) -> serde_json::Value {
                     }
                     // Drain events so flow control never stalls the stream.
                     let mut body = resp.into_body();
-                    tokio::spawn(async move { while body.frame().await.is_some() {} });
+                    // Stop at the first error: a reset stream keeps answering with it.
+                    tokio::spawn(async move { while let Some(Ok(_)) = body.frame().await {} });
                 }
                 _ => failed += 1,
             }
