@@ -132,7 +132,7 @@ impl Auditor {
                         stop.clone(),
                         Box::new(file),
                         stats.clone(),
-                        tx.clone(),
+                        tx.downgrade(),
                     ))
                 }
                 SinkConfig::Stdout(_) => tokio::spawn(sink::run_line_sink(
@@ -140,7 +140,7 @@ impl Auditor {
                     stop.clone(),
                     Box::new(sink::stdout::StdoutSink::new()),
                     stats.clone(),
-                    tx.clone(),
+                    tx.downgrade(),
                 )),
                 SinkConfig::Webhook(wc) => {
                     let hook =

@@ -712,3 +712,73 @@ fn parts_write_the_json_of_the_event_they_build() {
     }
     assert_eq!(checked, 96 * Stage::ALL.len());
 }
+
+fn audit_writer_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+        .filter(|name| name.trim() == "ztgate-audit")
+        .count()
+}
+
+/// A file sink writes from a thread of its own; stopping writes what is queued and ends it, and
+/// so does dropping the auditor (nothing keeps the thread waiting on a queue nobody can fill).
+#[tokio::test]
+async fn the_writer_thread_writes_everything_and_ends_on_stop_or_drop() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.log");
+    let cfg = AuditConfig {
+        policy_file: None,
+        sinks: vec![SinkConfig::File(FileSinkConfig {
+            path: log.clone(),
+            max_size_bytes: 0,
+            max_backups: 0,
+            buffer_events: 1000,
+        })],
+        overflow: Overflow::Drop,
+    };
+    let lines = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..200 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{what}");
+    }
+
+    // Stop: everything recorded before it is in the file, then the thread is gone.
+    let stop = CancellationToken::new();
+    let a = Auditor::start(&cfg, stop.clone()).await.unwrap();
+    eventually("the writer thread starts", || audit_writer_threads() == 1).await;
+    for n in 0..300 {
+        a.record(event(n)).await;
+    }
+    stop.cancel();
+    a.stopped().await;
+    assert_eq!(lines(&log), 300);
+    eventually("the writer thread ends after stop", || {
+        audit_writer_threads() == 0
+    })
+    .await;
+
+    // Drop without stop: what was queued is written and the thread ends.
+    let a = Auditor::start(&cfg, CancellationToken::new())
+        .await
+        .unwrap();
+    for n in 0..5 {
+        a.record(event(n)).await;
+    }
+    drop(a);
+    eventually("queued events written after drop", || lines(&log) == 305).await;
+    eventually("the writer thread ends after drop", || {
+        audit_writer_threads() == 0
+    })
+    .await;
+}

@@ -130,7 +130,8 @@ pub(crate) async fn run_line_sink(
     stop: CancellationToken,
     sink: Box<dyn LineSink>,
     stats: Arc<SinkStats>,
-    stopper: mpsc::Sender<Msg>,
+    // Weak: the queue closes (and the writer ends) when the auditor is dropped, too.
+    stopper: mpsc::WeakSender<Msg>,
 ) {
     let (done_tx, done) = oneshot::channel::<()>();
     let st = stats.clone();
@@ -148,8 +149,9 @@ pub(crate) async fn run_line_sink(
     let ended = tokio::select! {
         _ = stop.cancelled() => {
             // Queued behind every event already sent; waits for room if the queue is full.
-            let _ = stopper.send(Msg::Stop).await;
-            drop(stopper);
+            if let Some(tx) = stopper.upgrade() {
+                let _ = tx.send(Msg::Stop).await;
+            }
             done.await
         }
         r = &mut done => r,
