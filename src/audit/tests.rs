@@ -743,16 +743,6 @@ async fn the_writer_thread_writes_everything_and_ends_on_stop_or_drop() {
             .lines()
             .count()
     };
-    async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-        for _ in 0..200 {
-            if f() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("{what}");
-    }
-
     // Stop: everything recorded before it is in the file, then the thread is gone.
     let stop = CancellationToken::new();
     let a = Auditor::start(&cfg, stop.clone()).await.unwrap();
