@@ -302,14 +302,15 @@ async fn audit(gw: &Arc<Gateway>, trace: &Trace, f: AuditFacts<'_>) {
         }
         None => {}
     }
-    gw.auditor
-        .record_stage(&policy, Stage::RequestReceived, &parts)
-        .await;
     let started = f.code == 101 || (200..300).contains(&f.code);
     match (&trace.stream, started) {
         (Some(slot), true) => {
             gw.auditor
-                .record_stage(&policy, Stage::ResponseStarted, &parts)
+                .record_stages(
+                    &policy,
+                    &[Stage::RequestReceived, Stage::ResponseStarted],
+                    &parts,
+                )
                 .await;
             if policy.records(Stage::ResponseComplete) {
                 let mut complete = parts.build(policy.level, Stage::ResponseComplete);
@@ -328,7 +329,11 @@ async fn audit(gw: &Arc<Gateway>, trace: &Trace, f: AuditFacts<'_>) {
         }
         _ => {
             gw.auditor
-                .record_stage(&policy, Stage::ResponseComplete, &parts)
+                .record_stages(
+                    &policy,
+                    &[Stage::RequestReceived, Stage::ResponseComplete],
+                    &parts,
+                )
                 .await;
         }
     }

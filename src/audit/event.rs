@@ -443,8 +443,61 @@ struct StatusView<'a> {
     code: i32,
 }
 
+/// Where an event's stage-dependent values lie in its JSON (see [`EventView::write_json_marked`]).
+struct StageMarks {
+    /// The value of `stage`.
+    stage: std::ops::Range<usize>,
+    /// `,"responseStatus":{...}`, or the empty place where it would be.
+    status: std::ops::Range<usize>,
+    /// The value of `stageTimestamp`.
+    stage_timestamp: std::ops::Range<usize>,
+}
+
 impl EventView<'_> {
     fn write_json(&self, out: &mut Vec<u8>) {
+        self.write_json_marked(out);
+    }
+
+    /// The event for another stage of the same request, written by copying `first` (an event
+    /// written by [`EventView::write_json_marked`] from a view that differs from this one only in
+    /// `stage`, `response_status` and `stage_timestamp`) around this view's values of those:
+    /// the same bytes as `self.write_json(out)`, without escaping every string again.
+    fn write_json_restaged(&self, first: &[u8], marks: &StageMarks, out: &mut Vec<u8>) {
+        out.reserve(first.len() + 64);
+        out.extend_from_slice(&first[..marks.stage.start]);
+        json_str(out, self.stage.as_str());
+        out.extend_from_slice(&first[marks.stage.end..marks.status.start]);
+        self.write_status(out);
+        out.extend_from_slice(&first[marks.status.end..marks.stage_timestamp.start]);
+        write_time(out, &self.stage_timestamp);
+        out.extend_from_slice(&first[marks.stage_timestamp.end..]);
+    }
+
+    fn write_status(&self, out: &mut Vec<u8>) {
+        if let Some(r) = &self.response_status {
+            out.extend_from_slice(b",\"responseStatus\":{\"metadata\":{}");
+            for (name, v) in [
+                ("status", r.status),
+                ("message", r.message),
+                ("reason", r.reason),
+            ] {
+                if !v.is_empty() {
+                    out.extend_from_slice(b",\"");
+                    out.extend_from_slice(name.as_bytes());
+                    out.extend_from_slice(b"\":");
+                    json_str(out, v);
+                }
+            }
+            if r.code != 0 {
+                out.extend_from_slice(b",\"code\":");
+                out.extend_from_slice(fmt_i32(r.code, &mut [0; 11]));
+            }
+            out.push(b'}');
+        }
+    }
+
+    /// Writes the event and says where its stage-dependent values are.
+    fn write_json_marked(&self, out: &mut Vec<u8>) -> StageMarks {
         out.extend_from_slice(b"{\"kind\":");
         json_str(out, self.kind);
         out.extend_from_slice(b",\"apiVersion\":");
@@ -454,7 +507,9 @@ impl EventView<'_> {
         out.extend_from_slice(b",\"auditID\":");
         json_str(out, self.audit_id);
         out.extend_from_slice(b",\"stage\":");
+        let stage_start = out.len();
         json_str(out, self.stage.as_str());
+        let stage = stage_start..out.len();
         out.extend_from_slice(b",\"requestURI\":");
         json_str(out, self.request_uri);
         out.extend_from_slice(b",\"verb\":");
@@ -499,39 +554,15 @@ impl EventView<'_> {
             }
             out.extend_from_slice(if first { &b"{}"[..] } else { &b"}"[..] });
         }
-        if let Some(r) = &self.response_status {
-            out.extend_from_slice(b",\"responseStatus\":{\"metadata\":{}");
-            for (name, v) in [
-                ("status", r.status),
-                ("message", r.message),
-                ("reason", r.reason),
-            ] {
-                if !v.is_empty() {
-                    out.extend_from_slice(b",\"");
-                    out.extend_from_slice(name.as_bytes());
-                    out.extend_from_slice(b"\":");
-                    json_str(out, v);
-                }
-            }
-            if r.code != 0 {
-                out.extend_from_slice(b",\"code\":");
-                out.extend_from_slice(fmt_i32(r.code, &mut [0; 11]));
-            }
-            out.push(b'}');
-        }
-        let mut buf = [0u8; 27];
-        for (name, t) in [
-            ("requestReceivedTimestamp", &self.request_received),
-            ("stageTimestamp", &self.stage_timestamp),
-        ] {
-            out.extend_from_slice(b",\"");
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b"\":");
-            match t.write_rfc3339_micro(&mut buf) {
-                Some(text) => json_str(out, text),
-                None => json_str(out, &t.format_rfc3339_micro_slow()),
-            }
-        }
+        let status_start = out.len();
+        self.write_status(out);
+        let status = status_start..out.len();
+        out.extend_from_slice(b",\"requestReceivedTimestamp\":");
+        write_time(out, &self.request_received);
+        out.extend_from_slice(b",\"stageTimestamp\":");
+        let ts_start = out.len();
+        write_time(out, &self.stage_timestamp);
+        let stage_timestamp = ts_start..out.len();
         let extra = self
             .extra_annotation
             .filter(|(k, _)| !self.annotations.contains_key(*k));
@@ -561,6 +592,20 @@ impl EventView<'_> {
             out.push(b'}');
         }
         out.push(b'}');
+        StageMarks {
+            stage,
+            status,
+            stage_timestamp,
+        }
+    }
+}
+
+/// A timestamp as a JSON string.
+fn write_time(out: &mut Vec<u8>, t: &MicroTime) {
+    let mut buf = [0u8; 27];
+    match t.write_rfc3339_micro(&mut buf) {
+        Some(text) => json_str(out, text),
+        None => json_str(out, &t.format_rfc3339_micro_slow()),
     }
 }
 
@@ -1033,6 +1078,28 @@ impl<'a> EventParts<'a> {
     /// `self.build_at(level, stage, at).write_json(out)` without building the [`Event`] (two
     /// per request; `tests::parts_write_the_json_of_the_event_they_build`).
     pub fn write_json(&self, level: Level, stage: Stage, at: SystemTime, out: &mut Vec<u8>) {
+        self.write_stages(level, &[(stage, at)], |_, json| {
+            if out.is_empty() {
+                *out = json;
+            } else {
+                out.extend_from_slice(&json);
+            }
+        });
+    }
+
+    /// The events for several stages of the request (each with its stamp), as JSON, handed to
+    /// `emit` in order: the same bytes as [`EventParts::write_json`] for each, but only the first
+    /// is written field by field; the others copy it around their own `stage`,
+    /// `responseStatus` and `stageTimestamp`.
+    pub fn write_stages(
+        &self,
+        level: Level,
+        stages: &[(Stage, SystemTime)],
+        mut emit: impl FnMut(Stage, Vec<u8>),
+    ) {
+        let Some(&(stage, at)) = stages.first() else {
+            return;
+        };
         let verb_lower;
         let verb = match self.request_info {
             Some(info) => info.verb.as_str(),
@@ -1058,7 +1125,7 @@ impl<'a> EventParts<'a> {
                     ("subresource", &info.subresource),
                 ]
             });
-        let response_status = match stage {
+        let status_for = |stage: Stage| match stage {
             Stage::RequestReceived => None,
             _ => self.response.map(|r| StatusView {
                 status: if (r.reason.is_some() || r.message.is_some()) && r.code >= 400 {
@@ -1071,7 +1138,7 @@ impl<'a> EventParts<'a> {
                 code: i32::from(r.code),
             }),
         };
-        EventView {
+        let mut view = EventView {
             kind: "Event",
             api_version: API_VERSION,
             level,
@@ -1084,15 +1151,31 @@ impl<'a> EventParts<'a> {
             source_ips: Ips::Addrs(self.source_ips),
             user_agent: &user_agent,
             object_ref,
-            response_status,
+            response_status: status_for(stage),
             request_received: MicroTime(self.received),
             stage_timestamp: MicroTime(at),
             annotations: &self.annotations,
             extra_annotation: self
                 .identity
                 .map(|id| (ANNOTATION_AUTHN_METHOD, id.method().as_str())),
+        };
+        let mut first = Vec::with_capacity(1024);
+        let marks = view.write_json_marked(&mut first);
+        let others: Vec<(Stage, Vec<u8>)> = stages[1..]
+            .iter()
+            .map(|&(stage, at)| {
+                view.stage = stage;
+                view.response_status = status_for(stage);
+                view.stage_timestamp = MicroTime(at);
+                let mut json = Vec::new();
+                view.write_json_restaged(&first, &marks, &mut json);
+                (stage, json)
+            })
+            .collect();
+        emit(stage, first);
+        for (stage, json) in others {
+            emit(stage, json);
         }
-        .write_json(out);
     }
 
     /// The event for `stage`, stamped `at`.

@@ -204,10 +204,36 @@ impl Auditor {
         stage: Stage,
         parts: &EventParts<'_>,
     ) {
-        if decision.records(stage) && self.is_enabled() {
-            let mut json = Vec::with_capacity(1024);
-            parts.write_json(decision.level, stage, parts.stamp(stage), &mut json);
-            self.queue(Bytes::from(json)).await;
+        self.record_stages(decision, &[stage], parts).await;
+    }
+
+    /// Records the events for `stages` (in that order) that `decision` records, written as one
+    /// event and copies of it around their stage-dependent fields
+    /// ([`EventParts::write_stages`]).
+    pub async fn record_stages(
+        &self,
+        decision: &PolicyDecision,
+        stages: &[Stage],
+        parts: &EventParts<'_>,
+    ) {
+        if !self.is_enabled() {
+            return;
+        }
+        let mut stamped = [(Stage::RequestReceived, std::time::UNIX_EPOCH); 4];
+        let mut n = 0;
+        for &stage in stages.iter().filter(|&&s| decision.records(s)).take(4) {
+            stamped[n] = (stage, parts.stamp(stage));
+            n += 1;
+        }
+        let mut events: [Option<Bytes>; 4] = Default::default();
+        let mut next = events.iter_mut();
+        parts.write_stages(decision.level, &stamped[..n], |_, json| {
+            if let Some(slot) = next.next() {
+                *slot = Some(Bytes::from(json));
+            }
+        });
+        for json in events.into_iter().flatten() {
+            self.queue(json).await;
         }
     }
 

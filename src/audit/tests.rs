@@ -639,6 +639,7 @@ fn parts_write_the_json_of_the_event_they_build() {
         .map(|ip| ip.parse().unwrap())
         .collect();
     let mut checked = 0;
+    let mut restaged = 0;
     for i in 0..96usize {
         let uri = &uris[i % uris.len()];
         let method = &methods[i % methods.len()];
@@ -709,8 +710,42 @@ fn parts_write_the_json_of_the_event_they_build() {
             );
             checked += 1;
         }
+        // Several stages at once (the first written field by field, the others copied from it
+        // around their own stage, status and stamp): each the same bytes as written alone.
+        let stamps: Vec<(Stage, SystemTime)> = Stage::ALL
+            .iter()
+            .enumerate()
+            .map(|(k, &stage)| {
+                let at = SystemTime::UNIX_EPOCH
+                    + Duration::from_micros(1_764_000_002_000_000 + (i * 10 + k) as u64);
+                (stage, at)
+            })
+            .collect();
+        for first in 0..stamps.len() {
+            let order: Vec<(Stage, SystemTime)> = stamps[first..]
+                .iter()
+                .chain(&stamps[..first])
+                .copied()
+                .collect();
+            let mut written = Vec::new();
+            parts.write_stages(level, &order, |stage, json| written.push((stage, json)));
+            assert_eq!(written.len(), order.len(), "case {i}");
+            for ((stage, json), (want_stage, at)) in written.into_iter().zip(&order) {
+                assert_eq!(stage, *want_stage);
+                let mut alone = Vec::new();
+                parts.write_json(level, stage, *at, &mut alone);
+                assert_eq!(
+                    String::from_utf8(json).unwrap(),
+                    String::from_utf8(alone).unwrap(),
+                    "case {i}, {stage:?} after {:?}",
+                    order[0].0
+                );
+                restaged += 1;
+            }
+        }
     }
     assert_eq!(checked, 96 * Stage::ALL.len());
+    assert_eq!(restaged, 96 * Stage::ALL.len() * Stage::ALL.len());
 }
 
 fn audit_writer_threads() -> usize {
