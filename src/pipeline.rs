@@ -45,6 +45,8 @@ pub struct ConnInfo {
     device: Mutex<Option<(u64, Option<crate::device::DeviceIdentity>)>>,
     /// The workload SVID verdict for `chain`, by bundle generation.
     workload: Mutex<Option<(u64, WorkloadVerdict)>>,
+    /// The last bearer token verified on this connection.
+    token: crate::authn::oidc::TokenMemo,
 }
 
 /// A workload SVID's identity, or why the chain is not one (for the log).
@@ -58,6 +60,7 @@ impl ConnInfo {
             x509: Mutex::new(None),
             device: Mutex::new(None),
             workload: Mutex::new(None),
+            token: Default::default(),
         }
     }
 }
@@ -941,7 +944,7 @@ async fn authenticate(
     if let Some(token) = &creds.bearer {
         // A token names the user; a certificate next to it identifies the device.
         if gw.oidc.has_issuers() {
-            return gw.oidc.authenticate(token).await;
+            return gw.oidc.authenticate_on(token, &conn.token).await;
         }
         if creds.peer_chain.is_none() {
             return Err(AuthnError::TokenAuthNotConfigured);

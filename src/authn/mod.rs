@@ -46,6 +46,32 @@ pub struct Identity {
     expires_at: Option<SystemTime>,
     /// Facts about the credential that policy and audit may use (issuer, jti, iat, amr, ...).
     facts: CredentialFacts,
+    /// The impersonation headers this identity is forwarded with, made on first use (an
+    /// identity from the token cache serves many requests).
+    headers: ImpersonationHeaders,
+}
+
+/// The `Impersonate-*` headers of an identity, or which field cannot be a header value; made
+/// once (see `proxy::headers::set_impersonation`). Not part of an identity's equality.
+#[derive(Clone, Default)]
+pub(crate) struct ImpersonationHeaders(
+    pub(crate)  std::sync::OnceLock<
+        Result<std::sync::Arc<[(http::HeaderName, http::HeaderValue)]>, &'static str>,
+    >,
+);
+
+impl PartialEq for ImpersonationHeaders {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for ImpersonationHeaders {}
+
+impl std::fmt::Debug for ImpersonationHeaders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("..")
+    }
 }
 
 /// What is known about the credential behind an identity, beyond the names it maps to.
@@ -66,6 +92,19 @@ pub struct CredentialFacts {
 }
 
 impl Identity {
+    /// The impersonation headers, made by `make` on the first call.
+    pub(crate) fn impersonation_headers(
+        &self,
+        make: impl FnOnce(
+            &Identity,
+        ) -> Result<
+            std::sync::Arc<[(http::HeaderName, http::HeaderValue)]>,
+            &'static str,
+        >,
+    ) -> Result<std::sync::Arc<[(http::HeaderName, http::HeaderValue)]>, &'static str> {
+        self.headers.0.get_or_init(|| make(self)).clone()
+    }
+
     pub fn user(&self) -> &str {
         &self.user
     }
@@ -112,6 +151,7 @@ impl Identity {
             method: self.method.clone(),
             expires_at: self.expires_at,
             facts: self.facts.clone(),
+            headers: Default::default(),
         })
     }
 }

@@ -122,28 +122,46 @@ pub fn decode_extra_key(encoded: &str) -> Option<String> {
 #[error("identity field {0} cannot be written as a header value")]
 pub struct UnencodableIdentity(pub &'static str);
 
-/// Adds the impersonation headers for `identity`.
+/// Adds the impersonation headers for `identity` (made once per identity, then shared).
 pub fn set_impersonation(
     headers: &mut HeaderMap,
     identity: &Identity,
 ) -> Result<(), UnencodableIdentity> {
-    let value = |s: &str, what| HeaderValue::from_str(s).map_err(|_| UnencodableIdentity(what));
-    headers.insert(IMPERSONATE_USER.clone(), value(identity.user(), "user")?);
+    let made = identity
+        .impersonation_headers(impersonation_headers)
+        .map_err(UnencodableIdentity)?;
+    for (name, value) in made.iter() {
+        if name == IMPERSONATE_USER || name == IMPERSONATE_UID {
+            headers.insert(name.clone(), value.clone());
+        } else {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    Ok(())
+}
+
+/// The impersonation headers for `identity`, in order: user, groups, uid, extras.
+fn impersonation_headers(
+    identity: &Identity,
+) -> Result<std::sync::Arc<[(HeaderName, HeaderValue)]>, &'static str> {
+    let value = |s: &str, what| HeaderValue::from_str(s).map_err(|_| what);
+    let mut out = Vec::with_capacity(2 + identity.groups().len() + identity.extra().len());
+    out.push((IMPERSONATE_USER.clone(), value(identity.user(), "user")?));
     for g in identity.groups() {
-        headers.append(IMPERSONATE_GROUP.clone(), value(g, "group")?);
+        out.push((IMPERSONATE_GROUP.clone(), value(g, "group")?));
     }
     if let Some(uid) = identity.uid() {
-        headers.insert(IMPERSONATE_UID.clone(), value(uid, "uid")?);
+        out.push((IMPERSONATE_UID.clone(), value(uid, "uid")?));
     }
     for (k, vs) in identity.extra() {
         let name =
             HeaderName::from_bytes(format!("impersonate-extra-{}", encode_extra_key(k)).as_bytes())
-                .map_err(|_| UnencodableIdentity("extra key"))?;
+                .map_err(|_| "extra key")?;
         for v in vs {
-            headers.append(name.clone(), value(v, "extra value")?);
+            out.push((name.clone(), value(v, "extra value")?));
         }
     }
-    Ok(())
+    Ok(out.into())
 }
 
 #[cfg(test)]

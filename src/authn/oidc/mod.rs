@@ -124,6 +124,36 @@ struct CacheEntry {
     /// token is verified again, so a key withdrawn by the IdP stops working at once.
     key_generation: u64,
     ttl: Duration,
+    /// When the entry was made plus `ttl`: a connection's [`TokenMemo`] keeps it no longer.
+    until: Instant,
+}
+
+/// The last token a connection presented and what it was verified as. The next request on the
+/// connection with the same token (kubectl sends one token over one HTTP/2 connection) is
+/// answered from here without hashing the token or looking in the shared cache, under the same
+/// rules as a cache hit: the token not expired, the entry's cache TTL not over, the config and
+/// the issuer's keys unchanged since it was verified. Never holds a refused token.
+#[derive(Default)]
+pub struct TokenMemo(arc_swap::ArcSwapOption<Memo>);
+
+struct Memo {
+    token: Box<str>,
+    entry: CacheEntry,
+}
+
+impl std::fmt::Debug for TokenMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenMemo(<redacted>)")
+    }
+}
+
+impl TokenMemo {
+    fn remember(&self, token: &str, entry: &CacheEntry) {
+        self.0.store(Some(Arc::new(Memo {
+            token: token.into(),
+            entry: entry.clone(),
+        })));
+    }
 }
 
 /// A verified token: the identity and the token's audiences that its issuer accepts.
@@ -350,8 +380,47 @@ impl OidcAuthenticator {
         self.verify_token(token.expose()).await.map(|v| v.identity)
     }
 
+    /// As [`OidcAuthenticator::authenticate`], for a token that came on a connection with `memo`
+    /// (see [`TokenMemo`]).
+    pub async fn authenticate_on(
+        &self,
+        token: &BearerToken,
+        memo: &TokenMemo,
+    ) -> Result<Arc<Identity>, AuthnError> {
+        self.verify_token_on(token.expose(), Some(memo))
+            .await
+            .map(|v| v.identity)
+    }
+
+    /// Whether a remembered verification may still be used: the token not expired, the config
+    /// and the issuer's keys unchanged since.
+    fn usable(state: &State, e: &CacheEntry) -> bool {
+        let live = e
+            .verified
+            .identity
+            .expires_at()
+            .is_some_and(|exp| SystemTime::now() < exp);
+        let keys_unchanged = e
+            .verified
+            .identity
+            .facts()
+            .issuer
+            .as_deref()
+            .and_then(|iss| state.issuers.get(iss))
+            .is_some_and(|i| i.source.generation() == e.key_generation);
+        live && keys_unchanged && e.generation == state.generation
+    }
+
     /// Verifies a token given as a string (TokenReview), with its accepted audiences.
     pub(crate) async fn verify_token(&self, token: &str) -> Result<Verified, AuthnError> {
+        self.verify_token_on(token, None).await
+    }
+
+    async fn verify_token_on(
+        &self,
+        token: &str,
+        memo: Option<&TokenMemo>,
+    ) -> Result<Verified, AuthnError> {
         let state = self.state.load_full();
         if state.issuers.is_empty() {
             return Err(AuthnError::TokenAuthNotConfigured);
@@ -363,26 +432,28 @@ impl OidcAuthenticator {
                 state.max_token_bytes
             )));
         }
+        if let Some(m) = memo.and_then(|m| m.0.load_full()) {
+            // Compared in constant time, as a secret.
+            let same = aws_lc_rs::constant_time::verify_slices_are_equal(
+                m.token.as_bytes(),
+                token.as_bytes(),
+            )
+            .is_ok();
+            if same && Instant::now() < m.entry.until && Self::usable(&state, &m.entry) {
+                self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(m.entry.verified.clone());
+            }
+        }
         // aws-lc's SHA-256 (SHA-NI / AVX2 assembly), as rustls uses: this runs per request.
         let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
         let mut key = [0u8; 32];
         key.copy_from_slice(digest.as_ref());
         if let Some(e) = self.cache.get(&key).await {
-            let live = e
-                .verified
-                .identity
-                .expires_at()
-                .is_some_and(|exp| SystemTime::now() < exp);
-            let keys_unchanged = e
-                .verified
-                .identity
-                .facts()
-                .issuer
-                .as_deref()
-                .and_then(|iss| state.issuers.get(iss))
-                .is_some_and(|i| i.source.generation() == e.key_generation);
-            if live && keys_unchanged && e.generation == state.generation {
+            if Self::usable(&state, &e) {
                 self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                if let Some(m) = memo {
+                    m.remember(token, &e);
+                }
                 return Ok(e.verified);
             }
             self.cache.invalidate(&key).await;
@@ -442,17 +513,17 @@ impl OidcAuthenticator {
                 .unwrap_or(Duration::ZERO);
             let ttl = left.min(self.opts.cache_ttl);
             if !ttl.is_zero() {
-                self.cache
-                    .insert(
-                        key,
-                        CacheEntry {
-                            verified: verified.clone(),
-                            generation: state.generation,
-                            key_generation,
-                            ttl,
-                        },
-                    )
-                    .await;
+                let entry = CacheEntry {
+                    verified: verified.clone(),
+                    generation: state.generation,
+                    key_generation,
+                    ttl,
+                    until: Instant::now() + ttl,
+                };
+                if let Some(m) = memo {
+                    m.remember(token, &entry);
+                }
+                self.cache.insert(key, entry).await;
             }
         }
         Ok(verified)

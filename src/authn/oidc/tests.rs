@@ -665,6 +665,130 @@ async fn cache_never_outlives_exp() {
     assert_eq!(f.auth.stats().cache_hits, 1);
 }
 
+/// A connection's last token is answered from the connection's memo (no hash, no shared
+/// cache), but only while a shared-cache hit would be: not past the cache TTL, not past `exp`,
+/// not after a config change or a change of the issuer's keys; and only for that very token.
+#[tokio::test]
+async fn a_connections_memo_answers_only_what_the_cache_would() {
+    let f = fixture_with(
+        |c| c.clock_leeway = GoDuration(Duration::ZERO),
+        OidcOptions {
+            cache_ttl: Duration::from_secs(2),
+            ..test_options()
+        },
+    )
+    .await;
+    let n = now();
+    let token = f.idp.sign(
+        SigningAlg::ES256,
+        &claims(&f.idp, json!({"exp": n + 60, "iat": n, "nbf": n})),
+    );
+    let memo = TokenMemo::default();
+    let a = f
+        .auth
+        .authenticate_on(&bearer(&token), &memo)
+        .await
+        .unwrap();
+    assert_eq!(f.auth.stats().verifications, 1);
+    // The shared cache forgets it: the connection's memo still answers, without verifying.
+    f.auth.cache.invalidate_all();
+    let b = f
+        .auth
+        .authenticate_on(&bearer(&token), &memo)
+        .await
+        .unwrap();
+    assert!(Arc::ptr_eq(&a, &b));
+    assert_eq!(f.auth.stats().verifications, 1);
+    assert_eq!(f.auth.stats().cache_hits, 1);
+    // Another token on the same connection is verified for itself (and takes the memo's place).
+    let bob = f.idp.sign(
+        SigningAlg::ES256,
+        &claims(&f.idp, json!({"sub": "bob", "email": "bob@example.com"})),
+    );
+    let other = f.auth.authenticate_on(&bearer(&bob), &memo).await.unwrap();
+    assert_ne!(other.user(), a.user());
+    assert_eq!(f.auth.stats().verifications, 2);
+    // A token differing from the remembered one in one signature character is not taken for it.
+    let mut forged = bob.clone().into_bytes();
+    let i = forged.len() - 2;
+    forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).unwrap();
+    let e = f
+        .auth
+        .authenticate_on(&bearer(&forged), &memo)
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason_label(), "bad_signature", "{e}");
+    // Past the cache TTL, the memo no longer counts: verified again.
+    f.auth
+        .authenticate_on(&bearer(&token), &memo)
+        .await
+        .unwrap();
+    let before = f.auth.stats().verifications;
+    f.auth.cache.invalidate_all();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    f.auth
+        .authenticate_on(&bearer(&token), &memo)
+        .await
+        .unwrap();
+    assert_eq!(f.auth.stats().verifications, before + 1);
+    // A config change: the memo's verdict is from the old config, the new mapping applies.
+    let mut cfg = f.cfg.clone();
+    cfg.claim_mappings.username.as_mut().unwrap().prefix = Some("corp:".into());
+    f.auth.update(std::slice::from_ref(&cfg)).await.unwrap();
+    assert_eq!(a.user(), "oidc:alice");
+    let id = f
+        .auth
+        .authenticate_on(&bearer(&token), &memo)
+        .await
+        .unwrap();
+    assert_eq!(id.user(), "corp:alice");
+    // The issuer's keys change (a rotation picked up on a kid miss): verified again.
+    f.idp.rotate(true);
+    let rotated = f.idp.sign(SigningAlg::ES256, &claims(&f.idp, json!({})));
+    f.auth.authenticate(&bearer(&rotated)).await.unwrap();
+    let before = f.auth.stats().verifications;
+    f.auth
+        .authenticate_on(&bearer(&token), &memo)
+        .await
+        .unwrap();
+    assert_eq!(f.auth.stats().verifications, before + 1);
+}
+
+/// The memo never answers for an expired token, though its cache TTL is not over.
+#[tokio::test]
+async fn a_connections_memo_never_outlives_exp() {
+    let f = fixture_with(
+        |c| c.clock_leeway = GoDuration(Duration::ZERO),
+        test_options(),
+    )
+    .await;
+    let n = now();
+    let token = f.idp.sign(
+        SigningAlg::ES256,
+        &claims(&f.idp, json!({"exp": n + 2, "iat": n, "nbf": n})),
+    );
+    let memo = TokenMemo::default();
+    f.auth
+        .authenticate_on(&bearer(&token), &memo)
+        .await
+        .unwrap();
+    f.auth
+        .authenticate_on(&bearer(&token), &memo)
+        .await
+        .unwrap();
+    assert_eq!(f.auth.stats().cache_hits, 1);
+    let until = UNIX_EPOCH + Duration::from_secs(n + 3) + Duration::from_millis(100);
+    tokio::time::sleep(until.duration_since(SystemTime::now()).unwrap_or_default()).await;
+    let e = f
+        .auth
+        .authenticate_on(&bearer(&token), &memo)
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason_label(), "token_expired", "{e}");
+    assert_eq!(f.auth.stats().cache_hits, 1);
+}
+
 #[tokio::test]
 async fn update_keeps_keys_of_unchanged_issuers() {
     let f = fixture().await;
