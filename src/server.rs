@@ -775,28 +775,52 @@ async fn serve_connection(
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
     tokio::pin!(conn);
-    let idle = activity.idle(
-        cfg.timeouts.header_read.get(),
-        cfg.timeouts.idle_connection.get(),
-    );
-    tokio::pin!(idle);
+    // Shutdown and the idle timer are watched by a task of their own, which says which came
+    // first on a one-shot channel: the connection's task wakes several times per request, and
+    // polling a timer and a cancellation token on each wake-up (as a `select!` over all three
+    // does) re-registers them every time; a one-shot receiver only checks a flag.
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<ConnStop>();
+    let watcher = {
+        let activity = activity.clone();
+        let (first, idle) = (
+            cfg.timeouts.header_read.get(),
+            cfg.timeouts.idle_connection.get(),
+        );
+        tokio::spawn(async move {
+            let why = tokio::select! {
+                _ = shutdown.cancelled() => ConnStop::Shutdown,
+                _ = activity.idle(first, idle) => ConnStop::Idle,
+            };
+            let _ = stop_tx.send(why);
+        })
+    };
     tokio::select! {
+        biased;
         r = conn.as_mut() => {
             if let Err(e) = r {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         }
-        _ = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-        _ = &mut idle => {
-            tracing::debug!(%peer, "closing an idle connection");
-            conn.as_mut().graceful_shutdown();
-            // A client sitting on half-sent HTTP/2 headers does not get to keep it open.
-            let _ = tokio::time::timeout(cfg.timeouts.header_read.get(), conn.as_mut()).await;
+        why = stop_rx => match why {
+            Ok(ConnStop::Shutdown) | Err(_) => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+            Ok(ConnStop::Idle) => {
+                tracing::debug!(%peer, "closing an idle connection");
+                conn.as_mut().graceful_shutdown();
+                // A client sitting on half-sent HTTP/2 headers does not get to keep it open.
+                let _ = tokio::time::timeout(cfg.timeouts.header_read.get(), conn.as_mut()).await;
+            }
         }
     }
+    watcher.abort();
+}
+
+/// Why a connection's watcher asks it to close.
+enum ConnStop {
+    Shutdown,
+    Idle,
 }
 
 /// Requests in progress on one client connection (and how many ever started), so that a

@@ -55,10 +55,11 @@ pub struct Identity {
 /// once (see `proxy::headers::set_impersonation`). Not part of an identity's equality.
 #[derive(Clone, Default)]
 pub(crate) struct ImpersonationHeaders(
-    pub(crate)  std::sync::OnceLock<
-        Result<std::sync::Arc<[(http::HeaderName, http::HeaderValue)]>, &'static str>,
-    >,
+    pub(crate) std::sync::OnceLock<Result<HeaderList, &'static str>>,
 );
+
+/// Headers in the order they are added.
+pub(crate) type HeaderList = std::sync::Arc<[(http::HeaderName, http::HeaderValue)]>;
 
 impl PartialEq for ImpersonationHeaders {
     fn eq(&self, _: &Self) -> bool {
@@ -95,13 +96,8 @@ impl Identity {
     /// The impersonation headers, made by `make` on the first call.
     pub(crate) fn impersonation_headers(
         &self,
-        make: impl FnOnce(
-            &Identity,
-        ) -> Result<
-            std::sync::Arc<[(http::HeaderName, http::HeaderValue)]>,
-            &'static str,
-        >,
-    ) -> Result<std::sync::Arc<[(http::HeaderName, http::HeaderValue)]>, &'static str> {
+        make: impl FnOnce(&Identity) -> Result<HeaderList, &'static str>,
+    ) -> Result<HeaderList, &'static str> {
         self.headers.0.get_or_init(|| make(self)).clone()
     }
 

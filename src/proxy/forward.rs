@@ -230,8 +230,8 @@ impl Upstream {
             }
         }
         headers.insert(
-            "x-forwarded-for",
-            HeaderValue::from_str(&client_ip.to_string()).expect("an IP is a header value"),
+            headers::X_FORWARDED_FOR.clone(),
+            headers::forwarded_for(client_ip),
         );
         Ok(())
     }

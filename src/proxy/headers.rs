@@ -25,6 +25,7 @@ pub static AUDIT_ID: HeaderName = HeaderName::from_static("audit-id");
 static IMPERSONATE_USER: HeaderName = HeaderName::from_static("impersonate-user");
 static IMPERSONATE_GROUP: HeaderName = HeaderName::from_static("impersonate-group");
 static IMPERSONATE_UID: HeaderName = HeaderName::from_static("impersonate-uid");
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Is this header one a client must never get through to kube-apiserver?
 fn is_identity_header(name: &str) -> bool {
@@ -52,9 +53,35 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(n);
         }
     }
-    for h in &HOP_BY_HOP {
-        headers.remove(h);
+    // One look at each name present (usually none is hop-by-hop) instead of a hashed removal
+    // per hop-by-hop name.
+    if headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        for h in &HOP_BY_HOP {
+            headers.remove(h);
+        }
     }
+}
+
+/// The `X-Forwarded-For` value for a client address. The last value made on this thread is
+/// kept and shared (most requests come from the address before them), so it is not formatted
+/// per request.
+pub fn forwarded_for(ip: std::net::IpAddr) -> HeaderValue {
+    use std::cell::RefCell;
+    thread_local! {
+        static LAST: RefCell<Option<(std::net::IpAddr, HeaderValue)>> = const { RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((at, value)) if *at == ip => value.clone(),
+            _ => {
+                let value =
+                    HeaderValue::from_str(&ip.to_string()).expect("an IP is a header value");
+                *last = Some((ip, value.clone()));
+                value
+            }
+        }
+    })
 }
 
 /// Removes hop-by-hop headers, every header named in `Connection`, and every identity-bearing
@@ -141,9 +168,7 @@ pub fn set_impersonation(
 }
 
 /// The impersonation headers for `identity`, in order: user, groups, uid, extras.
-fn impersonation_headers(
-    identity: &Identity,
-) -> Result<std::sync::Arc<[(HeaderName, HeaderValue)]>, &'static str> {
+fn impersonation_headers(identity: &Identity) -> Result<crate::authn::HeaderList, &'static str> {
     let value = |s: &str, what| HeaderValue::from_str(s).map_err(|_| what);
     let mut out = Vec::with_capacity(2 + identity.groups().len() + identity.extra().len());
     out.push((IMPERSONATE_USER.clone(), value(identity.user(), "user")?));
@@ -167,6 +192,30 @@ fn impersonation_headers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forwarded_for_is_each_clients_own_address() {
+        let ips: Vec<std::net::IpAddr> = [
+            "10.0.0.1",
+            "10.0.0.1",
+            "2001:db8::7",
+            "10.0.0.2",
+            "10.0.0.1",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        for ip in &ips {
+            assert_eq!(forwarded_for(*ip), ip.to_string().as_str());
+        }
+        std::thread::spawn(move || {
+            for ip in ips.iter().rev() {
+                assert_eq!(forwarded_for(*ip), ip.to_string().as_str());
+            }
+        })
+        .join()
+        .unwrap();
+    }
 
     #[test]
     fn strips_every_identity_and_hop_by_hop_header_in_any_case() {
