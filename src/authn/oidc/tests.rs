@@ -643,8 +643,9 @@ async fn a_bad_signature_is_refused_again_without_verifying_until_the_keys_chang
     assert_eq!(f.auth.stats().refusals_cached, before.refusals_cached);
 }
 
-#[tokio::test]
-async fn cache_never_outlives_exp() {
+/// A token valid for 2 more seconds, used twice (the second from the cache, or from `memo`),
+/// then once more after its `exp`: refused as expired, not answered from memory.
+async fn never_outlives_exp(memo: Option<&TokenMemo>) {
     let f = fixture_with(
         |c| c.clock_leeway = GoDuration(Duration::ZERO),
         test_options(),
@@ -655,14 +656,25 @@ async fn cache_never_outlives_exp() {
         SigningAlg::ES256,
         &claims(&f.idp, json!({"exp": n + 2, "iat": n, "nbf": n})),
     );
-    f.auth.authenticate(&bearer(&token)).await.unwrap();
-    f.auth.authenticate(&bearer(&token)).await.unwrap();
+    let use_it = || async {
+        match memo {
+            Some(m) => f.auth.authenticate_on(&bearer(&token), m).await,
+            None => f.auth.authenticate(&bearer(&token)).await,
+        }
+    };
+    use_it().await.unwrap();
+    use_it().await.unwrap();
     assert_eq!(f.auth.stats().cache_hits, 1);
     let until = UNIX_EPOCH + Duration::from_secs(n + 3) + Duration::from_millis(100);
     tokio::time::sleep(until.duration_since(SystemTime::now()).unwrap_or_default()).await;
-    let e = auth_err(&f.auth, &token).await;
+    let e = use_it().await.unwrap_err();
     assert_eq!(e.reason_label(), "token_expired", "{e}");
     assert_eq!(f.auth.stats().cache_hits, 1);
+}
+
+#[tokio::test]
+async fn cache_never_outlives_exp() {
+    never_outlives_exp(None).await;
 }
 
 /// A connection's last token is answered from the connection's memo (no hash, no shared
@@ -758,35 +770,7 @@ async fn a_connections_memo_answers_only_what_the_cache_would() {
 /// The memo never answers for an expired token, though its cache TTL is not over.
 #[tokio::test]
 async fn a_connections_memo_never_outlives_exp() {
-    let f = fixture_with(
-        |c| c.clock_leeway = GoDuration(Duration::ZERO),
-        test_options(),
-    )
-    .await;
-    let n = now();
-    let token = f.idp.sign(
-        SigningAlg::ES256,
-        &claims(&f.idp, json!({"exp": n + 2, "iat": n, "nbf": n})),
-    );
-    let memo = TokenMemo::default();
-    f.auth
-        .authenticate_on(&bearer(&token), &memo)
-        .await
-        .unwrap();
-    f.auth
-        .authenticate_on(&bearer(&token), &memo)
-        .await
-        .unwrap();
-    assert_eq!(f.auth.stats().cache_hits, 1);
-    let until = UNIX_EPOCH + Duration::from_secs(n + 3) + Duration::from_millis(100);
-    tokio::time::sleep(until.duration_since(SystemTime::now()).unwrap_or_default()).await;
-    let e = f
-        .auth
-        .authenticate_on(&bearer(&token), &memo)
-        .await
-        .unwrap_err();
-    assert_eq!(e.reason_label(), "token_expired", "{e}");
-    assert_eq!(f.auth.stats().cache_hits, 1);
+    never_outlives_exp(Some(&TokenMemo::default())).await;
 }
 
 #[tokio::test]
