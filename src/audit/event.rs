@@ -17,6 +17,7 @@ use std::net::IpAddr;
 use std::sync::OnceLock;
 use std::time::SystemTime;
 
+use bytes::Bytes;
 use http::{Method, Uri};
 use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -1101,13 +1102,7 @@ impl<'a> EventParts<'a> {
     /// `self.build_at(level, stage, at).write_json(out)` without building the [`Event`] (two
     /// per request; `tests::parts_write_the_json_of_the_event_they_build`).
     pub fn write_json(&self, level: Level, stage: Stage, at: SystemTime, out: &mut Vec<u8>) {
-        self.write_stages(level, &[(stage, at)], |_, json| {
-            if out.is_empty() {
-                *out = json;
-            } else {
-                out.extend_from_slice(&json);
-            }
-        });
+        self.write_stages(level, [(stage, at)], |_, json| out.extend_from_slice(&json));
     }
 
     /// The events for several stages of the request (each with its stamp), as JSON, handed to
@@ -1117,10 +1112,11 @@ impl<'a> EventParts<'a> {
     pub fn write_stages(
         &self,
         level: Level,
-        stages: &[(Stage, SystemTime)],
-        mut emit: impl FnMut(Stage, Vec<u8>),
+        stages: impl IntoIterator<Item = (Stage, SystemTime)>,
+        mut emit: impl FnMut(Stage, Bytes),
     ) {
-        let Some(&(stage, at)) = stages.first() else {
+        let mut stages = stages.into_iter();
+        let Some((stage, at)) = stages.next() else {
             return;
         };
         let verb_lower;
@@ -1184,20 +1180,16 @@ impl<'a> EventParts<'a> {
         };
         let mut first = Vec::with_capacity(1024);
         let marks = view.write_json_marked(&mut first);
-        let others: Vec<(Stage, Vec<u8>)> = stages[1..]
-            .iter()
-            .map(|&(stage, at)| {
-                view.stage = stage;
-                view.response_status = status_for(stage);
-                view.stage_timestamp = MicroTime(at);
-                let mut json = Vec::new();
-                view.write_json_restaged(&first, &marks, &mut json);
-                (stage, json)
-            })
-            .collect();
-        emit(stage, first);
-        for (stage, json) in others {
-            emit(stage, json);
+        // Shared, not copied: the later stages are written from it after it is handed out.
+        let first = Bytes::from(first);
+        emit(stage, first.clone());
+        for (stage, at) in stages {
+            view.stage = stage;
+            view.response_status = status_for(stage);
+            view.stage_timestamp = MicroTime(at);
+            let mut json = Vec::new();
+            view.write_json_restaged(&first, &marks, &mut json);
+            emit(stage, Bytes::from(json));
         }
     }
 

@@ -219,20 +219,13 @@ impl Auditor {
         if !self.is_enabled() {
             return;
         }
-        let mut stamped = [(Stage::RequestReceived, std::time::UNIX_EPOCH); 4];
-        let mut n = 0;
-        for &stage in stages.iter().filter(|&&s| decision.records(s)).take(4) {
-            stamped[n] = (stage, parts.stamp(stage));
-            n += 1;
-        }
-        let mut events: [Option<Bytes>; 4] = Default::default();
-        let mut next = events.iter_mut();
-        parts.write_stages(decision.level, &stamped[..n], |_, json| {
-            if let Some(slot) = next.next() {
-                *slot = Some(Bytes::from(json));
-            }
-        });
-        for json in events.into_iter().flatten() {
+        let recorded = stages
+            .iter()
+            .filter(|&&s| decision.records(s))
+            .map(|&s| (s, parts.stamp(s)));
+        let mut events = Vec::with_capacity(stages.len());
+        parts.write_stages(decision.level, recorded, |_, json| events.push(json));
+        for json in events {
             self.queue(json).await;
         }
     }

@@ -728,14 +728,16 @@ fn parts_write_the_json_of_the_event_they_build() {
                 .copied()
                 .collect();
             let mut written = Vec::new();
-            parts.write_stages(level, &order, |stage, json| written.push((stage, json)));
+            parts.write_stages(level, order.iter().copied(), |stage, json| {
+                written.push((stage, json))
+            });
             assert_eq!(written.len(), order.len(), "case {i}");
             for ((stage, json), (want_stage, at)) in written.into_iter().zip(&order) {
                 assert_eq!(stage, *want_stage);
                 let mut alone = Vec::new();
                 parts.write_json(level, stage, *at, &mut alone);
                 assert_eq!(
-                    String::from_utf8(json).unwrap(),
+                    String::from_utf8(json.to_vec()).unwrap(),
                     String::from_utf8(alone).unwrap(),
                     "case {i}, {stage:?} after {:?}",
                     order[0].0

@@ -432,16 +432,20 @@ impl OidcAuthenticator {
                 state.max_token_bytes
             )));
         }
-        if let Some(m) = memo.and_then(|m| m.0.load_full()) {
-            // Compared in constant time, as a secret.
-            let same = aws_lc_rs::constant_time::verify_slices_are_equal(
-                m.token.as_bytes(),
-                token.as_bytes(),
-            )
-            .is_ok();
-            if same && Instant::now() < m.entry.until && Self::usable(&state, &m.entry) {
-                self.cache_hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(m.entry.verified.clone());
+        if let Some(memo) = memo {
+            // A guard, not a reference count: it is dropped before anything below awaits.
+            let remembered = memo.0.load();
+            if let Some(m) = remembered.as_deref() {
+                // Compared in constant time, as a secret.
+                let same = aws_lc_rs::constant_time::verify_slices_are_equal(
+                    m.token.as_bytes(),
+                    token.as_bytes(),
+                )
+                .is_ok();
+                if same && Instant::now() < m.entry.until && Self::usable(&state, &m.entry) {
+                    self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(m.entry.verified.clone());
+                }
             }
         }
         // aws-lc's SHA-256 (SHA-NI / AVX2 assembly), as rustls uses: this runs per request.
