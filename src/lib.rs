@@ -11,6 +11,7 @@ pub mod authz;
 pub mod body;
 pub mod cli;
 pub mod config;
+pub mod ct;
 pub mod device;
 pub mod errors;
 #[doc(hidden)]

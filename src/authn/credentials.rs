@@ -4,20 +4,36 @@
 
 use std::sync::Arc;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 use rustls_pki_types::CertificateDer;
 
 use super::AuthnError;
 
 /// A bearer token. Its `Debug` never shows the token.
-#[derive(Clone, PartialEq, Eq)]
-pub struct BearerToken(String);
+///
+/// Kept as the request's `Authorization` value (shared, not copied: a ~1 KB JWT on every
+/// request) and where the token starts in it.
+#[derive(Clone)]
+pub struct BearerToken {
+    value: HeaderValue,
+    start: usize,
+}
 
 impl BearerToken {
     pub fn expose(&self) -> &str {
-        &self.0
+        // Only made from a value whose token part is token68, i.e. ASCII: this never fails
+        // (and an empty token would be refused, never accepted).
+        std::str::from_utf8(&self.value.as_bytes()[self.start..]).unwrap_or_default()
     }
 }
+
+impl PartialEq for BearerToken {
+    fn eq(&self, other: &BearerToken) -> bool {
+        self.expose() == other.expose()
+    }
+}
+
+impl Eq for BearerToken {}
 
 impl std::fmt::Debug for BearerToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -63,9 +79,10 @@ pub fn bearer_from_headers(headers: &HeaderMap) -> Result<Option<BearerToken>, A
     if let Some(sp) = bytes.iter().position(|&b| b == b' ') {
         let (scheme, token) = (&bytes[..sp], &bytes[sp + 1..]);
         if scheme.eq_ignore_ascii_case(b"bearer") && is_token68(token) {
-            let token = std::str::from_utf8(token)
-                .map_err(|_| AuthnError::MalformedAuthorization("not visible ASCII"))?;
-            return Ok(Some(BearerToken(token.to_owned())));
+            return Ok(Some(BearerToken {
+                value: value.clone(),
+                start: sp + 1,
+            }));
         }
     }
     // Anything else is refused; find the most useful reason.
@@ -174,7 +191,11 @@ mod tests {
 
     #[test]
     fn debug_never_shows_the_token() {
-        let t = BearerToken("secret-token".into());
+        let t = BearerToken {
+            value: HeaderValue::from_static("Bearer secret-token"),
+            start: 7,
+        };
+        assert_eq!(t.expose(), "secret-token");
         assert!(!format!("{t:?}").contains("secret"));
     }
 }

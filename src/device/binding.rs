@@ -78,15 +78,9 @@ fn check_hash(cnf: Option<&str>, presented: Option<&[u8; 32]>) -> Binding {
     let Ok(expected) = <[u8; 32]>::try_from(expected.as_slice()) else {
         return Binding::Mismatch;
     };
-    if constant_time_eq(&expected, presented) {
+    if crate::ct::eq(&expected, presented) {
         Binding::Bound
     } else {
         Binding::Mismatch
     }
-}
-
-/// Compares every byte whatever the first difference, so timing says nothing about where.
-fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    std::hint::black_box(diff) == 0
 }

@@ -269,7 +269,7 @@ async fn loopback_answer(
             .collect();
     let state_ok = params
         .get("state")
-        .is_some_and(|s| crate::sso::session::ct_eq(s.as_bytes(), expected_state.as_bytes()));
+        .is_some_and(|s| crate::ct::eq(s.as_bytes(), expected_state.as_bytes()));
     if !state_ok {
         // Not the answer to our request (a stale tab, or another page probing the port): keep
         // waiting for the real one.

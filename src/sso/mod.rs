@@ -280,7 +280,7 @@ impl Sso {
             ))?;
         let state_ok = params
             .get("state")
-            .is_some_and(|s| session::ct_eq(s.as_bytes(), flow.state.as_bytes()));
+            .is_some_and(|s| crate::ct::eq(s.as_bytes(), flow.state.as_bytes()));
         if !state_ok {
             return Err(Refusal::bad(
                 "state does not match the sign-in cookie",
@@ -353,7 +353,7 @@ impl Sso {
             return Err(unauthorized("ID token for another client"));
         }
         let nonce_ok = token_nonce(&id_token)
-            .is_some_and(|n| session::ct_eq(n.as_bytes(), flow.nonce.as_bytes()));
+            .is_some_and(|n| crate::ct::eq(n.as_bytes(), flow.nonce.as_bytes()));
         if !nonce_ok {
             return Err(unauthorized("ID token nonce does not match the sign-in"));
         }

@@ -19,11 +19,6 @@ use sha2::Sha256;
 pub const FLOW_COOKIE: &str = "__Host-ztgate-login";
 pub const SESSION_COOKIE: &str = "__Host-ztgate-session";
 
-/// Constant-time equality (lengths are not secret).
-pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 pub fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -105,7 +100,7 @@ impl CookieKey {
         let (payload, mac) = cookie.split_once('.')?;
         let json = URL_SAFE_NO_PAD.decode(payload).ok()?;
         let mac = URL_SAFE_NO_PAD.decode(mac).ok()?;
-        if !ct_eq(&self.mac(T::KIND, &json), &mac) {
+        if !crate::ct::eq(&self.mac(T::KIND, &json), &mac) {
             return None;
         }
         let v: T = serde_json::from_slice(&json).ok()?;

@@ -437,11 +437,7 @@ impl OidcAuthenticator {
             let remembered = memo.0.load();
             if let Some(m) = remembered.as_deref() {
                 // Compared in constant time, as a secret.
-                let same = aws_lc_rs::constant_time::verify_slices_are_equal(
-                    m.token.as_bytes(),
-                    token.as_bytes(),
-                )
-                .is_ok();
+                let same = crate::ct::eq(m.token.as_bytes(), token.as_bytes());
                 if same && Instant::now() < m.entry.until && Self::usable(&state, &m.entry) {
                     self.cache_hits.fetch_add(1, Ordering::Relaxed);
                     return Ok(m.entry.verified.clone());
