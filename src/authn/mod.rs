@@ -46,30 +46,48 @@ pub struct Identity {
     expires_at: Option<SystemTime>,
     /// Facts about the credential that policy and audit may use (issuer, jti, iat, amr, ...).
     facts: CredentialFacts,
-    /// The impersonation headers this identity is forwarded with, made on first use (an
-    /// identity from the token cache serves many requests).
-    headers: ImpersonationHeaders,
+    /// What is made from this identity on use and kept with it (an identity from the token
+    /// cache serves many requests).
+    derived: Derived,
 }
 
-/// The `Impersonate-*` headers of an identity, or which field cannot be a header value; made
-/// once (see `proxy::headers::set_impersonation`). Not part of an identity's equality.
-#[derive(Clone, Default)]
-pub(crate) struct ImpersonationHeaders(
-    pub(crate) std::sync::OnceLock<Result<HeaderList, &'static str>>,
-);
+/// What is made from an identity on use and kept with it. Not part of an identity's equality.
+#[derive(Default)]
+pub(crate) struct Derived {
+    /// The `Impersonate-*` headers it is forwarded with, or which field cannot be a header
+    /// value; made once (see `proxy::headers::set_impersonation`).
+    headers: std::sync::OnceLock<Result<HeaderList, &'static str>>,
+    /// What authorization last built for it (`authz::cedar::cache::Recent`: its principal, its
+    /// last request's entities and context), checked in full before any use. Opaque here.
+    authz: AuthzMemo,
+}
+
+/// Authorization's memo slot of an identity (see [`Derived`]).
+pub(crate) type AuthzMemo = arc_swap::ArcSwapOption<Box<dyn std::any::Any + Send + Sync>>;
+
+/// A clone keeps the headers (made from the same fields) and starts without the authorization
+/// memo (cheap to remake; nothing relies on a copy staying in step).
+impl Clone for Derived {
+    fn clone(&self) -> Derived {
+        Derived {
+            headers: self.headers.clone(),
+            authz: AuthzMemo::empty(),
+        }
+    }
+}
 
 /// Headers in the order they are added.
 pub(crate) type HeaderList = std::sync::Arc<[(http::HeaderName, http::HeaderValue)]>;
 
-impl PartialEq for ImpersonationHeaders {
+impl PartialEq for Derived {
     fn eq(&self, _: &Self) -> bool {
         true
     }
 }
 
-impl Eq for ImpersonationHeaders {}
+impl Eq for Derived {}
 
-impl std::fmt::Debug for ImpersonationHeaders {
+impl std::fmt::Debug for Derived {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("..")
     }
@@ -98,7 +116,12 @@ impl Identity {
         &self,
         make: impl FnOnce(&Identity) -> Result<HeaderList, &'static str>,
     ) -> Result<HeaderList, &'static str> {
-        self.headers.0.get_or_init(|| make(self)).clone()
+        self.derived.headers.get_or_init(|| make(self)).clone()
+    }
+
+    /// Authorization's memo for this identity (see [`Derived`]).
+    pub(crate) fn authz_memo(&self) -> &AuthzMemo {
+        &self.derived.authz
     }
 
     pub fn user(&self) -> &str {
@@ -147,7 +170,7 @@ impl Identity {
             method: self.method.clone(),
             expires_at: self.expires_at,
             facts: self.facts.clone(),
-            headers: Default::default(),
+            derived: Default::default(),
         })
     }
 }

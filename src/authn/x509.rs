@@ -87,7 +87,7 @@ pub fn workload_identity(w: &crate::device::Workload) -> Result<Identity, AuthnE
             issuer: Some(w.bundle.clone()),
             ..Default::default()
         },
-        headers: Default::default(),
+        derived: Default::default(),
     })
 }
 
@@ -141,7 +141,7 @@ fn identity_from_leaf(leaf: &CertificateDer<'_>, bundle: &str) -> Result<Identit
             ),
             ..Default::default()
         },
-        headers: Default::default(),
+        derived: Default::default(),
     })
 }
 

@@ -377,7 +377,7 @@ impl IssuerRules {
                 },
                 expires_at: Some(UNIX_EPOCH + Duration::from_secs(exp)),
                 facts,
-                headers: Default::default(),
+                derived: Default::default(),
             },
             accepted,
         ))

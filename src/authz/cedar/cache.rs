@@ -21,6 +21,13 @@
 //!
 //! A miss costs the build plus the insertion (`decide/new-caller` in `benches/cedar.rs`).
 //!
+//! In front of the three caches, an identity (a token's `Arc<Identity>`, shared by all its
+//! requests) keeps a [`Recent`]: the principal it was given and its last request's entities and
+//! context. A request whose entities or context equal those (compared in full, as the caches
+//! compare) uses them without a look-up; the principal is used as it is, since an identity
+//! never changes and a `Recent` is only read by the cache that made it. This saves the three
+//! hash-map look-ups and the hashing of the caller's facts (claims included) per request.
+//!
 //! Keys are compared in full, never by hash or pointer alone: a cached value is only used for
 //! inputs equal to those it was built from, so it is exactly what building would give (the
 //! values depend on nothing else: the schema is fixed per engine and policies are not part of
@@ -28,6 +35,7 @@
 //! kept (token ids and certificate thumbprints are not part of any key). Only successful builds
 //! are cached.
 
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
@@ -233,6 +241,14 @@ struct Memo {
 }
 
 impl EntitiesEntry {
+    fn key(&self) -> EntitiesKey<'_> {
+        EntitiesKey {
+            subject: self.subject,
+            action: &self.action,
+            resource: self.resource_key.view(),
+        }
+    }
+
     /// The decision already made with these entities, the policy set of `epoch` and a context
     /// equal to `context` (compared in full), if it was the last one made.
     pub fn decided(&self, epoch: u64, context: &Arc<ContextEntry>) -> Option<Decision> {
@@ -316,8 +332,24 @@ pub(crate) fn seconds_between(later: SystemTime, earlier: SystemTime) -> u64 {
         .as_secs()
 }
 
+/// What an identity's last request was decided with (see the module docs).
+pub(crate) struct Recent {
+    /// The [`BuildCache`] that made it.
+    cache: u64,
+    subject: Arc<SubjectEntry>,
+    entities: Arc<EntitiesEntry>,
+    context: Arc<ContextEntry>,
+}
+
+/// Where an identity keeps its [`Recent`] (`authn::Identity::authz_memo`).
+pub(crate) type Slot = crate::authn::AuthzMemo;
+
+/// Numbers the build caches of a process, so that a [`Recent`] is only used by its own.
+static CACHE_IDS: AtomicU64 = AtomicU64::new(1);
+
 /// The three caches of one engine.
 pub(crate) struct BuildCache {
+    id: u64,
     /// foldhash, seeded per process: keys are hashed on every request (SipHash was ~3% of a
     /// request), and a collision only costs a rebuild, since entries are compared in full.
     hasher: foldhash::fast::RandomState,
@@ -330,6 +362,7 @@ pub(crate) struct BuildCache {
 impl BuildCache {
     pub fn new() -> BuildCache {
         BuildCache {
+            id: CACHE_IDS.fetch_add(1, Ordering::Relaxed),
             hasher: foldhash::fast::RandomState::default(),
             serials: AtomicU64::new(0),
             subjects: moka::sync::Cache::builder()
@@ -348,7 +381,7 @@ impl BuildCache {
     }
 
     /// The principal for `subject`: cached, or made by `build` (and cached when it succeeds).
-    pub fn subject(
+    fn subject(
         &self,
         subject: &Subject<'_>,
         build: impl FnOnce() -> Result<(EntityUid, Entity), String>,
@@ -371,36 +404,24 @@ impl BuildCache {
         Ok(entry)
     }
 
-    /// The entities for `subject` (a serial from [`BuildCache::subject`]) doing `action` on
-    /// `resource`: cached, or made by `build`.
-    pub fn entities(
+    /// The entities for `key.subject` (a serial from [`BuildCache::subject`]) doing
+    /// `key.action` on `key.resource`: cached, or made by `build`.
+    fn entities(
         &self,
-        subject: u64,
-        action: &str,
-        resource: ResourceKey<'_>,
+        key: EntitiesKey<'_>,
         build: impl FnOnce() -> Result<(EntityUid, EntityUid, Entities), String>,
     ) -> Result<Arc<EntitiesEntry>, String> {
-        let key = EntitiesKey {
-            subject,
-            action,
-            resource,
-        };
         let hash = self.hasher.hash_one(&key);
         if let Some(e) = self.entities.get(&hash) {
-            let cached = EntitiesKey {
-                subject: e.subject,
-                action: &e.action,
-                resource: e.resource_key.view(),
-            };
-            if cached == key {
+            if e.key() == key {
                 return Ok(e);
             }
         }
         let (principal, resource_uid, entities) = build()?;
         let entry = Arc::new(EntitiesEntry {
-            subject,
-            action: action.to_owned(),
-            resource_key: ResourceOwned::of(&resource),
+            subject: key.subject,
+            action: key.action.to_owned(),
+            resource_key: ResourceOwned::of(&key.resource),
             principal,
             resource: resource_uid,
             entities,
@@ -410,15 +431,13 @@ impl BuildCache {
         Ok(entry)
     }
 
-    /// The context for `subject` (a serial) making `req`: cached, or made by `build`.
-    pub fn context(
-        &self,
+    /// What the context of `subject` (a serial) making `req` is made of.
+    fn context_key<'a>(
         subject: u64,
         facts: &Subject<'_>,
-        req: &RequestFacts<'_>,
-        build: impl FnOnce() -> Result<Context, String>,
-    ) -> Result<Arc<ContextEntry>, String> {
-        let key = ContextKey {
+        req: &'a RequestFacts<'_>,
+    ) -> ContextKey<'a> {
+        ContextKey {
             subject,
             device: req.device.map(DeviceKey::of),
             source_ip: req.source_ip,
@@ -429,7 +448,16 @@ impl BuildCache {
                 .facts
                 .issued_at
                 .map(|iat| seconds_between(req.now, iat)),
-        };
+        }
+    }
+
+    /// The context for `key`: cached, or made by `build`.
+    fn context(
+        &self,
+        key: ContextKey<'_>,
+        req: &RequestFacts<'_>,
+        build: impl FnOnce() -> Result<Context, String>,
+    ) -> Result<Arc<ContextEntry>, String> {
         let hash = self.hasher.hash_one(&key);
         if let Some(e) = self.contexts.get(&hash) {
             if e.view() == key {
@@ -438,7 +466,7 @@ impl BuildCache {
         }
         let context = build()?;
         let entry = Arc::new(ContextEntry {
-            subject,
+            subject: key.subject,
             device: req.device.cloned(),
             source_ip: req.source_ip,
             websocket: req.websocket,
@@ -449,6 +477,60 @@ impl BuildCache {
         });
         self.contexts.insert(hash, entry.clone());
         Ok(entry)
+    }
+
+    /// The entities and context of `subject` doing `action` on `resource` (`req`): from the
+    /// identity's [`Recent`] in `slot` when they equal its, else from the caches (or built by
+    /// `principal`, `entities` and `context`); `slot` then remembers them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn prepare(
+        &self,
+        slot: Option<&Slot>,
+        subject: &Subject<'_>,
+        action: &str,
+        resource: ResourceKey<'_>,
+        req: &RequestFacts<'_>,
+        principal: impl FnOnce() -> Result<(EntityUid, Entity), String>,
+        entities: impl FnOnce(&SubjectEntry) -> Result<(EntityUid, EntityUid, Entities), String>,
+        context: impl FnOnce() -> Result<Context, String>,
+    ) -> Result<(Arc<EntitiesEntry>, Arc<ContextEntry>), String> {
+        // A guard, not a reference count; nothing here awaits.
+        let guard = slot.map(|s| s.load());
+        let recent = guard
+            .as_ref()
+            .and_then(|g| g.as_deref())
+            .and_then(|b| b.downcast_ref::<Recent>())
+            .filter(|r| r.cache == self.id);
+        let s = match recent {
+            Some(r) => r.subject.clone(),
+            None => self.subject(subject, principal)?,
+        };
+        let key = EntitiesKey {
+            subject: s.serial,
+            action,
+            resource,
+        };
+        let e = match recent {
+            Some(r) if r.entities.key() == key => r.entities.clone(),
+            _ => self.entities(key, || entities(&s))?,
+        };
+        let key = Self::context_key(s.serial, subject, req);
+        let c = match recent {
+            Some(r) if r.context.view() == key => r.context.clone(),
+            _ => self.context(key, req, context)?,
+        };
+        let unchanged =
+            recent.is_some_and(|r| Arc::ptr_eq(&r.entities, &e) && Arc::ptr_eq(&r.context, &c));
+        if let (Some(slot), false) = (slot, unchanged) {
+            let recent: Box<dyn Any + Send + Sync> = Box::new(Recent {
+                cache: self.id,
+                subject: s,
+                entities: e.clone(),
+                context: c.clone(),
+            });
+            slot.store(Some(Arc::new(recent)));
+        }
+        Ok((e, c))
     }
 
     #[cfg(test)]

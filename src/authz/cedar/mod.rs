@@ -370,7 +370,11 @@ impl PolicyEngine {
     /// Decides a request: principal = the identity, action = `input.verb`, resource = the
     /// request's resource or non-resource path.
     pub fn decide(&self, input: &AuthzInput<'_>) -> Decision {
-        self.decide_subject(&input.subject(), &input.request())
+        self.decide_with(
+            &input.subject(),
+            &input.request(),
+            Some(input.identity.authz_memo()),
+        )
     }
 
     /// Decides the `impersonate` action on `target` (the request's own resource is not
@@ -380,20 +384,42 @@ impl PolicyEngine {
         input: &AuthzInput<'_>,
         target: &ImpersonationTarget,
     ) -> Decision {
-        self.decide_subject_impersonation(&input.subject(), &input.request(), target)
+        self.impersonation_with(
+            &input.subject(),
+            &input.request(),
+            target,
+            Some(input.identity.authz_memo()),
+        )
     }
 
     /// [`PolicyEngine::decide`] for a [`Subject`] that is not (yet) an [`Identity`].
     pub fn decide_subject(&self, subject: &Subject<'_>, req: &RequestFacts<'_>) -> Decision {
+        self.decide_with(subject, req, None)
+    }
+
+    /// [`PolicyEngine::decide_subject`], with the memo `slot` of the identity `subject` is a
+    /// view of (see `cache.rs`).
+    pub(crate) fn decide_with(
+        &self,
+        subject: &Subject<'_>,
+        req: &RequestFacts<'_>,
+        slot: Option<&cache::Slot>,
+    ) -> Decision {
         let namespace = if req.info.is_resource_request {
             req.info.namespace.as_str()
         } else {
             ""
         };
         let key = cache::ResourceKey::request(req.info);
-        self.evaluate(subject, req, req.verb, namespace, key, |schema, out| {
-            entities::resource(schema, req.info, out)
-        })
+        self.evaluate(
+            subject,
+            req,
+            slot,
+            req.verb,
+            namespace,
+            key,
+            |schema, out| entities::resource(schema, req.info, out),
+        )
     }
 
     /// [`PolicyEngine::decide_impersonation`] for a [`Subject`].
@@ -403,8 +429,19 @@ impl PolicyEngine {
         req: &RequestFacts<'_>,
         target: &ImpersonationTarget,
     ) -> Decision {
+        self.impersonation_with(subject, req, target, None)
+    }
+
+    /// [`PolicyEngine::decide_subject_impersonation`] with an identity's memo `slot`.
+    pub(crate) fn impersonation_with(
+        &self,
+        subject: &Subject<'_>,
+        req: &RequestFacts<'_>,
+        target: &ImpersonationTarget,
+        slot: Option<&cache::Slot>,
+    ) -> Decision {
         let key = cache::ResourceKey::Impersonation(target);
-        self.evaluate(subject, req, "impersonate", "", key, |schema, out| {
+        self.evaluate(subject, req, slot, "impersonate", "", key, |schema, out| {
             entities::impersonation_target(schema, target, out)
         })
     }
@@ -414,6 +451,7 @@ impl PolicyEngine {
         &self,
         subject: &Subject<'_>,
         req: &RequestFacts<'_>,
+        slot: Option<&cache::Slot>,
         verb: &str,
         namespace: &str,
         resource_key: cache::ResourceKey<'_>,
@@ -478,11 +516,16 @@ impl PolicyEngine {
         // policy set and context (compared in full, whole seconds included) decide the same.
         let prepared = match &self.built {
             Some(cache) => (|| -> Result<Prepared, String> {
-                let s = cache.subject(subject, || entities::principal(schema, subject))?;
-                let e = cache.entities(s.serial, verb, resource_key, || {
-                    build_entities(Some((s.uid.clone(), s.entity.clone())))
-                })?;
-                let context = cache.context(s.serial, subject, req, build_context)?;
+                let (e, context) = cache.prepare(
+                    slot,
+                    subject,
+                    verb,
+                    resource_key,
+                    req,
+                    || entities::principal(schema, subject),
+                    |s| build_entities(Some((s.uid.clone(), s.entity.clone()))),
+                    build_context,
+                )?;
                 if let Some(decision) = e.decided(loaded.epoch, &context) {
                     return Ok(Prepared::Decided(decision));
                 }

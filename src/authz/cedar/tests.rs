@@ -25,13 +25,15 @@ fn engine(text: &str) -> PolicyEngine {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// A caller: owns what a [`Subject`] borrows.
+/// A caller: owns what a [`Subject`] borrows, and the memo its identity would keep (so the
+/// tests decide the way the gateway does, through an identity's `Recent`).
 struct Caller {
     user: String,
     uid: Option<String>,
     groups: Vec<String>,
     method: &'static str,
     facts: CredentialFacts,
+    memo: super::cache::Slot,
 }
 
 impl Caller {
@@ -46,6 +48,7 @@ impl Caller {
                 issued_at: Some(at(MONDAY_10_UTC - 300)),
                 ..Default::default()
             },
+            memo: Default::default(),
         }
     }
     fn mfa(mut self) -> Caller {
@@ -160,7 +163,7 @@ impl<'a> Req<'a> {
 }
 
 fn decide(e: &PolicyEngine, caller: &Caller, req: &Req<'_>) -> Decision {
-    e.decide_subject(&caller.subject(), &req.facts())
+    e.decide_with(&caller.subject(), &req.facts(), Some(&caller.memo))
 }
 
 // ------------------------------------------------------------------ schema and loading
@@ -603,10 +606,13 @@ fn claims_are_tags_and_attributes_are_visible() {
     caller.uid = Some("u-1".into());
     let d = decide(&e, &caller, &Req::new(&info));
     assert!(!d.allowed && d.errors.is_empty(), "no claim yet: {d:?}");
+    // a token with the claim: another identity, with a memo of its own (an identity never
+    // changes; this test object does)
     caller.facts.claims = BTreeMap::from([(
         "department".to_string(),
         vec!["sre".to_string(), "ops".to_string()],
     )]);
+    caller.memo = Default::default();
     let d = decide(&e, &caller, &Req::new(&info));
     assert!(d.allowed, "{d:?}");
 }
@@ -994,9 +1000,11 @@ fn build_cache_gives_the_same_decisions_as_building_each_time() {
                         assert_eq!(a, b, "{} {} {}", caller.user, info.verb, info.path);
                         let (s, r) = (caller.subject(), req.facts());
                         assert_eq!(
-                            cached.decide_subject_impersonation(&s, &r, &target),
+                            cached.impersonation_with(&s, &r, &target, Some(&caller.memo)),
                             fresh.decide_subject_impersonation(&s, &r, &target),
                         );
+                        // and without the identity's memo, from the caches alone
+                        assert_eq!(cached.decide_subject(&s, &r), b);
                         checked += 1;
                     }
                 }
@@ -1140,4 +1148,28 @@ fn remembered_decisions_follow_policy_reloads_and_the_context() {
         assert!(decide(&e, &caller, &with_device).allowed, "device");
         assert!(!decide(&e, &caller, &Req::new(&info)).allowed, "no device");
     }
+}
+
+#[test]
+fn an_identitys_memo_is_only_used_by_the_engine_that_made_it() {
+    // Two engines at the same epoch (1) over the same schema, deciding differently: the
+    // entities an identity remembers from one carry a decision the other must not reuse.
+    let allow = engine(r#"permit(principal, action, resource);"#);
+    let deny = engine(r#"permit(principal, action, resource) when { false };"#);
+    assert_eq!((allow.epoch(), deny.epoch()), (1, 1));
+    let caller = Caller::new("alice", &["team-a"]);
+    let info = resource("get", "", "pods", "team-a", "web-0");
+    let req = Req::new(&info);
+    for _ in 0..3 {
+        assert!(decide(&allow, &caller, &req).allowed);
+        assert!(!decide(&deny, &caller, &req).allowed);
+    }
+    // and a reload of one engine is seen through the memo
+    allow
+        .reload_sources(&[(
+            "p.cedar".into(),
+            "forbid(principal, action, resource);".into(),
+        )])
+        .expect("reload");
+    assert!(!decide(&allow, &caller, &req).allowed);
 }
