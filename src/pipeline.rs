@@ -123,7 +123,9 @@ pub async fn handle(
     // The web login pages come before authentication: they are how a user gets credentials.
     if let Some(sso) = gw.sso.as_ref() {
         if crate::sso::Sso::owns(req.uri().path()) {
-            return Ok(sso.serve(&gw, &req).await);
+            // Boxed, as every rarely taken branch below: a future is as large as its largest
+            // awaited part, and the whole of it is copied when the request starts.
+            return Ok(Box::pin(sso.serve(&gw, &req)).await);
         }
     }
     // One audit ID per request, sent upstream so kube-apiserver's events carry the same ID.
@@ -194,7 +196,7 @@ pub async fn handle(
     if gw.auditor.is_enabled() {
         audit(
             &gw,
-            &trace,
+            &mut trace,
             AuditFacts {
                 audit_id: &audit_id,
                 method: &method,
@@ -259,8 +261,9 @@ struct AuditFacts<'a> {
 
 /// Records the request's audit events: RequestReceived, then ResponseComplete — or, for a stream
 /// that started, ResponseStarted now and ResponseComplete when it ends (with why the gateway
-/// closed it, if it did).
-async fn audit(gw: &Arc<Gateway>, trace: &Trace, f: AuditFacts<'_>) {
+/// closed it, if it did). Takes the annotations' strings out of `trace` (nothing reads them
+/// after this).
+async fn audit(gw: &Arc<Gateway>, trace: &mut Trace, f: AuditFacts<'_>) {
     use crate::audit::event::{EventParts, ResponseInfo, Stage, UserInfo};
     let subject = trace.identity.as_deref().map(crate::audit::Subject::from);
     let policy = gw.auditor.decide(subject, trace.info.as_deref());
@@ -283,18 +286,18 @@ async fn audit(gw: &Arc<Gateway>, trace: &Trace, f: AuditFacts<'_>) {
         reason: f.status.map(|s| s.0.as_str()),
         message: f.status.map(|s| s.1.as_str()),
     });
-    if let Some(id) = &trace.device_id {
-        parts.annotate(crate::audit::event::ANNOTATION_DEVICE_ID, id.clone());
+    if let Some(id) = trace.device_id.take() {
+        parts.annotate(crate::audit::event::ANNOTATION_DEVICE_ID, id);
     }
-    if let Some(p) = &trace.posture {
-        parts.annotate(crate::audit::event::ANNOTATION_POSTURE, p.clone());
+    if let Some(p) = trace.posture.take() {
+        parts.annotate(crate::audit::event::ANNOTATION_POSTURE, p);
     }
-    match &trace.decision {
+    match trace.decision.take() {
         Some((d, reason, policies)) => {
-            parts.decision(*d);
-            parts.annotate(crate::audit::event::ANNOTATION_REASON, reason.clone());
+            parts.decision(d);
+            parts.annotate(crate::audit::event::ANNOTATION_REASON, reason);
             if !policies.is_empty() {
-                parts.annotate(crate::audit::event::ANNOTATION_POLICY, policies.clone());
+                parts.annotate(crate::audit::event::ANNOTATION_POLICY, policies);
             }
         }
         None if f.code == 401 || f.code == 403 || f.code == 400 => {
@@ -370,7 +373,7 @@ async fn run(
     // 2. kube-apiserver's webhooks.
     if let Some(which) = crate::webhook::route(gw, conn, req.method(), req.uri().path()) {
         trace.webhook = true;
-        return crate::webhook::serve(gw, req, which).await;
+        return Box::pin(crate::webhook::serve(gw, req, which)).await;
     }
 
     // 2b. Device posture reports: the signed report or the device certificate is the
@@ -378,7 +381,7 @@ async fn run(
     if crate::posture::api::is_report(req.method(), req.uri().path()) {
         let device = device_of(gw, conn, SystemTime::now()).map(|d| d.id);
         trace.device_id = device.clone();
-        return crate::posture::api::report(gw, req, device).await;
+        return Box::pin(crate::posture::api::report(gw, req, device)).await;
     }
 
     // 3-4. Credentials and authentication.
@@ -509,7 +512,7 @@ async fn run(
     let authorized = match gw.authorizer.self_review(&identity, &info) {
         Some(a) => {
             if info.resource == "selfsubjectaccessreviews" && gw.authorizer.engine().is_some() {
-                return self_subject_access_review(gw, req, a, &ctx).await;
+                return Box::pin(self_subject_access_review(gw, req, a, &ctx)).await;
             }
             a
         }
@@ -556,7 +559,7 @@ async fn run(
                 },
             ))));
         }
-        return crate::locks::serve(gw, req, authorized.identity()).await;
+        return Box::pin(crate::locks::serve(gw, req, authorized.identity())).await;
     }
 
     // Reading posture records, once policy allowed it.
@@ -632,15 +635,15 @@ where
             // Upgrades arrive on HTTP/1.1 connections, whose bodies are `Incoming`.
             let (parts, body) = req.into_parts();
             let body = body.map_err(Into::into).boxed_unsync();
-            gw.upstream
-                .forward_upgrade(
-                    Request::from_parts(parts, body),
-                    &authorized,
-                    client_ip,
-                    handle,
-                    gw.metrics.clone(),
-                )
-                .await
+            // Boxed: the upgrade's future is the largest part of this one (see `handle`).
+            Box::pin(gw.upstream.forward_upgrade(
+                Request::from_parts(parts, body),
+                &authorized,
+                client_ip,
+                handle,
+                gw.metrics.clone(),
+            ))
+            .await
         }
     }
 }

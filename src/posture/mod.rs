@@ -179,7 +179,9 @@ impl PostureService {
         let Some(p) = &self.provider else {
             return Lookup::Missing;
         };
-        match p.lookup(device_id).await {
+        // Boxed: asking the provider is the rare path, and its future would otherwise make
+        // every request's future larger (and so every copy of it).
+        match Box::pin(p.lookup(device_id)).await {
             provider::Answer::Found(rec) => {
                 if !self.is_fresh(&rec, now) {
                     return Lookup::Missing;
