@@ -27,6 +27,8 @@
 //! compare) uses them without a look-up; the principal is used as it is, since an identity
 //! never changes and a `Recent` is only read by the cache that made it. This saves the three
 //! hash-map look-ups and the hashing of the caller's facts (claims included) per request.
+//! A `Recent` holds weak references: it never keeps an entry the caches have let go (their
+//! bounds stay the bounds, whatever the number of identities in the token cache).
 //!
 //! Keys are compared in full, never by hash or pointer alone: a cached value is only used for
 //! inputs equal to those it was built from, so it is exactly what building would give (the
@@ -40,7 +42,7 @@ use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
@@ -332,13 +334,14 @@ pub(crate) fn seconds_between(later: SystemTime, earlier: SystemTime) -> u64 {
         .as_secs()
 }
 
-/// What an identity's last request was decided with (see the module docs).
+/// What an identity's last request was decided with (see the module docs); weak, so that it
+/// never outlives the caches' own entries.
 pub(crate) struct Recent {
     /// The [`BuildCache`] that made it.
     cache: u64,
-    subject: Arc<SubjectEntry>,
-    entities: Arc<EntitiesEntry>,
-    context: Arc<ContextEntry>,
+    subject: Weak<SubjectEntry>,
+    entities: Weak<EntitiesEntry>,
+    context: Weak<ContextEntry>,
 }
 
 /// Where an identity keeps its [`Recent`] (`authn::Identity::authz_memo`).
@@ -501,8 +504,8 @@ impl BuildCache {
             .and_then(|g| g.as_deref())
             .and_then(|b| b.downcast_ref::<Recent>())
             .filter(|r| r.cache == self.id);
-        let s = match recent {
-            Some(r) => r.subject.clone(),
+        let s = match recent.and_then(|r| r.subject.upgrade()) {
+            Some(s) => s,
             None => self.subject(subject, principal)?,
         };
         let key = EntitiesKey {
@@ -510,27 +513,51 @@ impl BuildCache {
             action,
             resource,
         };
-        let e = match recent {
-            Some(r) if r.entities.key() == key => r.entities.clone(),
+        let e = match recent.and_then(|r| r.entities.upgrade()) {
+            Some(e) if e.key() == key => e,
             _ => self.entities(key, || entities(&s))?,
         };
         let key = Self::context_key(s.serial, subject, req);
-        let c = match recent {
-            Some(r) if r.context.view() == key => r.context.clone(),
+        let c = match recent.and_then(|r| r.context.upgrade()) {
+            Some(c) if c.view() == key => c,
             _ => self.context(key, req, context)?,
         };
-        let unchanged =
-            recent.is_some_and(|r| Arc::ptr_eq(&r.entities, &e) && Arc::ptr_eq(&r.context, &c));
+        let unchanged = recent.is_some_and(|r| {
+            std::ptr::eq(r.subject.as_ptr(), Arc::as_ptr(&s))
+                && std::ptr::eq(r.entities.as_ptr(), Arc::as_ptr(&e))
+                && std::ptr::eq(r.context.as_ptr(), Arc::as_ptr(&c))
+        });
         if let (Some(slot), false) = (slot, unchanged) {
             let recent: Box<dyn Any + Send + Sync> = Box::new(Recent {
                 cache: self.id,
-                subject: s,
-                entities: e.clone(),
-                context: c.clone(),
+                subject: Arc::downgrade(&s),
+                entities: Arc::downgrade(&e),
+                context: Arc::downgrade(&c),
             });
             slot.store(Some(Arc::new(recent)));
         }
         Ok((e, c))
+    }
+
+    /// Empties the three caches (as eviction would, all at once).
+    #[cfg(test)]
+    pub fn clear(&self) {
+        self.subjects.invalidate_all();
+        self.entities.invalidate_all();
+        self.contexts.invalidate_all();
+        self.run_pending_tasks();
+    }
+
+    /// Whether the [`Recent`] in `slot` (if any) can still reach each of its entries.
+    #[cfg(test)]
+    pub fn recent_reaches(slot: &Slot) -> Option<[bool; 3]> {
+        let guard = slot.load();
+        let r = guard.as_deref()?.downcast_ref::<Recent>()?;
+        Some([
+            r.subject.strong_count() > 0,
+            r.entities.strong_count() > 0,
+            r.context.strong_count() > 0,
+        ])
     }
 
     #[cfg(test)]

@@ -1173,3 +1173,28 @@ fn an_identitys_memo_is_only_used_by_the_engine_that_made_it() {
         .expect("reload");
     assert!(!decide(&allow, &caller, &req).allowed);
 }
+
+#[test]
+fn an_identitys_memo_keeps_nothing_the_caches_let_go() {
+    use super::cache::BuildCache;
+    let e = engine(r#"permit(principal, action, resource);"#);
+    let caller = Caller::new("alice", &["team-a"]);
+    let info = resource("get", "", "pods", "team-a", "web-0");
+    let req = Req::new(&info);
+    assert!(decide(&e, &caller, &req).allowed);
+    assert_eq!(BuildCache::recent_reaches(&caller.memo), Some([true; 3]));
+    // Evicted from the caches: gone, though the identity still has its memo (which holds no
+    // more than the caches do, however many identities the token cache keeps).
+    let cache = e.built.as_ref().unwrap();
+    cache.clear();
+    // moka removes invalidated entries over a few rounds of its housekeeping
+    for _ in 0..50 {
+        if BuildCache::recent_reaches(&caller.memo) == Some([false; 3]) {
+            break;
+        }
+        cache.run_pending_tasks();
+    }
+    assert_eq!(BuildCache::recent_reaches(&caller.memo), Some([false; 3]));
+    assert!(decide(&e, &caller, &req).allowed);
+    assert_eq!(BuildCache::recent_reaches(&caller.memo), Some([true; 3]));
+}
