@@ -12,6 +12,11 @@
 //!          --upstream-cert client.crt --upstream-key client.key
 //! ```
 //!
+//! With `--drop-authorization yes` it removes the `Authorization` header before forwarding (the
+//! upstream authenticates its client certificate anyway): the floor of a proxy that receives the
+//! user's token but does not pass it on, as the gateway does (`BENCH_BARE_DROPS_TOKEN=1` in
+//! `scripts/bench`).
+//!
 //! It prints `listening on ADDR` once it accepts connections. A test fixture, never deployed.
 #![forbid(unsafe_code)]
 
@@ -57,6 +62,10 @@ struct Hop {
     upgrade_tls: tokio_rustls::TlsConnector,
 }
 
+/// `--drop-authorization yes`: forward without the `Authorization` header.
+static DROP_AUTHORIZATION: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// The same global allocator as the gateway, so the floor is measured with it too.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -97,6 +106,12 @@ fn args() -> HashMap<String, String> {
 
 fn main() {
     let a = args();
+    let drop = match a.get("drop-authorization").map(String::as_str) {
+        None | Some("no") => false,
+        Some("yes") => true,
+        Some(v) => die(format!("--drop-authorization takes yes or no, not {v:?}")),
+    };
+    DROP_AUTHORIZATION.store(drop, std::sync::atomic::Ordering::Relaxed);
     let get = |k: &str| {
         a.get(k)
             .cloned()
@@ -263,6 +278,9 @@ async fn proxy(hop: &Hop, req: Request<Incoming>) -> Response<Body> {
     }
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    if DROP_AUTHORIZATION.load(std::sync::atomic::Ordering::Relaxed) {
+        parts.headers.remove(http::header::AUTHORIZATION);
+    }
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(hop.scheme.clone());
     uri.authority = Some(hop.authority.clone());
