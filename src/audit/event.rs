@@ -1099,8 +1099,10 @@ impl<'a> EventParts<'a> {
     }
 
     /// Appends the event for `stage`, stamped `at`, as JSON: the same bytes as
-    /// `self.build_at(level, stage, at).write_json(out)` without building the [`Event`] (two
-    /// per request; `tests::parts_write_the_json_of_the_event_they_build`).
+    /// `self.build_at(level, stage, at).write_json(out)` without building the [`Event`]. Only
+    /// the tests write one stage alone (`tests::parts_write_the_json_of_the_event_they_build`,
+    /// against which [`EventParts::write_stages`], the request path, is checked).
+    #[cfg(test)]
     pub fn write_json(&self, level: Level, stage: Stage, at: SystemTime, out: &mut Vec<u8>) {
         self.write_stages(level, [(stage, at)], |_, json| out.extend_from_slice(&json));
     }
