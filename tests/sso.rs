@@ -177,27 +177,56 @@ struct Browser {
 }
 
 impl Browser {
-    async fn start() -> Browser {
+    /// chromedriver on an ephemeral port, and that port; or what it printed before exiting.
+    async fn start_driver() -> Result<(tokio::process::Child, u16), String> {
         let mut driver = tokio::process::Command::new("chromedriver")
             .arg("--port=0")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("chromedriver runs (scripts/install-test-deps installs it)");
         let mut lines = BufReader::new(driver.stdout.take().unwrap()).lines();
+        let mut errors = BufReader::new(driver.stderr.take().unwrap()).lines();
+        let mut said = Vec::new();
         let port = tokio::time::timeout(Duration::from_secs(20), async {
-            while let Some(line) = lines.next_line().await.unwrap() {
+            while let Ok(Some(line)) = lines.next_line().await {
                 if let Some(rest) = line.split("started successfully on port ").nth(1) {
-                    return rest.trim_end_matches('.').trim().parse::<u16>().unwrap();
+                    return rest.trim_end_matches('.').trim().parse::<u16>().ok();
                 }
+                said.push(line);
             }
-            panic!("chromedriver exited");
+            None
         })
         .await
         .expect("chromedriver starts within 20s");
+        let Some(port) = port else {
+            while let Ok(Some(line)) = errors.next_line().await {
+                said.push(line);
+            }
+            return Err(format!("exited before listening: {}", said.join(" | ")));
+        };
         // Keep draining its output so it never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        tokio::spawn(async move { while let Ok(Some(_)) = errors.next_line().await {} });
+        Ok((driver, port))
+    }
+
+    async fn start() -> Browser {
+        // chromedriver occasionally exits before it listens (seen once in ~20 CI runs, on a
+        // busy machine); a fixture's start-up, so it gets three tries, and the last failure
+        // says what chromedriver printed.
+        let mut tries = 0;
+        let (driver, port) = loop {
+            match Self::start_driver().await {
+                Ok(d) => break d,
+                Err(why) if tries < 2 => {
+                    tries += 1;
+                    eprintln!("chromedriver, try {tries}: {why}");
+                }
+                Err(why) => panic!("chromedriver, try 3: {why}"),
+            }
+        };
         let profile = tempfile::tempdir().unwrap();
         let mut caps = serde_json::Map::new();
         caps.insert(
