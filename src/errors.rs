@@ -118,6 +118,14 @@ pub enum PipelineError {
     /// Policy refused the request (client side: ask for access).
     #[error(transparent)]
     Authz(#[from] AuthzError),
+    /// The credential a live stream (or a decision made later) rests on has expired (client
+    /// side: log in again). New requests with it fail authentication instead.
+    #[error("credential expired")]
+    CredentialExpired,
+    /// The method means nothing kube-apiserver or the gateway serves (e.g. TRACE, PROPFIND, or
+    /// OPTIONS on a resource path).
+    #[error("method {0} is not allowed")]
+    MethodNotAllowed(http::Method),
     /// A gateway object (e.g. a lock) does not exist.
     #[error("{0} not found")]
     NotFound(&'static str),
@@ -162,6 +170,8 @@ impl PipelineError {
             PipelineError::Authz(AuthzError::Denied(_)) => "denied",
             PipelineError::Authz(_) => "bad_request",
             PipelineError::Locked(_) => "locked",
+            PipelineError::CredentialExpired => "unauthenticated",
+            PipelineError::MethodNotAllowed(_) => "bad_request",
             PipelineError::PostureRequired(_) => "posture_required",
             PipelineError::Posture(PostureError::Store(_)) => "store_unavailable",
             PipelineError::Posture(PostureError::Rejected(_) | PostureError::NoDevice) => {
@@ -197,6 +207,16 @@ impl PipelineError {
                 });
                 s
             }
+            PipelineError::CredentialExpired => Status::failure(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "the credential has expired; log in again",
+            ),
+            PipelineError::MethodNotAllowed(m) => Status::failure(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                format!("the method {m} is not allowed here"),
+            ),
             PipelineError::NotFound(what) => Status::failure(
                 StatusCode::NOT_FOUND,
                 "NotFound",
@@ -300,6 +320,7 @@ impl PipelineError {
         if matches!(
             self,
             PipelineError::Authn(_)
+                | PipelineError::CredentialExpired
                 | PipelineError::PostureRequired(_)
                 | PipelineError::Posture(PostureError::Rejected(_) | PostureError::NoDevice)
         ) {

@@ -376,12 +376,12 @@ fn caller_identity() -> &'static Identity {
 /// rewrites them: `method \n target \n version(1|2) \n header lines...`.
 ///
 /// Properties: only an HTTP/1.x request with an `Upgrade` header and `Connection: upgrade` is
-/// an upgrade, and its kind matches the last path segment; after header hygiene no hop-by-hop
+/// an upgrade, and its kind matches the subresource kube-apiserver reads from the path; after header hygiene no hop-by-hop
 /// header, no header named in `Connection` and no identity header of the client is left, the
 /// stream subprotocol headers that were not named in `Connection` pass untouched, and the
 /// gateway's identity is the only one written.
 pub fn upgrade_headers(data: &[u8]) {
-    use crate::proxy::{shape_of, RequestShape};
+    use crate::proxy::RequestShape;
     use crate::streams::StreamKind;
     let text = String::from_utf8_lossy(data);
     let mut lines = text.split('\n');
@@ -402,8 +402,15 @@ pub fn upgrade_headers(data: &[u8]) {
     *req.version_mut() = version;
     *req.headers_mut() = headers.clone();
 
-    let shape = shape_of(&req);
-    if let RequestShape::Upgrade(kind) = shape {
+    let info = crate::authz::requestinfo::request_info(
+        req.method(),
+        req.uri().path(),
+        req.uri().query(),
+    );
+    let shape = info
+        .as_ref()
+        .map(|i| crate::route::shape_of(i, crate::route::upgrade_requested(&req)));
+    if let (Ok(info), Ok(RequestShape::Upgrade(kind))) = (&info, shape) {
         assert!(version <= http::Version::HTTP_11);
         assert!(headers.contains_key(http::header::UPGRADE));
         let connection_upgrade = headers
@@ -413,14 +420,12 @@ pub fn upgrade_headers(data: &[u8]) {
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
         assert!(connection_upgrade);
-        let last = req
-            .uri()
-            .path()
-            .trim_end_matches('/')
-            .rsplit('/')
-            .next()
-            .unwrap_or("");
-        let want = match last {
+        let sub = if info.is_resource_request && info.verb != "proxy" {
+            info.subresource.as_str()
+        } else {
+            ""
+        };
+        let want = match sub {
             "exec" => StreamKind::Exec,
             "attach" => StreamKind::Attach,
             "portforward" => StreamKind::PortForward,

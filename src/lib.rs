@@ -1,7 +1,7 @@
 //! ztgate: a zero-trust gateway in front of kube-apiserver.
 //!
-//! The per-request path reads top to bottom in [`pipeline`]: credentials, authentication,
-//! (device trust), request classification, authorization, forwarding. Each part lives in its own
+//! The per-request path reads top to bottom in [`pipeline`]: classification ([`route`]),
+//! credentials, authentication, device trust, one decision ([`decide`]), forwarding. Each part lives in its own
 //! module with a doc comment that says what it owns and what it must never do.
 #![forbid(unsafe_code)]
 
@@ -12,6 +12,7 @@ pub mod body;
 pub mod cli;
 pub mod config;
 pub mod ct;
+pub mod decide;
 pub mod device;
 pub mod errors;
 #[doc(hidden)]
@@ -21,6 +22,7 @@ pub mod login;
 pub mod pipeline;
 pub mod posture;
 pub mod proxy;
+pub mod route;
 pub mod server;
 pub mod sso;
 pub mod state;

@@ -27,28 +27,9 @@ pub fn is_locks_path(path: &str) -> bool {
     path == PATH || path.strip_prefix(PATH).is_some_and(|r| r.starts_with('/'))
 }
 
-/// Why `subject` may not proceed, if it may not: the state store cannot confirm its locks are
-/// current (a shared store past `state.etcd.maxStaleness`: fail closed), or a lock matches.
-/// The one check behind every request and every TokenReview.
-pub fn refusal(gw: &Gateway, subject: &crate::state::LockSubject<'_>) -> Option<PipelineError> {
-    let health = gw.store.health();
-    if health.is_stale() {
-        return Some(PipelineError::StateStale(health.to_string()));
-    }
-    gw.store
-        .matches(subject)
-        .map(|lock| PipelineError::Locked(lock.message))
-}
-
-/// Does `lock` apply to the holder of a stream?
+/// Does `lock` apply to the holder of a stream? The same match as for a new request.
 pub fn applies_to(lock: &Lock, s: &StreamSubject) -> bool {
-    match &lock.target {
-        LockTarget::User(u) => &s.user == u,
-        LockTarget::Group(g) => s.groups.iter().any(|x| x == g),
-        LockTarget::Device(d) => s.device.as_deref() == Some(d.as_str()),
-        LockTarget::TokenId(t) => s.token_id.as_deref() == Some(t.as_str()),
-        _ => false,
-    }
+    lock.target.matches(&s.lock_subject())
 }
 
 fn why(lock: &Lock) -> crate::streams::CloseReason {

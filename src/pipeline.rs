@@ -1,13 +1,15 @@
 //! The per-request path, top to bottom:
 //!
-//! 1. target checks (absolute-form, ambiguous paths) -> 400
-//! 2. kube-apiserver's webhooks (TokenReview, SubjectAccessReview), for its certificate only
-//! 3. credentials (one bearer token at most; the TLS peer chain)
-//! 4. authenticate -> `Identity` (OIDC token, else x509 certificate) -> 401
-//! 5. request attributes (kube-apiserver's RequestInfo rules) -> 400 when unparseable
-//! 6. the client's own impersonation (`kubectl --as`), authorized as `impersonate` -> 403
-//! 7. authorize -> `Authorized` (Cedar policy, or delegated to kube RBAC) -> 403
-//! 8. forward with impersonation; streams are registered so they can be closed later
+//! 1. classify once (`route.rs`): health, login pages, a target kube-apiserver could read
+//!    otherwise (400), kube-apiserver's webhooks (its certificate only), posture reports, or an
+//!    API request with its RequestInfo and whether it is long-running
+//! 2. credentials (one bearer token at most; the TLS peer chain)
+//! 3. authenticate -> `Identity` (OIDC token, else x509 certificate) -> 401
+//! 4. the device (certificate, token binding) -> 401
+//! 5. decide once (`decide.rs`): locks on everyone the request acts as, posture, the client's
+//!    own impersonation (`kubectl --as`) and policy -> `Authorized`, or 401/403/503
+//! 6. serve: the gateway's own APIs and self-reviews here, everything else forwarded with
+//!    impersonation; streams are registered so the same decider can close them later
 //!
 //! Errors from every step become a `Status` in `errors.rs`, the only place that decides what a
 //! client sees.
@@ -27,11 +29,13 @@ use serde_json::json;
 use crate::authn::credentials::bearer_from_headers;
 use crate::authn::x509::Verified;
 use crate::authn::{AuthnError, Credentials, Identity};
-use crate::authz::requestinfo::{request_info, RequestInfo};
-use crate::authz::{Authorized, ImpersonationRequest, RequestContext};
+use crate::authz::requestinfo::RequestInfo;
+use crate::authz::{Authorized, ImpersonationRequest};
 use crate::body::{full, Body};
 use crate::errors::PipelineError;
-use crate::proxy::{path, shape_of, RequestShape};
+use crate::decide::{DeviceSeen, Facts};
+use crate::proxy::RequestShape;
+use crate::route::{Route, Target};
 use crate::server::Gateway;
 use crate::streams::GuardedBody;
 
@@ -80,9 +84,8 @@ struct Trace {
     /// Answered by the gateway itself for kube-apiserver (TokenReview, SubjectAccessReview).
     webhook: bool,
     device_id: Option<String>,
-    /// The posture the request was decided with (`ztgate.dev/posture`), and until when it counts.
+    /// The posture the request was decided with (`ztgate.dev/posture`).
     posture: Option<String>,
-    posture_until: Option<SystemTime>,
     /// How a stream opened by this request is re-verified, and when first.
     recheck: Option<(Arc<StreamCheck>, Option<SystemTime>)>,
     /// Who holds a stream opened by this request (the authenticated caller, not an
@@ -115,18 +118,18 @@ pub async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let received = SystemTime::now();
-    match req.uri().path() {
-        "/livez" | "/healthz" => return Ok(plain(StatusCode::OK, "ok")),
-        "/readyz" => return Ok(gw.readyz()),
-        _ => {}
-    }
-    // The web login pages come before authentication: they are how a user gets credentials.
-    if let Some(sso) = gw.sso.as_ref() {
-        if crate::sso::Sso::owns(req.uri().path()) {
-            // Boxed, as every rarely taken branch below: a future is as large as its largest
-            // awaited part, and the whole of it is copied when the request starts.
-            return Ok(Box::pin(sso.serve(&gw, &req)).await);
+    let route = crate::route::classify(&gw, &conn, &req);
+    match &route {
+        Route::Live => return Ok(plain(StatusCode::OK, "ok")),
+        Route::Ready => return Ok(gw.readyz()),
+        Route::Sso => {
+            if let Some(sso) = gw.sso.as_ref() {
+                // Boxed, as every rarely taken branch below: a future is as large as its largest
+                // awaited part, and the whole of it is copied when the request starts.
+                return Ok(Box::pin(sso.serve(&gw, &req)).await);
+            }
         }
+        _ => {}
     }
     // One audit ID per request, sent upstream so kube-apiserver's events carry the same ID.
     // A client's own Audit-ID is replaced: it must not be able to pick the ID of another event.
@@ -147,11 +150,14 @@ pub async fn handle(
         .map(str::to_owned);
     let method = req.method().clone();
     let uri = req.uri().clone();
-    let shape = shape_of(&req);
+    let shape = match &route {
+        Route::Api(api) => api.shape,
+        _ => RequestShape::Unary,
+    };
     let verb = verb_label(&method, shape);
     let mut trace = Trace::default();
     let mut status_text: Option<(String, String)> = None;
-    let (mut resp, outcome) = match run(&gw, &conn, req, shape, &mut trace).await {
+    let (mut resp, outcome) = match run(&gw, &conn, req, route, &mut trace).await {
         Ok(resp) if trace.webhook => (resp, "webhook"),
         Ok(resp) => (resp, "forwarded"),
         Err(err) => {
@@ -356,33 +362,33 @@ async fn run(
     gw: &Arc<Gateway>,
     conn: &Arc<ConnInfo>,
     req: Request<Incoming>,
-    shape: RequestShape,
+    route: Route<'_>,
     trace: &mut Trace,
 ) -> Result<Response<Body>, PipelineError> {
     if gw.is_draining() {
         return Err(PipelineError::ShuttingDown);
     }
-    // 1. The target must mean the same thing here and at kube-apiserver.
-    if req.version() <= http::Version::HTTP_11 && req.uri().authority().is_some() {
-        return Err(PipelineError::BadRequest(
-            "absolute-form request targets are not accepted".into(),
-        ));
-    }
-    path::check_path(req.uri().path()).map_err(|e| PipelineError::BadRequest(e.into()))?;
-
-    // 2. kube-apiserver's webhooks.
-    if let Some(which) = crate::webhook::route(gw, conn, req.method(), req.uri().path()) {
-        trace.webhook = true;
-        return Box::pin(crate::webhook::serve(gw, req, which)).await;
-    }
-
-    // 2b. Device posture reports: the signed report or the device certificate is the
-    // credential, not a user token.
-    if crate::posture::api::is_report(req.method(), req.uri().path()) {
-        let device = device_of(gw, conn, SystemTime::now()).map(|d| d.id);
-        trace.device_id = device.clone();
-        return Box::pin(crate::posture::api::report(gw, req, device)).await;
-    }
+    let api = match route {
+        // Answered in `handle`.
+        Route::Live | Route::Ready | Route::Sso => {
+            return Err(PipelineError::BadRequest("not an API request".into()))
+        }
+        // 1. The target must mean the same thing here and at kube-apiserver.
+        Route::Refused(e) => return Err(e),
+        // 2. kube-apiserver's webhooks.
+        Route::Webhook(which) => {
+            trace.webhook = true;
+            return Box::pin(crate::webhook::serve(gw, req, which)).await;
+        }
+        // 2b. Device posture reports: the signed report or the device certificate is the
+        // credential, not a user token.
+        Route::PostureReport => {
+            let device = device_of(gw, conn, SystemTime::now()).map(|d| d.id);
+            trace.device_id = device.clone();
+            return Box::pin(crate::posture::api::report(gw, req, device)).await;
+        }
+        Route::Api(api) => api,
+    };
 
     // 3-4. Credentials and authentication.
     let creds = Credentials {
@@ -412,174 +418,126 @@ async fn run(
     if binding.rejects_request() {
         return Err(AuthnError::TokenBindingMismatch(binding.as_str()).into());
     }
+    let device = device.map(|d| DeviceSeen {
+        id: d.id,
+        bound: binding.is_bound(),
+    });
     trace.device_id = device.as_ref().map(|d| d.id.clone());
 
-    // 4c. Locks (revocation) on the caller, its groups, its device or its token, from a view
-    // known to be current: a replica whose shared store has not confirmed it for longer than
-    // `state.etcd.maxStaleness` fails closed (a lock written meanwhile may be missing).
-    let refused = crate::locks::refusal(
-        gw,
-        &crate::state::LockSubject {
-            user: Some(identity.user()),
-            groups: identity.groups(),
-            device: trace.device_id.as_deref(),
-            token_id: identity.facts().token_id.as_deref(),
-            session: None,
-        },
-    );
-    if let Some(e) = refused {
-        return Err(e);
-    }
-
-    // Who holds a stream (only streams need it).
-    if !matches!(shape, RequestShape::Unary) {
-        trace.subject = Some(crate::streams::StreamSubject {
-            user: identity.user().to_owned(),
-            groups: identity.groups().to_vec(),
-            device: trace.device_id.clone(),
-            token_id: identity.facts().token_id.clone(),
-        });
-    }
-
-    // 5. What kube-apiserver will act on.
-    let info = request_info(req.method(), req.uri().path(), req.uri().query())
-        .map(Arc::new)
+    // 5. What kube-apiserver will act on, as classified.
+    let info = api
+        .info
         .map_err(|e| PipelineError::BadRequest(e.to_string().into()))?;
+    if !api.method_allowed {
+        return Err(PipelineError::MethodNotAllowed(req.method().clone()));
+    }
     if gw.auditor.is_enabled() {
         trace.info = Some(info.clone());
     }
+    let impersonation = ImpersonationRequest::from_headers(req.headers())?;
 
-    // 5b. The device's posture: fresh, or refused with 401 when required (fail closed).
-    // Discovery is the exception: kubectl does not show why its discovery requests fail, so
-    // they go on (policy still sees a device without posture) and the request that matters
-    // gets the 401 with the reason.
-    let device = match device {
-        Some(d) => {
-            let required = !is_discovery(&info);
-            let (posture, posture_age) = device_posture(gw, &d.id, now, required, trace).await?;
-            Some(crate::authz::cedar::DeviceFacts {
-                id: d.id,
-                bound: binding.is_bound(),
-                posture,
-                posture_age,
-            })
-        }
-        None => None,
-    };
+    // 6-7. One decision: locks on everyone the request acts as, posture, `kubectl --as`, policy.
     let method = req.method().clone();
-    let ctx = RequestContext {
-        info: &info,
+    let facts = Facts {
+        caller: &identity,
+        impersonation: impersonation.as_ref(),
         device: device.as_ref(),
-        method: &method,
+        info: &info,
+        method: Some(&method),
         websocket: is_websocket(req.headers()),
         source_ip: conn.peer.ip(),
         now,
     };
+    let decided = gw.decider.decide(&facts).await;
+    trace.posture = decided.posture.clone();
+    if let Some(as_user) = &decided.impersonated {
+        trace.impersonated = Some(as_user.user().to_owned());
+        trace.impersonated_identity = Some(as_user.clone());
+    }
+    let authorized = match decided.outcome {
+        Ok(a) => {
+            if let Some(d) = a.decision() {
+                trace.decision = Some((
+                    crate::audit::event::Decision::Allow,
+                    crate::authz::cedar::decision_reason(d),
+                    d.determining.join(","),
+                ));
+            }
+            a
+        }
+        Err(e) => {
+            if let PipelineError::Authz(crate::authz::AuthzError::Denied(denial)) = &e {
+                let decision = &denial.decision;
+                let d = if decision.errors.is_empty() {
+                    crate::audit::event::Decision::Deny
+                } else {
+                    crate::audit::event::Decision::Error
+                };
+                trace.decision = Some((
+                    d,
+                    crate::authz::cedar::decision_reason(decision),
+                    decision.determining.join(","),
+                ));
+            }
+            return Err(e);
+        }
+    };
 
-    // 6. `kubectl --as`.
-    let impersonation = ImpersonationRequest::from_headers(req.headers())?;
-    if !matches!(shape, RequestShape::Unary) {
-        // A stream is decided again, as this request was, whenever its trust may have changed.
+    // A stream is decided again, by the same decider, whenever its trust may have changed.
+    if !matches!(api.shape, RequestShape::Unary) {
         let max_age_at = gw.max_stream_age.map(|d| now + d);
-        let first = [identity.expires_at(), trace.posture_until, max_age_at]
-            .into_iter()
-            .flatten()
-            .min();
+        let first = [decided.until, max_age_at].into_iter().flatten().min();
+        trace.subject = Some(crate::streams::StreamSubject {
+            caller: identity.clone(),
+            acting: decided.impersonated.clone(),
+            device: trace.device_id.clone(),
+        });
         let check = StreamCheck {
             gw: Arc::downgrade(gw),
             caller: identity.clone(),
             impersonation: impersonation.clone(),
             info: info.clone(),
             method: method.clone(),
-            websocket: ctx.websocket,
-            source_ip: ctx.source_ip,
-            device: device.as_ref().map(|d| (d.id.clone(), d.bound)),
+            websocket: facts.websocket,
+            source_ip: facts.source_ip,
+            device: device.clone(),
             max_age_at,
         };
         trace.recheck = Some((Arc::new(check), first));
     }
-    let identity = match &impersonation {
-        Some(imp) => {
-            let as_user = gw.authorizer.impersonate(identity, imp, &ctx)?;
-            trace.impersonated = Some(as_user.user().to_owned());
-            trace.impersonated_identity = Some(as_user.clone());
-            as_user
-        }
-        None => identity,
-    };
 
-    // 7. Authorization.
-    let authorized = match gw.authorizer.self_review(&identity, &info) {
-        Some(a) => {
-            if info.resource == "selfsubjectaccessreviews" && gw.authorizer.engine().is_some() {
-                return Box::pin(self_subject_access_review(gw, req, a, &ctx)).await;
-            }
-            a
+    // 8. Who serves it.
+    let policy = gw.decider.authorizer().engine().is_some();
+    match api.target {
+        Target::SelfAccessReview if policy => {
+            let review = SelfReview {
+                caller: &identity,
+                impersonation: impersonation.as_ref(),
+                device: device.as_ref(),
+                source_ip: facts.source_ip,
+            };
+            Box::pin(self_subject_access_review(gw, req, authorized, review)).await
         }
-        None => match gw.authorizer.authorize(identity, &ctx) {
-            Ok(a) => {
-                if let Some(d) = a.decision() {
-                    trace.decision = Some((
-                        crate::audit::event::Decision::Allow,
-                        crate::authz::cedar::decision_reason(d),
-                        d.determining.join(","),
-                    ));
-                }
-                a
-            }
-            Err(e) => {
-                if let crate::authz::AuthzError::Denied(denial) = &e {
-                    let decision = &denial.decision;
-                    let d = if decision.errors.is_empty() {
-                        crate::audit::event::Decision::Deny
-                    } else {
-                        crate::audit::event::Decision::Error
-                    };
-                    trace.decision = Some((
-                        d,
-                        crate::authz::cedar::decision_reason(decision),
-                        decision.determining.join(","),
-                    ));
-                }
-                return Err(e.into());
-            }
-        },
-    };
-
-    // The gateway's own API (locks), once policy allowed it.
-    if crate::locks::is_locks_path(&info.path) && !info.is_resource_request {
-        if authorized.decision().is_none() {
-            return Err(PipelineError::Authz(crate::authz::AuthzError::Denied(Box::new(
-                crate::authz::Denial {
-                    message: "the locks API needs authorization.policies: who may manage locks is decided by policy".into(),
+        Target::Locks | Target::PostureRecords if authorized.decision().is_none() => {
+            let what = if api.target == Target::Locks {
+                "the locks API needs authorization.policies: who may manage locks is decided by policy"
+            } else {
+                "reading posture records needs authorization.policies: who may read them is decided by policy"
+            };
+            Err(PipelineError::Authz(crate::authz::AuthzError::Denied(
+                Box::new(crate::authz::Denial {
+                    message: what.into(),
                     resource: String::new(),
                     name: String::new(),
                     group: String::new(),
                     decision: Default::default(),
-                },
-            ))));
+                }),
+            )))
         }
-        return Box::pin(crate::locks::serve(gw, req, authorized.identity())).await;
+        Target::Locks => Box::pin(crate::locks::serve(gw, req, authorized.identity())).await,
+        Target::PostureRecords => crate::posture::api::read(gw, &req),
+        _ => forward(gw, req, authorized, api.shape, conn.peer.ip(), Some(trace)).await,
     }
-
-    // Reading posture records, once policy allowed it.
-    if crate::posture::api::is_posture_path(&info.path) && !info.is_resource_request {
-        if authorized.decision().is_none() {
-            return Err(PipelineError::Authz(crate::authz::AuthzError::Denied(Box::new(
-                crate::authz::Denial {
-                    message: "reading posture records needs authorization.policies: who may read them is decided by policy".into(),
-                    resource: String::new(),
-                    name: String::new(),
-                    group: String::new(),
-                    decision: Default::default(),
-                },
-            ))));
-        }
-        return crate::posture::api::read(gw, &req);
-    }
-
-    // 8. Forwarding.
-    forward(gw, req, authorized, shape, conn.peer.ip(), Some(trace)).await
 }
 
 async fn forward<B>(
@@ -602,11 +560,13 @@ where
                 .try_acquire_owned()
                 .map_err(|_| PipelineError::TooManyRequests)?;
             let guard = gw.inflight.enter();
+            let deadline = tokio::time::Instant::now() + gw.request_timeout;
             let resp = gw
                 .upstream
                 .forward(req, &authorized, client_ip, Some(gw.request_timeout))
                 .await?;
             let (parts, body) = resp.into_parts();
+            let body = crate::body::Deadline::new(body, deadline);
             let body = GuardedBody::new(body, Box::new((permit, guard)), None);
             Ok(Response::from_parts(parts, body.boxed_unsync()))
         }
@@ -656,15 +616,13 @@ fn register_stream(
     authorized: &Authorized,
     trace: Option<&mut Trace>,
 ) -> crate::streams::StreamHandle {
-    let identity = authorized.identity();
     let subject = trace
         .as_ref()
         .and_then(|t| t.subject.clone())
         .unwrap_or_else(|| crate::streams::StreamSubject {
-            user: identity.user().to_owned(),
-            groups: identity.groups().to_vec(),
+            caller: Arc::new(authorized.identity().clone()),
+            acting: None,
             device: None,
-            token_id: identity.facts().token_id.clone(),
         });
     let (check, first) = match trace.as_ref().and_then(|t| t.recheck.clone()) {
         Some((c, first)) => (Some(c as Arc<dyn crate::streams::Recheck>), first),
@@ -677,8 +635,8 @@ fn register_stream(
     handle
 }
 
-/// Everything needed to decide a live stream again: the request as it was authorized, minus
-/// the posture and policy, which are read afresh on every check.
+/// Everything needed to decide a live stream again: the request's facts as they were, minus
+/// the locks, posture and policy, which the decider reads afresh on every check.
 pub(crate) struct StreamCheck {
     gw: std::sync::Weak<Gateway>,
     /// The authenticated caller (before `kubectl --as`).
@@ -688,112 +646,65 @@ pub(crate) struct StreamCheck {
     method: Method,
     websocket: bool,
     source_ip: std::net::IpAddr,
-    /// Device id, and whether the token is bound to its certificate.
-    device: Option<(String, bool)>,
+    device: Option<DeviceSeen>,
     /// When the stream reaches `timeouts.maxStreamAge`.
     max_age_at: Option<SystemTime>,
 }
 
 impl crate::streams::Recheck for StreamCheck {
-    fn recheck(&self, now: SystemTime) -> crate::streams::Verdict {
+    fn recheck(
+        &self,
+        now: SystemTime,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = crate::streams::Verdict> + Send + '_>>
+    {
         use crate::streams::{CloseReason, Verdict};
-        let Some(gw) = self.gw.upgrade() else {
-            return Verdict::Keep { until: None };
-        };
-        if gw.store.health().is_stale() {
-            return Verdict::Close(CloseReason::unavailable(crate::errors::STATE_STALE_MESSAGE));
-        }
-        let mut until = self.caller.expires_at();
-        if until.is_some_and(|t| now >= t) {
-            return Verdict::Close(CloseReason::unauthorized(
-                "credential expired; log in again",
-            ));
-        }
-        if let Some(t) = self.max_age_at {
-            if now >= t {
+        Box::pin(async move {
+            let Some(gw) = self.gw.upgrade() else {
+                return Verdict::Keep { until: None };
+            };
+            if self.max_age_at.is_some_and(|t| now >= t) {
                 return Verdict::Close(CloseReason::unauthorized(
                     "the stream reached the gateway's maximum stream age; reconnect",
                 ));
             }
-            until = Some(until.map_or(t, |u| u.min(t)));
-        }
-        let device = match &self.device {
-            Some((id, bound)) => {
-                let (mut posture, mut posture_age) = (None, None);
-                if let Some(svc) = &gw.posture {
-                    let fresh = gw
-                        .store
-                        .view()
-                        .posture_at(id, now)
-                        .filter(|r| svc.is_fresh(r, now));
-                    match fresh {
-                        Some(rec) => {
-                            let t = svc.fresh_until(&rec);
-                            until = Some(until.map_or(t, |u| u.min(t)));
-                            let (f, age) = crate::posture::facts(&rec, now);
-                            posture = Some(f);
-                            posture_age = Some(age);
-                        }
-                        None if svc.required() && !svc.provider_fails_open() => {
-                            return Verdict::Close(CloseReason::unauthorized(format!(
-                                "the posture of device {id:?} is missing or has expired: report \
-                                 it with `ztgate device report` (or have your MDM report it)"
-                            )));
-                        }
-                        None => {}
-                    }
-                }
-                Some(crate::authz::cedar::DeviceFacts {
-                    id: id.clone(),
-                    bound: *bound,
-                    posture,
-                    posture_age,
-                })
-            }
-            None => None,
-        };
-        if gw.authorizer.engine().is_none() {
-            return Verdict::Keep { until };
-        }
-        let ctx = RequestContext {
-            info: &self.info,
-            device: device.as_ref(),
-            method: &self.method,
-            websocket: self.websocket,
-            source_ip: self.source_ip,
-            now,
-        };
-        let denied = |e: crate::authz::AuthzError| {
-            let why = match e {
-                crate::authz::AuthzError::Denied(d) => d.message,
-                other => other.to_string(),
+            let facts = Facts {
+                caller: &self.caller,
+                impersonation: self.impersonation.as_ref(),
+                device: self.device.as_ref(),
+                info: &self.info,
+                method: Some(&self.method),
+                websocket: self.websocket,
+                source_ip: self.source_ip,
+                now,
             };
-            Verdict::Close(CloseReason::forbidden(format!(
-                "policy no longer allows this stream: {why}"
-            )))
-        };
-        let identity = match &self.impersonation {
-            Some(imp) => match gw.authorizer.impersonate(self.caller.clone(), imp, &ctx) {
-                Ok(i) => i,
-                Err(e) => return denied(e),
-            },
-            None => self.caller.clone(),
-        };
-        match gw.authorizer.authorize(identity, &ctx) {
-            Ok(_) => Verdict::Keep { until },
-            Err(e) => denied(e),
-        }
+            let decided = gw.decider.decide(&facts).await;
+            match decided.outcome {
+                Ok(_) => Verdict::Keep {
+                    until: [decided.until, self.max_age_at].into_iter().flatten().min(),
+                },
+                Err(e) => Verdict::Close(CloseReason::of(&e)),
+            }
+        })
     }
 }
 
-/// `kubectl auth can-i` through the gateway: the gateway's policy answers first. A denial is
+/// The caller of a self-review and the facts its own request was decided with.
+struct SelfReview<'a> {
+    caller: &'a Arc<Identity>,
+    impersonation: Option<&'a ImpersonationRequest>,
+    device: Option<&'a DeviceSeen>,
+    source_ip: std::net::IpAddr,
+}
+
+/// `kubectl auth can-i` through the gateway: the gateway's decider answers first, for the
+/// attributes in the review, with this request's identity, device and posture. A denial is
 /// answered here (kube-apiserver would say yes to something the gateway refuses); an allow is
 /// passed on so kube-apiserver's RBAC gives the final word.
 async fn self_subject_access_review(
     gw: &Arc<Gateway>,
     req: Request<Incoming>,
     authorized: Authorized,
-    ctx: &RequestContext<'_>,
+    who: SelfReview<'_>,
 ) -> Result<Response<Body>, PipelineError> {
     const LIMIT: usize = 64 * 1024;
     let (parts, body) = req.into_parts();
@@ -824,16 +735,23 @@ async fn self_subject_access_review(
                 "spec needs resourceAttributes or nonResourceAttributes".into(),
             )
         })?;
-    // Without policies there is nothing to answer here: kube-apiserver decides alone.
-    let decision = gw
-        .authorizer
-        .decide_attributes(authorized.identity(), &info, ctx);
-    if let Some(decision) = decision.filter(|d| !d.allowed) {
+    let answer = gw
+        .decider
+        .review(&crate::decide::ReviewFacts {
+            caller: who.caller,
+            impersonation: who.impersonation,
+            device: who.device,
+            info: &info,
+            source_ip: who.source_ip,
+            now: SystemTime::now(),
+        })
+        .await;
+    if !answer.allowed() {
         let mut out = review;
         out["status"] = json!({
             "allowed": false,
             "denied": true,
-            "reason": crate::authz::cedar::decision_reason(&decision),
+            "reason": answer.reason(),
         });
         return Ok(crate::body::json_response(StatusCode::CREATED, &out));
     }
@@ -852,62 +770,10 @@ async fn self_subject_access_review(
         req,
         authorized,
         RequestShape::Unary,
-        ctx.source_ip,
+        who.source_ip,
         None,
     )
     .await
-}
-
-/// API discovery, version and OpenAPI documents: reads that describe the API, not its data.
-fn is_discovery(info: &RequestInfo) -> bool {
-    if info.is_resource_request || info.verb != "get" {
-        return false;
-    }
-    let p = info.path.as_str();
-    p == "/version"
-        || ["/api", "/apis", "/openapi"]
-            .iter()
-            .any(|root| p == *root || p.strip_prefix(root).is_some_and(|r| r.starts_with('/')))
-}
-
-/// The posture policy sees for a device: `(posture, age)`; `Err` when posture is required and
-/// there is no fresh record.
-async fn device_posture(
-    gw: &Gateway,
-    device_id: &str,
-    now: SystemTime,
-    required: bool,
-    trace: &mut Trace,
-) -> Result<
-    (
-        Option<crate::authz::cedar::PostureFacts>,
-        Option<std::time::Duration>,
-    ),
-    PipelineError,
-> {
-    let Some(svc) = &gw.posture else {
-        return Ok((None, None));
-    };
-    match svc.lookup(&gw.store, device_id, now).await {
-        crate::posture::Lookup::Fresh(rec) => {
-            trace.posture = Some(crate::posture::summary(&rec, now));
-            trace.posture_until = Some(svc.fresh_until(&rec));
-            let (facts, age) = crate::posture::facts(&rec, now);
-            Ok((Some(facts), Some(age)))
-        }
-        crate::posture::Lookup::Missing if required && svc.required() => {
-            trace.posture = Some("missing".into());
-            Err(PipelineError::PostureRequired(device_id.to_owned()))
-        }
-        crate::posture::Lookup::Missing => {
-            trace.posture = Some("missing".into());
-            Ok((None, None))
-        }
-        crate::posture::Lookup::Unavailable => {
-            trace.posture = Some("unavailable".into());
-            Ok((None, None))
-        }
-    }
 }
 
 /// The device certificate of this connection, verified against the devices bundle (cached per

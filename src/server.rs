@@ -70,7 +70,8 @@ pub struct Gateway {
     /// Device posture (records, signed reports, the pull provider), when configured.
     pub posture: Option<Arc<crate::posture::PostureService>>,
     pub sar: Option<SubjectAccessReviewConfig>,
-    pub authorizer: Authorizer,
+    /// The one decider: locks, posture and policy for requests, streams and reviews.
+    pub decider: crate::decide::Decider,
     pub metrics: Arc<Metrics>,
     pub streams: Arc<StreamRegistry>,
     pub inflight: Arc<Inflight>,
@@ -419,8 +420,8 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
     };
     let gw = Arc::new(Gateway {
         workloads: cfg.authentication.workloads.clone(),
-        posture,
-        store,
+        posture: posture.clone(),
+        store: store.clone(),
         upstream,
         auditor,
         x509,
@@ -432,8 +433,17 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
         sar: cfg
             .authorization
             .as_ref()
-            .and_then(|a| a.subject_access_review.clone()),
-        authorizer,
+            .and_then(|a| a.subject_access_review.clone())
+            .map(|mut sar| {
+                let own = cfg
+                    .upstream
+                    .client_certificate
+                    .as_ref()
+                    .and_then(|c| crate::webhook::upstream_user(&c.cert_file));
+                sar.gateway_users.extend(own);
+                sar
+            }),
+        decider: crate::decide::Decider::new(store.clone(), posture.clone(), authorizer),
         streams,
         metrics,
         inflight: Arc::new(Inflight::default()),

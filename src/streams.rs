@@ -28,6 +28,8 @@ pub enum StreamKind {
     Exec,
     Attach,
     PortForward,
+    /// The `proxy` verb or subresource, and other long-running reads (`/debug/pprof/`).
+    Proxy,
     Upgrade,
 }
 
@@ -39,6 +41,7 @@ impl StreamKind {
             StreamKind::Exec => "exec",
             StreamKind::Attach => "attach",
             StreamKind::PortForward => "portforward",
+            StreamKind::Proxy => "proxy",
             StreamKind::Upgrade => "upgrade",
         }
     }
@@ -52,13 +55,25 @@ struct Entry {
     check: Option<Arc<dyn Recheck>>,
 }
 
-/// Who holds a stream, for matching locks against live streams.
-#[derive(Clone, Debug, Default)]
+/// Who holds a stream, for matching locks against live streams: the authenticated caller, the
+/// identity it acts as (`kubectl --as`), and its device. Matched as a request is, through
+/// [`StreamSubject::lock_subject`].
+#[derive(Clone, Debug)]
 pub struct StreamSubject {
-    pub user: String,
-    pub groups: Vec<String>,
+    pub caller: Arc<crate::authn::Identity>,
+    pub acting: Option<Arc<crate::authn::Identity>>,
     pub device: Option<String>,
-    pub token_id: Option<String>,
+}
+
+impl StreamSubject {
+    /// The subject locks are matched against, the same as for the request that opened it.
+    pub fn lock_subject(&self) -> crate::state::LockSubject<'_> {
+        crate::state::LockSubject::of(
+            &self.caller,
+            self.acting.as_deref(),
+            self.device.as_deref(),
+        )
+    }
 }
 
 /// Locks a mutex whose critical sections leave no half-done state behind, so a panic elsewhere
@@ -77,6 +92,16 @@ pub struct CloseReason {
 }
 
 impl CloseReason {
+    /// A stream closed because the decision that opened it now refuses it: the same status and
+    /// message a new request would get.
+    pub fn of(e: &crate::errors::PipelineError) -> CloseReason {
+        let status = e.to_status();
+        CloseReason {
+            code: status.code,
+            message: status.message,
+        }
+    }
+
     pub fn unauthorized(message: impl Into<String>) -> CloseReason {
         CloseReason {
             code: 401,
@@ -176,11 +201,11 @@ pub enum Verdict {
     Close(CloseReason),
 }
 
-/// Re-decides whether a live stream may continue: the pipeline's checks (credential expiry,
-/// locks, posture, policy) run again against the current state. Must not block: it runs on the
-/// re-verifier task.
+/// Re-decides whether a live stream may continue: the request's decision is made again, by the
+/// same decider, against the current state. Runs on the re-verifier task; a check may wait (a
+/// posture provider), so checks are futures.
 pub trait Recheck: Send + Sync {
-    fn recheck(&self, now: SystemTime) -> Verdict;
+    fn recheck(&self, now: SystemTime) -> Pin<Box<dyn Future<Output = Verdict> + Send + '_>>;
 }
 
 /// The registry of live streams.
@@ -437,7 +462,7 @@ impl StreamRegistry {
             if cancel.is_cancelled() {
                 continue;
             }
-            match check.recheck(now) {
+            match check.recheck(now).await {
                 Verdict::Keep { until } => {
                     if let Some(t) = until {
                         self.schedule(id, t);
@@ -615,17 +640,21 @@ mod deadline_tests {
 
     struct Never;
     impl Recheck for Never {
-        fn recheck(&self, _now: SystemTime) -> Verdict {
-            Verdict::Keep { until: None }
+        fn recheck(&self, _now: SystemTime) -> Pin<Box<dyn Future<Output = Verdict> + Send + '_>> {
+            Box::pin(async { Verdict::Keep { until: None } })
         }
     }
 
     fn subject() -> StreamSubject {
         StreamSubject {
-            user: "alice".into(),
-            groups: Vec::new(),
+            caller: Arc::new(crate::authn::Identity::from_review(
+                "alice".into(),
+                None,
+                Vec::new(),
+                Default::default(),
+            )),
+            acting: None,
             device: None,
-            token_id: None,
         }
     }
 

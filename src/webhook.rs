@@ -12,8 +12,7 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 
 use crate::authn::x509::X509Authenticator;
-use crate::authn::CredentialFacts;
-use crate::authz::cedar::{RequestFacts, Subject};
+use crate::decide::Review;
 use crate::authz::requestinfo::RequestInfo;
 use crate::body::Body;
 use crate::config::SarDefault;
@@ -34,8 +33,7 @@ pub struct Webhook<'a> {
 enum Kind<'a> {
     TokenReview,
     SubjectAccessReview {
-        engine: &'a crate::authz::cedar::PolicyEngine,
-        default: SarDefault,
+        cfg: &'a crate::config::SubjectAccessReviewConfig,
     },
 }
 
@@ -65,10 +63,8 @@ pub fn route<'a>(
         "/apis/authorization.k8s.io/v1/subjectaccessreviews"
         | "/apis/authorization.k8s.io/v1beta1/subjectaccessreviews" => {
             let cfg = gw.sar.as_ref()?;
-            let kind = Kind::SubjectAccessReview {
-                engine: gw.authorizer.engine()?,
-                default: cfg.default_decision,
-            };
+            gw.decider.authorizer().engine()?;
+            let kind = Kind::SubjectAccessReview { cfg };
             let version = if path.contains("/v1beta1/") {
                 "v1beta1"
             } else {
@@ -111,17 +107,9 @@ pub async fn serve(
             // A locked caller is not authenticated to kube-apiserver either; and when this
             // replica cannot confirm its locks are current, nobody is (fail closed).
             let admit = |id: &crate::authn::Identity| {
-                let subject = crate::state::LockSubject {
-                    user: Some(id.user()),
-                    groups: id.groups(),
-                    device: None,
-                    token_id: id.facts().token_id.as_deref(),
-                    session: None,
-                };
-                match crate::locks::refusal(gw, &subject) {
-                    Some(e) => Err(e.to_string()),
-                    None => Ok(()),
-                }
+                gw.decider
+                    .admit(&crate::state::LockSubject::of(id, None, None))
+                    .map_err(|e| e.to_string())
             };
             let (code, v) =
                 crate::authn::tokenreview::review_with(&gw.oidc, &body, hook.version, &admit).await;
@@ -132,11 +120,17 @@ pub async fn serve(
             );
             Ok(crate::body::json_response(code, &v))
         }
-        Kind::SubjectAccessReview { engine, default } => {
-            let (code, v) = subject_access_review(engine, &body, hook.version, default);
+        Kind::SubjectAccessReview { cfg } => {
+            let (code, v) = subject_access_review(gw, cfg, &body, hook.version).await;
             tracing::info!(
                 caller,
+                user = v["spec"]["user"].as_str().unwrap_or_default(),
+                verb = v["spec"]["resourceAttributes"]["verb"]
+                    .as_str()
+                    .or(v["spec"]["nonResourceAttributes"]["verb"].as_str())
+                    .unwrap_or_default(),
                 allowed = v["status"]["allowed"].as_bool().unwrap_or(false),
+                denied = v["status"]["denied"].as_bool().unwrap_or(false),
                 "SubjectAccessReview"
             );
             Ok(crate::body::json_response(code, &v))
@@ -176,11 +170,17 @@ pub fn info_from_attributes(spec: &Value) -> Option<RequestInfo> {
     None
 }
 
-fn subject_access_review(
-    engine: &crate::authz::cedar::PolicyEngine,
+/// What a SubjectAccessReview's `status` says when the gateway has no opinion: kube-apiserver
+/// goes on to its next authorizer, and its final message quotes this reason.
+fn no_opinion(reason: &str) -> Value {
+    json!({"allowed": false, "reason": format!("not decided by the ztgate gateway ({reason})")})
+}
+
+async fn subject_access_review(
+    gw: &Gateway,
+    cfg: &crate::config::SubjectAccessReviewConfig,
     body: &[u8],
     version: &str,
-    default: SarDefault,
 ) -> (StatusCode, Value) {
     let api_version = format!("authorization.k8s.io/{version}");
     let review: Value = match serde_json::from_slice(body) {
@@ -201,49 +201,75 @@ fn subject_access_review(
                    "message":"spec needs resourceAttributes or nonResourceAttributes"}),
         );
     };
-    let user = spec["user"].as_str().unwrap_or_default();
+    let user = spec["user"].as_str().unwrap_or_default().to_owned();
     // v1 calls it `groups`, v1beta1 `group`.
     let groups_field = if version == "v1beta1" {
         "group"
     } else {
         "groups"
     };
-    let groups: Vec<String> = spec[groups_field]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|g| g.as_str().map(str::to_owned))
-                .collect()
-        })
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|g| g.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let groups = strings(&spec[groups_field]);
+    let extra = spec["extra"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), strings(v))).collect())
         .unwrap_or_default();
-    let facts = CredentialFacts::default();
-    let subject = Subject {
-        user,
-        uid: spec["uid"].as_str(),
-        groups: &groups,
-        method: "webhook",
-        facts: &facts,
-    };
-    let req = RequestFacts {
-        info: &info,
-        verb: &info.verb,
-        source_ip: std::net::IpAddr::from([0, 0, 0, 0]),
-        now: SystemTime::now(),
-        device: None,
-        websocket: false,
-    };
-    let decision = engine.decide_subject(&subject, &req);
-    let status = if decision.allowed {
-        json!({"allowed": true, "reason": crate::authz::cedar::decision_reason(&decision)})
-    } else if decision.explicit_deny || !decision.errors.is_empty() || default == SarDefault::Deny {
-        json!({"allowed": false, "denied": true, "reason": crate::authz::cedar::decision_reason(&decision)})
+    let status = if cfg.gateway_users.iter().any(|u| *u == user) {
+        // The gateway's own upstream identity makes every forwarded request (and is asked about
+        // impersonation for each): its policy is for the users behind it, not for itself.
+        no_opinion("the gateway's own identity is authorized by kube-apiserver's RBAC")
     } else {
-        // No opinion: kube-apiserver goes on to its next authorizer (RBAC).
-        json!({"allowed": false, "reason": "no ztgate policy applies"})
+        let identity = std::sync::Arc::new(crate::authn::Identity::from_review(
+            user,
+            spec["uid"].as_str().map(str::to_owned),
+            groups,
+            extra,
+        ));
+        let answer = gw
+            .decider
+            .review(&crate::decide::ReviewFacts {
+                caller: &identity,
+                impersonation: None,
+                device: None,
+                info: &info,
+                source_ip: std::net::IpAddr::from([0, 0, 0, 0]),
+                now: SystemTime::now(),
+            })
+            .await;
+        match answer {
+            Review::Allowed { reason } => json!({"allowed": true, "reason": reason}),
+            Review::Denied { reason, explicit }
+                if explicit || cfg.default_decision == SarDefault::Deny =>
+            {
+                json!({"allowed": false, "denied": true, "reason": reason})
+            }
+            Review::Denied { reason, .. } | Review::NoOpinion { reason } => no_opinion(&reason),
+        }
     };
     (
         StatusCode::OK,
         json!({"apiVersion": api_version, "kind": "SubjectAccessReview", "metadata": {"creationTimestamp": null},
                "spec": spec, "status": status}),
     )
+}
+
+/// The user name kube-apiserver gives the gateway's upstream client certificate (its CN), so
+/// that its own SubjectAccessReviews are left to RBAC.
+pub fn upstream_user(cert_file: &std::path::Path) -> Option<String> {
+    let pem = std::fs::read(cert_file).ok()?;
+    let der = crate::tls::pem::certs_from_pem(cert_file, &pem)
+        .ok()?
+        .into_iter()
+        .next()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
 }

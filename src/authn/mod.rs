@@ -23,6 +23,8 @@ pub enum AuthMethod {
     Oidc { issuer: String },
     /// A workload X509-SVID from the named SPIFFE trust domain.
     Spiffe { trust_domain: String },
+    /// A user kube-apiserver authenticated and asks about in a SubjectAccessReview.
+    Review,
 }
 
 impl AuthMethod {
@@ -31,6 +33,7 @@ impl AuthMethod {
             AuthMethod::X509 { .. } => "x509",
             AuthMethod::Oidc { .. } => "oidc",
             AuthMethod::Spiffe { .. } => "spiffe",
+            AuthMethod::Review => "webhook",
         }
     }
 }
@@ -108,6 +111,11 @@ pub struct CredentialFacts {
     pub cnf_x5t_s256: Option<String>,
     /// Selected claims exposed to policy (string or string-list values only).
     pub claims: BTreeMap<String, Vec<String>>,
+    /// The identity provider's session (the token's `sid` claim), for session locks.
+    pub session_id: Option<String>,
+    /// How long past `expires_at` the authenticator still accepts the credential (the
+    /// issuer's clock leeway): live streams end when requests would start to be refused.
+    pub clock_leeway: std::time::Duration,
 }
 
 impl Identity {
@@ -145,6 +153,31 @@ impl Identity {
     }
     pub fn facts(&self) -> &CredentialFacts {
         &self.facts
+    }
+    /// The instant from which the authenticator refuses the credential: its expiry plus the
+    /// clock leeway it is read with.
+    pub fn valid_until(&self) -> Option<SystemTime> {
+        self.expires_at.map(|t| t + self.facts.clock_leeway)
+    }
+
+    /// The user a SubjectAccessReview asks about: authenticated by kube-apiserver, described by
+    /// the review's spec (also how benchmarks and tests outside the crate make an identity).
+    pub fn from_review(
+        user: String,
+        uid: Option<String>,
+        groups: Vec<String>,
+        extra: BTreeMap<String, Vec<String>>,
+    ) -> Identity {
+        Identity {
+            user,
+            uid,
+            groups,
+            extra,
+            method: AuthMethod::Review,
+            expires_at: None,
+            facts: CredentialFacts::default(),
+            derived: Default::default(),
+        }
     }
 
     /// The identity a caller becomes through an *authorized* impersonation (`kubectl --as`).

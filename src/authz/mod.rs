@@ -134,7 +134,7 @@ impl ImpersonationRequest {
         Ok(Some(r))
     }
 
-    fn targets(&self) -> Vec<ImpersonationTarget> {
+    pub fn targets(&self) -> Vec<ImpersonationTarget> {
         let mut t = Vec::new();
         if let Some(u) = &self.user {
             t.push(ImpersonationTarget {
@@ -171,13 +171,14 @@ pub struct RequestContext<'a> {
     pub info: &'a RequestInfo,
     /// The device the request came from, when a device certificate was presented.
     pub device: Option<&'a cedar::DeviceFacts>,
-    pub method: &'a http::Method,
+    /// The HTTP method, when there is a request (a review's attributes have none).
+    pub method: Option<&'a http::Method>,
     pub websocket: bool,
     pub source_ip: IpAddr,
     pub now: SystemTime,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Authorizer {
     engine: Option<Arc<PolicyEngine>>,
 }
@@ -223,15 +224,7 @@ impl Authorizer {
         ctx: &RequestContext<'_>,
     ) -> Result<Arc<Identity>, AuthzError> {
         for target in request.targets() {
-            let decision = match &self.engine {
-                Some(engine) => {
-                    engine.decide_impersonation(&self.input(&caller, ctx, "impersonate"), &target)
-                }
-                None => Decision {
-                    allowed: false,
-                    ..Default::default()
-                },
-            };
+            let decision = self.decide_impersonation(&caller, &target, ctx);
             if !decision.allowed {
                 let (resource, group) = match &target.kind {
                     ImpersonationKind::User => ("users", ""),
@@ -268,6 +261,21 @@ impl Authorizer {
             )
             .map_err(|e| AuthzError::BadImpersonation(e.to_string()))?;
         Ok(Arc::new(identity))
+    }
+
+    /// The `impersonate` decision on one target (no policy: never allowed).
+    pub fn decide_impersonation(
+        &self,
+        caller: &Identity,
+        target: &ImpersonationTarget,
+        ctx: &RequestContext<'_>,
+    ) -> Decision {
+        match &self.engine {
+            Some(engine) => {
+                engine.decide_impersonation(&self.input(caller, ctx, "impersonate"), target)
+            }
+            None => Decision::default(),
+        }
     }
 
     /// Self-reviews (`kubectl auth whoami`, `kubectl auth can-i`) only tell a caller about
@@ -323,7 +331,10 @@ impl Authorizer {
         };
         // kube-apiserver 1.35+ checks `get` in its filter and `create` in the pod connect
         // handler for GET exec/attach/portforward: both must be allowed here too.
-        let (first, second) = requestinfo::authorizer_checks(ctx.info, ctx.method);
+        let (first, second) = match ctx.method {
+            Some(m) => requestinfo::authorizer_checks(ctx.info, m),
+            None => (ctx.info.verb.as_str(), None),
+        };
         let mut verb = first;
         let mut decision = engine.decide(&self.input(&identity, ctx, first));
         if let (true, Some(v)) = (decision.allowed, second) {
@@ -348,4 +359,74 @@ impl Authorizer {
             decision,
         })))
     }
+}
+
+/// What a review's attributes ask, as the gateway decides it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReviewTarget {
+    /// One of kube-apiserver's impersonation checks, on one named target.
+    Impersonation(ImpersonationTarget),
+    /// Something the policy schema cannot say (kube's `impersonate-on:<mode>:<verb>` checks,
+    /// wildcard targets, an impersonation check without a name).
+    Inexpressible(&'static str),
+    /// An ordinary request's attributes.
+    Request,
+}
+
+/// Reads a review's attributes the way kube-apiserver's impersonation filter builds them: the
+/// legacy `impersonate` verb (users and groups in the core group, uids and userextras in
+/// `authentication.k8s.io`, service accounts by namespace and name) and the constrained
+/// `impersonate:<mode>` verbs (users, groups, nodes and service accounts in
+/// `authentication.k8s.io`); `impersonate-on:<mode>:<verb>` asks whether the requester may
+/// make this request through a mode, which the gateway's `kubectl --as` does not separate from
+/// the request's own authorization.
+pub fn review_target(info: &RequestInfo) -> ReviewTarget {
+    let verb = info.verb.as_str();
+    if verb.starts_with("impersonate-on:") {
+        return ReviewTarget::Inexpressible(
+            "ztgate's policy decides impersonation per target (impersonate), not per mode and verb",
+        );
+    }
+    let constrained = match verb.strip_prefix("impersonate:") {
+        Some(mode) if !mode.is_empty() => true,
+        Some(_) => return ReviewTarget::Inexpressible("impersonate: without a mode"),
+        None if verb == "impersonate" => false,
+        None => return ReviewTarget::Request,
+    };
+    if !info.is_resource_request {
+        return ReviewTarget::Inexpressible("impersonation of a non-resource URL");
+    }
+    let name = info.name.as_str();
+    if name.is_empty() || name == "*" || info.subresource == "*" {
+        return ReviewTarget::Inexpressible(
+            "ztgate's policy decides impersonation per named target, not for every name",
+        );
+    }
+    let group = info.api_group.as_str();
+    let core_or_authn = group.is_empty() || group == "authentication.k8s.io";
+    let kind = match (info.resource.as_str(), core_or_authn) {
+        ("users", true) => ImpersonationKind::User,
+        ("groups", true) => ImpersonationKind::Group,
+        ("serviceaccounts", true) if !info.namespace.is_empty() => {
+            return ReviewTarget::Impersonation(ImpersonationTarget {
+                kind: ImpersonationKind::User,
+                value: format!("system:serviceaccount:{}:{name}", info.namespace),
+            })
+        }
+        ("nodes", true) if constrained => {
+            return ReviewTarget::Impersonation(ImpersonationTarget {
+                kind: ImpersonationKind::User,
+                value: format!("system:node:{name}"),
+            })
+        }
+        ("uids", true) => ImpersonationKind::Uid,
+        ("userextras", true) if !info.subresource.is_empty() => ImpersonationKind::Extra {
+            key: info.subresource.clone(),
+        },
+        _ => return ReviewTarget::Inexpressible("not an impersonation target kube-apiserver checks"),
+    };
+    ReviewTarget::Impersonation(ImpersonationTarget {
+        kind,
+        value: name.to_owned(),
+    })
 }

@@ -166,6 +166,11 @@ pub struct SubjectAccessReviewConfig {
     /// or `Deny`.
     #[serde(default)]
     pub default_decision: SarDefault,
+    /// User names kube-apiserver knows the gateway itself by (its upstream credential): reviews
+    /// about them are left to kube-apiserver's other authorizers (no opinion), never decided by
+    /// the gateway's policy. The CN of `upstream.clientCertificate` is always one of them.
+    #[serde(default)]
+    pub gateway_users: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]

@@ -53,7 +53,11 @@ pub(crate) enum Removed {
     Posture(PostureRecord),
 }
 
-/// Who a request (or a live stream) is, for lock matching. Absent fields match nothing.
+/// Who a request, a live stream or a review acts as, for lock matching: the authenticated caller
+/// with its device, token and session, and the identity it acts as when that is another one
+/// (`kubectl --as`, or a SubjectAccessReview's impersonation check). The same subject type is
+/// matched for requests, streams and kube-apiserver's webhooks, by [`LockTarget::matches`].
+/// Absent fields match nothing.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LockSubject<'a> {
     pub user: Option<&'a str>,
@@ -61,6 +65,55 @@ pub struct LockSubject<'a> {
     pub device: Option<&'a str>,
     pub token_id: Option<&'a str>,
     pub session: Option<&'a str>,
+    /// The user the request acts as, when it is not the caller.
+    pub acting_user: Option<&'a str>,
+    /// The groups of the identity the request acts as.
+    pub acting_groups: &'a [String],
+}
+
+impl<'a> LockSubject<'a> {
+    /// The subject of a request by `caller` acting as `acting` (when it impersonates) from
+    /// `device`: the caller's name, groups, token id and session, the acting identity's name
+    /// and groups.
+    pub fn of(
+        caller: &'a crate::authn::Identity,
+        acting: Option<&'a crate::authn::Identity>,
+        device: Option<&'a str>,
+    ) -> LockSubject<'a> {
+        LockSubject {
+            user: Some(caller.user()),
+            groups: caller.groups(),
+            device,
+            token_id: caller.facts().token_id.as_deref(),
+            session: caller.facts().session_id.as_deref(),
+            acting_user: acting.map(|a| a.user()),
+            acting_groups: acting.map_or(&[], |a| a.groups()),
+        }
+    }
+
+    /// Every user name the subject stands for: the caller, then the identity it acts as.
+    fn users(&self) -> impl Iterator<Item = &'a str> {
+        self.user.into_iter().chain(self.acting_user)
+    }
+
+    /// Every group of the caller and of the identity it acts as.
+    fn all_groups(&self) -> impl Iterator<Item = &'a String> {
+        self.groups.iter().chain(self.acting_groups)
+    }
+}
+
+impl LockTarget {
+    /// Does a lock on this target apply to `s`? The one definition of a lock's reach: the
+    /// store's index only finds candidates faster, and keeps those this accepts.
+    pub fn matches(&self, s: &LockSubject<'_>) -> bool {
+        match self {
+            LockTarget::User(u) => s.users().any(|x| x == u),
+            LockTarget::Group(g) => s.all_groups().any(|x| x == g),
+            LockTarget::Device(d) => s.device == Some(d.as_str()),
+            LockTarget::TokenId(t) => s.token_id == Some(t.as_str()),
+            LockTarget::Session(id) => s.session == Some(id.as_str()),
+        }
+    }
 }
 
 /// Locks indexed by id and by target, one hash map per target kind. Replaced as a whole on
@@ -229,15 +282,16 @@ impl View {
     }
 
     fn matches_in(idx: &LockIndex, s: &LockSubject<'_>, now: SystemTime) -> Option<Lock> {
-        first_live(&idx.users, s.user, now)
+        s.users()
+            .find_map(|u| first_live(&idx.users, Some(u), now))
             .or_else(|| {
-                s.groups
-                    .iter()
+                s.all_groups()
                     .find_map(|g| first_live(&idx.groups, Some(g), now))
             })
             .or_else(|| first_live(&idx.devices, s.device, now))
             .or_else(|| first_live(&idx.tokens, s.token_id, now))
             .or_else(|| first_live(&idx.sessions, s.session, now))
+            .filter(|l| l.target.matches(s))
     }
 
     /// Everything in force now, with the revision it reflects.

@@ -349,6 +349,8 @@ impl IssuerRules {
                 .and_then(Value::as_str)
                 .map(str::to_owned),
             claims: policy,
+            session_id: string("sid"),
+            clock_leeway: self.leeway,
         };
         let audiences = match claims.get("aud") {
             Some(Value::String(a)) => vec![a.clone()],

@@ -367,6 +367,21 @@ impl PolicyEngine {
         self.current.load().warnings.clone()
     }
 
+    /// Whether the schema has the action `verb` for a request of this kind (a Kubernetes
+    /// resource, or a non-resource URL): what policy can decide at all.
+    pub fn expresses(&self, verb: &str, resource_request: bool) -> bool {
+        let loaded = self.current.load();
+        let schema = &*loaded.schema;
+        let resource = if resource_request {
+            &schema.types.resource
+        } else {
+            &schema.types.non_resource_url
+        };
+        schema
+            .action(verb)
+            .is_some_and(|a| a.resources.contains(resource))
+    }
+
     /// Decides a request: principal = the identity, action = `input.verb`, resource = the
     /// request's resource or non-resource path.
     pub fn decide(&self, input: &AuthzInput<'_>) -> Decision {

@@ -1,0 +1,431 @@
+//! The one decider: every entry point that decides whether someone may do something asks here.
+//!
+//! The request path, the re-verifier of live streams, kube-apiserver's TokenReview and
+//! SubjectAccessReview webhooks, and the self-reviews (`kubectl auth can-i`, `--list`) all call
+//! [`Decider`], so a rule cannot hold on one path and drift on another. The steps, in order:
+//!
+//! 1. the credential is still valid (its expiry plus the issuer's clock leeway, as the
+//!    authenticator reads it);
+//! 2. the state store can vouch for its locks, and no lock matches the caller, its groups,
+//!    device, token or session, nor the identity the request acts as;
+//! 3. the device's posture is fresh when it is required (API discovery excepted: kubectl does not
+//!    show why its discovery requests fail, so the request that matters gets the reason);
+//! 4. every impersonation target is allowed by policy (`impersonate`);
+//! 5. policy allows the request for the identity it acts as (self-reviews excepted: every
+//!    authenticated caller may ask about itself).
+//!
+//! What is decided is data: [`Facts`] in, [`Decided`] out. Nothing here reads a request, a
+//! header or a connection.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::Method;
+
+use crate::authn::Identity;
+use crate::authz::cedar::{DeviceFacts, ImpersonationTarget};
+use crate::authz::requestinfo::RequestInfo;
+use crate::authz::{Authorized, Authorizer, AuthzError, ImpersonationRequest, RequestContext};
+use crate::errors::PipelineError;
+use crate::state::{LockSubject, SharedStore};
+
+/// The device a request comes from, as read from its certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceSeen {
+    pub id: String,
+    /// The token is bound to this device's certificate (RFC 8705).
+    pub bound: bool,
+}
+
+/// Everything one decision looks at.
+#[derive(Clone, Copy)]
+pub struct Facts<'a> {
+    /// The authenticated caller.
+    pub caller: &'a Arc<Identity>,
+    /// What the caller asks to act as (`kubectl --as`).
+    pub impersonation: Option<&'a ImpersonationRequest>,
+    pub device: Option<&'a DeviceSeen>,
+    /// What the request asks kube-apiserver to do.
+    pub info: &'a RequestInfo,
+    /// The HTTP method, when there is a request (a review's attributes have none).
+    pub method: Option<&'a Method>,
+    pub websocket: bool,
+    pub source_ip: IpAddr,
+    pub now: SystemTime,
+}
+
+/// The outcome of one decision, with what was learnt on the way (for audit and re-checks).
+#[derive(Debug)]
+pub struct Decided {
+    pub outcome: Result<Authorized, PipelineError>,
+    /// The identity the request acts as, when it impersonates and that was allowed.
+    pub impersonated: Option<Arc<Identity>>,
+    /// The device as policy saw it (with its posture), for a self-review decided next.
+    pub device: Option<DeviceFacts>,
+    /// The posture the decision was made with (`ztgate.dev/posture`).
+    pub posture: Option<String>,
+    /// When this decision must be made again: the credential's or the posture's end.
+    pub until: Option<SystemTime>,
+}
+
+impl Decided {
+    fn refused(e: impl Into<PipelineError>) -> Decided {
+        Decided {
+            outcome: Err(e.into()),
+            impersonated: None,
+            device: None,
+            posture: None,
+            until: None,
+        }
+    }
+}
+
+/// What the decider needs: the state store (locks, posture records), the posture service (its
+/// requirements and pull provider) and the authorizer (policy).
+pub struct Decider {
+    store: SharedStore,
+    posture: Option<Arc<crate::posture::PostureService>>,
+    authorizer: Authorizer,
+}
+
+impl Decider {
+    pub fn new(
+        store: SharedStore,
+        posture: Option<Arc<crate::posture::PostureService>>,
+        authorizer: Authorizer,
+    ) -> Decider {
+        Decider {
+            store,
+            posture,
+            authorizer,
+        }
+    }
+
+    pub fn authorizer(&self) -> &Authorizer {
+        &self.authorizer
+    }
+
+    /// Step 2 alone: why `subject` may not proceed, if it may not — the state store cannot
+    /// vouch that its locks are current (a shared store past `state.etcd.maxStaleness`: fail
+    /// closed), or a lock matches. TokenReview asks only this.
+    pub fn admit(&self, subject: &LockSubject<'_>) -> Result<(), PipelineError> {
+        let health = self.store.health();
+        if health.is_stale() {
+            return Err(PipelineError::StateStale(health.to_string()));
+        }
+        match self.store.matches(subject) {
+            Some(lock) => Err(PipelineError::Locked(lock.message)),
+            None => Ok(()),
+        }
+    }
+
+    /// Decides a request (or a live stream again, or a review's attributes).
+    pub async fn decide(&self, f: &Facts<'_>) -> Decided {
+        // 1. The credential.
+        let mut until = f.caller.valid_until();
+        if until.is_some_and(|t| f.now >= t) {
+            return Decided::refused(PipelineError::CredentialExpired);
+        }
+
+        // 2. Locks, on everyone the request acts as.
+        let acting_groups: Vec<String>;
+        let mut subject = LockSubject::of(f.caller, None, f.device.map(|d| d.id.as_str()));
+        if let Some(imp) = f.impersonation {
+            acting_groups = imp.groups.clone();
+            subject.acting_user = imp.user.as_deref();
+            subject.acting_groups = &acting_groups;
+        }
+        if let Err(e) = self.admit(&subject) {
+            return Decided::refused(e);
+        }
+
+        // 3. The device's posture.
+        let mut posture = None;
+        let device = match f.device {
+            Some(d) => {
+                let (facts, age, seen) =
+                    match self.posture_of(&d.id, f.now, !is_discovery(f.info)).await {
+                        Ok(p) => p,
+                        Err(e) => {
+                            let mut out = Decided::refused(e);
+                            out.posture = Some("missing".into());
+                            return out;
+                        }
+                    };
+                if let Some((summary, fresh_until)) = seen {
+                    posture = Some(summary);
+                    if let Some(t) = fresh_until {
+                        until = Some(until.map_or(t, |u| u.min(t)));
+                    }
+                }
+                Some(DeviceFacts {
+                    id: d.id.clone(),
+                    bound: d.bound,
+                    posture: facts,
+                    posture_age: age,
+                })
+            }
+            None => None,
+        };
+        let ctx = RequestContext {
+            info: f.info,
+            device: device.as_ref(),
+            method: f.method,
+            websocket: f.websocket,
+            source_ip: f.source_ip,
+            now: f.now,
+        };
+
+        // 4. Impersonation.
+        let (identity, impersonated) = match f.impersonation {
+            Some(imp) => match self.authorizer.impersonate(f.caller.clone(), imp, &ctx) {
+                Ok(i) => (i.clone(), Some(i)),
+                Err(e) => {
+                    return Decided {
+                        outcome: Err(e.into()),
+                        impersonated: None,
+                        device,
+                        posture,
+                        until,
+                    }
+                }
+            },
+            None => (f.caller.clone(), None),
+        };
+
+        // 5. Policy.
+        let outcome = match self.authorizer.self_review(&identity, f.info) {
+            Some(a) => Ok(a),
+            None => self
+                .authorizer
+                .authorize(identity, &ctx)
+                .map_err(PipelineError::from),
+        };
+        Decided {
+            outcome,
+            impersonated,
+            device,
+            posture,
+            until,
+        }
+    }
+
+    /// One `impersonate` check, as kube-apiserver asks it in a SubjectAccessReview: the caller
+    /// and the target (when it names a user) are admitted, then policy decides.
+    pub fn decide_impersonation(
+        &self,
+        caller: &Identity,
+        target: &ImpersonationTarget,
+        now: SystemTime,
+    ) -> Result<crate::authz::cedar::Decision, PipelineError> {
+        let mut subject = LockSubject::of(caller, None, None);
+        let target_groups;
+        match &target.kind {
+            crate::authz::cedar::ImpersonationKind::User => {
+                subject.acting_user = Some(&target.value)
+            }
+            crate::authz::cedar::ImpersonationKind::Group => {
+                target_groups = [target.value.clone()];
+                subject.acting_groups = &target_groups;
+            }
+            _ => {}
+        }
+        self.admit(&subject)?;
+        let info = RequestInfo::default();
+        let ctx = RequestContext {
+            info: &info,
+            device: None,
+            method: None,
+            websocket: false,
+            source_ip: IpAddr::from([0, 0, 0, 0]),
+            now,
+        };
+        Ok(self.authorizer.decide_impersonation(caller, target, &ctx))
+    }
+
+    /// The posture policy sees for a device: `(posture, age, (summary, fresh until))`; `Err`
+    /// when posture is required and there is no fresh record.
+    #[allow(clippy::type_complexity)]
+    async fn posture_of(
+        &self,
+        device_id: &str,
+        now: SystemTime,
+        required: bool,
+    ) -> Result<
+        (
+            Option<crate::authz::cedar::PostureFacts>,
+            Option<std::time::Duration>,
+            Option<(String, Option<SystemTime>)>,
+        ),
+        PipelineError,
+    > {
+        let Some(svc) = &self.posture else {
+            return Ok((None, None, None));
+        };
+        match svc.lookup(&self.store, device_id, now).await {
+            crate::posture::Lookup::Fresh(rec) => {
+                let summary = crate::posture::summary(&rec, now);
+                let until = svc.fresh_until(&rec);
+                let (facts, age) = crate::posture::facts(&rec, now);
+                Ok((Some(facts), Some(age), Some((summary, Some(until)))))
+            }
+            crate::posture::Lookup::Missing if required && svc.required() => {
+                Err(PipelineError::PostureRequired(device_id.to_owned()))
+            }
+            crate::posture::Lookup::Missing => Ok((None, None, Some(("missing".into(), None)))),
+            crate::posture::Lookup::Unavailable => {
+                Ok((None, None, Some(("unavailable".into(), None))))
+            }
+        }
+    }
+}
+
+impl From<AuthzError> for Decided {
+    fn from(e: AuthzError) -> Decided {
+        Decided::refused(e)
+    }
+}
+
+/// API discovery, version and OpenAPI documents: reads that describe the API, not its data.
+pub fn is_discovery(info: &RequestInfo) -> bool {
+    if info.is_resource_request || info.verb != "get" {
+        return false;
+    }
+    let p = info.path.as_str();
+    p == "/version"
+        || ["/api", "/apis", "/openapi"]
+            .iter()
+            .any(|root| p == *root || p.strip_prefix(root).is_some_and(|r| r.starts_with('/')))
+}
+
+/// What a review (SubjectAccessReview, SelfSubjectAccessReview, a rules review) asks about.
+#[derive(Clone, Copy)]
+pub struct ReviewFacts<'a> {
+    /// The user asked about (for a self-review: the caller of the review request).
+    pub caller: &'a Arc<Identity>,
+    /// What the caller acts as, for a self-review sent with `kubectl --as`.
+    pub impersonation: Option<&'a ImpersonationRequest>,
+    pub device: Option<&'a DeviceSeen>,
+    /// The review's attributes.
+    pub info: &'a RequestInfo,
+    pub source_ip: IpAddr,
+    pub now: SystemTime,
+}
+
+/// A review's answer, in the three words of kube-apiserver's authorizers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Review {
+    Allowed { reason: String },
+    /// `explicit`: a `forbid`, a lock, a policy error or a refusal that must stop the
+    /// authorizer chain (a webhook's "denied"), rather than no permit.
+    Denied { reason: String, explicit: bool },
+    /// The gateway has nothing to say: the next authorizer decides.
+    NoOpinion { reason: String },
+}
+
+impl Review {
+    pub fn allowed(&self) -> bool {
+        matches!(self, Review::Allowed { .. })
+    }
+
+    pub fn reason(&self) -> &str {
+        match self {
+            Review::Allowed { reason }
+            | Review::Denied { reason, .. }
+            | Review::NoOpinion { reason } => reason,
+        }
+    }
+
+    fn of(outcome: Result<crate::authz::cedar::Decision, PipelineError>) -> Review {
+        use crate::authz::cedar::decision_reason;
+        match outcome {
+            Ok(d) if d.allowed => Review::Allowed {
+                reason: decision_reason(&d),
+            },
+            Ok(d) => Review::Denied {
+                reason: decision_reason(&d),
+                explicit: d.explicit_deny || !d.errors.is_empty(),
+            },
+            Err(PipelineError::Authz(AuthzError::Denied(denial))) => Review::Denied {
+                reason: decision_reason(&denial.decision),
+                explicit: denial.decision.explicit_deny || !denial.decision.errors.is_empty(),
+            },
+            Err(e) => Review::Denied {
+                reason: e.to_status().message,
+                explicit: true,
+            },
+        }
+    }
+}
+
+impl Decider {
+    /// Answers a review's attributes the way a request with them would be decided: an
+    /// impersonation check (`impersonate`, `impersonate:<mode>` on users, groups, uids,
+    /// userextras, serviceaccounts, nodes) as the `impersonate` decision `kubectl --as` gets,
+    /// anything else through [`Decider::decide`]. What the policy schema cannot express is
+    /// [`Review::NoOpinion`], never a denial.
+    pub async fn review(&self, r: &ReviewFacts<'_>) -> Review {
+        use crate::authz::ReviewTarget;
+        match crate::authz::review_target(r.info) {
+            ReviewTarget::Impersonation(target) => {
+                // A self-review sent with `kubectl --as` asks about the identity it acts as.
+                let subject = match r.impersonation {
+                    Some(_) => {
+                        let decided = self.decide(&self.facts_of(r, r.info)).await;
+                        match (decided.outcome, decided.impersonated) {
+                            (Ok(_), Some(i)) => i,
+                            (Ok(_), None) => r.caller.clone(),
+                            (Err(e), _) => return Review::of(Err(e)),
+                        }
+                    }
+                    None => r.caller.clone(),
+                };
+                if self.authorizer.engine().is_none() {
+                    return Review::NoOpinion {
+                        reason: "no ztgate policy is loaded".into(),
+                    };
+                }
+                Review::of(self.decide_impersonation(&subject, &target, r.now))
+            }
+            ReviewTarget::Inexpressible(why) => Review::NoOpinion { reason: why.into() },
+            ReviewTarget::Request => {
+                let expressible = self
+                    .authorizer
+                    .engine()
+                    .is_some_and(|e| e.expresses(&r.info.verb, r.info.is_resource_request));
+                if !expressible {
+                    return Review::NoOpinion {
+                        reason: format!(
+                            "the verb {:?} is not one ztgate's policy decides",
+                            r.info.verb
+                        ),
+                    };
+                }
+                let decided = self.decide(&self.facts_of(r, r.info)).await;
+                match decided.outcome {
+                    // A self-review: every authenticated caller may make one.
+                    Ok(a) if a.decision().is_none() => Review::Allowed {
+                        reason: "every authenticated user may review itself".into(),
+                    },
+                    outcome => {
+                        Review::of(outcome.map(|a| a.decision().cloned().unwrap_or_default()))
+                    }
+                }
+            }
+        }
+    }
+
+    fn facts_of<'a>(&self, r: &ReviewFacts<'a>, info: &'a RequestInfo) -> Facts<'a> {
+        Facts {
+            caller: r.caller,
+            impersonation: r.impersonation,
+            device: r.device,
+            info,
+            method: None,
+            websocket: false,
+            source_ip: r.source_ip,
+            now: r.now,
+        }
+    }
+}
