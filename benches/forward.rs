@@ -66,7 +66,16 @@ fn hot_path(c: &mut Criterion) {
         .body(())
         .unwrap();
     g.bench_function("classify", |b| {
-        b.iter(|| ztgate::proxy::shape_of(std::hint::black_box(&req)))
+        b.iter(|| {
+            let req = std::hint::black_box(&req);
+            let info = ztgate::authz::requestinfo::request_info(
+                req.method(),
+                req.uri().path(),
+                req.uri().query(),
+            )
+            .unwrap();
+            ztgate::route::shape_of(&info, ztgate::route::upgrade_requested(req))
+        })
     });
     let mut auth = HeaderMap::new();
     auth.insert(

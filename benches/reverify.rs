@@ -78,7 +78,16 @@ struct Check {
 }
 
 impl Recheck for Check {
-    fn recheck(&self, now: SystemTime) -> Verdict {
+    fn recheck(
+        &self,
+        now: SystemTime,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Verdict> + Send + '_>> {
+        Box::pin(async move { self.decide(now) })
+    }
+}
+
+impl Check {
+    fn decide(&self, now: SystemTime) -> Verdict {
         let Some(rec) = self.store.view().posture_at(&self.device, now) else {
             return Verdict::Close(CloseReason::unauthorized("posture"));
         };
@@ -167,10 +176,14 @@ async fn world(engine: &Arc<PolicyEngine>) -> World {
             device: device.clone(),
         });
         let subject = StreamSubject {
-            user,
-            groups,
+            caller: Arc::new(ztgate::authn::Identity::from_review(
+                user,
+                None,
+                groups,
+                Default::default(),
+            )),
+            acting: None,
             device: Some(device),
-            token_id: None,
         };
         let h = registry.register_checked(StreamKind::Watch, subject, Some(check), None);
         // A live watch's body waits on its cancellation.
@@ -257,7 +270,7 @@ fn reverify(c: &mut Criterion) {
             tokio::time::sleep(Duration::from_millis(20)).await;
             let start = Instant::now();
             let n = w.registry.close_matching(
-                |s| s.groups.iter().any(|g| g == "team-3"),
+                |s| s.caller.groups().iter().any(|g| g == "team-3"),
                 &CloseReason::forbidden("access is locked"),
             );
             assert_eq!(n, STREAMS / TEAMS);

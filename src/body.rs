@@ -129,10 +129,7 @@ mod tests {
         assert!(err.is::<DeadlineExceeded>(), "{err}");
         assert_eq!(tokio::time::Instant::now(), deadline);
 
-        let ok = Deadline::new(
-            Full::new(Bytes::from_static(b"done")).map_err(|never| match never {}),
-            tokio::time::Instant::now(),
-        );
+        let ok = Deadline::new(full("done"), tokio::time::Instant::now());
         let bytes = ok.collect().await.unwrap().to_bytes();
         assert_eq!(bytes, "done");
     }

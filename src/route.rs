@@ -215,8 +215,8 @@ mod tests {
     /// else is.
     #[test]
     fn long_running_requests_are_classified_as_kube_apiserver_reads_them() {
-        use RequestShape::*;
-        use StreamKind::*;
+        use RequestShape::{Streaming, Unary, Upgrade as Up};
+        use StreamKind::{Attach, Exec, Logs, PortForward, Proxy, Watch};
         let table: &[(&str, &str, bool, RequestShape)] = &[
             ("GET", "/api/v1/namespaces/a/pods", false, Unary),
             ("GET", "/api/v1/namespaces/a/pods?watch=1", false, Streaming(Watch)),
@@ -236,13 +236,13 @@ mod tests {
             ("GET", "/api/v1/namespaces/a/pods/p/log?follow=yes", false, Streaming(Logs)),
             ("GET", "/api/v1/namespaces/a/pods/p/l%6fg?follow=1", false, Streaming(Logs)),
             ("GET", "/api/v1/namespaces/a/pods/p/log", false, Streaming(Logs)),
-            ("GET", "/api/v1/namespaces/a/pods/p/exec?command=sh", true, Upgrade(Exec)),
-            ("GET", "/api/v1/namespaces/a/pods/p/ex%65c?command=sh", true, Upgrade(Exec)),
-            ("POST", "/api/v1/namespaces/a/pods/p/attach", true, Upgrade(Attach)),
-            ("GET", "/api/v1/namespaces/a/pods/p/portforward", true, Upgrade(PortForward)),
+            ("GET", "/api/v1/namespaces/a/pods/p/exec?command=sh", true, Up(Exec)),
+            ("GET", "/api/v1/namespaces/a/pods/p/ex%65c?command=sh", true, Up(Exec)),
+            ("POST", "/api/v1/namespaces/a/pods/p/attach", true, Up(Attach)),
+            ("GET", "/api/v1/namespaces/a/pods/p/portforward", true, Up(PortForward)),
             ("GET", "/api/v1/namespaces/a/pods/p/exec", false, Streaming(Exec)),
             ("GET", "/api/v1/namespaces/a/pods/p/proxy/x", false, Streaming(Proxy)),
-            ("GET", "/api/v1/namespaces/a/services/s/proxy/x", true, Upgrade(StreamKind::Upgrade)),
+            ("GET", "/api/v1/namespaces/a/services/s/proxy/x", true, Up(StreamKind::Upgrade)),
             ("GET", "/api/v1/proxy/namespaces/a/pods/p", false, Streaming(Proxy)),
             ("GET", "/debug/pprof/profile", false, Streaming(Proxy)),
             ("GET", "/version", false, Unary),

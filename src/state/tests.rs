@@ -166,6 +166,7 @@ async fn matches_each_target_kind() {
         device: Some("laptop-7"),
         token_id: Some("jti-1"),
         session: Some("sess-9"),
+        ..LockSubject::default()
     };
     assert_eq!(store.matches(&full), None, "no locks at all");
     let cases = [
