@@ -429,3 +429,308 @@ impl Decider {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The order of the security steps, without a network: a store in memory, a policy from
+    //! text, identities as the authenticators make them.
+    use super::*;
+    use crate::authn::CredentialFacts;
+    use crate::authz::cedar::PolicyEngine;
+    use crate::authz::requestinfo::request_info;
+    use crate::state::{Lock, LockTarget, MemoryStore, Posture, PostureRecord, Store};
+    use std::time::Duration;
+
+    const POLICY: &str = r#"
+        permit (principal in k8s::Group::"team-a", action, resource in k8s::Namespace::"team-a");
+        permit (principal == k8s::User::"carol", action in k8s::Action::"read", resource);
+        permit (principal == k8s::User::"alice", action == k8s::Action::"impersonate",
+                resource == k8s::ImpersonatedUser::"carol");
+        permit (principal, action == k8s::Action::"get", resource is k8s::NonResourceURL);
+        forbid (principal, action, resource in k8s::Namespace::"prod")
+            unless { context has device && context.device has posture };
+    "#;
+
+    fn engine() -> Arc<PolicyEngine> {
+        Arc::new(PolicyEngine::from_sources(&[("test.cedar".into(), POLICY.into())]).unwrap())
+    }
+
+    async fn decider(store: Arc<MemoryStore>, posture_required: bool) -> Decider {
+        let cfg = serde_json::from_value(serde_json::json!({"required": posture_required}))
+            .unwrap();
+        let posture = crate::posture::PostureService::new(
+            cfg,
+            tokio_util::sync::CancellationToken::new(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+        Decider::new(
+            store,
+            Some(Arc::new(posture)),
+            Authorizer::with_policy(engine()),
+        )
+    }
+
+    fn alice(facts: CredentialFacts, expires_at: Option<SystemTime>) -> Arc<Identity> {
+        Arc::new(Identity::for_tests(
+            "alice",
+            &["team-a"],
+            expires_at,
+            facts,
+        ))
+    }
+
+    fn info(path: &str) -> RequestInfo {
+        request_info(&Method::GET, path, None).unwrap()
+    }
+
+    fn facts<'a>(
+        caller: &'a Arc<Identity>,
+        info: &'a RequestInfo,
+        imp: Option<&'a ImpersonationRequest>,
+        device: Option<&'a DeviceSeen>,
+        now: SystemTime,
+    ) -> Facts<'a> {
+        Facts {
+            caller,
+            impersonation: imp,
+            device,
+            info,
+            method: Some(&Method::GET),
+            websocket: false,
+            source_ip: IpAddr::from([127, 0, 0, 1]),
+            now,
+        }
+    }
+
+    fn as_user(user: &str, groups: &[&str]) -> ImpersonationRequest {
+        ImpersonationRequest {
+            user: Some(user.into()),
+            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+            ..Default::default()
+        }
+    }
+
+    async fn lock(store: &MemoryStore, target: LockTarget) {
+        store
+            .put_lock(Lock::new(target, "stop", None, "security").unwrap())
+            .await
+            .unwrap();
+    }
+
+    fn refusal(d: &Decided) -> String {
+        match &d.outcome {
+            Ok(_) => "allowed".into(),
+            Err(e) => e.outcome().to_owned(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lock_refuses_before_policy_is_asked() {
+        let store = Arc::new(MemoryStore::new());
+        let d = decider(store.clone(), false).await;
+        let caller = alice(Default::default(), None);
+        let pods = info("/api/v1/namespaces/team-a/pods");
+        let now = SystemTime::now();
+        assert_eq!(refusal(&d.decide(&facts(&caller, &pods, None, None, now)).await), "allowed");
+        lock(&store, LockTarget::Group("team-a".into())).await;
+        assert_eq!(refusal(&d.decide(&facts(&caller, &pods, None, None, now)).await), "locked");
+    }
+
+    #[tokio::test]
+    async fn a_lock_on_the_identity_a_request_acts_as_refuses_it() {
+        let store = Arc::new(MemoryStore::new());
+        let d = decider(store.clone(), false).await;
+        let caller = alice(Default::default(), None);
+        let pods = info("/api/v1/namespaces/x/pods");
+        let carol = as_user("carol", &[]);
+        let now = SystemTime::now();
+        let decided = d.decide(&facts(&caller, &pods, Some(&carol), None, now)).await;
+        assert_eq!(refusal(&decided), "allowed");
+        assert_eq!(decided.impersonated.unwrap().user(), "carol");
+        lock(&store, LockTarget::User("carol".into())).await;
+        let decided = d.decide(&facts(&caller, &pods, Some(&carol), None, now)).await;
+        assert_eq!(refusal(&decided), "locked", "a lock on carol covers alice --as carol");
+        // A lock on a group the request acts as, too.
+        let store = Arc::new(MemoryStore::new());
+        let d = decider(store.clone(), false).await;
+        lock(&store, LockTarget::Group("auditors".into())).await;
+        let carol_auditor = as_user("carol", &["auditors"]);
+        let decided = d
+            .decide(&facts(&caller, &pods, Some(&carol_auditor), None, now))
+            .await;
+        assert_eq!(refusal(&decided), "locked");
+    }
+
+    #[tokio::test]
+    async fn session_and_token_locks_match_the_credential() {
+        let store = Arc::new(MemoryStore::new());
+        let d = decider(store.clone(), false).await;
+        let caller = alice(
+            CredentialFacts {
+                token_id: Some("jti-1".into()),
+                session_id: Some("sid-7".into()),
+                ..Default::default()
+            },
+            None,
+        );
+        let other = alice(
+            CredentialFacts {
+                session_id: Some("sid-8".into()),
+                ..Default::default()
+            },
+            None,
+        );
+        let pods = info("/api/v1/namespaces/team-a/pods");
+        let now = SystemTime::now();
+        lock(&store, LockTarget::Session("sid-7".into())).await;
+        assert_eq!(refusal(&d.decide(&facts(&caller, &pods, None, None, now)).await), "locked");
+        assert_eq!(
+            refusal(&d.decide(&facts(&other, &pods, None, None, now)).await),
+            "allowed",
+            "another session of the same user goes on"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_credential_counts_until_its_expiry_plus_the_clock_leeway() {
+        let store = Arc::new(MemoryStore::new());
+        let d = decider(store, false).await;
+        let exp = SystemTime::now();
+        let caller = alice(
+            CredentialFacts {
+                clock_leeway: Duration::from_secs(30),
+                ..Default::default()
+            },
+            Some(exp),
+        );
+        let pods = info("/api/v1/namespaces/team-a/pods");
+        let within = d
+            .decide(&facts(&caller, &pods, None, None, exp + Duration::from_secs(29)))
+            .await;
+        assert_eq!(refusal(&within), "allowed");
+        assert_eq!(within.until, Some(exp + Duration::from_secs(30)));
+        let past = d
+            .decide(&facts(&caller, &pods, None, None, exp + Duration::from_secs(30)))
+            .await;
+        assert!(matches!(past.outcome, Err(PipelineError::CredentialExpired)));
+    }
+
+    #[tokio::test]
+    async fn posture_is_required_except_for_api_discovery() {
+        let store = Arc::new(MemoryStore::new());
+        let d = decider(store.clone(), true).await;
+        let caller = alice(Default::default(), None);
+        let laptop = DeviceSeen {
+            id: "laptop-1".into(),
+            bound: false,
+        };
+        let now = SystemTime::now();
+        let pods = info("/api/v1/namespaces/team-a/pods");
+        let discovery = info("/apis");
+        let missing = d.decide(&facts(&caller, &pods, None, Some(&laptop), now)).await;
+        assert_eq!(refusal(&missing), "posture_required");
+        let disc = d.decide(&facts(&caller, &discovery, None, Some(&laptop), now)).await;
+        assert_eq!(refusal(&disc), "allowed", "discovery goes on without posture");
+        store
+            .put_posture(PostureRecord {
+                device_id: "laptop-1".into(),
+                attributes: Posture {
+                    managed: Some(true),
+                    ..Default::default()
+                },
+                source: "mdm".into(),
+                collected_at: now,
+                expires_at: now + Duration::from_secs(600),
+            })
+            .await
+            .unwrap();
+        let fresh = d.decide(&facts(&caller, &pods, None, Some(&laptop), now)).await;
+        assert_eq!(refusal(&fresh), "allowed");
+        assert_eq!(fresh.until, Some(now + Duration::from_secs(600)));
+    }
+
+    #[tokio::test]
+    async fn impersonation_is_decided_before_the_request() {
+        let store = Arc::new(MemoryStore::new());
+        let d = decider(store, false).await;
+        let caller = alice(Default::default(), None);
+        let pods = info("/api/v1/namespaces/x/pods");
+        let bob = as_user("bob", &[]);
+        let decided = d
+            .decide(&facts(&caller, &pods, Some(&bob), None, SystemTime::now()))
+            .await;
+        let Err(PipelineError::Authz(AuthzError::Denied(denial))) = decided.outcome else {
+            panic!("alice may not act as bob: {:?}", decided.outcome);
+        };
+        assert_eq!(denial.resource, "users");
+        assert!(decided.impersonated.is_none());
+    }
+
+    #[tokio::test]
+    async fn reviews_answer_kube_apiserver_impersonation_checks_as_kubectl_as_is_decided() {
+        let store = Arc::new(MemoryStore::new());
+        let d = decider(store.clone(), false).await;
+        let alice = Arc::new(Identity::from_review(
+            "alice".into(),
+            None,
+            vec!["team-a".into()],
+            Default::default(),
+        ));
+        let review = |ra: serde_json::Value| {
+            crate::webhook::info_from_attributes(&serde_json::json!({"resourceAttributes": ra}))
+                .unwrap()
+        };
+        let now = SystemTime::now();
+        let ask = |info: RequestInfo| {
+            let alice = alice.clone();
+            let d = &d;
+            async move {
+                d.review(&ReviewFacts {
+                    caller: &alice,
+                    impersonation: None,
+                    device: None,
+                    info: &info,
+                    source_ip: IpAddr::from([0, 0, 0, 0]),
+                    now,
+                })
+                .await
+            }
+        };
+        // Both forms kube-apiserver 1.36 sends for `--as carol`, and one for a target policy
+        // does not allow.
+        for (ra, allowed) in [
+            (serde_json::json!({"verb": "impersonate", "resource": "users", "name": "carol"}), true),
+            (serde_json::json!({"verb": "impersonate:user-info", "group": "authentication.k8s.io", "resource": "users", "name": "carol"}), true),
+            (serde_json::json!({"verb": "impersonate", "resource": "users", "name": "bob"}), false),
+            (serde_json::json!({"verb": "impersonate:user-info", "group": "authentication.k8s.io", "resource": "users", "name": "bob"}), false),
+            (serde_json::json!({"verb": "impersonate", "resource": "serviceaccounts", "namespace": "ci", "name": "deployer"}), false),
+        ] {
+            let answer = ask(review(ra.clone())).await;
+            assert_eq!(answer.allowed(), allowed, "{ra}: {answer:?}");
+            if !allowed {
+                assert!(matches!(answer, Review::Denied { .. }), "{ra}: {answer:?}");
+            }
+        }
+        // What policy cannot say is no opinion, never a denial.
+        for ra in [
+            serde_json::json!({"verb": "impersonate-on:user-info:list", "resource": "pods", "namespace": "x"}),
+            serde_json::json!({"verb": "impersonate:user-info", "group": "authentication.k8s.io", "resource": "groups", "name": "*"}),
+            serde_json::json!({"verb": "frobnicate", "resource": "pods", "namespace": "x"}),
+        ] {
+            let answer = ask(review(ra.clone())).await;
+            assert!(matches!(answer, Review::NoOpinion { .. }), "{ra}: {answer:?}");
+        }
+        // A lock on the target refuses the impersonation check as it refuses `--as`.
+        lock(&store, LockTarget::User("carol".into())).await;
+        let answer = ask(review(
+            serde_json::json!({"verb": "impersonate", "resource": "users", "name": "carol"}),
+        ))
+        .await;
+        assert!(
+            matches!(answer, Review::Denied { explicit: true, .. }),
+            "{answer:?}"
+        );
+    }
+}

@@ -297,3 +297,27 @@ pub(crate) fn check_name(kind: &str, value: &str) -> Result<(), AuthnError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+impl Identity {
+    /// An identity as an authenticator would make it, for unit tests of later steps.
+    pub(crate) fn for_tests(
+        user: &str,
+        groups: &[&str],
+        expires_at: Option<SystemTime>,
+        facts: CredentialFacts,
+    ) -> Identity {
+        Identity {
+            user: user.to_owned(),
+            uid: None,
+            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+            extra: BTreeMap::new(),
+            method: AuthMethod::Oidc {
+                issuer: "https://issuer.test".into(),
+            },
+            expires_at,
+            facts,
+            derived: Default::default(),
+        }
+    }
+}

@@ -811,3 +811,56 @@ fn acknowledged_writes_survive_kill_9() {
         );
     }
 }
+
+/// The store's index finds exactly the locks [`LockTarget::matches`] says apply: requests (the
+/// index) and live streams (the definition) can never disagree about who a lock covers.
+#[tokio::test]
+async fn the_lock_index_answers_as_the_one_match_definition() {
+    let names = ["alice", "carol", "ops", "dev", "d1", "j1", "s1"];
+    let targets: Vec<LockTarget> = names
+        .iter()
+        .flat_map(|n| {
+            [
+                LockTarget::User((*n).into()),
+                LockTarget::Group((*n).into()),
+                LockTarget::Device((*n).into()),
+                LockTarget::TokenId((*n).into()),
+                LockTarget::Session((*n).into()),
+            ]
+        })
+        .collect();
+    let groups_a = vec!["dev".to_owned()];
+    let groups_b = vec!["ops".to_owned(), "carol".to_owned()];
+    let subjects = [
+        user("alice"),
+        LockSubject {
+            user: Some("alice"),
+            groups: &groups_a,
+            acting_user: Some("carol"),
+            acting_groups: &groups_b,
+            ..LockSubject::default()
+        },
+        LockSubject {
+            device: Some("d1"),
+            token_id: Some("j1"),
+            session: Some("s1"),
+            ..LockSubject::default()
+        },
+        LockSubject {
+            user: Some("d1"),
+            groups: &groups_b,
+            ..LockSubject::default()
+        },
+    ];
+    for target in &targets {
+        let store = MemoryStore::new();
+        store.put_lock(lock(target.clone())).await.unwrap();
+        for s in &subjects {
+            assert_eq!(
+                store.view().matches(s).is_some(),
+                target.matches(s),
+                "{target:?} on {s:?}"
+            );
+        }
+    }
+}
