@@ -682,6 +682,12 @@ impl crate::streams::Recheck for StreamCheck {
                 Ok(_) => Verdict::Keep {
                     until: [decided.until, self.max_age_at].into_iter().flatten().min(),
                 },
+                Err(PipelineError::Authz(crate::authz::AuthzError::Denied(d))) => {
+                    Verdict::Close(CloseReason::forbidden(format!(
+                        "policy no longer allows this stream: {}",
+                        d.message
+                    )))
+                }
                 Err(e) => Verdict::Close(CloseReason::of(&e)),
             }
         })

@@ -188,11 +188,18 @@ async fn a_watch_ends_with_401_when_its_token_expires() {
         ..Default::default()
     })
     .await;
+    // Expired 27 s ago: still accepted within the issuer's 30 s clock leeway, and the stream
+    // ends when the leeway is used up, as a new request would then be refused.
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 27;
     let token = issuer.token(
         "alice",
         "ztgate",
         Duration::from_secs(3),
-        serde_json::json!({"groups": ["team-a"]}),
+        serde_json::json!({"groups": ["team-a"], "exp": exp, "iat": exp - 60}),
     );
     let client = h.client(None, false);
     let req = Request::get(h.uri(WATCH))
