@@ -316,12 +316,19 @@ pub struct ReviewFacts<'a> {
 /// A review's answer, in the three words of kube-apiserver's authorizers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Review {
-    Allowed { reason: String },
+    Allowed {
+        reason: String,
+    },
     /// `explicit`: a `forbid`, a lock, a policy error or a refusal that must stop the
     /// authorizer chain (a webhook's "denied"), rather than no permit.
-    Denied { reason: String, explicit: bool },
+    Denied {
+        reason: String,
+        explicit: bool,
+    },
     /// The gateway has nothing to say: the next authorizer decides.
-    NoOpinion { reason: String },
+    NoOpinion {
+        reason: String,
+    },
 }
 
 impl Review {
@@ -456,8 +463,8 @@ mod tests {
     }
 
     async fn decider(store: Arc<MemoryStore>, posture_required: bool) -> Decider {
-        let cfg = serde_json::from_value(serde_json::json!({"required": posture_required}))
-            .unwrap();
+        let cfg =
+            serde_json::from_value(serde_json::json!({"required": posture_required})).unwrap();
         let posture = crate::posture::PostureService::new(
             cfg,
             tokio_util::sync::CancellationToken::new(),
@@ -473,12 +480,7 @@ mod tests {
     }
 
     fn alice(facts: CredentialFacts, expires_at: Option<SystemTime>) -> Arc<Identity> {
-        Arc::new(Identity::for_tests(
-            "alice",
-            &["team-a"],
-            expires_at,
-            facts,
-        ))
+        Arc::new(Identity::for_tests("alice", &["team-a"], expires_at, facts))
     }
 
     fn info(path: &str) -> RequestInfo {
@@ -533,9 +535,15 @@ mod tests {
         let caller = alice(Default::default(), None);
         let pods = info("/api/v1/namespaces/team-a/pods");
         let now = SystemTime::now();
-        assert_eq!(refusal(&d.decide(&facts(&caller, &pods, None, None, now)).await), "allowed");
+        assert_eq!(
+            refusal(&d.decide(&facts(&caller, &pods, None, None, now)).await),
+            "allowed"
+        );
         lock(&store, LockTarget::Group("team-a".into())).await;
-        assert_eq!(refusal(&d.decide(&facts(&caller, &pods, None, None, now)).await), "locked");
+        assert_eq!(
+            refusal(&d.decide(&facts(&caller, &pods, None, None, now)).await),
+            "locked"
+        );
     }
 
     #[tokio::test]
@@ -546,12 +554,20 @@ mod tests {
         let pods = info("/api/v1/namespaces/x/pods");
         let carol = as_user("carol", &[]);
         let now = SystemTime::now();
-        let decided = d.decide(&facts(&caller, &pods, Some(&carol), None, now)).await;
+        let decided = d
+            .decide(&facts(&caller, &pods, Some(&carol), None, now))
+            .await;
         assert_eq!(refusal(&decided), "allowed");
         assert_eq!(decided.impersonated.unwrap().user(), "carol");
         lock(&store, LockTarget::User("carol".into())).await;
-        let decided = d.decide(&facts(&caller, &pods, Some(&carol), None, now)).await;
-        assert_eq!(refusal(&decided), "locked", "a lock on carol covers alice --as carol");
+        let decided = d
+            .decide(&facts(&caller, &pods, Some(&carol), None, now))
+            .await;
+        assert_eq!(
+            refusal(&decided),
+            "locked",
+            "a lock on carol covers alice --as carol"
+        );
         // A lock on a group the request acts as, too.
         let store = Arc::new(MemoryStore::new());
         let d = decider(store.clone(), false).await;
@@ -585,7 +601,10 @@ mod tests {
         let pods = info("/api/v1/namespaces/team-a/pods");
         let now = SystemTime::now();
         lock(&store, LockTarget::Session("sid-7".into())).await;
-        assert_eq!(refusal(&d.decide(&facts(&caller, &pods, None, None, now)).await), "locked");
+        assert_eq!(
+            refusal(&d.decide(&facts(&caller, &pods, None, None, now)).await),
+            "locked"
+        );
         assert_eq!(
             refusal(&d.decide(&facts(&other, &pods, None, None, now)).await),
             "allowed",
@@ -607,14 +626,29 @@ mod tests {
         );
         let pods = info("/api/v1/namespaces/team-a/pods");
         let within = d
-            .decide(&facts(&caller, &pods, None, None, exp + Duration::from_secs(29)))
+            .decide(&facts(
+                &caller,
+                &pods,
+                None,
+                None,
+                exp + Duration::from_secs(29),
+            ))
             .await;
         assert_eq!(refusal(&within), "allowed");
         assert_eq!(within.until, Some(exp + Duration::from_secs(30)));
         let past = d
-            .decide(&facts(&caller, &pods, None, None, exp + Duration::from_secs(30)))
+            .decide(&facts(
+                &caller,
+                &pods,
+                None,
+                None,
+                exp + Duration::from_secs(30),
+            ))
             .await;
-        assert!(matches!(past.outcome, Err(PipelineError::CredentialExpired)));
+        assert!(matches!(
+            past.outcome,
+            Err(PipelineError::CredentialExpired)
+        ));
     }
 
     #[tokio::test]
@@ -629,10 +663,18 @@ mod tests {
         let now = SystemTime::now();
         let pods = info("/api/v1/namespaces/team-a/pods");
         let discovery = info("/apis");
-        let missing = d.decide(&facts(&caller, &pods, None, Some(&laptop), now)).await;
+        let missing = d
+            .decide(&facts(&caller, &pods, None, Some(&laptop), now))
+            .await;
         assert_eq!(refusal(&missing), "posture_required");
-        let disc = d.decide(&facts(&caller, &discovery, None, Some(&laptop), now)).await;
-        assert_eq!(refusal(&disc), "allowed", "discovery goes on without posture");
+        let disc = d
+            .decide(&facts(&caller, &discovery, None, Some(&laptop), now))
+            .await;
+        assert_eq!(
+            refusal(&disc),
+            "allowed",
+            "discovery goes on without posture"
+        );
         store
             .put_posture(PostureRecord {
                 device_id: "laptop-1".into(),
@@ -646,7 +688,9 @@ mod tests {
             })
             .await
             .unwrap();
-        let fresh = d.decide(&facts(&caller, &pods, None, Some(&laptop), now)).await;
+        let fresh = d
+            .decide(&facts(&caller, &pods, None, Some(&laptop), now))
+            .await;
         assert_eq!(refusal(&fresh), "allowed");
         assert_eq!(fresh.until, Some(now + Duration::from_secs(600)));
     }
@@ -701,11 +745,26 @@ mod tests {
         // Both forms kube-apiserver 1.36 sends for `--as carol`, and one for a target policy
         // does not allow.
         for (ra, allowed) in [
-            (serde_json::json!({"verb": "impersonate", "resource": "users", "name": "carol"}), true),
-            (serde_json::json!({"verb": "impersonate:user-info", "group": "authentication.k8s.io", "resource": "users", "name": "carol"}), true),
-            (serde_json::json!({"verb": "impersonate", "resource": "users", "name": "bob"}), false),
-            (serde_json::json!({"verb": "impersonate:user-info", "group": "authentication.k8s.io", "resource": "users", "name": "bob"}), false),
-            (serde_json::json!({"verb": "impersonate", "resource": "serviceaccounts", "namespace": "ci", "name": "deployer"}), false),
+            (
+                serde_json::json!({"verb": "impersonate", "resource": "users", "name": "carol"}),
+                true,
+            ),
+            (
+                serde_json::json!({"verb": "impersonate:user-info", "group": "authentication.k8s.io", "resource": "users", "name": "carol"}),
+                true,
+            ),
+            (
+                serde_json::json!({"verb": "impersonate", "resource": "users", "name": "bob"}),
+                false,
+            ),
+            (
+                serde_json::json!({"verb": "impersonate:user-info", "group": "authentication.k8s.io", "resource": "users", "name": "bob"}),
+                false,
+            ),
+            (
+                serde_json::json!({"verb": "impersonate", "resource": "serviceaccounts", "namespace": "ci", "name": "deployer"}),
+                false,
+            ),
         ] {
             let answer = ask(review(ra.clone())).await;
             assert_eq!(answer.allowed(), allowed, "{ra}: {answer:?}");
@@ -720,7 +779,10 @@ mod tests {
             serde_json::json!({"verb": "frobnicate", "resource": "pods", "namespace": "x"}),
         ] {
             let answer = ask(review(ra.clone())).await;
-            assert!(matches!(answer, Review::NoOpinion { .. }), "{ra}: {answer:?}");
+            assert!(
+                matches!(answer, Review::NoOpinion { .. }),
+                "{ra}: {answer:?}"
+            );
         }
         // A lock on the target refuses the impersonation check as it refuses `--as`.
         lock(&store, LockTarget::User("carol".into())).await;

@@ -402,11 +402,8 @@ pub fn upgrade_headers(data: &[u8]) {
     *req.version_mut() = version;
     *req.headers_mut() = headers.clone();
 
-    let info = crate::authz::requestinfo::request_info(
-        req.method(),
-        req.uri().path(),
-        req.uri().query(),
-    );
+    let info =
+        crate::authz::requestinfo::request_info(req.method(), req.uri().path(), req.uri().query());
     let shape = info
         .as_ref()
         .map(|i| crate::route::shape_of(i, crate::route::upgrade_requested(&req)));

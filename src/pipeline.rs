@@ -32,8 +32,8 @@ use crate::authn::{AuthnError, Credentials, Identity};
 use crate::authz::requestinfo::RequestInfo;
 use crate::authz::{Authorized, ImpersonationRequest};
 use crate::body::{full, Body};
-use crate::errors::PipelineError;
 use crate::decide::{DeviceSeen, Facts};
+use crate::errors::PipelineError;
 use crate::proxy::RequestShape;
 use crate::route::{Route, Target};
 use crate::server::Gateway;
@@ -752,6 +752,17 @@ async fn self_subject_access_review(
             now: SystemTime::now(),
         })
         .await;
+    // Impersonation is the gateway's to grant (`kubectl --as` never asks kube-apiserver's RBAC
+    // about it): its answer is final either way. Anything else the gateway allows is passed on.
+    let final_answer = matches!(
+        crate::authz::review_target(&info),
+        crate::authz::ReviewTarget::Impersonation(_)
+    );
+    if final_answer && answer.allowed() {
+        let mut out = review;
+        out["status"] = json!({"allowed": true, "reason": answer.reason()});
+        return Ok(crate::body::json_response(StatusCode::CREATED, &out));
+    }
     if !answer.allowed() {
         let mut out = review;
         out["status"] = json!({

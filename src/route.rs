@@ -219,31 +219,141 @@ mod tests {
         use StreamKind::{Attach, Exec, Logs, PortForward, Proxy, Watch};
         let table: &[(&str, &str, bool, RequestShape)] = &[
             ("GET", "/api/v1/namespaces/a/pods", false, Unary),
-            ("GET", "/api/v1/namespaces/a/pods?watch=1", false, Streaming(Watch)),
-            ("GET", "/api/v1/namespaces/a/pods?watch=true", false, Streaming(Watch)),
-            ("GET", "/api/v1/namespaces/a/pods?watch=yes", false, Streaming(Watch)),
-            ("GET", "/api/v1/namespaces/a/pods?watch=True", false, Streaming(Watch)),
-            ("GET", "/api/v1/namespaces/a/pods?watch=", false, Streaming(Watch)),
-            ("GET", "/api/v1/namespaces/a/pods?watch", false, Streaming(Watch)),
-            ("GET", "/api/v1/namespaces/a/pods?w%61tch=1", false, Streaming(Watch)),
+            (
+                "GET",
+                "/api/v1/namespaces/a/pods?watch=1",
+                false,
+                Streaming(Watch),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/a/pods?watch=true",
+                false,
+                Streaming(Watch),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/a/pods?watch=yes",
+                false,
+                Streaming(Watch),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/a/pods?watch=True",
+                false,
+                Streaming(Watch),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/a/pods?watch=",
+                false,
+                Streaming(Watch),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/a/pods?watch",
+                false,
+                Streaming(Watch),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/a/pods?w%61tch=1",
+                false,
+                Streaming(Watch),
+            ),
             ("GET", "/api/v1/namespaces/a/pods?watch=false", false, Unary),
             ("GET", "/api/v1/namespaces/a/pods?watch=0", false, Unary),
             ("GET", "/api/v1/namespaces/a/pods?watch=FALSE", false, Unary),
-            ("GET", "/api/v1/watch/namespaces/a/pods", false, Streaming(Watch)),
-            ("GET", "/api/v1/w%61tch/namespaces/a/pods", false, Streaming(Watch)),
-            ("GET", "/apis/apps/v1/watch/deployments", false, Streaming(Watch)),
-            ("GET", "/api/v1/namespaces/a/pods/p/log?follow=true", false, Streaming(Logs)),
-            ("GET", "/api/v1/namespaces/a/pods/p/log?follow=yes", false, Streaming(Logs)),
-            ("GET", "/api/v1/namespaces/a/pods/p/l%6fg?follow=1", false, Streaming(Logs)),
-            ("GET", "/api/v1/namespaces/a/pods/p/log", false, Streaming(Logs)),
-            ("GET", "/api/v1/namespaces/a/pods/p/exec?command=sh", true, Up(Exec)),
-            ("GET", "/api/v1/namespaces/a/pods/p/ex%65c?command=sh", true, Up(Exec)),
-            ("POST", "/api/v1/namespaces/a/pods/p/attach", true, Up(Attach)),
-            ("GET", "/api/v1/namespaces/a/pods/p/portforward", true, Up(PortForward)),
-            ("GET", "/api/v1/namespaces/a/pods/p/exec", false, Streaming(Exec)),
-            ("GET", "/api/v1/namespaces/a/pods/p/proxy/x", false, Streaming(Proxy)),
-            ("GET", "/api/v1/namespaces/a/services/s/proxy/x", true, Up(StreamKind::Upgrade)),
-            ("GET", "/api/v1/proxy/namespaces/a/pods/p", false, Streaming(Proxy)),
+            (
+                "GET",
+                "/api/v1/watch/namespaces/a/pods",
+                false,
+                Streaming(Watch),
+            ),
+            (
+                "GET",
+                "/api/v1/w%61tch/namespaces/a/pods",
+                false,
+                Streaming(Watch),
+            ),
+            (
+                "GET",
+                "/apis/apps/v1/watch/deployments",
+                false,
+                Streaming(Watch),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/a/pods/p/log?follow=true",
+                false,
+                Streaming(Logs),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/a/pods/p/log?follow=yes",
+                false,
+                Streaming(Logs),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/a/pods/p/l%6fg?follow=1",
+                false,
+                Streaming(Logs),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/a/pods/p/log",
+                false,
+                Streaming(Logs),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/a/pods/p/exec?command=sh",
+                true,
+                Up(Exec),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/a/pods/p/ex%65c?command=sh",
+                true,
+                Up(Exec),
+            ),
+            (
+                "POST",
+                "/api/v1/namespaces/a/pods/p/attach",
+                true,
+                Up(Attach),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/a/pods/p/portforward",
+                true,
+                Up(PortForward),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/a/pods/p/exec",
+                false,
+                Streaming(Exec),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/a/pods/p/proxy/x",
+                false,
+                Streaming(Proxy),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/a/services/s/proxy/x",
+                true,
+                Up(StreamKind::Upgrade),
+            ),
+            (
+                "GET",
+                "/api/v1/proxy/namespaces/a/pods/p",
+                false,
+                Streaming(Proxy),
+            ),
             ("GET", "/debug/pprof/profile", false, Streaming(Proxy)),
             ("GET", "/version", false, Unary),
             ("GET", "/api/v1/namespaces/a/pods/p", false, Unary),
@@ -290,11 +400,17 @@ mod tests {
             Target::SelfRulesReview
         );
         assert_eq!(
-            target("GET", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"),
+            target(
+                "GET",
+                "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
+            ),
             Target::Kube
         );
         assert_eq!(target("GET", "/v1/l%6fcks"), Target::Locks);
-        assert_eq!(target("GET", "/v1/devices/posture/d1"), Target::PostureRecords);
+        assert_eq!(
+            target("GET", "/v1/devices/posture/d1"),
+            Target::PostureRecords
+        );
         assert_eq!(target("GET", "/api/v1/pods"), Target::Kube);
     }
 }

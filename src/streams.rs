@@ -68,11 +68,7 @@ pub struct StreamSubject {
 impl StreamSubject {
     /// The subject locks are matched against, the same as for the request that opened it.
     pub fn lock_subject(&self) -> crate::state::LockSubject<'_> {
-        crate::state::LockSubject::of(
-            &self.caller,
-            self.acting.as_deref(),
-            self.device.as_deref(),
-        )
+        crate::state::LockSubject::of(&self.caller, self.acting.as_deref(), self.device.as_deref())
     }
 }
 

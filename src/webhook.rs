@@ -12,10 +12,10 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 
 use crate::authn::x509::X509Authenticator;
-use crate::decide::Review;
 use crate::authz::requestinfo::RequestInfo;
 use crate::body::Body;
 use crate::config::SarDefault;
+use crate::decide::Review;
 use crate::errors::PipelineError;
 use crate::pipeline::ConnInfo;
 use crate::server::Gateway;

@@ -423,7 +423,9 @@ pub fn review_target(info: &RequestInfo) -> ReviewTarget {
         ("userextras", true) if !info.subresource.is_empty() => ImpersonationKind::Extra {
             key: info.subresource.clone(),
         },
-        _ => return ReviewTarget::Inexpressible("not an impersonation target kube-apiserver checks"),
+        _ => {
+            return ReviewTarget::Inexpressible("not an impersonation target kube-apiserver checks")
+        }
     };
     ReviewTarget::Impersonation(ImpersonationTarget {
         kind,

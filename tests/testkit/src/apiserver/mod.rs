@@ -497,7 +497,11 @@ async fn process(
     ctx: &mut Ctx,
 ) -> Response<Body> {
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    // Go's net/http routes on the percent-decoded path (`URL.Path`), and so does everything
+    // kube-apiserver derives from it (RequestInfo, the handler chosen).
+    let path = percent_encoding::percent_decode_str(req.uri().path())
+        .decode_utf8_lossy()
+        .into_owned();
     let query = respond::query_pairs(req.uri().query());
 
     let Some(caller) = auth::authenticate(conn.cert_user.as_ref(), req.headers(), &shared.tokens)
