@@ -128,9 +128,9 @@ impl Sso {
         let m = req.method();
         let get = *m == Method::GET || *m == Method::HEAD;
         match req.uri().path() {
-            "/login" if get => self.login(req).await,
+            "/login" if get => self.login(gw, req).await,
             "/callback" if get => self.callback(gw, req).await,
-            "/kubeconfig" if get => self.kubeconfig(req),
+            "/kubeconfig" if get => self.kubeconfig(gw, req),
             "/logout" if get || *m == Method::POST => self.logout(),
             _ => html(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -178,13 +178,23 @@ impl Sso {
         safe.then(|| format!("https://{host}"))
     }
 
-    fn session<B>(&self, req: &Request<B>) -> Option<Session> {
-        self.key
-            .open_session(cookie(req.headers(), SESSION_COOKIE)?)
+    /// The signed-in session, unless a lock now covers it (its user, a group, its session) or
+    /// the gateway cannot vouch for its locks: then the user must sign in again.
+    fn session<B>(&self, gw: &Gateway, req: &Request<B>) -> Option<Session> {
+        let s = self
+            .key
+            .open_session(cookie(req.headers(), SESSION_COOKIE)?)?;
+        match gw.decider.admit(&s.lock_subject()) {
+            Ok(()) => Some(s),
+            Err(e) => {
+                tracing::info!(user = %s.user, reason = %e, "sso: session refused");
+                None
+            }
+        }
     }
 
-    async fn login<B>(&self, req: &Request<B>) -> Response<Body> {
-        if let Some(s) = self.session(req) {
+    async fn login<B>(&self, gw: &Gateway, req: &Request<B>) -> Response<Body> {
+        if let Some(s) = self.session(gw, req) {
             return self.signed_in_page(req, &s);
         }
         let Some(base) = self.base_url(req) else {
@@ -357,12 +367,23 @@ impl Sso {
         if !nonce_ok {
             return Err(unauthorized("ID token nonce does not match the sign-in"));
         }
-        Ok(Session {
+        let session = Session {
             user: identity.user().to_owned(),
             groups: identity.groups().to_vec(),
             issuer: self.cfg.issuer.clone(),
             exp: now_unix() + self.cfg.session_ttl.get().as_secs(),
-        })
+            sid: identity.facts().session_id.clone(),
+        };
+        if let Err(e) = gw.decider.admit(&session.lock_subject()) {
+            tracing::info!(user = %session.user, reason = %e, "sso: sign-in refused");
+            return Err(Refusal {
+                status: StatusCode::FORBIDDEN,
+                title: "Access locked",
+                message: "Your access through this gateway is locked. Ask your security team.",
+                log: "the user, a group or the session is locked",
+            });
+        }
+        Ok(session)
     }
 
     fn spec(&self, base: &str) -> KubeconfigSpec {
@@ -408,8 +429,8 @@ impl Sso {
         )
     }
 
-    fn kubeconfig<B>(&self, req: &Request<B>) -> Response<Body> {
-        if self.session(req).is_none() {
+    fn kubeconfig<B>(&self, gw: &Gateway, req: &Request<B>) -> Response<Body> {
+        if self.session(gw, req).is_none() {
             return redirect_to("/login");
         }
         let base = self.base_url(req).unwrap_or_default();

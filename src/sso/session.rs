@@ -45,6 +45,21 @@ pub struct Session {
     pub groups: Vec<String>,
     pub issuer: String,
     pub exp: u64,
+    /// The identity provider's session (the ID token's `sid`), for session locks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<String>,
+}
+
+impl Session {
+    /// The subject locks are matched against: the signed-in user, its groups and session.
+    pub fn lock_subject(&self) -> crate::state::LockSubject<'_> {
+        crate::state::LockSubject {
+            user: Some(&self.user),
+            groups: &self.groups,
+            session: self.sid.as_deref(),
+            ..Default::default()
+        }
+    }
 }
 
 trait Expiring {

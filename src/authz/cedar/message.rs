@@ -23,7 +23,11 @@ pub fn decision_reason(decision: &Decision) -> String {
     if !decision.errors.is_empty() {
         return match decision.determining.first() {
             Some(id) => format!("policy {id:?} could not be evaluated"),
-            None => "the request could not be evaluated against policy".to_owned(),
+            // Nothing in the policy set failed: the request itself does not fit the schema.
+            None => format!(
+                "the gateway's policy cannot decide this request ({})",
+                decision.errors[0]
+            ),
         };
     }
     if decision.allowed {
