@@ -222,7 +222,7 @@ async fn subject_access_review(
         .as_object()
         .map(|m| m.iter().map(|(k, v)| (k.clone(), strings(v))).collect())
         .unwrap_or_default();
-    let status = if cfg.gateway_users.iter().any(|u| *u == user) {
+    let status = if cfg.gateway_users.contains(&user) {
         // The gateway's own upstream identity makes every forwarded request (and is asked about
         // impersonation for each): its policy is for the users behind it, not for itself.
         no_opinion("the gateway's own identity is authorized by kube-apiserver's RBAC")

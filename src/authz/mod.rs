@@ -298,25 +298,6 @@ impl Authorizer {
         })
     }
 
-    /// The policy decision for hypothetical attributes (a SelfSubjectAccessReview's spec).
-    pub fn decide_attributes(
-        &self,
-        identity: &Identity,
-        info: &RequestInfo,
-        ctx: &RequestContext<'_>,
-    ) -> Option<Decision> {
-        let engine = self.engine.as_ref()?;
-        Some(engine.decide(&AuthzInput {
-            identity,
-            info,
-            verb: &info.verb,
-            source_ip: ctx.source_ip,
-            now: ctx.now,
-            device: ctx.device,
-            websocket: false,
-        }))
-    }
-
     /// Decides the request for `identity`.
     pub fn authorize(
         &self,
