@@ -131,6 +131,7 @@ authorization:
   subjectAccessReview:
     callerBundle: apiserver
     defaultDecision: NoOpinion
+    gatewayUsers: [system:serviceaccount:ztgate:ztgate]
 audit:
   policyFile: audit-policy.yaml
   overflow: Drop
