@@ -302,10 +302,11 @@ impl PipelineError {
                 "Timeout",
                 "the upstream kube-apiserver did not answer within the gateway's request timeout",
             ),
-            PipelineError::Upstream(e @ UpstreamError::Connect(_)) => Status::failure(
+            // "kube-apiserver at <url> is not reachable: <cause>", made where it failed.
+            PipelineError::Upstream(UpstreamError::Connect(message)) => Status::failure(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "ServiceUnavailable",
-                format!("the gateway could not reach kube-apiserver: {e}"),
+                message.clone(),
             ),
             PipelineError::Upstream(e) => Status::failure(
                 StatusCode::BAD_GATEWAY,

@@ -527,8 +527,17 @@ impl Drop for InflightGuard {
 
 pin_project_lite::pin_project! {
     /// A response body that holds a guard until it ends and, when given a cancellation, ends
-    /// cleanly as soon as it is cancelled. A JSON watch closed by the gateway for a reason ends
-    /// with an `ERROR` event carrying a `Status`, which kubectl prints.
+    /// as soon as it is cancelled. A JSON watch closed by the gateway for a reason ends with an
+    /// `ERROR` event carrying a `Status`, then the body's normal end.
+    ///
+    /// The normal end is deliberate. `kubectl get --watch` exits 0 whatever ends its watch
+    /// (`k8s.io/kubectl/pkg/cmd/get/get.go` discards the watch loop's error), so no ending can
+    /// make it fail; what is left to choose is whether the user sees why. After a normal end
+    /// kubectl prints the event's `Status` (message included). After an abrupt end (an error from
+    /// this body: HTTP/2 `RST_STREAM`, HTTP/1.1 a connection closed without its last chunk) the
+    /// `ERROR` event just written is lost: HTTP/2 shows only client-go's own "unable to decode an
+    /// event from the watch stream: stream error ... INTERNAL_ERROR" and HTTP/1.1 shows nothing.
+    /// docs/operations.md has the details.
     pub struct GuardedBody<B> {
         #[pin]
         inner: B,
@@ -539,8 +548,19 @@ pin_project_lite::pin_project! {
         // end at an event boundary (a newline), so an injected event is well-formed.
         watch_errors: Option<CloseSlot>,
         at_boundary: bool,
+        // Closed in the middle of an event: the `ERROR` event to send once that event is
+        // complete, and how long its rest may take to come.
+        finishing: Option<(Pin<Box<tokio::time::Sleep>>, Bytes)>,
+        // The `ERROR` event, to send as the last frame.
+        last: Option<Bytes>,
     }
 }
+
+/// How long a watch closed in the middle of an event waits for the rest of that event before it
+/// ends without its `ERROR` event. kube-apiserver writes an event at once, so its rest is
+/// normally already on its way; the bound keeps an upstream that stalls mid-event from holding a
+/// revoked stream open, and is well inside the second in which a lock closes live streams.
+const FINISH_EVENT_WITHIN: Duration = Duration::from_millis(250);
 
 impl<B> GuardedBody<B> {
     pub fn new(inner: B, guard: Box<dyn Send>, cancel: Option<CancellationToken>) -> Self {
@@ -551,6 +571,8 @@ impl<B> GuardedBody<B> {
             ended: false,
             watch_errors: None,
             at_boundary: true,
+            finishing: None,
+            last: None,
         }
     }
 
@@ -586,25 +608,64 @@ where
         if *this.ended {
             return Poll::Ready(None);
         }
-        if let Some(c) = this.cancelled.as_mut() {
-            if c.as_mut().poll(cx).is_ready() {
-                *this.ended = true;
-                let why = this.watch_errors.as_ref().and_then(|s| s.close_reason());
-                this.guard.take();
-                if let (Some(why), true) = (why, *this.at_boundary) {
-                    return Poll::Ready(Some(Ok(Frame::data(watch_error_event(&why)))));
+        if let Some(event) = this.last.take() {
+            *this.ended = true;
+            return Poll::Ready(Some(Ok(Frame::data(event))));
+        }
+        if this.finishing.is_none() {
+            if let Some(c) = this.cancelled.as_mut() {
+                if c.as_mut().poll(cx).is_ready() {
+                    this.guard.take();
+                    let why = this.watch_errors.as_ref().and_then(|s| s.close_reason());
+                    let Some(why) = why else {
+                        *this.ended = true;
+                        return Poll::Ready(None);
+                    };
+                    if *this.at_boundary {
+                        *this.ended = true;
+                        return Poll::Ready(Some(Ok(Frame::data(watch_error_event(&why)))));
+                    }
+                    // An event is half sent: an `ERROR` event after it would be malformed JSON,
+                    // which client-go reports as a decoding error instead of the message. Let
+                    // that one event finish, and nothing after it.
+                    *this.finishing = Some((
+                        Box::pin(tokio::time::sleep(FINISH_EVENT_WITHIN)),
+                        watch_error_event(&why),
+                    ));
                 }
+            }
+        }
+        if let Some((deadline, _)) = this.finishing.as_mut() {
+            if deadline.as_mut().poll(cx).is_ready() {
+                *this.ended = true;
                 return Poll::Ready(None);
             }
         }
         match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    if !data.is_empty() {
-                        *this.at_boundary = data.ends_with(b"\n");
+                if this.finishing.is_none() {
+                    if let Some(data) = frame.data_ref() {
+                        if !data.is_empty() {
+                            *this.at_boundary = data.ends_with(b"\n");
+                        }
                     }
+                    return Poll::Ready(Some(Ok(frame)));
                 }
-                Poll::Ready(Some(Ok(frame)))
+                let Ok(data) = frame.into_data() else {
+                    // Trailers would end the response before the `ERROR` event; a watch has none.
+                    *this.ended = true;
+                    return Poll::Ready(None);
+                };
+                match data.iter().position(|b| *b == b'\n') {
+                    Some(i) => {
+                        // The event ends here; what follows is a later event, which the closed
+                        // stream must not deliver.
+                        *this.last = this.finishing.take().map(|(_, event)| event);
+                        *this.at_boundary = true;
+                        Poll::Ready(Some(Ok(Frame::data(data.slice(..=i)))))
+                    }
+                    None => Poll::Ready(Some(Ok(Frame::data(data)))),
+                }
             }
             Poll::Ready(None) => {
                 *this.ended = true;
@@ -616,7 +677,7 @@ where
                 this.guard.take();
                 Poll::Ready(Some(Err(e.into())))
             }
-            other => other.map(|o| o.map(|r| r.map_err(Into::into))),
+            Poll::Pending => Poll::Pending,
         }
     }
 

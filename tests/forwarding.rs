@@ -172,14 +172,20 @@ async fn upstream_down_gives_503_and_the_gateway_recovers() {
     });
     old.shutdown().await;
 
-    let (code, _, body) = send(&client, get(&h.uri(PODS))).await;
-    assert_eq!(code, 503, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["reason"], "ServiceUnavailable");
-    assert!(
-        v["message"].as_str().unwrap().contains("kube-apiserver"),
-        "{body}"
-    );
+    // What the client reads says which kube-apiserver and why, in a few words: the same for
+    // an ordinary request and for an upgrade (which has its own upstream connection).
+    let unreachable =
+        format!("kube-apiserver at https://{addr} is not reachable: connection refused");
+    for (what, req) in [
+        ("list", get(&h.uri(PODS))),
+        ("websocket exec", websocket_exec(&h, &[])),
+    ] {
+        let (code, _, body) = send(&client, req).await;
+        assert_eq!(code, 503, "{what}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["reason"], "ServiceUnavailable", "{what}");
+        assert_eq!(v["message"], unreachable, "{what}");
+    }
 
     // The gateway reports not ready while the upstream is gone.
     let ops = h.demo.gateway.ops_addr.unwrap();
@@ -192,6 +198,11 @@ async fn upstream_down_gives_503_and_the_gateway_recovers() {
             .await
             .unwrap();
         if r.status() == 503 {
+            let (_, _, text) = support::read_all(r).await;
+            assert!(
+                text.contains(&format!("[-]upstream: {unreachable}\n")),
+                "{text}"
+            );
             not_ready = true;
             break;
         }
@@ -359,4 +370,157 @@ async fn too_many_requests_in_flight_get_429_with_retry_after() {
     assert_eq!(status_of(&body).1, "TooManyRequests");
     assert_eq!(headers.get("retry-after").unwrap(), "1");
     assert_eq!(first.await.unwrap().0, 200);
+}
+
+/// A WebSocket exec request for web-0, as kubectl sends it, with `extra` headers added.
+fn websocket_exec(h: &Harness, extra: &[(&str, &str)]) -> Request<Full<Bytes>> {
+    let mut b = Request::get(
+        h.uri("/api/v1/namespaces/team-a/pods/web-0/exec?command=cat&stdin=true&stdout=true"),
+    )
+    .header("upgrade", "websocket")
+    .header("sec-websocket-version", "13")
+    .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+    if !extra
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("connection"))
+    {
+        b = b.header("connection", "Upgrade");
+    }
+    for (k, v) in extra {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(Bytes::new())).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cannot_name_away_a_header_the_gateway_adds() {
+    let h = Harness::start().await;
+    let alice = h.demo.env.pki.user("alice", &["team-a"]);
+    let client = h.client(Some(&alice), false);
+    // Every header the gateway writes for kube-apiserver, named as hop-by-hop by the client.
+    let named = "Audit-ID, Impersonate-User, Impersonate-Group, X-Forwarded-For, Authorization";
+    for (what, req, want) in [
+        (
+            "list",
+            Request::get(h.uri(PODS))
+                .header("Connection", named)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+            200,
+        ),
+        (
+            "websocket exec",
+            websocket_exec(
+                &h,
+                &[
+                    ("Connection", &format!("Upgrade, {named}")),
+                    ("Sec-WebSocket-Protocol", "v5.channel.k8s.io"),
+                ],
+            ),
+            101,
+        ),
+    ] {
+        h.demo.apiserver.clear_requests();
+        let (code, headers, body) = send(&client, req).await;
+        assert_eq!(code, want, "{what}: {body}");
+        let seen = h.demo.apiserver.requests();
+        let r = seen
+            .iter()
+            .find(|r| r.path.starts_with("/api/v1/namespaces/team-a/pods"))
+            .unwrap_or_else(|| panic!("{what}: nothing reached the stand-in"));
+        let audit_id = headers["audit-id"].to_str().unwrap();
+        assert_eq!(r.header_values("audit-id"), [audit_id], "{what}");
+        assert_eq!(r.header_values("impersonate-user"), ["alice"], "{what}");
+        assert_eq!(r.header_values("impersonate-group"), ["team-a"], "{what}");
+        assert_eq!(r.header_values("x-forwarded-for"), ["127.0.0.1"], "{what}");
+        assert_eq!(r.effective_user.as_ref().unwrap().username, "alice");
+        for v in r.header_values("connection") {
+            assert!(v.eq_ignore_ascii_case("upgrade"), "{what}: Connection: {v}");
+        }
+    }
+}
+
+/// How a browser (or any WebSocket client that cannot set headers) passes a bearer token.
+const TOKEN_PROTOCOL: &str = "base64url.bearer.authorization.k8s.io.";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bearer_token_in_the_websocket_subprotocols_is_not_forwarded() {
+    let h = Harness::start().await;
+    let alice = h.demo.env.pki.user("alice", &["team-a"]);
+    let client = h.client(Some(&alice), false);
+    // base64url("client-secret-token")
+    let token = format!("{TOKEN_PROTOCOL}Y2xpZW50LXNlY3JldC10b2tlbg");
+    let upper = format!(
+        "{}Y2xpZW50LXNlY3JldC10b2tlbg",
+        TOKEN_PROTOCOL.to_uppercase()
+    );
+    let cases: [(&str, Vec<String>, Option<&str>); 5] = [
+        (
+            "first of three",
+            vec![format!("{token}, v5.channel.k8s.io, v4.channel.k8s.io")],
+            Some("v5.channel.k8s.io, v4.channel.k8s.io"),
+        ),
+        (
+            "in the middle, no spaces",
+            vec![format!("v5.channel.k8s.io,{token},v4.channel.k8s.io")],
+            Some("v5.channel.k8s.io, v4.channel.k8s.io"),
+        ),
+        (
+            "on a header line of its own",
+            vec![
+                "v5.channel.k8s.io".into(),
+                token.clone(),
+                "v4.channel.k8s.io".into(),
+            ],
+            Some("v5.channel.k8s.io, v4.channel.k8s.io"),
+        ),
+        ("alone", vec![token.clone()], None),
+        (
+            "in upper case",
+            vec![format!("{upper}, v4.channel.k8s.io")],
+            Some("v4.channel.k8s.io"),
+        ),
+    ];
+    for (what, lines, want) in cases {
+        h.demo.apiserver.clear_requests();
+        let extra: Vec<(&str, &str)> = lines
+            .iter()
+            .map(|l| ("Sec-WebSocket-Protocol", l.as_str()))
+            .collect();
+        let (code, headers, body) = send(&client, websocket_exec(&h, &extra)).await;
+        assert_eq!(code, 101, "{what}: {body}");
+        let seen = h.demo.apiserver.requests();
+        let r = seen
+            .iter()
+            .find(|r| r.path.ends_with("/exec"))
+            .unwrap_or_else(|| panic!("{what}: nothing reached the stand-in"));
+        let protocols = r.header_values("sec-websocket-protocol");
+        match want {
+            Some(list) => assert_eq!(protocols, [list], "{what}"),
+            None => assert!(protocols.is_empty(), "{what}: {protocols:?}"),
+        }
+        for (k, v) in &r.headers {
+            assert!(
+                !v.contains("Y2xpZW50LXNlY3JldC10b2tlbg")
+                    && !v.to_ascii_lowercase().contains("bearer.authorization"),
+                "{what}: stand-in saw {k}: {v}"
+            );
+        }
+        // The session goes on under the first subprotocol the client offered besides the token.
+        let chosen = headers
+            .get("sec-websocket-protocol")
+            .map(|v| v.to_str().unwrap());
+        assert_eq!(chosen, want.map(|l| l.split(',').next().unwrap()), "{what}");
+    }
+
+    // Not only on upgrades: an ordinary request does not carry one upstream either.
+    h.demo.apiserver.clear_requests();
+    let req = Request::get(h.uri(PODS))
+        .header("Sec-WebSocket-Protocol", &token)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (code, _, body) = send(&client, req).await;
+    assert_eq!(code, 200, "{body}");
+    let r = &h.demo.apiserver.requests()[0];
+    assert!(r.header_values("sec-websocket-protocol").is_empty());
 }

@@ -1,5 +1,6 @@
 //! Hostile clients: request smuggling, oversized headers and bodies, slowloris, HTTP/2 floods,
-//! stalled TLS handshakes and absurd paths. Each test talks to the gateway the way an attacker
+//! stalled TLS handshakes, absurd paths, header names a later hop could misread and identity
+//! names that spoof another in logs. Each test talks to the gateway the way an attacker
 //! would (raw HTTP/1.1 bytes or raw HTTP/2 frames over real TLS) and then checks two things:
 //! what the attacker saw, and what reached the stand-in kube-apiserver — never a request under
 //! an identity the attacker does not have, never a path other than the one that was authorized.
@@ -1227,5 +1228,264 @@ async fn absurd_paths_never_reach_the_apiserver_as_something_else() {
                 "{shown}: a path policy denies reached the stand-in"
             );
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Header names and identity names
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_names_with_underscores_never_reach_the_apiserver() {
+    let h = Gw::start(Knobs::default()).await;
+    // A hop that maps `_` to `-` (CGI, WSGI, some proxies) would read these as identity
+    // headers; kube-apiserver's request-header authenticator reads only the dashed names, but
+    // nothing between the two is trusted to agree.
+    let underscored = [
+        ("Impersonate_User", "admin"),
+        ("impersonate_group", "system:masters"),
+        ("Impersonate_Extra_Scopes", "admin"),
+        ("X_Remote_User", "admin"),
+        ("X_Remote_Group", "system:masters"),
+        ("X_Forwarded_For", "6.6.6.6"),
+        ("Authorization_", "Bearer admin-token"),
+        ("X_Custom_Thing", "underscored"),
+    ];
+    for http2 in [false, true] {
+        let what = if http2 { "HTTP/2" } else { "HTTP/1.1" };
+        h.apiserver.clear_requests();
+        let mut req = http::Request::get(h.url(PODS)).header("X-Custom-Thing", "dashed");
+        for (k, v) in underscored {
+            req = req.header(k, v);
+        }
+        let req = req
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let (code, _, body) = support::send(&h.client(http2), req).await;
+        assert_eq!(code, 200, "{what}: {body}");
+        let seen = h.seen();
+        assert_eq!(seen.len(), 1, "{what}");
+        only_alice_reached(&seen, what);
+        let r = &seen[0];
+        for (k, v) in &r.headers {
+            assert!(!k.contains('_'), "{what}: stand-in saw {k}: {v}");
+            assert!(v != "6.6.6.6" && v != "underscored", "{what}: {k}: {v}");
+        }
+        // Dashed names that are not identity headers still pass.
+        assert_eq!(r.header_values("x-custom-thing"), ["dashed"], "{what}");
+        assert_eq!(r.header_values("impersonate-group"), ["team-a"], "{what}");
+    }
+}
+
+/// What a client authenticates with.
+enum Presented {
+    Token(String),
+    Certificate(CertKey),
+}
+
+/// A `ztgate serve` process trusting a development OIDC issuer, with its JSON log collected.
+struct LoggedGateway {
+    env: support::ProcessEnv,
+    issuer: ztgate_testkit::DevIssuer,
+    log: Arc<std::sync::Mutex<String>>,
+    _process: support::ServeProcess,
+}
+
+impl LoggedGateway {
+    async fn start() -> LoggedGateway {
+        let issuer =
+            ztgate_testkit::DevIssuer::start(&ztgate_testkit::pki::Ca::new("names-issuer-ca"))
+                .await
+                .unwrap();
+        let env = support::ProcessEnv::create(DevSettings {
+            jwt: vec![ztgate::demo::DevJwtIssuer {
+                url: issuer.issuer_url(),
+                ca_pem: issuer.ca_pem(),
+                audience: "ztgate".into(),
+                username_claim: "sub".into(),
+                username_prefix: "oidc:".into(),
+                groups_prefix: String::new(),
+            }],
+            ..Default::default()
+        })
+        .await;
+        let config = &env.env.config_path;
+        let text = std::fs::read_to_string(config).unwrap();
+        assert!(text.contains("format: text"), "{text}");
+        std::fs::write(config, text.replacen("format: text", "format: json", 1)).unwrap();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ztgate"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("ztgate serve starts");
+        let log = Arc::new(std::sync::Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            while let Ok(n) = stderr.read(&mut buf).await {
+                if n == 0 {
+                    return;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let mut process = support::ServeProcess { child };
+        process.wait_ready(&env.base(), &env.ca_pem()).await;
+        LoggedGateway {
+            env,
+            issuer,
+            log,
+            _process: process,
+        }
+    }
+
+    fn token(&self, sub: &str, groups: &[&str]) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        self.issuer.sign(
+            ztgate_testkit::SigningAlg::RS256,
+            &serde_json::json!({
+                "iss": self.issuer.issuer_url(),
+                "sub": sub,
+                "aud": "ztgate",
+                "iat": now,
+                "nbf": now,
+                "exp": now + 600,
+                "groups": groups,
+            }),
+        )
+    }
+
+    /// GET the team-a pods with a token or a certificate: (code, body).
+    async fn list(&self, presented: &Presented) -> (u16, String) {
+        let cert = match presented {
+            Presented::Certificate(c) => Some(c),
+            Presented::Token(_) => None,
+        };
+        let client = support::raw_client(&self.env.ca_pem(), cert, false);
+        let mut req = http::Request::get(format!("{}{PODS}", self.env.base()));
+        if let Presented::Token(t) = presented {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = req
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let (code, _, body) = support::send(&client, req).await;
+        (code, body)
+    }
+
+    /// Waits (up to 5 s) for a log line whose `reason` contains every one of `parts`.
+    async fn logged_reason(&self, parts: &[&str]) -> Option<String> {
+        for _ in 0..50 {
+            let found = self.log.lock().unwrap().lines().find_map(|line| {
+                let v: serde_json::Value = serde_json::from_str(line).ok()?;
+                let reason = v["reason"].as_str()?;
+                parts
+                    .iter()
+                    .all(|p| reason.contains(p))
+                    .then(|| reason.to_owned())
+            });
+            if found.is_some() {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_with_invisible_or_bidi_characters_get_401_and_the_log_says_why() {
+    let g = LoggedGateway::start().await;
+    let pki = &g.env.env.pki;
+    // (what, a token (sub, groups) or a certificate (CN, O), what the log must name)
+    let refused: Vec<(&str, Presented, [&str; 2])> = vec![
+        (
+            "right-to-left override in a token's user",
+            Presented::Token(g.token("alice\u{202E}nimda", &["team-a"])),
+            ["user name", "(U+202E)"],
+        ),
+        (
+            "zero-width space in a token's user",
+            Presented::Token(g.token("ad\u{200B}min", &["team-a"])),
+            ["user name", "(U+200B)"],
+        ),
+        (
+            "byte order mark in a token's user",
+            Presented::Token(g.token("bob\u{FEFF}", &["team-a"])),
+            ["user name", "(U+FEFF)"],
+        ),
+        (
+            "line separator in a token's user",
+            Presented::Token(g.token("carol\u{2028}x", &["team-a"])),
+            ["user name", "(U+2028)"],
+        ),
+        (
+            "tag character in a token's user",
+            Presented::Token(g.token("dave\u{E0041}", &["team-a"])),
+            ["user name", "(U+E0041)"],
+        ),
+        (
+            "left-to-right isolate in a token's group",
+            Presented::Token(g.token("erin", &["team-a\u{2066}"])),
+            ["group", "(U+2066)"],
+        ),
+        (
+            "left-to-right override in a certificate's CN",
+            Presented::Certificate(pki.user("\u{202D}alice", &["team-a"])),
+            ["certificate CN", "(U+202D)"],
+        ),
+        (
+            "right-to-left mark in a certificate's O",
+            Presented::Certificate(pki.user("frank", &["team-a\u{200F}"])),
+            ["certificate O", "(U+200F)"],
+        ),
+    ];
+    for (what, presented, reason) in &refused {
+        g.env.apiserver.clear_requests();
+        let (code, body) = g.list(presented).await;
+        assert_eq!(code, 401, "{what}: {body}");
+        assert!(
+            !g.env.apiserver.requests().iter().any(|r| r.path == PODS),
+            "{what}: reached the stand-in"
+        );
+        let logged = g.logged_reason(reason).await;
+        let logged = logged.unwrap_or_else(|| {
+            panic!(
+                "{what}: no log line gives the reason {reason:?}:\n{}",
+                g.log.lock().unwrap()
+            )
+        });
+        assert!(logged.contains("formatting character"), "{what}: {logged}");
+    }
+
+    // Names in other scripts are names: forwarded as they are.
+    for (what, presented, user) in [
+        (
+            "token",
+            Presented::Token(g.token("José", &["team-a"])),
+            "oidc:José",
+        ),
+        (
+            "certificate",
+            Presented::Certificate(pki.user("李", &["team-a"])),
+            "李",
+        ),
+    ] {
+        g.env.apiserver.clear_requests();
+        let (code, body) = g.list(&presented).await;
+        assert_eq!(code, 200, "{what}: {body}");
+        let seen = g.env.apiserver.requests();
+        let r = seen.iter().find(|r| r.path == PODS).unwrap();
+        assert_eq!(r.header_values("impersonate-user"), [user], "{what}");
+        assert_eq!(r.effective_user.as_ref().unwrap().username, user, "{what}");
     }
 }

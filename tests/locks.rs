@@ -124,53 +124,165 @@ async fn a_lock_closes_live_watches_within_a_second_and_refuses_new_requests_unt
     assert_eq!(status_of(&body).1, "Forbidden");
 }
 
+/// What kubectl printed and how it exited.
+struct KubectlRun {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `kubectl get pods -n team-a -w <extra>` as alice, over HTTP/1.1 when `http1` (HTTP/2 is
+/// kubectl's default over TLS), locks her out once the watch is live, and returns what kubectl
+/// printed when it ended. The lock is removed again before returning.
+async fn kubectl_watch_until_locked(h: &Harness, extra: &[&str], http1: bool) -> KubectlRun {
+    let kc = h.kubeconfig("alice", &["team-a"]);
+    let mut args = vec!["get", "pods", "-n", "team-a", "-w"];
+    args.extend_from_slice(extra);
+    // client-go configures HTTP/2 itself, so GODEBUG=http2client=0 does not turn it off; its own
+    // DISABLE_HTTP2 does.
+    let env: &[(&str, &str)] = if http1 {
+        &[("DISABLE_HTTP2", "1")]
+    } else {
+        &[]
+    };
+    let child = support::kubectl_command(&kc, &args, env).spawn().unwrap();
+
+    // The watch is live once the gateway holds it as a stream (kubectl's list before it is not).
+    let streams = &h.demo.gateway.gateway.streams;
+    let waited = Instant::now();
+    while streams.count() == 0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(20),
+            "kubectl never started watching"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let admin = h.demo.env.pki.user("sec-admin", &["security"]);
+    let admin_client = h.client(Some(&admin), false);
+    let (code, _, body) = send(
+        &admin_client,
+        post_lock(&h.uri("/v1/locks"), "user", "alice", "incident 42"),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("kubectl get -w ended after the lock")
+        .unwrap();
+
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let del = Request::delete(h.uri(&format!("/v1/locks/{id}")))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (code, _, body) = send(&admin_client, del).await;
+    assert_eq!(code, 200, "{body}");
+    // The next run must see its own watch, not this one on its way out.
+    let waited = Instant::now();
+    while streams.count() != 0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "the watch lived on"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    KubectlRun {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// kubectl's stderr holds nothing but, over HTTP/1.1, client-go's note that HTTP/2 is off (which
+/// also shows the run really was HTTP/1.1).
+fn assert_quiet_stderr(run: &KubectlRun, http1: bool) {
+    let note = "HTTP2 has been explicitly disabled";
+    assert_eq!(run.stderr.contains(note), http1, "{}", run.stderr);
+    assert!(
+        run.stderr.lines().all(|l| l.contains(note)),
+        "{}",
+        run.stderr
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubectl_get_watch_shows_the_lock_and_exits() {
+async fn kubectl_get_watch_prints_the_lock_as_a_status_row_and_exits_0() {
     let dir = policies_dir();
     let h = Harness::start_with(DevSettings {
         policies: vec![dir.path().join("p.cedar")],
         ..Default::default()
     })
     .await;
-    let kc = h.kubeconfig("alice", &["team-a"]);
-    let mut child = support::kubectl_command(&kc, &["get", "pods", "-n", "team-a", "-w"], &[])
-        .spawn()
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let admin = h.demo.env.pki.user("sec-admin", &["security"]);
-    let (code, _, body) = send(
-        &h.client(Some(&admin), false),
-        post_lock(&h.uri("/v1/locks"), "group", "team-a", "incident 42"),
-    )
+    for http1 in [false, true] {
+        let run = kubectl_watch_until_locked(&h, &[], http1).await;
+        let shown = format!(
+            "http1: {http1}, exit {:?}\nstdout:\n{}stderr:\n{}",
+            run.code, run.stdout, run.stderr
+        );
+        // kubectl prints the ERROR event's Status under a header of its own, on stdout.
+        let rows: Vec<Vec<&str>> = run
+            .stdout
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert!(rows.len() >= 3, "{shown}");
+        assert_eq!(
+            rows[rows.len() - 2],
+            ["STATUS", "REASON", "MESSAGE"],
+            "{shown}"
+        );
+        assert_eq!(
+            rows[rows.len() - 1].join(" "),
+            "Failure Forbidden access is locked: incident 42",
+            "{shown}"
+        );
+        // and exits 0: `kubectl get -w` ignores how its watch ended, so no ending the gateway
+        // could choose makes it fail (docs/operations.md).
+        assert_eq!(run.code, Some(0), "{shown}");
+        assert_quiet_stderr(&run, http1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_get_watch_output_watch_events_ends_with_the_error_event_for_scripts() {
+    let dir = policies_dir();
+    let h = Harness::start_with(DevSettings {
+        policies: vec![dir.path().join("p.cedar")],
+        ..Default::default()
+    })
     .await;
-    assert_eq!(code, 201, "{body}");
-    let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
-        .await
-        .expect("kubectl get -w ended after the lock")
-        .unwrap();
-    let mut stderr = String::new();
-    let mut stdout = String::new();
-    use tokio::io::AsyncReadExt;
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .await
-        .unwrap();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .await
-        .unwrap();
-    // kubectl prints the ERROR event's Status as a row of its watch table, then stops watching.
-    let shown = format!("{stdout}{stderr}");
-    assert!(
-        shown.contains("Forbidden") && shown.contains("access is locked: incident 42"),
-        "status {status:?}\nstderr: {stderr}\nstdout: {stdout}"
-    );
+    for http1 in [false, true] {
+        let run =
+            kubectl_watch_until_locked(&h, &["-o", "json", "--output-watch-events"], http1).await;
+        let shown = format!(
+            "http1: {http1}, exit {:?}\nstdout:\n{}stderr:\n{}",
+            run.code, run.stdout, run.stderr
+        );
+        // One event a line: the pods that were there, then the gateway's ERROR event, which a
+        // script can test for since the exit status does not tell.
+        let events: Vec<serde_json::Value> = run
+            .stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {shown}")))
+            .collect();
+        let (last, before) = events.split_last().expect(&shown);
+        assert!(!before.is_empty(), "{shown}");
+        assert!(before.iter().all(|e| e["type"] == "ADDED"), "{shown}");
+        assert_eq!(last["type"], "ERROR", "{shown}");
+        assert_eq!(last["object"]["kind"], "Status", "{shown}");
+        assert_eq!(last["object"]["code"], 403, "{shown}");
+        assert_eq!(last["object"]["reason"], "Forbidden", "{shown}");
+        assert_eq!(
+            last["object"]["message"], "access is locked: incident 42",
+            "{shown}"
+        );
+        assert_eq!(run.code, Some(0), "{shown}");
+        assert_quiet_stderr(&run, http1);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

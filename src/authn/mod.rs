@@ -194,6 +194,17 @@ impl Identity {
         for g in &groups {
             check_name("impersonated group", g)?;
         }
+        // The uid and extra values may be empty (kube-apiserver takes an empty uid as none);
+        // their text obeys the same rules as names.
+        if let Some(uid) = &uid {
+            check_characters("impersonated uid", uid)?;
+        }
+        for (key, values) in &extra {
+            check_characters("impersonated extra key", key)?;
+            for v in values {
+                check_characters("impersonated extra value", v)?;
+            }
+        }
         extra.insert(ORIGINAL_USER_EXTRA.to_owned(), vec![self.user.clone()]);
         Ok(Identity {
             user,
@@ -285,11 +296,7 @@ pub(crate) fn check_name(kind: &str, value: &str) -> Result<(), AuthnError> {
     if value.is_empty() {
         return Err(AuthnError::InvalidIdentity(format!("empty {kind}")));
     }
-    if value.chars().any(|c| c.is_control()) {
-        return Err(AuthnError::InvalidIdentity(format!(
-            "{kind} contains control characters"
-        )));
-    }
+    check_characters(kind, value)?;
     if http::HeaderValue::from_str(value).is_err() {
         return Err(AuthnError::InvalidIdentity(format!(
             "{kind} cannot be written as a header value"
@@ -318,6 +325,232 @@ impl Identity {
             expires_at,
             facts,
             derived: Default::default(),
+        }
+    }
+}
+
+/// Refuses text that would not read as what it is: control characters (`char::is_control`,
+/// general category Cc), and the invisible and bidirectional formatting characters of
+/// [`is_format_char`], which make one name look like another in a log line, an audit event or
+/// a terminal (`alice\u{202E}nimda` prints as `aliceadmin`). The reason names the code point,
+/// never the text.
+fn check_characters(kind: &str, value: &str) -> Result<(), AuthnError> {
+    // Names are ASCII far more often than not: one pass over the bytes settles those.
+    if value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Ok(());
+    }
+    if value.chars().any(|c| c.is_control()) {
+        return Err(AuthnError::InvalidIdentity(format!(
+            "{kind} contains control characters"
+        )));
+    }
+    if let Some(c) = value.chars().find(|&c| is_format_char(c)) {
+        return Err(AuthnError::InvalidIdentity(format!(
+            "{kind} contains an invisible or bidirectional formatting character (U+{:04X})",
+            c as u32
+        )));
+    }
+    Ok(())
+}
+
+/// Unicode general category Cf (format), as of Unicode 16.0, plus U+2028 LINE SEPARATOR (Zl)
+/// and U+2029 PARAGRAPH SEPARATOR (Zp). Cf holds every bidirectional control (U+061C, U+200E,
+/// U+200F, U+202A–U+202E, U+2066–U+2069), the zero-width characters (U+200B–U+200D, U+2060,
+/// U+FEFF), the soft hyphen and the invisible tag characters (U+E0001, U+E0020–U+E007F).
+/// No crate in the build exposes the category, hence the table (check it against
+/// `regex-syntax`'s `general_category::FORMAT` when Unicode adds to it).
+fn is_format_char(c: char) -> bool {
+    const FORMAT: &[(char, char)] = &[
+        ('\u{ad}', '\u{ad}'),
+        ('\u{600}', '\u{605}'),
+        ('\u{61c}', '\u{61c}'),
+        ('\u{6dd}', '\u{6dd}'),
+        ('\u{70f}', '\u{70f}'),
+        ('\u{890}', '\u{891}'),
+        ('\u{8e2}', '\u{8e2}'),
+        ('\u{180e}', '\u{180e}'),
+        ('\u{200b}', '\u{200f}'),
+        ('\u{2028}', '\u{2029}'),
+        ('\u{202a}', '\u{202e}'),
+        ('\u{2060}', '\u{2064}'),
+        ('\u{2066}', '\u{206f}'),
+        ('\u{feff}', '\u{feff}'),
+        ('\u{fff9}', '\u{fffb}'),
+        ('\u{110bd}', '\u{110bd}'),
+        ('\u{110cd}', '\u{110cd}'),
+        ('\u{13430}', '\u{1343f}'),
+        ('\u{1bca0}', '\u{1bca3}'),
+        ('\u{1d173}', '\u{1d17a}'),
+        ('\u{e0001}', '\u{e0001}'),
+        ('\u{e0020}', '\u{e007f}'),
+    ];
+    FORMAT
+        .binary_search_by(|&(lo, hi)| {
+            if hi < c {
+                std::cmp::Ordering::Less
+            } else if lo > c {
+                std::cmp::Ordering::Greater
+            } else {
+                std::cmp::Ordering::Equal
+            }
+        })
+        .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(value: &str) -> Option<String> {
+        match check_name("user name", value) {
+            Ok(()) => None,
+            Err(AuthnError::InvalidIdentity(why)) => Some(why),
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn names_with_format_characters_are_refused_naming_the_code_point() {
+        for (name, point) in [
+            ("alice\u{202E}nimda", "U+202E"),
+            ("\u{202A}a", "U+202A"),
+            ("a\u{2066}b\u{2069}", "U+2066"),
+            ("a\u{2069}", "U+2069"),
+            ("ad\u{200B}min", "U+200B"),
+            ("a\u{200C}", "U+200C"),
+            ("a\u{200D}", "U+200D"),
+            ("a\u{200E}", "U+200E"),
+            ("a\u{200F}", "U+200F"),
+            ("\u{FEFF}alice", "U+FEFF"),
+            ("a\u{2060}", "U+2060"),
+            ("a\u{061C}", "U+061C"),
+            ("a\u{00AD}b", "U+00AD"),
+            ("a\u{180E}", "U+180E"),
+            ("a\u{2028}b", "U+2028"),
+            ("a\u{2029}b", "U+2029"),
+            ("admin\u{E0041}", "U+E0041"),
+            ("a\u{E0001}", "U+E0001"),
+            ("a\u{E007F}", "U+E007F"),
+        ] {
+            let why = refusal(name).unwrap_or_else(|| panic!("{name:?} accepted"));
+            assert_eq!(
+                why,
+                format!("user name contains an invisible or bidirectional formatting character ({point})"),
+                "{name:?}"
+            );
+            assert!(!why.contains(name), "the reason never repeats the name");
+        }
+        for name in ["a\u{7}", "a\tb", "a\u{7F}", "a\u{85}", "a\u{9B}"] {
+            assert_eq!(
+                refusal(name).as_deref(),
+                Some("user name contains control characters"),
+                "{name:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_in_any_script_are_names() {
+        for name in [
+            "alice",
+            "José",
+            "李",
+            "Ñandú",
+            "Ærøskøbing",
+            "Владимир",
+            "محمد",
+            "עברית",
+            "ไทย",
+            "😀",
+            "oidc:user@example.com",
+            // Neighbours of the refused ranges.
+            "\u{2027}\u{202F}\u{2065}\u{2070}\u{FEFE}\u{FF00}\u{E0000}\u{E0002}\u{E0080}",
+        ] {
+            assert_eq!(refusal(name), None, "{name:?}");
+        }
+    }
+
+    /// The table is what `is_format_char` searches: sorted, not overlapping, and (from the
+    /// Unicode data) every code point in it is Cf except the two separators.
+    #[test]
+    fn the_format_table_is_sorted_and_holds_what_it_says() {
+        let points: Vec<u32> = (0..=0x10FFFF)
+            .filter_map(char::from_u32)
+            .filter(|&c| is_format_char(c))
+            .map(|c| c as u32)
+            .collect();
+        assert_eq!(
+            points.len(),
+            172,
+            "170 Cf in Unicode 16.0, and the 2 separators"
+        );
+        for p in [
+            0x202E, 0x2028, 0x2029, 0xFEFF, 0x200B, 0x13430, 0x1343F, 0xE007F,
+        ] {
+            assert!(points.contains(&p), "U+{p:04X}");
+        }
+        assert!(!points.contains(&0x13440) && !points.contains(&0x2065));
+    }
+
+    fn caller() -> Identity {
+        Identity {
+            user: "alice".into(),
+            uid: None,
+            groups: vec!["team-a".into()],
+            extra: BTreeMap::new(),
+            method: AuthMethod::X509 {
+                bundle: "users".into(),
+            },
+            expires_at: None,
+            facts: CredentialFacts::default(),
+            derived: Default::default(),
+        }
+    }
+
+    #[test]
+    fn an_impersonated_identity_obeys_the_same_rules() {
+        let refused = |user: &str, groups: &[&str], uid: Option<&str>, extra: &[(&str, &str)]| {
+            let extra = extra
+                .iter()
+                .map(|(k, v)| (k.to_string(), vec![v.to_string()]))
+                .collect();
+            caller()
+                .impersonated(
+                    user.into(),
+                    groups.iter().map(|g| g.to_string()).collect(),
+                    uid.map(str::to_owned),
+                    extra,
+                )
+                .err()
+                .map(|e| e.to_string())
+        };
+        assert_eq!(
+            refused("bob", &["team-b"], Some(""), &[("scopes", "")]),
+            None
+        );
+        assert_eq!(refused("José", &["李"], Some("u-1"), &[("k", "v")]), None);
+        for (what, got) in [
+            ("user", refused("bob\u{202E}", &[], None, &[])),
+            ("group", refused("bob", &["a\u{200B}"], None, &[])),
+            ("uid", refused("bob", &[], Some("1\u{2066}"), &[])),
+            (
+                "extra key",
+                refused("bob", &[], None, &[("k\u{FEFF}", "v")]),
+            ),
+            (
+                "extra value",
+                refused("bob", &[], None, &[("k", "v\u{2028}")]),
+            ),
+            (
+                "control in extra",
+                refused("bob", &[], None, &[("k", "v\n")]),
+            ),
+        ] {
+            let got = got.unwrap_or_else(|| panic!("{what} accepted"));
+            assert!(
+                got.contains(&format!("impersonated {what}")) || what == "control in extra",
+                "{what}: {got}"
+            );
         }
     }
 }

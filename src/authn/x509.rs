@@ -193,6 +193,30 @@ mod tests {
     }
 
     #[test]
+    fn names_with_formatting_characters_are_refused_and_other_scripts_kept() {
+        let pki = TestPki::new();
+        let a = authn(&pki);
+        for (ck, want) in [
+            (
+                pki.user("\u{202E}nimda", &["team-a"]),
+                "user name (certificate CN) contains an invisible or bidirectional formatting character (U+202E)",
+            ),
+            (
+                pki.user("alice", &["team-a\u{200B}"]),
+                "group (certificate O) contains an invisible or bidirectional formatting character (U+200B)",
+            ),
+        ] {
+            let err = a.verify(&chain(&ck), SystemTime::now()).result.unwrap_err();
+            assert_eq!(err, AuthnError::InvalidIdentity(want.into()));
+        }
+        let id = a
+            .verify(&chain(&pki.user("李", &["José"])), SystemTime::now())
+            .result
+            .unwrap();
+        assert_eq!((id.user(), id.groups()), ("李", &["José".to_string()][..]));
+    }
+
+    #[test]
     fn refuses_certificates_without_client_auth_usage() {
         let pki = TestPki::new();
         let server_only = pki.users_ca.issue_localhost_server("alice");

@@ -29,7 +29,9 @@ use crate::errors::{error_chain, PipelineError};
 #[non_exhaustive]
 pub enum UpstreamError {
     /// TCP or TLS connection to kube-apiserver failed (it is down, unreachable or misconfigured).
-    #[error("connection failed: {0}")]
+    /// The whole sentence a client and the log read: which kube-apiserver, and why in a few
+    /// words (made by [`Upstream::unreachable`]).
+    #[error("{0}")]
     Connect(String),
     /// kube-apiserver did not answer within the request timeout.
     #[error("timed out")]
@@ -99,6 +101,8 @@ impl http_body::Body for UpstreamBody {
 pub struct Upstream {
     scheme: Scheme,
     authority: Authority,
+    /// `https://host[:port]`, as messages name it (never with userinfo).
+    shown_url: String,
     pub(crate) host: String,
     pub(crate) port: u16,
     pub(crate) server_name: ServerName<'static>,
@@ -139,6 +143,10 @@ impl Upstream {
             .trim_end_matches(']')
             .to_owned();
         let port = authority.port_u16().unwrap_or(443);
+        let shown_url = match authority.port_u16() {
+            Some(p) => format!("https://{}:{p}", authority.host()),
+            None => format!("https://{}", authority.host()),
+        };
         let name = s.server_name.clone().unwrap_or_else(|| host.clone());
         let server_name = ServerName::try_from(name.clone())
             .map_err(|e| format!("invalid upstream server name {name:?}: {e}"))?;
@@ -156,6 +164,7 @@ impl Upstream {
         Ok(Upstream {
             scheme: Scheme::HTTPS,
             authority,
+            shown_url,
             host,
             port,
             server_name,
@@ -202,6 +211,25 @@ impl Upstream {
         &self.authority
     }
 
+    /// The error for a kube-apiserver that cannot be reached, `cause` in a few words.
+    pub(crate) fn unreachable(&self, cause: impl std::fmt::Display) -> UpstreamError {
+        UpstreamError::Connect(format!(
+            "kube-apiserver at {} is not reachable: {cause}",
+            self.shown_url
+        ))
+    }
+
+    /// Sorts a failed request: not reachable (with the cause in a few words; the whole error
+    /// chain goes to the debug log), or failed after connecting.
+    fn classify(&self, e: hyper_util::client::legacy::Error) -> UpstreamError {
+        if e.is_connect() {
+            tracing::debug!(error = %error_chain(&e), "kube-apiserver not reachable");
+            self.unreachable(short_cause(&e))
+        } else {
+            UpstreamError::Protocol(error_chain(&e))
+        }
+    }
+
     pub(crate) fn uri_for(&self, pq: Option<&PathAndQuery>) -> Uri {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(self.scheme.clone());
@@ -214,13 +242,22 @@ impl Upstream {
     }
 
     /// Replaces the client's headers with the gateway's: hygiene first, then identity.
+    ///
+    /// The request's `Audit-ID` is the gateway's (the pipeline sets it on arrival, replacing any
+    /// the client sent) and is kept through the hygiene: a client naming it in `Connection` must
+    /// not separate kube-apiserver's audit events from the gateway's. Everything else the
+    /// gateway sends is written after the hygiene, so nothing the client names can remove it.
     pub(crate) fn prepare_headers(
         &self,
         headers: &mut http::HeaderMap,
         authorized: &Authorized,
         client_ip: std::net::IpAddr,
     ) -> Result<(), PipelineError> {
+        let audit_id = headers.remove(&headers::AUDIT_ID);
         headers::sanitize_request_headers(headers);
+        if let Some(id) = audit_id {
+            headers.insert(headers::AUDIT_ID.clone(), id);
+        }
         headers::set_impersonation(headers, authorized.identity()).map_err(|e| {
             PipelineError::Authn(crate::authn::AuthnError::InvalidIdentity(e.to_string()))
         })?;
@@ -277,7 +314,7 @@ impl Upstream {
         let resp = tokio::time::timeout(self.connect_timeout * 2, self.client.request(req))
             .await
             .map_err(|_| UpstreamError::Timeout)?
-            .map_err(classify)?;
+            .map_err(|e| self.classify(e))?;
         Ok(resp.status())
     }
 
@@ -345,7 +382,7 @@ impl Upstream {
                     format!("the request body could not be read: {why}").into(),
                 )
             } else {
-                PipelineError::Upstream(classify(e))
+                PipelineError::Upstream(self.classify(e))
             }
         })?;
         headers::sanitize_response_headers(resp.headers_mut());
@@ -446,11 +483,65 @@ impl http_body::Body for WatchedBody {
     }
 }
 
-fn classify(e: hyper_util::client::legacy::Error) -> UpstreamError {
-    if e.is_connect() {
-        UpstreamError::Connect(error_chain(&e))
+/// The next error in a chain. An `io::Error` wrapping another error reports that error's
+/// source, not the error itself, so the wrapped one is taken from it directly.
+fn next_cause<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a (dyn std::error::Error + 'static)> {
+    if let Some(inner) = e
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+    {
+        return Some(inner);
+    }
+    e.source()
+}
+
+/// Why a connection to kube-apiserver failed, in a few words: the TLS error, else what the
+/// innermost I/O error says happened (refused, timed out, unreachable, ...), else the innermost
+/// error's own text. Operators read it in `/readyz` and clients in the `Status`; the whole
+/// chain of library errors (`client error (Connect): tcp connect error: ...`) says no more.
+pub(crate) fn short_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    use std::io::ErrorKind;
+    let mut io_kind = None;
+    let mut dns = false;
+    let mut innermost = e;
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return format!("TLS handshake failed: {tls}");
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            io_kind = Some(io.kind());
+        }
+        // hyper-util's resolver failure; its type is not public, its message is fixed.
+        dns |= err.to_string() == "dns error";
+        innermost = err;
+        cur = next_cause(err);
+    }
+    let said = match io_kind {
+        Some(ErrorKind::ConnectionRefused) => "connection refused",
+        Some(ErrorKind::TimedOut) => "connection timed out",
+        Some(ErrorKind::HostUnreachable) => "host unreachable",
+        Some(ErrorKind::NetworkUnreachable) => "network unreachable",
+        Some(ErrorKind::ConnectionReset) => "connection reset",
+        Some(ErrorKind::ConnectionAborted) => "connection aborted",
+        Some(ErrorKind::UnexpectedEof) => "connection closed during the TLS handshake",
+        _ => "",
+    };
+    if !said.is_empty() {
+        return said.to_owned();
+    }
+    let text = innermost.to_string();
+    // " (os error 111)" tells a reader nothing the words before it do not.
+    let text = match text.rfind(" (os error ") {
+        Some(i) if text.ends_with(')') => text[..i].to_owned(),
+        _ => text,
+    };
+    if dns {
+        format!("name lookup failed: {text}")
     } else {
-        UpstreamError::Protocol(error_chain(&e))
+        text
     }
 }
 

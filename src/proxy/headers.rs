@@ -37,6 +37,59 @@ fn is_identity_header(name: &str) -> bool {
         || name == "forwarded"
         || name == "x-real-ip"
         || name == "host"
+        // Every name with an underscore, as nginx does (`underscores_in_headers off`): a hop
+        // that maps `_` to `-` (CGI, WSGI, some proxies) would read `Impersonate_User` as
+        // `Impersonate-User`, and no header kube-apiserver or kubectl uses has one.
+        || name.contains('_')
+}
+
+/// `Sec-WebSocket-Protocol`, where a WebSocket client that cannot set `Authorization` (a
+/// browser) puts its bearer token.
+static SEC_WEBSOCKET_PROTOCOL: HeaderName = HeaderName::from_static("sec-websocket-protocol");
+
+/// The subprotocol prefix kube-apiserver reads a bearer token from
+/// (`base64url.bearer.authorization.k8s.io.<base64url token>`).
+const BEARER_SUBPROTOCOL: &[u8] = b"base64url.bearer.authorization.k8s.io.";
+
+/// Is this `Sec-WebSocket-Protocol` entry a bearer token? kube-apiserver takes an entry as one
+/// when, trimmed of white space (Go's `strings.TrimSpace`, which includes non-ASCII spaces), it
+/// starts with [`BEARER_SUBPROTOCOL`]. This matches the prefix anywhere in the entry and in any
+/// case, so no difference in what counts as white space lets a token through.
+fn is_bearer_subprotocol(entry: &[u8]) -> bool {
+    entry
+        .windows(BEARER_SUBPROTOCOL.len())
+        .any(|w| w.eq_ignore_ascii_case(BEARER_SUBPROTOCOL))
+}
+
+/// Removes bearer-token entries from `Sec-WebSocket-Protocol`, keeping the other subprotocols
+/// in the client's order (one header, entries joined by `, `), or dropping the header when none
+/// is left. kube-apiserver would authenticate from such an entry, and a token the gateway did
+/// not verify must never reach it; the header is left as sent when it carries none.
+fn remove_bearer_subprotocols(headers: &mut HeaderMap) {
+    let carries_token = headers.get_all(&SEC_WEBSOCKET_PROTOCOL).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(is_bearer_subprotocol)
+    });
+    if !carries_token {
+        return;
+    }
+    let kept: Vec<Vec<u8>> = headers
+        .get_all(&SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter(|e| !is_bearer_subprotocol(e))
+        .map(|e| e.trim_ascii().to_vec())
+        .filter(|e| !e.is_empty())
+        .collect();
+    headers.remove(&SEC_WEBSOCKET_PROTOCOL);
+    if kept.is_empty() {
+        return;
+    }
+    // Made of parts of valid header values joined by `, `: itself a valid header value.
+    if let Ok(v) = HeaderValue::from_bytes(&kept.join(&b", "[..])) {
+        headers.insert(SEC_WEBSOCKET_PROTOCOL.clone(), v);
+    }
 }
 
 /// Removes the headers named in `Connection`, then the hop-by-hop headers themselves.
@@ -84,10 +137,12 @@ pub fn forwarded_for(ip: std::net::IpAddr) -> HeaderValue {
     })
 }
 
-/// Removes hop-by-hop headers, every header named in `Connection`, and every identity-bearing
-/// header. Must run before the gateway adds its own headers.
+/// Removes hop-by-hop headers, every header named in `Connection`, every identity-bearing
+/// header (and every name with an underscore), and bearer tokens among the WebSocket
+/// subprotocols. Must run before the gateway adds its own headers.
 pub fn sanitize_request_headers(headers: &mut HeaderMap) {
     remove_hop_by_hop(headers);
+    remove_bearer_subprotocols(headers);
     let doomed: Vec<HeaderName> = headers
         .keys()
         .filter(|k| is_identity_header(k.as_str()))
@@ -242,6 +297,83 @@ mod tests {
         sanitize_request_headers(&mut h);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["accept"]);
+    }
+
+    #[test]
+    fn every_header_name_with_an_underscore_is_dropped() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("Impersonate_User", "admin"),
+            ("X_Remote_Group", "system:masters"),
+            ("x_forwarded_for", "6.6.6.6"),
+            ("_", "1"),
+            ("X_Custom", "1"),
+            ("X-Custom", "kept"),
+        ] {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        sanitize_request_headers(&mut h);
+        let left: Vec<(&str, &str)> = h
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(left, [("x-custom", "kept")]);
+    }
+
+    #[test]
+    fn bearer_subprotocols_are_removed_and_the_others_kept_in_order() {
+        let token = "base64url.bearer.authorization.k8s.io.c2VjcmV0";
+        let cases: &[(&[&str], Option<&str>)] = &[
+            (
+                &["v5.channel.k8s.io, v4.channel.k8s.io"],
+                Some("v5.channel.k8s.io, v4.channel.k8s.io"),
+            ),
+            (
+                &[&format!("{token}, v5.channel.k8s.io,v4.channel.k8s.io")],
+                Some("v5.channel.k8s.io, v4.channel.k8s.io"),
+            ),
+            (
+                &[&format!("v5.channel.k8s.io,{token}"), "v4.channel.k8s.io"],
+                Some("v5.channel.k8s.io, v4.channel.k8s.io"),
+            ),
+            (&[token], None),
+            (&[&format!(" {token} ,")], None),
+            (
+                &[&token.to_uppercase(), "v4.channel.k8s.io"],
+                Some("v4.channel.k8s.io"),
+            ),
+            // What Go's TrimSpace would trim (here U+00A0) does not hide one.
+            (
+                &[&format!("\u{a0}{token}, v4.channel.k8s.io")],
+                Some("v4.channel.k8s.io"),
+            ),
+            (
+                &[&format!("x{token}, v4.channel.k8s.io")],
+                Some("v4.channel.k8s.io"),
+            ),
+        ];
+        for (values, want) in cases {
+            let mut h = HeaderMap::new();
+            for v in *values {
+                h.append(
+                    "sec-websocket-protocol",
+                    HeaderValue::from_bytes(v.as_bytes()).unwrap(),
+                );
+            }
+            sanitize_request_headers(&mut h);
+            let got: Vec<&[u8]> = h
+                .get_all("sec-websocket-protocol")
+                .iter()
+                .map(|v| v.as_bytes())
+                .collect();
+            match want {
+                Some(w) => assert_eq!(got, [w.as_bytes()], "{values:?}"),
+                None => assert!(got.is_empty(), "{values:?}: {got:?}"),
+            }
+        }
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::forward::{Upstream, UpstreamError};
+use super::forward::{short_cause, Upstream, UpstreamError};
 use super::frames::{Framing, ServerFrames, SpdyFrames};
 use super::headers;
 use crate::authz::Authorized;
@@ -36,19 +36,20 @@ impl Upstream {
     async fn connect_http1(
         &self,
     ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, UpstreamError> {
-        let addr = format!("{}:{}", self.host, self.port);
-        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&addr))
+        // The same words as the pooled path (`Upstream::classify`), whichever path failed.
+        let addr = (self.host.as_str(), self.port);
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
             .await
-            .map_err(|_| UpstreamError::Connect(format!("connect to {addr} timed out")))?
-            .map_err(|e| UpstreamError::Connect(format!("connect to {addr}: {e}")))?;
+            .map_err(|_| self.unreachable("connection timed out"))?
+            .map_err(|e| self.unreachable(short_cause(&e)))?;
         let _ = tcp.set_nodelay(true);
         tokio::time::timeout(
             self.connect_timeout,
             self.upgrade_tls.connect(self.server_name.clone(), tcp),
         )
         .await
-        .map_err(|_| UpstreamError::Connect(format!("TLS handshake with {addr} timed out")))?
-        .map_err(|e| UpstreamError::Connect(format!("TLS handshake with {addr}: {e}")))
+        .map_err(|_| self.unreachable("TLS handshake timed out"))?
+        .map_err(|e| self.unreachable(short_cause(&e)))
     }
 
     /// Forwards an upgrade request on a dedicated HTTP/1.1 connection.
@@ -93,7 +94,7 @@ impl Upstream {
         let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake::<_, Body>(TokioIo::new(tls))
             .await
-            .map_err(|e| UpstreamError::Connect(format!("HTTP/1.1 handshake: {e}")))?;
+            .map_err(|e| self.unreachable(format_args!("HTTP/1.1 handshake failed: {e}")))?;
         // The connection task ends with this request: there is no pool to return it to.
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
