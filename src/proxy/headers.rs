@@ -93,6 +93,8 @@ fn remove_bearer_subprotocols(headers: &mut HeaderMap) {
 }
 
 /// Removes the headers named in `Connection`, then the hop-by-hop headers themselves.
+/// `Content-Length` is never removed that way: it frames the message, and the gateway's body
+/// limit and retry decisions read it after this.
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
@@ -101,6 +103,7 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| n != header::CONTENT_LENGTH)
             .collect();
         for n in named {
             headers.remove(n);
@@ -387,5 +390,17 @@ mod tests {
             assert_eq!(encode_extra_key(key), want);
             assert_eq!(decode_extra_key(want).unwrap(), key);
         }
+    }
+
+    #[test]
+    fn connection_cannot_name_away_the_content_length() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("content-length, x-a"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("12"));
+        h.insert("x-a", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.get(header::CONTENT_LENGTH).unwrap(), "12");
+        assert!(h.get("x-a").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
     }
 }
