@@ -1,6 +1,9 @@
 //! `ztgate demo` as a newcomer meets it: start it, then follow the walk-through it prints with
 //! the real kubectl — token login, a policy denial, device posture, and a watch closed by a lock.
+//! And as another user of the same machine meets it: its directory, its keys and its dev issuer
+//! give them nothing.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -14,7 +17,11 @@ struct Demo {
 }
 
 async fn start_demo() -> Demo {
-    let dir = tempfile::tempdir().unwrap();
+    start_demo_in(tempfile::tempdir().unwrap()).await
+}
+
+/// Starts the demo with `--dir <dir>/demo --kubeconfig-out <dir>/alice.kubeconfig`.
+async fn start_demo_in(dir: tempfile::TempDir) -> Demo {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ztgate"))
         .args(["demo", "--dir"])
         .arg(dir.path().join("demo"))
@@ -165,4 +172,178 @@ async fn the_demo_walk_through_works_as_printed() {
     assert!(shown.contains("laptop reported stolen"), "{shown}");
     let (ok, out) = kubectl(&alice, &["get", "pods", "-n", "team-a"]).await;
     assert!(!ok && out.contains("access is locked"), "{out}");
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Every file under `dir` (recursively).
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_directory_is_the_users_alone_and_every_private_key_is_0600() {
+    let d = start_demo().await;
+    let dir = d.dir.path().join("demo");
+    assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    assert!(d.text.contains(&dir.display().to_string()), "{}", d.text);
+
+    // Found by content, so that a key file under any name is covered.
+    let keys: Vec<PathBuf> = files_under(&dir)
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(p)
+                .map(|t| t.contains("PRIVATE KEY"))
+                .unwrap_or(false)
+        })
+        .collect();
+    for p in &keys {
+        assert_eq!(mode(p), 0o600, "{}", p.display());
+    }
+    let names: Vec<String> = keys
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for want in [
+        "gateway-client.key",
+        "gateway-serving.key",
+        "alice-cert.key",
+        "alice-laptop.key",
+        "sec-admin.key",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_refuses_a_directory_that_already_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let planted = dir.path().join("prepared");
+    std::fs::create_dir_all(planted.join("policies")).unwrap();
+    let allow_all = "permit (principal, action, resource);\n";
+    std::fs::write(planted.join("policies").join("demo.cedar"), allow_all).unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    std::fs::set_permissions(&empty, std::fs::Permissions::from_mode(0o700)).unwrap();
+
+    // Even an empty directory of the user's own with mode 0700: whether it was always so cannot
+    // be told, so the rule is simply that the demo makes its directory itself.
+    for existing in [&planted, &empty] {
+        let out = tokio::time::timeout(
+            Duration::from_secs(60),
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_ztgate"))
+                .args(["demo", "--dir"])
+                .arg(existing)
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .expect("the demo gives up at once")
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stdout}");
+        assert!(
+            !stdout.contains("ztgate demo is running"),
+            "{}: {stdout}",
+            existing.display()
+        );
+        for says in [
+            format!("--dir {}: the path already exists", existing.display()),
+            "creates that directory itself (mode 0700)".into(),
+            "another user could have created it".into(),
+            "Give a path that does not exist yet".into(),
+        ] {
+            assert!(stderr.contains(&says), "{says:?} not in: {stderr}");
+        }
+    }
+    assert_eq!(
+        std::fs::read_to_string(planted.join("policies").join("demo.cedar")).unwrap(),
+        allow_all
+    );
+    assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0);
+}
+
+/// The dev issuer answers anyone on the machine: it mints alice's token for the demo's
+/// kubeconfig and nothing else, and the banner says what it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_issuer_mints_only_the_demo_user() {
+    let d = start_demo().await;
+    assert!(
+        d.text
+            .contains("The dev OIDC issuer is a development issuer, not for real use"),
+        "{}",
+        d.text
+    );
+    let issuer = d
+        .text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("dev OIDC issuer"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no issuer URL in:\n{}", d.text))
+        .to_owned();
+    let ca = d
+        .dir
+        .path()
+        .join("demo")
+        .join("certs")
+        .join("dev-issuer-ca.crt");
+    let ask = |query: &str| {
+        let url = format!("{issuer}/dev/exec-credential?{query}");
+        let ca = ca.clone();
+        async move {
+            let out = tokio::process::Command::new("curl")
+                .args(["-s", "-w", "\n%{http_code}", "--cacert"])
+                .arg(&ca)
+                .arg(&url)
+                .output()
+                .await
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+            (code.to_owned(), body.to_owned())
+        }
+    };
+
+    let (code, body) = ask("sub=mallory&groups=security&aud=ztgate").await;
+    assert_eq!(code, "403", "{body}");
+    assert!(body.contains(r#"not for "mallory""#), "{body}");
+    let (code, body) = ask("sub=alice&groups=team-a,security&aud=ztgate").await;
+    assert_eq!(code, "403", "{body}");
+    assert!(body.contains(r#"not with "security""#), "{body}");
+    let (code, body) = ask("sub=alice&groups=team-a&aud=ztgate").await;
+    assert_eq!(code, "200", "{body}");
+    assert!(body.contains("ExecCredential"), "{body}");
+}
+
+/// A kubeconfig names the command kubectl runs, so `--kubeconfig-out` never writes through a
+/// link someone left at that path: the link is replaced by the user's own file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubeconfig_out_replaces_a_link_instead_of_writing_through_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    let out = dir.path().join("alice.kubeconfig");
+    std::os::unix::fs::symlink(&victim, &out).unwrap();
+
+    let d = start_demo_in(dir).await;
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    let meta = std::fs::symlink_metadata(&out).unwrap();
+    assert!(meta.file_type().is_file(), "{meta:?}");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let (ok, shown) = kubectl(&out, &["get", "pods", "-n", "team-a"]).await;
+    assert!(ok && shown.contains("web-0"), "{shown}");
+    drop(d);
 }

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ztgate_testkit::oidc::{DevUser, Minting};
 use ztgate_testkit::{ApiServer, ApiServerOptions, CertKey, DevIssuer, TestPki};
 
 use crate::server::RunningGateway;
@@ -129,9 +130,10 @@ impl DevEnv {
         s: &DevSettings,
     ) -> std::io::Result<DevEnv> {
         let certs = dir.join("certs");
-        std::fs::create_dir_all(&certs)?;
-        pki.gateway_serving.write(&certs, "gateway-serving");
-        pki.gateway_client.write(&certs, "gateway-client");
+        create_private_dir_all(&certs)?;
+        write_cert_key(&certs, "gateway-serving", &pki.gateway_serving)?;
+        // kube-apiserver lets this certificate impersonate anyone.
+        write_cert_key(&certs, "gateway-client", &pki.gateway_client)?;
         std::fs::write(certs.join("users-ca.crt"), pki.users_ca.cert_pem())?;
         std::fs::write(certs.join("cluster-ca.crt"), pki.cluster_ca.cert_pem())?;
         let gateway_ca_path = certs.join("gateway-ca.crt");
@@ -172,10 +174,10 @@ impl DevEnv {
             let ca = certs.join("sso-issuer-ca.crt");
             std::fs::write(&ca, &s.issuer_ca_pem)?;
             let secret = certs.join("sso-client-secret");
-            std::fs::write(&secret, &s.client_secret)?;
+            write_private(&secret, &s.client_secret)?;
             let mut key = [0u8; 32];
             getrandom::fill(&mut key).map_err(std::io::Error::other)?;
-            std::fs::write(certs.join("sso-session.key"), key)?;
+            write_private(&certs.join("sso-session.key"), key)?;
             jwt.push_str(&format!(
                 r#"    - issuer:
         url: {url}
@@ -372,8 +374,8 @@ logging:
         namespace: &str,
     ) -> PathBuf {
         let users = self.dir.join("users");
-        std::fs::create_dir_all(&users).expect("users dir");
-        let (crt, key) = ck.write(&users, name);
+        create_private_dir_all(&users).expect("users dir");
+        let (crt, key) = write_cert_key(&users, name, ck).expect("write user certificate");
         let path = self.dir.join(format!("{name}.kubeconfig"));
         let kubeconfig = format!(
             r#"apiVersion: v1
@@ -467,9 +469,19 @@ pub struct Demo {
     pub url: String,
 }
 
-/// The demo's policies: discovery for everyone, namespace team-a for its group, and a forbid
-/// that shows what a policy denial looks like.
+/// The only user the demo's dev issuer mints tokens for, and the groups it may claim: the
+/// issuer answers anyone who can reach its port, so it must not mint any other identity (a
+/// `security` token would manage locks).
+const DEMO_LOGIN_USER: (&str, &[&str]) = ("alice", &["team-a"]);
+
+/// The demo's policies: discovery for everyone, namespace team-a for its group, the lock API for
+/// `security`, a forbid that shows what a policy denial looks like, and the forbids that keep
+/// "anything in namespace team-a" from becoming more than that (tests/escalations.rs).
 pub const DEMO_POLICIES: &str = r#"// Demo policies (Cedar). Edit this file while the demo runs: the gateway reloads it.
+//
+// team-a may do anything in its namespace except what the forbids below take away: the ways in
+// which "anything in one namespace" would become more than that. Check a change with
+// `ztgate policy check` (docs/policy.md, "Escalation paths").
 
 @id("discovery-read")
 permit (
@@ -503,14 +515,67 @@ when { resource.path like "/v1/locks*" };
 forbid (principal, action, resource is k8s::Resource)
 when { context has device && context.device has posture && !context.device.posture.diskEncrypted };
 
+// An eviction deletes the pod too.
 @id("no-pod-deletion")
 @reason("deleting pods goes through the release pipeline, not kubectl")
+forbid (principal, action, resource is k8s::Resource)
+when {
+  resource.resource == "pods" &&
+  (action in [k8s::Action::"delete", k8s::Action::"deletecollection"] ||
+   resource.subresource == "eviction")
+};
+
+// The namespace object is in its own namespace, so the permit above covers it: without this,
+// team-a could delete its namespace (and everything in it) or relabel it to a weaker pod
+// security level.
+@id("namespaces-are-platform-owned")
+@reason("namespaces are changed and deleted by the platform team, not through the gateway")
 forbid (
   principal,
-  action in [k8s::Action::"delete", k8s::Action::"deletecollection"],
+  action in [k8s::Action::"update", k8s::Action::"patch",
+             k8s::Action::"delete", k8s::Action::"deletecollection"],
   resource is k8s::Resource
 )
-when { resource.resource == "pods" };
+when { resource.resource == "namespaces" };
+
+@id("no-secret-reads")
+@reason("secrets are not readable through the demo gateway")
+forbid (principal, action in k8s::Action::"read", resource is k8s::Resource)
+when { resource.resource == "secrets" };
+
+// Credentials that work without the gateway escape its locks, posture checks and audit.
+@id("no-credentials-minted-through-the-gateway")
+@reason("service account tokens and certificates are credentials that work without the gateway; they are not issued through it")
+forbid (principal, action, resource is k8s::Resource)
+when {
+  (resource.resource == "serviceaccounts" && resource.subresource == "token") ||
+  (resource.apiGroup == "certificates.k8s.io" && action in k8s::Action::"write") ||
+  action in [k8s::Action::"approve", k8s::Action::"sign"]
+};
+
+// A role or binding grants rights to identities that never pass through the gateway.
+@id("rbac-is-platform-owned")
+@reason("roles and role bindings are changed by the platform team, not through the gateway")
+forbid (principal, action, resource is k8s::Resource)
+when {
+  action in [k8s::Action::"bind", k8s::Action::"escalate"] ||
+  (resource.apiGroup == "rbac.authorization.k8s.io" && action in k8s::Action::"write")
+};
+
+// pods/proxy and services/proxy reach a workload's HTTP port from kube-apiserver's address;
+// nodes/proxy reaches the kubelet, which runs commands in any pod of its node.
+@id("no-proxy-subresources")
+@reason("the proxy subresources reach into pods, services and kubelets past the gateway's view; use port-forward")
+forbid (principal, action, resource is k8s::Resource)
+when { resource.subresource == "proxy" || action == k8s::Action::"proxy" };
+
+@id("no-system-impersonation")
+@reason("impersonating system: users, groups or service accounts is not allowed")
+forbid (principal, action == k8s::Action::"impersonate", resource)
+when {
+  (resource is k8s::ImpersonatedUser && resource.name like "system:*") ||
+  (resource is k8s::ImpersonatedGroup && resource.name like "system:*")
+};
 "#;
 
 impl Demo {
@@ -533,7 +598,9 @@ impl Demo {
             .await
             .map_err(|e| format!("stand-in kube-apiserver: {e}"))?;
         let issuer = if login {
-            let issuer = DevIssuer::start(&pki.gateway_ca)
+            let (user, groups) = DEMO_LOGIN_USER;
+            let minting = Minting::Only(vec![DevUser::new(user, groups)]);
+            let issuer = DevIssuer::start_minting(&pki.gateway_ca, "", minting)
                 .await
                 .map_err(|e| format!("dev OIDC issuer: {e}"))?;
             settings.jwt.push(DevJwtIssuer {
@@ -545,7 +612,7 @@ impl Demo {
                 groups_prefix: String::new(),
             });
             let policies = dir.join("policies");
-            std::fs::create_dir_all(&policies).map_err(|e| e.to_string())?;
+            create_private_dir_all(&policies).map_err(|e| e.to_string())?;
             std::fs::write(policies.join("demo.cedar"), DEMO_POLICIES)
                 .map_err(|e| e.to_string())?;
             settings.policies.push(policies);
@@ -586,12 +653,11 @@ impl Demo {
 pub async fn run(o: DemoOptions) -> Result<(), String> {
     let (dir, tmp_guard) = match o.dir {
         Some(d) => {
-            std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
+            create_demo_dir(&d)?;
             (d, None)
         }
         None => {
-            let d = std::env::temp_dir().join(format!("ztgate-demo-{}", std::process::id()));
-            std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
+            let d = create_temp_demo_dir()?;
             (d.clone(), Some(d))
         }
     };
@@ -608,14 +674,16 @@ pub async fn run(o: DemoOptions) -> Result<(), String> {
     };
     let demo = Demo::start_with_login(&dir, settings).await?;
     let issuer = demo.issuer.as_ref().expect("login demo has an issuer");
-    let alice =
-        demo.env
-            .kubeconfig_with_dev_login(&demo.url, issuer, "alice", &["team-a"], "team-a");
+    let (user, groups) = DEMO_LOGIN_USER;
+    let alice = demo
+        .env
+        .kubeconfig_with_dev_login(&demo.url, issuer, user, groups, "team-a");
     let alice_cert = demo
         .env
         .kubeconfig_for(&demo.url, "alice-cert", &["team-a"], "team-a");
     let laptop = device_ca.issue_client("alice-laptop", &[]);
-    let (laptop_crt, laptop_key) = laptop.write(&dir, "alice-laptop");
+    let (laptop_crt, laptop_key) =
+        write_cert_key(&dir, "alice-laptop", &laptop).map_err(|e| e.to_string())?;
     // client-go sends an exec plugin's token only with the plugin's own client certificate, so
     // the laptop's plugin returns both: the dev issuer's token and the device certificate (as
     // `ztgate login --device-cert/--device-key` does against a real provider).
@@ -668,10 +736,13 @@ printf '{{"apiVersion":"client.authentication.k8s.io/v1","kind":"ExecCredential"
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "ztgate".into());
     let admin = demo.env.pki.user("sec-admin", &["security"]);
-    let (admin_crt, admin_key) = admin.write(&dir, "sec-admin");
+    let (admin_crt, admin_key) =
+        write_cert_key(&dir, "sec-admin", &admin).map_err(|e| e.to_string())?;
     let kubeconfig = match o.kubeconfig_out {
         Some(p) => {
-            std::fs::copy(&alice, &p).map_err(|e| format!("{}: {e}", p.display()))?;
+            let text = std::fs::read(&alice).map_err(|e| format!("{}: {e}", alice.display()))?;
+            replace_private(&p, &text)
+                .map_err(|e| format!("--kubeconfig-out {}: {e}", p.display()))?;
             p
         }
         None => alice,
@@ -680,8 +751,9 @@ printf '{{"apiVersion":"client.authentication.k8s.io/v1","kind":"ExecCredential"
     println!(
         r#"ztgate demo is running.
 
+  demo directory           {dir_shown}  (yours only: keys and policies)
   stand-in kube-apiserver  {apiserver}
-  dev OIDC issuer          {issuer_url}
+  dev OIDC issuer          {issuer_url}  (development only, see below)
   ztgate gateway           {url}
   metrics                  http://{ops}/metrics
   gateway config           {config}
@@ -718,7 +790,12 @@ Device posture (the same login, plus alice's laptop certificate):
                                       # by policy "devices-need-encrypted-disks"
 
 The token comes from the kubeconfig's exec plugin (curl to the dev issuer); kubectl runs it
-again when the token expires. Press Ctrl-C to stop."#,
+again when the token expires. The dev OIDC issuer is a development issuer, not for real use: it
+asks for no password and hands alice's token (group team-a, the only identity it mints) to
+anyone on this machine who asks. Never let a real gateway trust it.
+
+Press Ctrl-C to stop."#,
+        dir_shown = dir.display(),
         apiserver = demo.apiserver.url(),
         issuer_url = issuer.issuer_url(),
         url = demo.url,
@@ -755,6 +832,115 @@ async fn wait_for_stop() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+/// Creates the demo's own directory at `path`, readable by the current user only. The demo keeps
+/// private keys there (the gateway's upstream key may act as anyone in the stand-in) and the
+/// policies the gateway enforces, so a directory someone else could have created or filled
+/// first is never used: `mkdir` either creates it, with its mode, or fails.
+fn create_demo_dir(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|e| format!("{}: {e}", parent.display()))?;
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => format!(
+                "--dir {}: the path already exists. The demo keeps private keys and the policies \
+                 it enforces in its directory, so it creates that directory itself (mode 0700) \
+                 and never uses one that exists: another user could have created it, or put \
+                 files in it, first. Give a path that does not exist yet, or leave out --dir \
+                 for a fresh temporary directory.",
+                path.display()
+            ),
+            _ => format!("--dir {}: {e}", path.display()),
+        })
+}
+
+/// A fresh, unpredictable directory under the temporary directory (see [`create_demo_dir`]).
+fn create_temp_demo_dir() -> Result<PathBuf, String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let base = std::env::temp_dir();
+    for _ in 0..16 {
+        let mut suffix = [0u8; 8];
+        getrandom::fill(&mut suffix).map_err(|e| e.to_string())?;
+        let name: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
+        let d = base.join(format!("ztgate-demo-{name}"));
+        match std::fs::DirBuilder::new().mode(0o700).create(&d) {
+            Ok(()) => return Ok(d),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(format!("{}: {e}", d.display())),
+        }
+    }
+    Err(format!(
+        "{}: could not create a new demo directory",
+        base.display()
+    ))
+}
+
+/// `mkdir -p` with mode 0700 for the directories it creates.
+fn create_private_dir_all(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+}
+
+/// Writes a file only its owner can read. The mode is given to `open`, so the file is never
+/// readable by others, not even for a moment; a file already at `path` is replaced, not
+/// reused, because its mode and owner are not ours to trust.
+fn write_private(path: &Path, contents: impl AsRef<[u8]>) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents.as_ref())
+}
+
+/// Puts `contents` at `path` by renaming a new private file over it. A kubeconfig names the
+/// command kubectl runs for credentials, so the file must be the user's own: a link at `path`
+/// is replaced rather than written through, and another user's file in a sticky directory such
+/// as /tmp is not taken over (the rename is refused).
+fn replace_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name"))?;
+    let mut suffix = [0u8; 8];
+    getrandom::fill(&mut suffix).map_err(std::io::Error::other)?;
+    let suffix: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = dir.join(format!(".{}.{suffix}.tmp", name.to_string_lossy()));
+    write_private(&tmp, contents)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// Writes `<name>.crt` and `<name>.key` (0600) into `dir` and returns their paths.
+fn write_cert_key(dir: &Path, name: &str, ck: &CertKey) -> std::io::Result<(PathBuf, PathBuf)> {
+    let crt = dir.join(format!("{name}.crt"));
+    let key = dir.join(format!("{name}.key"));
+    std::fs::write(&crt, &ck.cert_pem)?;
+    write_private(&key, &ck.key_pem)?;
+    Ok((crt, key))
 }
 
 /// `text` with every line indented by `n` spaces (and ending with a newline).

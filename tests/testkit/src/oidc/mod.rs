@@ -7,7 +7,8 @@
 //!   whatever the fault helpers added),
 //! - `/dev/exec-credential?sub=..&aud=..[&groups=a,b][&ttl=secs]`: a client-go `ExecCredential`
 //!   carrying a fresh RS256 token, so that a kubeconfig's exec plugin can be
-//!   `curl -s --cacert <ca> <url>`.
+//!   `curl -s --cacert <ca> <url>`. Anyone who can reach the port can call it, so it mints only
+//!   what [`Minting`] allows: by default nothing, for `ztgate demo` only the demo's users.
 //!
 //! Everything else answers 404. Tokens are minted in-process with [`DevIssuer::sign`] and
 //! friends; the fault knobs ([`DevIssuer::set_jwks_override`], [`DevIssuer::set_delay`],
@@ -80,6 +81,69 @@ impl SigningAlg {
     }
 }
 
+/// Who `/dev/exec-credential` mints tokens for. The endpoint has no authentication of its own,
+/// so whatever it allows, every local user (and every process) may have.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Minting {
+    /// Nobody: tokens come only from the in-process methods ([`DevIssuer::token`] and friends).
+    Nobody,
+    /// These users, each with some or all of its own groups and no others.
+    Only(Vec<DevUser>),
+    /// Any subject with any groups. Only for tests and load generators that need many
+    /// identities and run where nobody else can reach the port; never for `ztgate demo`.
+    Anyone,
+}
+
+/// A user the exec-credential endpoint may mint tokens for, with the groups it may claim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DevUser {
+    pub sub: String,
+    pub groups: Vec<String>,
+}
+
+impl DevUser {
+    pub fn new(sub: &str, groups: &[&str]) -> DevUser {
+        DevUser {
+            sub: sub.to_owned(),
+            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+        }
+    }
+}
+
+impl Minting {
+    /// Refuses (with the text the caller sees) a subject or group this issuer must not mint.
+    fn check(&self, sub: &str, groups: &[String]) -> Result<(), String> {
+        let users =
+            match self {
+                Minting::Anyone => return Ok(()),
+                Minting::Nobody => return Err(
+                    "this development issuer mints no tokens over HTTP (it was started without \
+                     any users to mint for)"
+                        .into(),
+                ),
+                Minting::Only(users) => users,
+            };
+        let Some(user) = users.iter().find(|u| u.sub == sub) else {
+            let known: Vec<String> = users
+                .iter()
+                .map(|u| format!("{} (groups: {})", u.sub, u.groups.join(", ")))
+                .collect();
+            return Err(format!(
+                "this development issuer mints tokens only for its configured users, {}; \
+                 not for {sub:?}",
+                known.join("; ")
+            ));
+        };
+        match groups.iter().find(|g| !user.groups.contains(g)) {
+            Some(g) => Err(format!(
+                "this development issuer mints {sub:?} only with the groups {}; not with {g:?}",
+                user.groups.join(", ")
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
 /// The key set: one current key per algorithm plus what the JWKS lists besides them.
 struct KeyState {
     /// Indexed by [`SigningAlg::index`].
@@ -114,6 +178,7 @@ struct Shared {
     /// The issuer path ("" or "/realms/dev"), prefix of every served route.
     path: String,
     keys: RwLock<KeyState>,
+    minting: Minting,
     jwks_override: Mutex<Option<String>>,
     delay_micros: AtomicU64,
     discovery_fetches: AtomicUsize,
@@ -221,15 +286,26 @@ async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 impl DevIssuer {
     /// Starts an HTTPS issuer on 127.0.0.1:0 with a serving cert from `ca` (localhost + 127.0.0.1
-    /// SANs). The issuer URL is `https://127.0.0.1:PORT` (no trailing slash).
+    /// SANs). The issuer URL is `https://127.0.0.1:PORT` (no trailing slash). Its
+    /// exec-credential endpoint mints nothing ([`Minting::Nobody`]).
     pub async fn start(ca: &Ca) -> std::io::Result<DevIssuer> {
-        Self::start_with_path(ca, "").await
+        Self::start_minting(ca, "", Minting::Nobody).await
     }
 
     /// Like [`DevIssuer::start`], with an issuer path: `"/realms/dev"` gives the issuer
     /// `https://127.0.0.1:PORT/realms/dev`, discovery at `{issuer}/.well-known/openid-configuration`.
     /// Leading/trailing slashes are normalised; `""` or `"/"` means no path.
     pub async fn start_with_path(ca: &Ca, path: &str) -> std::io::Result<DevIssuer> {
+        Self::start_minting(ca, path, Minting::Nobody).await
+    }
+
+    /// Like [`DevIssuer::start_with_path`], with an exec-credential endpoint that mints for
+    /// whom `minting` allows.
+    pub async fn start_minting(
+        ca: &Ca,
+        path: &str,
+        minting: Minting,
+    ) -> std::io::Result<DevIssuer> {
         let path = normalize_path(path)?;
         let serving = ca.issue_localhost_server("ztgate-dev-issuer");
         let certs = CertificateDer::pem_slice_iter(serving.cert_pem.as_bytes())
@@ -257,6 +333,7 @@ impl DevIssuer {
             issuer_url: format!("https://{addr}{path}"),
             path,
             keys: RwLock::new(keys),
+            minting,
             jwks_override: Mutex::new(None),
             delay_micros: AtomicU64::new(0),
             discovery_fetches: AtomicUsize::new(0),
@@ -535,7 +612,7 @@ async fn handle<B>(shared: &Shared, req: Request<B>) -> Response<Full<Bytes>> {
         }
         Route::ExecCredential => match exec_credential(shared, req.uri().query().unwrap_or("")) {
             Ok(v) => json_response(&v),
-            Err(msg) => text(StatusCode::BAD_REQUEST, &msg),
+            Err((status, msg)) => text(status, &msg),
         },
     }
 }
@@ -564,7 +641,15 @@ fn form_decode(s: &str) -> Result<String, String> {
 /// Longest lifetime the exec-credential endpoint hands out.
 const MAX_EXEC_TTL_SECS: u64 = 7 * 24 * 3600;
 
-fn exec_credential(shared: &Shared, query: &str) -> Result<Value, String> {
+/// What a request to the exec-credential endpoint asks for.
+struct CredentialRequest {
+    sub: String,
+    aud: String,
+    groups: Vec<String>,
+    ttl: u64,
+}
+
+fn parse_credential_request(query: &str) -> Result<CredentialRequest, String> {
     let mut sub = None;
     let mut aud = None;
     let mut groups: Vec<String> = Vec::new();
@@ -599,6 +684,25 @@ fn exec_credential(shared: &Shared, query: &str) -> Result<Value, String> {
     let aud = aud
         .filter(|s| !s.is_empty())
         .ok_or("missing query parameter `aud`")?;
+    Ok(CredentialRequest {
+        sub,
+        aud,
+        groups,
+        ttl,
+    })
+}
+
+fn exec_credential(shared: &Shared, query: &str) -> Result<Value, (StatusCode, String)> {
+    let CredentialRequest {
+        sub,
+        aud,
+        groups,
+        ttl,
+    } = parse_credential_request(query).map_err(|m| (StatusCode::BAD_REQUEST, m))?;
+    shared
+        .minting
+        .check(&sub, &groups)
+        .map_err(|m| (StatusCode::FORBIDDEN, m))?;
     let now = unix_now();
     let exp = now + ttl;
     let claims = json!({

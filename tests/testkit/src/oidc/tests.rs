@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use super::{DevIssuer, SigningAlg};
+use super::{DevIssuer, DevUser, Minting, SigningAlg};
 use crate::pki::Ca;
 
 fn client_config(ca_pem: &str, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
@@ -417,7 +417,9 @@ async fn oidc_stop_restart_same_address_same_keys() {
 #[tokio::test]
 async fn oidc_exec_credential_verifies() {
     let ca = Ca::new("oidc-test-ca");
-    let issuer = DevIssuer::start(&ca).await.unwrap();
+    let issuer = DevIssuer::start_minting(&ca, "", Minting::Anyone)
+        .await
+        .unwrap();
     let cred = get_json(
         &issuer,
         "/dev/exec-credential?sub=alice&groups=team-a,devs&aud=ztgate&ttl=3600",
@@ -470,12 +472,95 @@ async fn oidc_exec_credential_verifies() {
     }
 }
 
+/// The exec-credential endpoint answers anyone who can reach the port, so an issuer mints only
+/// the users it was started with, each with its own groups at most.
+#[tokio::test]
+async fn oidc_exec_credential_mints_only_the_configured_users() {
+    let ca = Ca::new("oidc-test-ca");
+    let issuer = DevIssuer::start_minting(
+        &ca,
+        "",
+        Minting::Only(vec![DevUser::new("alice", &["team-a", "devs"])]),
+    )
+    .await
+    .unwrap();
+    let jwks = fetch_jwks(&issuer).await;
+    for (query, groups) in [
+        (
+            "sub=alice&groups=team-a,devs&aud=ztgate",
+            json!(["team-a", "devs"]),
+        ),
+        ("sub=alice&groups=team-a&aud=ztgate", json!(["team-a"])),
+        ("sub=alice&aud=ztgate", json!([])),
+    ] {
+        let cred = get_json(&issuer, &format!("/dev/exec-credential?{query}")).await;
+        let claims = verify(
+            &jwks,
+            &issuer,
+            SigningAlg::RS256,
+            "ztgate",
+            cred["status"]["token"].as_str().unwrap(),
+        );
+        assert_eq!(claims["sub"], "alice", "{query}");
+        assert_eq!(claims["groups"], groups, "{query}");
+    }
+
+    for (query, says) in [
+        (
+            "sub=mallory&groups=security&aud=ztgate",
+            r#"only for its configured users, alice (groups: team-a, devs); not for "mallory""#,
+        ),
+        ("sub=mallory&aud=ztgate", r#"not for "mallory""#),
+        (
+            "sub=alice&groups=team-a,security&aud=ztgate",
+            r#"mints "alice" only with the groups team-a, devs; not with "security""#,
+        ),
+        (
+            "sub=alice&groups=team-a&groups=system:masters&aud=ztgate",
+            r#"not with "system:masters""#,
+        ),
+        // The last `sub` is the one that would be minted.
+        ("sub=alice&sub=mallory&aud=ztgate", r#"not for "mallory""#),
+    ] {
+        let (status, body) = get(&issuer, &format!("/dev/exec-credential?{query}"))
+            .await
+            .unwrap();
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(status, StatusCode::FORBIDDEN, "{query}: {body}");
+        assert!(body.contains(says), "{query}: {body}");
+        assert!(!body.contains("ExecCredential"), "{query}: {body}");
+    }
+
+    // Started without users, it mints nothing over HTTP; in-process minting is unaffected.
+    let quiet = DevIssuer::start(&ca).await.unwrap();
+    let (status, body) = get(&quiet, "/dev/exec-credential?sub=alice&aud=ztgate")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(
+        String::from_utf8_lossy(&body).contains("mints no tokens over HTTP"),
+        "{body:?}"
+    );
+    let token = quiet.token("anyone", "ztgate", Duration::from_secs(60), Value::Null);
+    verify(
+        &fetch_jwks(&quiet).await,
+        &quiet,
+        SigningAlg::RS256,
+        "ztgate",
+        &token,
+    );
+}
+
 #[tokio::test]
 async fn oidc_issuer_path() {
     let ca = Ca::new("oidc-test-ca");
-    let issuer = DevIssuer::start_with_path(&ca, "/realms/dev/")
-        .await
-        .unwrap();
+    let issuer = DevIssuer::start_minting(
+        &ca,
+        "/realms/dev/",
+        Minting::Only(vec![DevUser::new("a", &[])]),
+    )
+    .await
+    .unwrap();
     let url = issuer.issuer_url();
     assert_eq!(
         url,
@@ -575,7 +660,13 @@ async fn oidc_exec_credential_via_curl() {
         return;
     }
     let ca = Ca::new("oidc-test-ca");
-    let issuer = DevIssuer::start(&ca).await.unwrap();
+    let issuer = DevIssuer::start_minting(
+        &ca,
+        "",
+        Minting::Only(vec![DevUser::new("alice", &["team-a", "devs"])]),
+    )
+    .await
+    .unwrap();
     let ca_file = std::env::temp_dir().join(format!(
         "ztgate-oidc-ca-{}-{}.pem",
         std::process::id(),
