@@ -108,7 +108,11 @@ async fn main() {
     opts.record_requests = false;
     opts.http2_max_streams = Some(1000);
     let apiserver = ApiServer::start(opts).await.expect("stand-in");
-    let issuer = DevIssuer::start(&pki.gateway_ca).await.expect("dev issuer");
+    // The soak mints many users over HTTP; nobody else can reach this loopback issuer.
+    let issuer =
+        DevIssuer::start_minting(&pki.gateway_ca, "", ztgate_testkit::oidc::Minting::Anyone)
+            .await
+            .expect("dev issuer");
     let device_ca = Ca::new("bench-device-ca");
     let device = device_ca.issue_client("bench-laptop", &[]);
 

@@ -155,7 +155,16 @@ pub fn policy_check(paths: &[PathBuf], r: &CheckRequest) -> Result<(bool, String
         device: device.as_ref(),
         websocket: false,
     };
-    let d = engine.decide_subject(&subject, &req);
+    // `--verb impersonate --resource users --name carol` asks what `kubectl --as carol` asks.
+    let d = match crate::authz::review_target(&info) {
+        crate::authz::ReviewTarget::Impersonation(target) => {
+            engine.decide_subject_impersonation(&subject, &req, &target)
+        }
+        crate::authz::ReviewTarget::Inexpressible(why) => {
+            return Err(format!("the gateway's policy does not decide this: {why}"))
+        }
+        crate::authz::ReviewTarget::Request => engine.decide_subject(&subject, &req),
+    };
     let mut out = if d.allowed {
         "yes".to_owned()
     } else {

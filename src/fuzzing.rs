@@ -471,7 +471,11 @@ pub fn upgrade_headers(data: &[u8]) {
     // A bearer token passed as a WebSocket subprotocol (kube-apiserver authenticates from it)
     // never passes; the other subprotocols do, in order.
     const BEARER: &[u8] = b"base64url.bearer.authorization.k8s.io.";
-    let bearer = |e: &[u8]| e.to_ascii_lowercase().windows(BEARER.len()).any(|w| w == BEARER);
+    let bearer = |e: &[u8]| {
+        e.to_ascii_lowercase()
+            .windows(BEARER.len())
+            .any(|w| w == BEARER)
+    };
     let entries = |vs: &[&HeaderValue]| -> Vec<Vec<u8>> {
         vs.iter()
             .flat_map(|v| v.as_bytes().split(|&b| b == b','))
@@ -489,7 +493,11 @@ pub fn upgrade_headers(data: &[u8]) {
                     !after.iter().any(|v| bearer(v.as_bytes())),
                     "a bearer subprotocol survived"
                 );
-                assert_eq!(entries(&before), entries(&after), "{sub} lost a subprotocol");
+                assert_eq!(
+                    entries(&before),
+                    entries(&after),
+                    "{sub} lost a subprotocol"
+                );
             } else {
                 assert_eq!(before, after, "{sub} changed");
             }

@@ -71,7 +71,8 @@ enum Command {
         /// Where to write the demo kubeconfig.
         #[arg(long)]
         kubeconfig_out: Option<PathBuf>,
-        /// Directory for the demo's certificates and config (a temporary one by default).
+        /// Directory for the demo's certificates and config: a new path, which the demo creates
+        /// with mode 0700 (an existing one is refused); a fresh temporary one by default.
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Gateway port on 127.0.0.1 (0 picks a free one).

@@ -70,6 +70,62 @@ fn policy_check_answers_like_kubectl_auth_can_i() {
     assert!(out.contains("secrets"), "{out}");
 }
 
+/// `--verb impersonate` asks what `kubectl --as` asks (and kube-apiserver's impersonation
+/// reviews): users, service accounts (by namespace and name) and groups as impersonation targets.
+#[test]
+fn policy_check_answers_impersonation_as_kubectl_as_is_decided() {
+    let check = |extra: &[&str]| {
+        let base = [
+            "policy",
+            "check",
+            "--policies",
+            "config/policies",
+            "--user",
+            "bob",
+            "--group",
+            "support",
+            "--verb",
+            "impersonate",
+        ];
+        ztgate(&[&base[..], extra].concat())
+    };
+    let (code, out, _) = check(&[
+        "--resource",
+        "serviceaccounts",
+        "-n",
+        "team-a",
+        "--name",
+        "builder",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("yes"), "{out}");
+    let (code, out, _) = check(&[
+        "--resource",
+        "users",
+        "--name",
+        "system:serviceaccount:team-a:builder",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out, _) = check(&["--resource", "users", "--name", "system:admin"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("impersonating system: users or groups is not allowed"),
+        "{out}"
+    );
+    let (code, out, _) = check(&["--resource", "groups", "--name", "system:masters"]);
+    assert_eq!(code, 1, "{out}");
+    let (code, out, _) = check(&[
+        "--resource",
+        "serviceaccounts",
+        "-n",
+        "team-b",
+        "--name",
+        "builder",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.starts_with("no - "), "{out}");
+}
+
 #[test]
 fn webhook_config_is_a_kubeconfig_pointing_at_the_review_endpoint() {
     let (code, out, err) = ztgate(&[

@@ -395,7 +395,10 @@ mod tests {
     #[test]
     fn connection_cannot_name_away_the_content_length() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("content-length, x-a"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("content-length, x-a"),
+        );
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("12"));
         h.insert("x-a", HeaderValue::from_static("1"));
         remove_hop_by_hop(&mut h);
