@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod ct;
 pub mod device;
+pub mod discovery;
 pub mod errors;
 #[doc(hidden)]
 pub mod fuzzing;

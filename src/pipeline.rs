@@ -514,6 +514,11 @@ async fn run(
             if info.resource == "selfsubjectaccessreviews" && gw.authorizer.engine().is_some() {
                 return Box::pin(self_subject_access_review(gw, req, a, &ctx)).await;
             }
+            // --- SelfSubjectRulesReview (`kubectl auth can-i --list`): answered from policy ---
+            if info.resource == "selfsubjectrulesreviews" && gw.authorizer.engine().is_some() {
+                return Box::pin(crate::authz::rules::serve(gw, req, &identity, &ctx)).await;
+            }
+            // --- end SelfSubjectRulesReview ---
             a
         }
         None => match gw.authorizer.authorize(identity, &ctx) {
