@@ -211,6 +211,38 @@ impl Decider {
         }
     }
 
+    /// Step 5 alone, for attributes a self-review asks about (`kubectl auth can-i --list`),
+    /// with the device and posture already decided for the asker's own request: the same
+    /// authorization `decide` ends with.
+    pub fn policy_decision(
+        &self,
+        identity: &Arc<Identity>,
+        info: &RequestInfo,
+        device: Option<&DeviceFacts>,
+        source_ip: IpAddr,
+        now: SystemTime,
+    ) -> crate::authz::cedar::Decision {
+        let ctx = RequestContext {
+            info,
+            device,
+            method: None,
+            websocket: false,
+            source_ip,
+            now,
+        };
+        if self.authorizer.self_review(identity, info).is_some() {
+            return crate::authz::cedar::Decision {
+                allowed: true,
+                ..Default::default()
+            };
+        }
+        match self.authorizer.authorize(identity.clone(), &ctx) {
+            Ok(a) => a.decision().cloned().unwrap_or_default(),
+            Err(AuthzError::Denied(d)) => d.decision,
+            Err(_) => Default::default(),
+        }
+    }
+
     /// One `impersonate` check, as kube-apiserver asks it in a SubjectAccessReview: the caller
     /// and the target (when it names a user) are admitted, then policy decides.
     pub fn decide_impersonation(

@@ -14,6 +14,7 @@ pub mod config;
 pub mod ct;
 pub mod decide;
 pub mod device;
+pub mod discovery;
 pub mod errors;
 #[doc(hidden)]
 pub mod fuzzing;

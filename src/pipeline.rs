@@ -518,6 +518,19 @@ async fn run(
             };
             Box::pin(self_subject_access_review(gw, req, authorized, review)).await
         }
+        Target::SelfRulesReview if policy => {
+            let asker = crate::authz::rules::Asker {
+                identity: decided
+                    .impersonated
+                    .clone()
+                    .unwrap_or_else(|| identity.clone()),
+                device: decided.device.clone(),
+                source_ip: facts.source_ip,
+                now,
+                api_version: info.api_version.clone(),
+            };
+            Box::pin(crate::authz::rules::serve(gw, req, asker)).await
+        }
         Target::Locks | Target::PostureRecords if authorized.decision().is_none() => {
             let what = if api.target == Target::Locks {
                 "the locks API needs authorization.policies: who may manage locks is decided by policy"

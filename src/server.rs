@@ -79,6 +79,8 @@ pub struct Gateway {
     pub request_timeout: Duration,
     /// Live streams are closed this long after they opened (None: no limit).
     pub max_stream_age: Option<Duration>,
+    /// The cluster's API resources, read as the gateway (`kubectl auth can-i --list`).
+    pub discovery: crate::discovery::DiscoveryCache,
     upstream_ready: AtomicBool,
     upstream_status: ArcSwap<String>,
     draining: AtomicBool,
@@ -450,6 +452,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
         inflight_limit: Arc::new(Semaphore::new(cfg.limits.max_inflight_requests as usize)),
         max_stream_age: Some(cfg.timeouts.max_stream_age.get()).filter(|d| !d.is_zero()),
         request_timeout: cfg.timeouts.request.get(),
+        discovery: crate::discovery::DiscoveryCache::new(crate::discovery::TTL),
         upstream_ready: AtomicBool::new(false),
         upstream_status: ArcSwap::from_pointee("not probed yet".to_string()),
         draining: AtomicBool::new(false),

@@ -617,7 +617,7 @@ fn parts_write_the_json_of_the_event_they_build() {
             Some("uid-1".into()),
             [(
                 "scopes".to_owned(),
-                vec!["a".to_owned(), "b\u{1}".to_owned()],
+                vec!["a".to_owned(), "b \"q\" \\".to_owned()],
             )]
             .into(),
         )

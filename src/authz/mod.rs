@@ -18,6 +18,7 @@ pub mod abac;
 pub mod cedar;
 pub mod kubeproto;
 pub mod requestinfo;
+pub mod rules;
 
 use http::HeaderMap;
 

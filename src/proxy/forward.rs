@@ -318,6 +318,52 @@ impl Upstream {
         Ok(resp.status())
     }
 
+    /// A `GET` of `path` as the gateway itself: its own client certificate or token, no
+    /// impersonation and nothing from a client, for what the gateway reads on its own behalf
+    /// (API discovery). Answers JSON; at most `limit` bytes of body, within the request timeout.
+    pub async fn get_as_gateway(
+        &self,
+        path: &str,
+        limit: usize,
+    ) -> Result<(http::StatusCode, bytes::Bytes), UpstreamError> {
+        let pq =
+            PathAndQuery::try_from(path).map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+        let mut req = Request::new(crate::body::empty());
+        *req.uri_mut() = self.uri_for(Some(&pq));
+        req.headers_mut()
+            .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        if let Some(tok) = &self.token {
+            if let Some(v) = tok.load().as_ref() {
+                req.headers_mut().insert(header::AUTHORIZATION, v.clone());
+            }
+        }
+        let exchange = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| self.classify(e))?;
+            let status = resp.status();
+            let body = Limited::new(resp.into_body(), limit)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        UpstreamError::Protocol(format!(
+                            "{path}: response larger than {limit} bytes"
+                        ))
+                    } else {
+                        UpstreamError::Protocol(format!("{path}: {}", error_chain(&*e)))
+                    }
+                })?
+                .to_bytes();
+            Ok((status, body))
+        };
+        tokio::time::timeout(self.request_timeout, exchange)
+            .await
+            .map_err(|_| UpstreamError::Timeout)?
+    }
+
     /// Forwards an authorized, non-upgrade request. `timeout` bounds the wait for response
     /// headers; `None` marks a long-lived response (watch, `logs -f`), which gets a place on a
     /// stream lane (see [`STREAMS_PER_LANE`]).

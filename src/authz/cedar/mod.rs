@@ -382,6 +382,34 @@ impl PolicyEngine {
             .is_some_and(|a| a.resources.contains(resource))
     }
 
+    /// Whether a condition of the current set reads `context` (device, posture, credential
+    /// facts, source address, time): then a decision holds for the request it was made for, and
+    /// the same caller may get another answer on the same resource from another device or at
+    /// another time. Decided on the policies' conditions, so a string or attribute that happens
+    /// to be called "context" does not count; a policy that cannot be inspected counts as
+    /// reading it. The text is looked at first: only a policy whose text names `context` is
+    /// converted to find out (converting every policy of a large set costs tens of ms).
+    pub fn reads_context(&self) -> bool {
+        fn mentions_context(v: &serde_json::Value) -> bool {
+            match v {
+                serde_json::Value::Object(m) => m
+                    .iter()
+                    .any(|(k, v)| (k == "Var" && v == "context") || mentions_context(v)),
+                serde_json::Value::Array(a) => a.iter().any(mentions_context),
+                _ => false,
+            }
+        }
+        self.current
+            .load()
+            .policies
+            .policies()
+            .filter(|p| p.has_non_scope_constraint() && p.to_string().contains("context"))
+            .any(|p| {
+                p.to_json()
+                    .map_or(true, |json| mentions_context(&json["conditions"]))
+            })
+    }
+
     /// Decides a request: principal = the identity, action = `input.verb`, resource = the
     /// request's resource or non-resource path.
     pub fn decide(&self, input: &AuthzInput<'_>) -> Decision {

@@ -645,12 +645,20 @@ fn non_resource(shared: &Shared, path: &str) -> Response<Body> {
         "/api" | "/api/" => respond::json(StatusCode::OK, &discovery::api_versions(shared.addr)),
         "/api/v1" | "/api/v1/" => respond::json(StatusCode::OK, &discovery::core_v1_resources()),
         "/apis" | "/apis/" => respond::json(StatusCode::OK, &discovery::api_group_list()),
-        "/apis/authentication.k8s.io" | "/apis/authentication.k8s.io/" => {
-            respond::json(StatusCode::OK, &discovery::authn_api_group())
-        }
+        "/apis/authentication.k8s.io" | "/apis/authentication.k8s.io/" => respond::json(
+            StatusCode::OK,
+            &discovery::api_group(discovery::AUTHENTICATION),
+        ),
         "/apis/authentication.k8s.io/v1" | "/apis/authentication.k8s.io/v1beta1" => {
             let version = path.rsplit('/').next().unwrap_or("v1");
             respond::json(StatusCode::OK, &discovery::authn_resources(version))
+        }
+        "/apis/authorization.k8s.io" | "/apis/authorization.k8s.io/" => respond::json(
+            StatusCode::OK,
+            &discovery::api_group(discovery::AUTHORIZATION),
+        ),
+        "/apis/authorization.k8s.io/v1" => {
+            respond::json(StatusCode::OK, &discovery::authz_resources())
         }
         _ => respond::not_found_path(),
     }
