@@ -84,15 +84,17 @@ impl Fetcher {
         }
     }
 
-    /// Fetches the discovery document, checks it, and fetches the JWKS it points to.
+    /// Fetches the discovery document, checks it, and fetches the JWKS it points to. Returns the
+    /// `jwks_uri` with the JWKS.
     pub(crate) async fn fetch_jwks(
         &self,
         issuer_url: &str,
         discovery_url: &str,
-    ) -> Result<Bytes, String> {
+    ) -> Result<(String, Bytes), String> {
         let body = self.get(discovery_url).await?;
         let jwks_uri = check_discovery(&body, issuer_url, discovery_url)?;
-        self.get(&jwks_uri).await
+        let jwks = self.get(&jwks_uri).await?;
+        Ok((jwks_uri, jwks))
     }
 }
 

@@ -128,6 +128,14 @@ impl KeySet {
         self.skipped.iter().find(|s| s.kid.as_deref() == Some(kid))
     }
 
+    /// Every kid the JWKS names, of usable keys and of keys left out.
+    pub(crate) fn all_kids(&self) -> impl Iterator<Item = &str> {
+        self.keys
+            .iter()
+            .filter_map(|k| k.kid.as_deref())
+            .chain(self.skipped.iter().filter_map(|s| s.kid.as_deref()))
+    }
+
     pub(crate) fn kids(&self) -> Vec<String> {
         self.keys
             .iter()

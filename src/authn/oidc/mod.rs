@@ -8,7 +8,8 @@
 //!
 //! Order of checks for an uncached token: size; JWS shape; header (`alg` a public-key algorithm,
 //! no `crit`/`jku`/`x5u`/`jwk`); unverified `iss` picks the issuer (exact match); issuer's size
-//! limit and algorithm list; key by `kid` in that issuer's set only (refresh once on a miss);
+//! limit and algorithm list; key by `kid` in that issuer's set only (refetched on an unknown kid
+//! under the rules in `source.rs`);
 //! signature, `iss`, `aud`, `exp`, `nbf` with the leeway; `iat`, lifetime, claim rules; mapping.
 
 mod discovery;
@@ -29,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use super::credentials::BearerToken;
 use super::{AuthnError, Identity};
 use crate::config::jwt::JwtAuthenticator;
-use source::{KeySource, SourceId};
+use source::{Clock, KeySource, SourceId};
 use verify::{loggable, IssuerRules};
 
 /// Timings and limits of the authenticator. [`Default`] is what the gateway uses; tests shorten
@@ -40,8 +41,12 @@ pub struct OidcOptions {
     pub refresh_interval: Duration,
     /// Scheduled key refresh while keys never loaded or the last attempt failed.
     pub retry_interval: Duration,
-    /// At most one refresh per issuer triggered by an unknown `kid` in this interval.
-    pub kid_miss_min_interval: Duration,
+    /// Shortest time between two key fetches for unknown kids, per issuer: what made-up kids
+    /// can cost the IdP, and how long they can hold back a real new kid.
+    pub kid_miss_floor: Duration,
+    /// How long a kid that a fetch did not find is refused without asking the IdP again
+    /// (unless the key set changes meanwhile).
+    pub unknown_kid_memory: Duration,
     /// Per HTTP request (discovery, JWKS), connect included.
     pub fetch_timeout: Duration,
     /// Largest discovery document or JWKS accepted.
@@ -57,7 +62,8 @@ impl Default for OidcOptions {
         OidcOptions {
             refresh_interval: Duration::from_secs(600),
             retry_interval: Duration::from_secs(10),
-            kid_miss_min_interval: Duration::from_secs(10),
+            kid_miss_floor: Duration::from_secs(1),
+            unknown_kid_memory: Duration::from_secs(10),
             fetch_timeout: Duration::from_secs(5),
             max_response_bytes: 1024 * 1024,
             cache_ttl: Duration::from_secs(300),
@@ -184,6 +190,8 @@ pub struct OidcAuthenticator {
     refused: Cache<[u8; 32], Refused>,
     refusals_cached: AtomicU64,
     opts: OidcOptions,
+    /// The time the key sources' refetch rules read.
+    clock: Clock,
     stop: CancellationToken,
     update_lock: tokio::sync::Mutex<()>,
     verifications: AtomicU64,
@@ -246,6 +254,16 @@ impl OidcAuthenticator {
         stop: CancellationToken,
         opts: OidcOptions,
     ) -> Result<Arc<OidcAuthenticator>, OidcError> {
+        Self::with_clock(cfg, stop, opts, Clock::default()).await
+    }
+
+    /// [`OidcAuthenticator::with_options`] whose key sources read the time from `clock`.
+    pub(crate) async fn with_clock(
+        cfg: &[JwtAuthenticator],
+        stop: CancellationToken,
+        opts: OidcOptions,
+        clock: Clock,
+    ) -> Result<Arc<OidcAuthenticator>, OidcError> {
         let cache = Cache::builder()
             .max_capacity(opts.cache_capacity)
             .expire_after(EntryExpiry)
@@ -263,6 +281,7 @@ impl OidcAuthenticator {
                 .build(),
             refusals_cached: AtomicU64::new(0),
             opts,
+            clock,
             stop,
             update_lock: tokio::sync::Mutex::new(()),
             verifications: AtomicU64::new(0),
@@ -303,7 +322,8 @@ impl OidcAuthenticator {
                 Some(s) => s,
                 None => {
                     let s = Arc::new(
-                        KeySource::new(id, &self.opts, self.stop.child_token()).map_err(err)?,
+                        KeySource::new(id, &self.opts, self.stop.child_token(), self.clock.clone())
+                            .map_err(err)?,
                     );
                     fresh.push(s.clone());
                     s
@@ -623,7 +643,8 @@ impl OidcAuthenticator {
         ))
     }
 
-    /// The keys of the token's issuer that may verify it, refreshing once on an unknown kid.
+    /// The keys of the token's issuer that may verify it, refreshing on an unknown kid as the
+    /// key source's rules allow.
     async fn candidate_keys(
         &self,
         state: &State,
@@ -632,7 +653,7 @@ impl OidcAuthenticator {
     ) -> Result<(Arc<keys::KeySet>, Vec<usize>), AuthnError> {
         let src = &issuer.source;
         let url = &issuer.rules.url;
-        let seen = src.generation();
+        let ticket = src.ticket();
         let mut set = src.keys();
         let unusable = |set: &keys::KeySet, kid: &str| {
             set.skipped_kid(kid).map(|s| {
@@ -648,11 +669,16 @@ impl OidcAuthenticator {
                 return Err(e);
             }
             if !set.as_deref().is_some_and(|s| s.has_kid(kid)) {
-                src.refresh_on_miss(seen).await;
+                // Tokens signed with a key the IdP withdrew come back until they expire; asking
+                // the IdP again for each would tell nothing new.
+                if src.retired(kid) {
+                    return Err(left_key_set(kid, url));
+                }
+                src.refresh_on_miss(Some(kid), ticket).await;
                 set = src.keys();
             }
         } else if set.is_none() {
-            src.refresh_on_miss(seen).await;
+            src.refresh_on_miss(None, ticket).await;
             set = src.keys();
         }
         let Some(set) = set else {
@@ -666,6 +692,11 @@ impl OidcAuthenticator {
                 if !set.has_kid(kid) {
                     if let Some(e) = unusable(&set, kid) {
                         return Err(e);
+                    }
+                    // Checked before other issuers: several issuer entries may publish the same
+                    // keys, and the others may not have seen the removal yet.
+                    if src.retired(kid) {
+                        return Err(left_key_set(kid, url));
                     }
                     let other = state.issuers.values().find(|o| {
                         o.rules.url != *url && o.source.keys().is_some_and(|s| s.has_kid(kid))
@@ -718,6 +749,13 @@ impl OidcAuthenticator {
         };
         Ok((set, candidates))
     }
+}
+
+fn left_key_set(kid: &str, url: &str) -> AuthnError {
+    AuthnError::InvalidToken(format!(
+        "key {} left the key set of issuer {url}: the IdP no longer publishes it",
+        loggable(kid)
+    ))
 }
 
 #[cfg(test)]

@@ -67,7 +67,7 @@ pub(crate) fn test_options() -> OidcOptions {
     OidcOptions {
         refresh_interval: Duration::from_secs(3600),
         retry_interval: Duration::from_secs(3600),
-        kid_miss_min_interval: Duration::ZERO,
+        kid_miss_floor: Duration::ZERO,
         fetch_timeout: Duration::from_secs(2),
         ..OidcOptions::default()
     }
@@ -436,39 +436,249 @@ async fn rotation_is_picked_up_after_one_kid_miss_refresh() {
     assert_eq!(f.idp.jwks_fetches(), before + 1);
 }
 
+/// Many requests with the kid of a key the IdP just added, at once and while the IdP answers
+/// slowly: one JWKS request, and every one of them is accepted.
 #[tokio::test]
-async fn kid_miss_refresh_is_single_flight_and_rate_limited() {
-    let mut opts = test_options();
-    opts.kid_miss_min_interval = Duration::from_secs(60);
-    let f = fixture_with(|_| {}, opts).await;
+async fn a_new_kid_arriving_many_times_at_once_costs_one_jwks_request() {
+    let f = fixture().await;
     let before = f.idp.jwks_fetches();
+    f.idp.rotate(true);
     f.idp.set_delay(Duration::from_millis(300));
     let mut tasks = Vec::new();
     for i in 0..8 {
-        let token = f.idp.sign_with_header(
-            SigningAlg::RS256,
-            &json!({"alg": "RS256", "kid": format!("unknown-{i}")}),
-            &claims(&f.idp, json!({})),
+        let token = f.idp.sign(
+            SigningAlg::ES256,
+            &claims(&f.idp, json!({"sub": format!("user-{i}")})),
         );
         let auth = f.auth.clone();
         tasks.push(tokio::spawn(async move {
             auth.authenticate(&bearer(&token)).await
         }));
     }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let id = t.await.unwrap().unwrap();
+        assert_eq!(id.user(), format!("oidc:user-{i}"));
+    }
+    assert_eq!(f.idp.jwks_fetches(), before + 1, "one fetch for all");
+}
+
+/// Unknown kids that arrive while a key fetch is under way and then fails are refused with it:
+/// a struggling IdP is not asked again for each of them.
+#[tokio::test]
+async fn unknown_kids_arriving_during_a_failing_fetch_are_refused_with_it() {
+    let f = fixture().await;
+    let before = f.idp.jwks_fetches();
+    f.idp.set_jwks_override(Some("<html>oops</html>".into()));
+    f.idp.set_delay(Duration::from_millis(300));
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let token = made_up_kid(&f.idp, &format!("made-up-{i}"));
+            let auth = f.auth.clone();
+            tokio::spawn(async move { auth.authenticate(&bearer(&token)).await })
+        })
+        .collect();
     for t in tasks {
         let e = t.await.unwrap().unwrap_err();
         assert!(e.to_string().contains("not found"), "{e}");
     }
-    f.idp.set_delay(Duration::ZERO);
     assert_eq!(f.idp.jwks_fetches(), before + 1, "one fetch for all");
-    // Within the interval, a new unknown kid does not fetch again.
-    let token = f.idp.sign_with_header(
+    assert!(f.auth.fetch_errors()[0].1.contains("not JSON"));
+}
+
+/// A clock for the key sources' refetch rules that moves only when the test moves it.
+pub(crate) struct ManualClock {
+    start: std::time::Instant,
+    elapsed: tokio::sync::watch::Sender<Duration>,
+    sleepers: tokio::sync::watch::Sender<usize>,
+}
+
+impl ManualClock {
+    pub(crate) fn new() -> Arc<ManualClock> {
+        Arc::new(ManualClock {
+            start: std::time::Instant::now(),
+            elapsed: tokio::sync::watch::Sender::new(Duration::ZERO),
+            sleepers: tokio::sync::watch::Sender::new(0),
+        })
+    }
+
+    pub(crate) fn now(&self) -> std::time::Instant {
+        self.start + *self.elapsed.borrow()
+    }
+
+    pub(crate) fn advance(&self, by: Duration) {
+        self.elapsed.send_modify(|e| *e += by);
+    }
+
+    pub(crate) async fn sleep_until(&self, t: std::time::Instant) {
+        struct Awake<'a>(&'a tokio::sync::watch::Sender<usize>);
+        impl Drop for Awake<'_> {
+            fn drop(&mut self) {
+                self.0.send_modify(|n| *n -= 1);
+            }
+        }
+        self.sleepers.send_modify(|n| *n += 1);
+        let _awake = Awake(&self.sleepers);
+        let mut elapsed = self.elapsed.subscribe();
+        let _ = elapsed.wait_for(|e| self.start + *e >= t).await;
+    }
+
+    /// Returns once exactly `n` tasks sleep on this clock.
+    pub(crate) async fn sleepers(&self, n: usize) {
+        let mut sleepers = self.sleepers.subscribe();
+        let _ = sleepers.wait_for(|s| *s == n).await;
+    }
+
+    pub(crate) fn sleeping(&self) -> usize {
+        *self.sleepers.borrow()
+    }
+}
+
+/// The fixture's issuer, with the gateway's own refetch timings on a clock the test moves.
+async fn fixture_on(clock: &Arc<ManualClock>) -> Fixture {
+    let ca = Ca::new("test idp ca");
+    let idp = DevIssuer::start(&ca).await.expect("dev issuer");
+    let cfg = config(&idp);
+    let opts = OidcOptions {
+        kid_miss_floor: OidcOptions::default().kid_miss_floor,
+        unknown_kid_memory: OidcOptions::default().unknown_kid_memory,
+        ..test_options()
+    };
+    let auth = OidcAuthenticator::with_clock(
+        std::slice::from_ref(&cfg),
+        CancellationToken::new(),
+        opts,
+        source::Clock::Manual(clock.clone()),
+    )
+    .await
+    .expect("authenticator");
+    assert!(auth.not_loaded().is_empty(), "{:?}", auth.fetch_errors());
+    Fixture { idp, auth, cfg, ca }
+}
+
+fn made_up_kid(idp: &DevIssuer, kid: &str) -> String {
+    idp.sign_with_header(
         SigningAlg::RS256,
-        &json!({"alg": "RS256", "kid": "unknown-later"}),
-        &claims(&f.idp, json!({})),
+        &json!({"alg": "RS256", "kid": kid}),
+        &claims(idp, json!({})),
+    )
+}
+
+/// A made-up kid just before the IdP rotates: the first token with a new kid is not refused, it
+/// waits for the next fetch, which starts at most the floor after the made-up kid's.
+#[tokio::test]
+async fn a_made_up_kid_just_before_a_rotation_holds_the_new_kid_back_no_longer_than_the_floor() {
+    let clock = ManualClock::new();
+    let f = fixture_on(&clock).await;
+    let floor = f.auth.opts.kid_miss_floor;
+    let before = f.idp.jwks_fetches();
+    let e = auth_err(&f.auth, &made_up_kid(&f.idp, "made-up")).await;
+    assert!(e.to_string().contains("not found"), "{e}");
+    assert_eq!(f.idp.jwks_fetches(), before + 1);
+
+    f.idp.rotate(false);
+    let new_kid = f.idp.sign(SigningAlg::RS256, &claims(&f.idp, json!({})));
+    let auth = f.auth.clone();
+    let waiting = tokio::spawn(async move { auth.authenticate(&bearer(&new_kid)).await });
+    clock.sleepers(1).await;
+    assert_eq!(
+        f.idp.jwks_fetches(),
+        before + 1,
+        "no fetch within the floor"
     );
-    auth_err(&f.auth, &token).await;
-    assert_eq!(f.idp.jwks_fetches(), before + 1, "rate limited");
+    clock.advance(floor - Duration::from_millis(1));
+    tokio::task::yield_now().await;
+    assert_eq!(clock.sleeping(), 1, "still waiting for the floor");
+    clock.advance(Duration::from_millis(1));
+    let id = waiting.await.unwrap().expect("the new kid is accepted");
+    assert_eq!(id.user(), "oidc:alice");
+    assert_eq!(f.idp.jwks_fetches(), before + 2);
+}
+
+/// Made-up kids, many times the same one and many different ones at once, cost the IdP one JWKS
+/// request per floor at most: a kid a fetch did not find is refused at once afterwards, and
+/// tokens waiting for the next fetch share it.
+#[tokio::test]
+async fn a_flood_of_made_up_kids_costs_one_jwks_request_per_floor() {
+    let clock = ManualClock::new();
+    let f = fixture_on(&clock).await;
+    let floor = f.auth.opts.kid_miss_floor;
+    let before = f.idp.jwks_fetches();
+    let same = made_up_kid(&f.idp, "made-up");
+    for _ in 0..50 {
+        let e = auth_err(&f.auth, &same).await;
+        assert!(e.to_string().contains("not found"), "{e}");
+    }
+    assert_eq!(f.idp.jwks_fetches(), before + 1, "one fetch for one kid");
+    assert_eq!(clock.sleeping(), 0, "refused without waiting");
+
+    // 50 different kids, while the IdP answers slowly: they wait for the floor, then share one
+    // fetch.
+    f.idp.set_delay(Duration::from_millis(100));
+    let tokens: Vec<String> = (0..50)
+        .map(|i| made_up_kid(&f.idp, &format!("made-up-{i}")))
+        .collect();
+    let mut tasks = Vec::new();
+    for token in &tokens {
+        let auth = f.auth.clone();
+        let token = token.clone();
+        tasks.push(tokio::spawn(async move {
+            auth.authenticate(&bearer(&token)).await
+        }));
+    }
+    clock.sleepers(50).await;
+    assert_eq!(f.idp.jwks_fetches(), before + 1);
+    clock.advance(floor);
+    for t in tasks {
+        let e = t.await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("not found"), "{e}");
+    }
+    assert_eq!(f.idp.jwks_fetches(), before + 2, "one fetch for all");
+    f.idp.set_delay(Duration::ZERO);
+
+    // All of them again, the floor long over: each is remembered, none is looked for again.
+    clock.advance(floor);
+    for token in std::iter::once(&same).chain(&tokens) {
+        auth_err(&f.auth, token).await;
+    }
+    assert_eq!(f.idp.jwks_fetches(), before + 2);
+    assert_eq!(clock.sleeping(), 0);
+
+    // Past the memory, a made-up kid is looked for again (once).
+    clock.advance(f.auth.opts.unknown_kid_memory);
+    auth_err(&f.auth, &same).await;
+    auth_err(&f.auth, &same).await;
+    assert_eq!(f.idp.jwks_fetches(), before + 3);
+}
+
+/// A kid that a fetch did not find is looked for again once the key set changes (the IdP is
+/// rotating, it may publish that kid next), not only when its memory runs out.
+#[tokio::test]
+async fn a_kid_not_found_is_looked_for_again_once_the_key_set_changes() {
+    let clock = ManualClock::new();
+    let f = fixture_on(&clock).await;
+    let floor = f.auth.opts.kid_miss_floor;
+    let signer = RawSigner::new("published-later");
+    let header = format!(r#"{{"alg":"ES256","kid":"{}"}}"#, signer.kid);
+    let early = signer.sign(&header, &claims(&f.idp, json!({})).to_string());
+    let before = f.idp.jwks_fetches();
+    let e = auth_err(&f.auth, &early).await;
+    assert!(e.to_string().contains("not found"), "{e}");
+    auth_err(&f.auth, &early).await;
+    assert_eq!(f.idp.jwks_fetches(), before + 1, "remembered as not found");
+
+    // The IdP rotates: a token with one of its new kids brings the new key set.
+    f.idp.rotate(true);
+    clock.advance(floor);
+    let rotated = f.idp.sign(SigningAlg::RS256, &claims(&f.idp, json!({})));
+    f.auth.authenticate(&bearer(&rotated)).await.unwrap();
+    assert_eq!(f.idp.jwks_fetches(), before + 2);
+
+    // Then it publishes the kid it was not found under: looked for again, and found.
+    f.idp.set_jwks_override(Some(signer.jwks()));
+    clock.advance(floor);
+    let id = f.auth.authenticate(&bearer(&early)).await.unwrap();
+    assert_eq!(id.user(), "oidc:alice");
+    assert_eq!(f.idp.jwks_fetches(), before + 3);
 }
 
 #[tokio::test]
@@ -875,4 +1085,206 @@ async fn response_size_and_time_are_bounded() {
     // The keys loaded at start are still in use.
     let token = f.idp.sign(SigningAlg::RS256, &claims(&f.idp, json!({})));
     f.auth.authenticate(&bearer(&token)).await.unwrap();
+}
+
+/// Signs a header and a payload exactly as written, with an ES256 key that its issuer publishes
+/// through a JWKS override. DevIssuer signs a `serde_json::Value`, which cannot hold the same
+/// member twice; these tokens can.
+pub(crate) struct RawSigner {
+    key: aws_lc_rs::signature::EcdsaKeyPair,
+    pub(crate) kid: String,
+}
+
+impl RawSigner {
+    pub(crate) fn new(kid: &str) -> RawSigner {
+        let key = aws_lc_rs::signature::EcdsaKeyPair::generate(
+            &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        )
+        .unwrap();
+        RawSigner {
+            key,
+            kid: kid.into(),
+        }
+    }
+
+    /// A JWKS holding only this key.
+    pub(crate) fn jwks(&self) -> String {
+        use aws_lc_rs::signature::KeyPair;
+        use base64::Engine;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let point = self.key.public_key().as_ref();
+        json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": self.kid,
+            "x": b64(&point[1..33]), "y": b64(&point[33..65]),
+        }]})
+        .to_string()
+    }
+
+    pub(crate) fn sign(&self, header: &str, payload: &str) -> String {
+        use base64::Engine;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let signing_input = format!("{}.{}", b64(header.as_bytes()), b64(payload.as_bytes()));
+        let sig = self
+            .key
+            .sign(
+                &aws_lc_rs::rand::SystemRandom::new(),
+                signing_input.as_bytes(),
+            )
+            .unwrap();
+        format!("{signing_input}.{}", b64(sig.as_ref()))
+    }
+}
+
+/// The same member twice in one JSON object is read as the last one by this gateway's parser and
+/// as the first one (or refused) by others: a token that says two things is refused, at any
+/// depth, in the header and in the payload, also when the two names differ only in how they are
+/// escaped. The same name in different objects is no duplicate.
+#[tokio::test]
+async fn a_member_given_twice_anywhere_in_the_token_is_refused() {
+    let f = fixture_with(
+        |c| {
+            c.claim_mappings.username = Some(PrefixedClaimOrExpression {
+                claim: Some("email".into()),
+                prefix: Some("".into()),
+                expression: None,
+            })
+        },
+        test_options(),
+    )
+    .await;
+    let signer = RawSigner::new("raw-es256");
+    f.idp.set_jwks_override(Some(signer.jwks()));
+    let header = format!(r#"{{"alg":"ES256","typ":"JWT","kid":"{}"}}"#, signer.kid);
+    let n = now();
+    let base = format!(
+        r#""iss":"{}","sub":"u-1","aud":"kubernetes","iat":{n},"exp":{}"#,
+        f.idp.issuer_url(),
+        n + 600
+    );
+    let payload = |rest: &str| format!("{{{base},{rest}}}");
+
+    let legit = [
+        (
+            "the same name in sibling objects",
+            payload(r#""email":"alice@example.com","a":{"x":1},"b":{"x":2}"#),
+        ),
+        (
+            "the same name in objects of one array",
+            payload(r#""email":"alice@example.com","list":[{"x":1},{"x":2}]"#),
+        ),
+        (
+            "an object member named like its parent",
+            payload(r#""email":"alice@example.com","x":{"x":{"x":1}}"#),
+        ),
+    ];
+    for (what, p) in &legit {
+        let id = f
+            .auth
+            .authenticate(&bearer(&signer.sign(&header, p)))
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(id.user(), "alice@example.com", "{what}");
+    }
+
+    let kid = &signer.kid;
+    let hostile = [
+        (
+            "groups twice",
+            header.clone(),
+            payload(r#""email":"alice@example.com","groups":["devs"],"groups":["admins"]"#),
+            r#"duplicate claim "groups" in the payload"#,
+        ),
+        (
+            "the username claim twice",
+            header.clone(),
+            payload(r#""email":"alice@example.com","email":"root@example.com""#),
+            r#"duplicate claim "email" in the payload"#,
+        ),
+        (
+            "a nested member twice",
+            header.clone(),
+            payload(r#""email":"alice@example.com","cnf":{"x5t#S256":"a","x5t#S256":"b"}"#),
+            r#"duplicate claim "x5t#S256" in the payload (in "cnf")"#,
+        ),
+        (
+            "a member twice in an object inside an array",
+            header.clone(),
+            payload(r#""email":"alice@example.com","l":[1,{"k":{"a":1,"b":2,"a":3}}]"#),
+            r#"duplicate claim "a" in the payload (in "l.k")"#,
+        ),
+        (
+            "the username claim twice, once escaped",
+            header.clone(),
+            payload(r#""email":"alice@example.com","em\u0061il":"root@example.com""#),
+            r#"duplicate claim "email" in the payload"#,
+        ),
+        (
+            "kid twice in the header",
+            format!(r#"{{"alg":"ES256","kid":"{kid}","kid":"{kid}"}}"#),
+            payload(r#""email":"alice@example.com""#),
+            r#"duplicate claim "kid" in the header"#,
+        ),
+        (
+            "typ twice in the header, once escaped",
+            format!(r#"{{"alg":"ES256","kid":"{kid}","typ":"JWT","\u0074yp":"JWT"}}"#),
+            payload(r#""email":"alice@example.com""#),
+            r#"duplicate claim "typ" in the header"#,
+        ),
+    ];
+    for (what, h, p, want) in &hostile {
+        let token = signer.sign(h, p);
+        let e = auth_err(&f.auth, &token).await;
+        assert_eq!(e.reason_label(), "invalid_token", "{what}: {e}");
+        let msg = e.to_string();
+        assert!(msg.contains(want), "{what}: {msg:?} lacks {want:?}");
+        assert!(!msg.contains(&token[..40]), "{what}: token in message");
+    }
+}
+
+/// Two issuer entries that publish the same keys (one IdP under two issuer URLs): when the IdP
+/// removes a key, a token still signed with it is refused because the key left its issuer's key
+/// set — not as a token "signed by a key of another issuer" because the other entry has not
+/// refreshed yet.
+#[tokio::test]
+async fn a_key_removed_by_the_idp_is_reported_as_gone_from_the_issuers_keys() {
+    let ca = Ca::new("test idp ca");
+    let idp = DevIssuer::start(&ca).await.unwrap();
+    let twin = DevIssuer::start(&ca).await.unwrap();
+    let fetcher =
+        discovery::Fetcher::new(idp.ca_pem().as_bytes(), Duration::from_secs(2), 1024 * 1024)
+            .unwrap();
+    let discovery_url = format!("{}/.well-known/openid-configuration", idp.issuer_url());
+    let (_, jwks) = fetcher
+        .fetch_jwks(&idp.issuer_url(), &discovery_url)
+        .await
+        .unwrap();
+    twin.set_jwks_override(Some(String::from_utf8(jwks.to_vec()).unwrap()));
+    let auth = OidcAuthenticator::with_options(
+        &[config(&idp), config(&twin)],
+        CancellationToken::new(),
+        test_options(),
+    )
+    .await
+    .unwrap();
+    assert!(auth.not_loaded().is_empty(), "{:?}", auth.fetch_errors());
+    let old_kid = idp.kid(SigningAlg::RS256);
+    let signed_before = idp.sign(SigningAlg::RS256, &claims(&idp, json!({"sub": "bob"})));
+
+    // The IdP rotates and stops publishing the old keys; a token with a new kid makes the
+    // gateway see it.
+    idp.rotate(false);
+    let rotated = idp.sign(SigningAlg::RS256, &claims(&idp, json!({})));
+    auth.authenticate(&bearer(&rotated)).await.unwrap();
+
+    let e = auth_err(&auth, &signed_before).await;
+    let msg = e.to_string();
+    assert_eq!(e.reason_label(), "invalid_token", "{msg}");
+    assert!(
+        msg.contains(&format!(
+            "key \"{old_kid}\" left the key set of issuer {}",
+            idp.issuer_url()
+        )),
+        "{msg}"
+    );
+    assert!(!msg.contains("another issuer"), "{msg}");
 }

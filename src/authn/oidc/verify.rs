@@ -45,10 +45,154 @@ fn decode_part(part: &str, what: &str) -> Result<Map<String, Value>, AuthnError>
     let bytes = URL_SAFE_NO_PAD
         .decode(part)
         .map_err(|_| invalid(format!("{what} is not base64url")))?;
-    match serde_json::from_slice::<Value>(&bytes) {
+    match read_unique(&bytes) {
         Ok(Value::Object(m)) => Ok(m),
         Ok(_) => Err(invalid(format!("{what} is not a JSON object"))),
-        Err(_) => Err(invalid(format!("{what} is not JSON"))),
+        Err(JsonError::Duplicate { name, within }) if within.is_empty() => Err(invalid(format!(
+            "duplicate claim {} in the {what}",
+            loggable(&name)
+        ))),
+        Err(JsonError::Duplicate { name, within }) => Err(invalid(format!(
+            "duplicate claim {} in the {what} (in {})",
+            loggable(&name),
+            loggable(&within)
+        ))),
+        Err(JsonError::Syntax) => Err(invalid(format!("{what} is not JSON"))),
+    }
+}
+
+/// Why [`read_unique`] refuses a JSON document.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum JsonError {
+    /// Two members of one object have the same name once unescaped. `within` names the
+    /// members leading to that object, joined by `.` (empty at the top level).
+    #[error("duplicate member {name:?} (in {within:?})")]
+    Duplicate { name: String, within: String },
+    #[error("not JSON")]
+    Syntax,
+}
+
+/// Reads `json` as one JSON value, as `serde_json::from_slice::<Value>` does, but refuses it
+/// when any object, at any depth, has two members of the same name (compared after
+/// unescaping, so `"em\u0061il"` is `"email"`).
+///
+/// A token that names a claim twice means one thing to a parser that keeps the last value (as
+/// serde_json does), another to one that keeps the first, and is refused by a third: one token
+/// must not be two identities. RFC 7515 §4 and RFC 7519 §4 let a verifier refuse it.
+///
+/// The check is the map insertion the parse makes anyway (a hash lookup, also for a huge
+/// object), so it costs no second pass over the token.
+pub(crate) fn read_unique(json: &[u8]) -> Result<Value, JsonError> {
+    use serde::de::DeserializeSeed;
+    let mut duplicate = None;
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let read = Unique(&mut duplicate)
+        .deserialize(&mut de)
+        .and_then(|v| de.end().map(|()| v));
+    match (read, duplicate) {
+        (Ok(v), _) => Ok(v),
+        (Err(_), Some(d)) => Err(JsonError::Duplicate {
+            name: d.name,
+            within: d
+                .within
+                .iter()
+                .rev()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join("."),
+        }),
+        (Err(_), None) => Err(JsonError::Syntax),
+    }
+}
+
+/// The duplicate found, and the members leading to its object, innermost first (filled in as
+/// the error travels out).
+struct Duplicate {
+    name: String,
+    within: Vec<String>,
+}
+
+/// Any JSON value, read into a [`Value`].
+struct Unique<'a>(&'a mut Option<Duplicate>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Unique<'_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Unique<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        // As serde_json's own `Value`: a float it cannot hold (never from its parser) is null.
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(v) = seq.next_element_seed(Unique(&mut *self.0))? {
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut members = Map::new();
+        while let Some(name) = map.next_key::<String>()? {
+            let value = match map.next_value_seed(Unique(&mut *self.0)) {
+                Ok(v) => v,
+                Err(e) => {
+                    if let Some(d) = self.0.as_mut() {
+                        d.within.push(name);
+                    }
+                    return Err(e);
+                }
+            };
+            match members.entry(name) {
+                serde_json::map::Entry::Vacant(slot) => {
+                    slot.insert(value);
+                }
+                serde_json::map::Entry::Occupied(taken) => {
+                    *self.0 = Some(Duplicate {
+                        name: taken.key().clone(),
+                        within: Vec::new(),
+                    });
+                    return Err(serde::de::Error::custom("duplicate member"));
+                }
+            }
+        }
+        Ok(Value::Object(members))
     }
 }
 
@@ -655,6 +799,74 @@ mod tests {
         r.groups = Some(("groups".into(), "system:oidc:".into()));
         let (id, _) = r.map_claims(&claims(json!({})), now().0).unwrap();
         assert_eq!(id.groups(), ["system:oidc:devs", "system:oidc:ops"]);
+    }
+
+    #[test]
+    fn a_member_named_twice_in_any_object_is_found_and_placed() {
+        let dup = |name: &str, within: &str| {
+            Err(JsonError::Duplicate {
+                name: name.into(),
+                within: within.into(),
+            })
+        };
+        let cases = [
+            (r#"{"a":1,"a":1}"#, dup("a", "")),
+            (r#"{"a":1,"b":2,"a":3}"#, dup("a", "")),
+            (
+                r#"{"cnf":{"x5t#S256":"a","x5t#S256":"b"}}"#,
+                dup("x5t#S256", "cnf"),
+            ),
+            (r#"{"l":[1,{"k":{"a":1,"b":[],"a":2}}]}"#, dup("a", "l.k")),
+            (r#"[{"a":1},{"a":1,"a":2}]"#, dup("a", "")),
+            (r#"{"email":"x","em\u0061il":"y"}"#, dup("email", "")),
+            (r#"{"\u00e9":1,"é":2}"#, dup("é", "")),
+            (r#"{"a\/b":1,"a/b":2}"#, dup("a/b", "")),
+            (r#"{"a":{"x":1},"b":{"x":2}}"#, Ok(())),
+            (r#"{"x":{"x":{"x":1}}}"#, Ok(())),
+            (r#"[{"x":1},{"x":2}]"#, Ok(())),
+            (r#"{"ab":1,"a\u0062c":2,"a":{}}"#, Ok(())),
+            (r#"{}"#, Ok(())),
+            (r#""text""#, Ok(())),
+            (r#"{"a":1,}"#, Err(JsonError::Syntax)),
+            (r#"{"a":1} {}"#, Err(JsonError::Syntax)),
+            (r#"{"a":1,"b":2"#, Err(JsonError::Syntax)),
+            // Found where it is, before the document turns out to be cut short.
+            (r#"{"a":1,"a":2"#, dup("a", "")),
+            (r#"{"\ud800":1}"#, Err(JsonError::Syntax)),
+            ("", Err(JsonError::Syntax)),
+        ];
+        for (json, want) in cases {
+            assert_eq!(read_unique(json.as_bytes()).map(|_| ()), want, "{json}");
+        }
+        // Deep nesting is refused by the parser's depth limit, not by the stack.
+        let deep = format!("{}1{}", r#"{"a":"#.repeat(10_000), "}".repeat(10_000));
+        assert_eq!(read_unique(deep.as_bytes()), Err(JsonError::Syntax));
+        // One object with many members: each name costs one hash lookup.
+        let many: Vec<String> = (0..50_000).map(|i| format!(r#""k{i}":{i}"#)).collect();
+        let object = format!("{{{}}}", many.join(","));
+        assert_eq!(read_unique(object.as_bytes()).map(|_| ()), Ok(()));
+        let again = format!("{{{},\"k7\":0}}", many.join(","));
+        assert_eq!(read_unique(again.as_bytes()).map(|_| ()), dup("k7", ""));
+    }
+
+    #[test]
+    fn a_document_without_duplicates_reads_as_serde_json_reads_it() {
+        let docs = [
+            r#"{"iss":"https://idp","exp":1765003600,"n":-5,"big":18446744073709551615}"#,
+            r#"{"f":1.5,"e":1e300,"tiny":5e-324,"neg":-0.0,"frac":0.1}"#,
+            r#"{"a":[1,"x",null,true,false,{"b":[[],{}]}],"s":"\u00e9\n\ud83d\ude00"}"#,
+            r#"{"z":1,"a":2,"m":{"y":1,"b":2}}"#,
+            r#"[1,2,{"a":null}]"#,
+            r#"  "text"  "#,
+            "123",
+        ];
+        for doc in docs {
+            let ours = read_unique(doc.as_bytes()).unwrap();
+            let theirs: Value = serde_json::from_slice(doc.as_bytes()).unwrap();
+            assert_eq!(ours, theirs, "{doc}");
+            // Member order too (the gateway's serde_json keeps it).
+            assert_eq!(ours.to_string(), theirs.to_string(), "{doc}");
+        }
     }
 
     #[test]
