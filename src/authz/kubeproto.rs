@@ -119,6 +119,42 @@ pub fn self_subject_access_review(body: &[u8]) -> Option<Value> {
     Some(json!({"apiVersion": api_version, "kind": kind, "metadata": {}, "spec": spec}))
 }
 
+/// `spec.namespace` of a protobuf SelfSubjectRulesReview (k8s.io/apimachinery's envelope:
+/// `k8s\0`, then a `runtime.Unknown` {1: typeMeta {1: apiVersion, 2: kind}, 2: raw}, where
+/// `raw` is the object {1: metadata, 2: spec {1: namespace}, 3: status}). None when it is not
+/// one.
+pub fn self_subject_rules_review_namespace(body: &[u8]) -> Option<String> {
+    let mut kind = "";
+    let mut raw: &[u8] = &[];
+    for (num, payload) in fields(body.strip_prefix(MAGIC)?)? {
+        match num {
+            1 => {
+                for (n, p) in fields(payload)? {
+                    if n == 2 {
+                        kind = std::str::from_utf8(p).ok()?;
+                    }
+                }
+            }
+            2 => raw = payload,
+            _ => {}
+        }
+    }
+    if kind != "SelfSubjectRulesReview" {
+        return None;
+    }
+    let mut namespace = String::new();
+    for (num, spec) in fields(raw)? {
+        if num == 2 {
+            for (n, p) in fields(spec)? {
+                if n == 1 {
+                    namespace = std::str::from_utf8(p).ok()?.to_owned();
+                }
+            }
+        }
+    }
+    Some(namespace)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -234,7 +234,7 @@ pub async fn serve(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/vnd.kubernetes.protobuf"));
     let namespace = if is_protobuf {
-        protobuf_namespace(&bytes).ok_or_else(|| {
+        crate::authz::kubeproto::self_subject_rules_review_namespace(&bytes).ok_or_else(|| {
             PipelineError::BadRequest("not a protobuf SelfSubjectRulesReview".into())
         })?
     } else {
@@ -341,76 +341,6 @@ fn json_namespace(body: &[u8]) -> Result<String, PipelineError> {
             "spec.namespace must be a string".into(),
         )),
     }
-}
-
-/// `spec.namespace` of a protobuf SelfSubjectRulesReview (k8s.io/apimachinery's envelope:
-/// `k8s\0`, then a `runtime.Unknown` {1: typeMeta {1: apiVersion, 2: kind}, 2: raw}, where
-/// `raw` is the object {1: metadata, 2: spec {1: namespace}, 3: status}). None when it is not
-/// one.
-fn protobuf_namespace(body: &[u8]) -> Option<String> {
-    let unknown = proto_fields(body.strip_prefix(b"k8s\0")?)?;
-    let mut kind = "";
-    let mut raw: &[u8] = &[];
-    for (num, payload) in unknown {
-        match num {
-            1 => {
-                for (n, p) in proto_fields(payload)? {
-                    if n == 2 {
-                        kind = std::str::from_utf8(p).ok()?;
-                    }
-                }
-            }
-            2 => raw = payload,
-            _ => {}
-        }
-    }
-    if kind != "SelfSubjectRulesReview" {
-        return None;
-    }
-    let mut namespace = String::new();
-    for (num, spec) in proto_fields(raw)? {
-        if num == 2 {
-            for (n, p) in proto_fields(spec)? {
-                if n == 1 {
-                    namespace = std::str::from_utf8(p).ok()?.to_owned();
-                }
-            }
-        }
-    }
-    Some(namespace)
-}
-
-/// The length-delimited fields of one protobuf message, as (number, payload); fields of other
-/// wire types are skipped. None when the message is malformed.
-fn proto_fields(mut buf: &[u8]) -> Option<Vec<(u64, &[u8])>> {
-    fn varint(buf: &[u8]) -> Option<(u64, &[u8])> {
-        let mut v = 0u64;
-        for (i, b) in buf.iter().enumerate().take(10) {
-            v |= u64::from(b & 0x7f) << (7 * i);
-            if b & 0x80 == 0 {
-                return Some((v, &buf[i + 1..]));
-            }
-        }
-        None
-    }
-    let mut out = Vec::new();
-    while !buf.is_empty() {
-        let (key, rest) = varint(buf)?;
-        buf = rest;
-        match key & 7 {
-            0 => buf = varint(buf)?.1,
-            1 => buf = buf.get(8..)?,
-            2 => {
-                let (len, rest) = varint(buf)?;
-                let len = usize::try_from(len).ok()?;
-                out.push((key >> 3, rest.get(..len)?));
-                buf = rest.get(len..)?;
-            }
-            5 => buf = buf.get(4..)?,
-            _ => return None,
-        }
-    }
-    Some(out)
 }
 
 #[cfg(test)]
@@ -714,20 +644,36 @@ mod tests {
     #[test]
     fn reads_the_namespace_of_kubectls_protobuf_review_and_of_json() {
         assert_eq!(
-            protobuf_namespace(&protobuf_review(b"SelfSubjectRulesReview", Some(b"team-a")))
-                .as_deref(),
+            crate::authz::kubeproto::self_subject_rules_review_namespace(&protobuf_review(
+                b"SelfSubjectRulesReview",
+                Some(b"team-a")
+            ))
+            .as_deref(),
             Some("team-a")
         );
         assert_eq!(
-            protobuf_namespace(&protobuf_review(b"SelfSubjectRulesReview", None)).as_deref(),
+            crate::authz::kubeproto::self_subject_rules_review_namespace(&protobuf_review(
+                b"SelfSubjectRulesReview",
+                None
+            ))
+            .as_deref(),
             Some("")
         );
         assert_eq!(
-            protobuf_namespace(&protobuf_review(b"SelfSubjectAccessReview", Some(b"x"))),
+            crate::authz::kubeproto::self_subject_rules_review_namespace(&protobuf_review(
+                b"SelfSubjectAccessReview",
+                Some(b"x")
+            )),
             None
         );
-        assert_eq!(protobuf_namespace(b"k8s\0\xff\xff"), None);
-        assert_eq!(protobuf_namespace(b"{}"), None);
+        assert_eq!(
+            crate::authz::kubeproto::self_subject_rules_review_namespace(b"k8s\0\xff\xff"),
+            None
+        );
+        assert_eq!(
+            crate::authz::kubeproto::self_subject_rules_review_namespace(b"{}"),
+            None
+        );
 
         let ns = json_namespace(
             br#"{"kind":"SelfSubjectRulesReview","apiVersion":"authorization.k8s.io/v1","spec":{"namespace":"team-a"}}"#,
