@@ -344,7 +344,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
     };
 
     let store: crate::state::SharedStore = match &cfg.state {
-        // --- state.etcd (issue 10) ---
+        // --- state.etcd ---
         Some(crate::config::StateConfig {
             etcd: Some(etcd), ..
         }) => {

@@ -325,7 +325,7 @@ impl StreamRegistry {
         let mut heap = lock(&self.deadlines);
         let earliest = heap.peek().is_none_or(|Reverse((t, _))| at < *t);
         heap.push(Reverse((at, id)));
-        // --- deadline heap compaction (issue 9 soak) ---
+        // --- deadline heap compaction ---
         // An ended stream's entry stays until its deadline comes, and a credential or posture
         // record can live for hours: with streams opening and closing all day the heap grew by
         // one entry per stream until then. Once ended streams' entries dominate, drop them, so
@@ -690,7 +690,7 @@ where
     }
 }
 
-// --- deadline heap compaction (issue 9 soak) ---
+// --- deadline heap compaction ---
 #[cfg(test)]
 mod deadline_tests {
     use super::*;

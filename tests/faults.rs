@@ -1,4 +1,4 @@
-//! Faults in what the gateway depends on (issue 9, item 3): kube-apiserver dying under a live
+//! Faults in what the gateway depends on: kube-apiserver dying under a live
 //! watch, stalling one request, or going quiet on a watch; the IdP slow or down at start-up and
 //! mid-run, and its JWKS answering garbage; storms of policy and config reloads. In each, the
 //! gateway stays up, answers with a Status, fails closed where trust is involved, and recovers.

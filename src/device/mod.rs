@@ -1,7 +1,7 @@
 //! Device trust: who the *device* is, next to who the user is.
 //!
 //! kubectl can present a bearer token and a client certificate, nothing else, so the device is
-//! the client certificate (see DESIGN.md "Device trust"). This module owns:
+//! the client certificate (see docs/device-trust.md). This module owns:
 //!
 //! - [`device_from_chain`]: verifies a client chain against the configured `devices` trust
 //!   bundle (clientAuth usage, at the time of the request) and takes the device id from it — a
