@@ -313,12 +313,6 @@ impl Decider {
     }
 }
 
-impl From<AuthzError> for Decided {
-    fn from(e: AuthzError) -> Decided {
-        Decided::refused(e)
-    }
-}
-
 /// API discovery, version and OpenAPI documents: reads that describe the API, not its data.
 pub fn is_discovery(info: &RequestInfo) -> bool {
     if info.is_resource_request || info.verb != "get" {
@@ -334,10 +328,9 @@ pub fn is_discovery(info: &RequestInfo) -> bool {
 /// What a review (SubjectAccessReview, SelfSubjectAccessReview, a rules review) asks about.
 #[derive(Clone, Copy)]
 pub struct ReviewFacts<'a> {
-    /// The user asked about (for a self-review: the caller of the review request).
+    /// The user asked about: for a self-review, the identity its own request acts as (the
+    /// caller, or whom `kubectl --as` names), already decided for that request.
     pub caller: &'a Arc<Identity>,
-    /// What the caller acts as, for a self-review sent with `kubectl --as`.
-    pub impersonation: Option<&'a ImpersonationRequest>,
     pub device: Option<&'a DeviceSeen>,
     /// The review's attributes.
     pub info: &'a RequestInfo,
@@ -408,24 +401,12 @@ impl Decider {
         use crate::authz::ReviewTarget;
         match crate::authz::review_target(r.info) {
             ReviewTarget::Impersonation(target) => {
-                // A self-review sent with `kubectl --as` asks about the identity it acts as.
-                let subject = match r.impersonation {
-                    Some(_) => {
-                        let decided = self.decide(&self.facts_of(r, r.info)).await;
-                        match (decided.outcome, decided.impersonated) {
-                            (Ok(_), Some(i)) => i,
-                            (Ok(_), None) => r.caller.clone(),
-                            (Err(e), _) => return Review::of(Err(e)),
-                        }
-                    }
-                    None => r.caller.clone(),
-                };
                 if self.authorizer.engine().is_none() {
                     return Review::NoOpinion {
                         reason: "no ztgate policy is loaded".into(),
                     };
                 }
-                Review::of(self.decide_impersonation(&subject, &target, r.now))
+                Review::of(self.decide_impersonation(r.caller, &target, r.now))
             }
             ReviewTarget::Inexpressible(why) => Review::NoOpinion { reason: why.into() },
             ReviewTarget::Request => {
@@ -441,8 +422,17 @@ impl Decider {
                         ),
                     };
                 }
-                let decided = self.decide(&self.facts_of(r, r.info)).await;
-                match decided.outcome {
+                let facts = Facts {
+                    caller: r.caller,
+                    impersonation: None,
+                    device: r.device,
+                    info: r.info,
+                    method: None,
+                    websocket: false,
+                    source_ip: r.source_ip,
+                    now: r.now,
+                };
+                match self.decide(&facts).await.outcome {
                     // A self-review: every authenticated caller may make one.
                     Ok(a) if a.decision().is_none() => Review::Allowed {
                         reason: "every authenticated user may review itself".into(),
@@ -452,19 +442,6 @@ impl Decider {
                     }
                 }
             }
-        }
-    }
-
-    fn facts_of<'a>(&self, r: &ReviewFacts<'a>, info: &'a RequestInfo) -> Facts<'a> {
-        Facts {
-            caller: r.caller,
-            impersonation: r.impersonation,
-            device: r.device,
-            info,
-            method: None,
-            websocket: false,
-            source_ip: r.source_ip,
-            now: r.now,
         }
     }
 }
@@ -765,7 +742,6 @@ mod tests {
             async move {
                 d.review(&ReviewFacts {
                     caller: &alice,
-                    impersonation: None,
                     device: None,
                     info: &info,
                     source_ip: IpAddr::from([0, 0, 0, 0]),

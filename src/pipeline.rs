@@ -21,7 +21,7 @@ use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use rustls_pki_types::CertificateDer;
 use serde_json::json;
@@ -448,8 +448,8 @@ async fn run(
         source_ip: conn.peer.ip(),
         now,
     };
-    let decided = gw.decider.decide(&facts).await;
-    trace.posture = decided.posture.clone();
+    let mut decided = gw.decider.decide(&facts).await;
+    trace.posture = decided.posture.take();
     if let Some(as_user) = &decided.impersonated {
         trace.impersonated = Some(as_user.user().to_owned());
         trace.impersonated_identity = Some(as_user.clone());
@@ -511,8 +511,10 @@ async fn run(
     match api.target {
         Target::SelfAccessReview if policy => {
             let review = SelfReview {
-                caller: &identity,
-                impersonation: impersonation.as_ref(),
+                acting: decided
+                    .impersonated
+                    .clone()
+                    .unwrap_or_else(|| identity.clone()),
                 device: device.as_ref(),
                 source_ip: facts.source_ip,
             };
@@ -707,10 +709,10 @@ impl crate::streams::Recheck for StreamCheck {
     }
 }
 
-/// The caller of a self-review and the facts its own request was decided with.
+/// Who asks a self-review (the identity its own request acts as, already decided) and the
+/// facts that request was decided with.
 struct SelfReview<'a> {
-    caller: &'a Arc<Identity>,
-    impersonation: Option<&'a ImpersonationRequest>,
+    acting: Arc<Identity>,
     device: Option<&'a DeviceSeen>,
     source_ip: std::net::IpAddr,
 }
@@ -725,20 +727,7 @@ async fn self_subject_access_review(
     authorized: Authorized,
     who: SelfReview<'_>,
 ) -> Result<Response<Body>, PipelineError> {
-    const LIMIT: usize = 64 * 1024;
-    let (parts, body) = req.into_parts();
-    let bytes = Limited::new(body, LIMIT)
-        .collect()
-        .await
-        .map_err(|_| PipelineError::BodyTooLarge {
-            limit: LIMIT as u64,
-        })?
-        .to_bytes();
-    let is_protobuf = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/vnd.kubernetes.protobuf"));
+    let (parts, bytes, is_protobuf) = crate::authz::kubeproto::read_review(req).await?;
     let review: serde_json::Value = if is_protobuf {
         crate::authz::kubeproto::self_subject_access_review(&bytes).ok_or_else(|| {
             PipelineError::BadRequest("not a protobuf SelfSubjectAccessReview".into())
@@ -757,8 +746,7 @@ async fn self_subject_access_review(
     let answer = gw
         .decider
         .review(&crate::decide::ReviewFacts {
-            caller: who.caller,
-            impersonation: who.impersonation,
+            caller: &who.acting,
             device: who.device,
             info: &info,
             source_ip: who.source_ip,

@@ -237,7 +237,6 @@ async fn subject_access_review(
             .decider
             .review(&crate::decide::ReviewFacts {
                 caller: &identity,
-                impersonation: None,
                 device: None,
                 info: &info,
                 source_ip: std::net::IpAddr::from([0, 0, 0, 0]),

@@ -155,6 +155,31 @@ pub fn self_subject_rules_review_namespace(body: &[u8]) -> Option<String> {
     Some(namespace)
 }
 
+/// The largest self-review body read (a review is a few hundred bytes).
+const MAX_REVIEW_BYTES: usize = 64 * 1024;
+
+/// Reads a self-review request: its head, its body (at most 64 KiB) and whether the body is
+/// protobuf (kubectl's choice) rather than JSON.
+pub async fn read_review(
+    req: http::Request<hyper::body::Incoming>,
+) -> Result<(http::request::Parts, bytes::Bytes, bool), crate::errors::PipelineError> {
+    use http_body_util::BodyExt;
+    let (parts, body) = req.into_parts();
+    let bytes = http_body_util::Limited::new(body, MAX_REVIEW_BYTES)
+        .collect()
+        .await
+        .map_err(|_| crate::errors::PipelineError::BodyTooLarge {
+            limit: MAX_REVIEW_BYTES as u64,
+        })?
+        .to_bytes();
+    let is_protobuf = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/vnd.kubernetes.protobuf"));
+    Ok((parts, bytes, is_protobuf))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,8 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{header, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -196,9 +195,6 @@ pub const CONTEXT_DEPENDENT: &str = "the gateway's policies have conditions on t
      context (device, posture, credential, time or source address): these rules are what this \
      request is allowed, from this device, now";
 
-/// The largest review body read (a review is a few hundred bytes).
-const MAX_REVIEW_BYTES: usize = 64 * 1024;
-
 /// Who asks for their rules, with the facts their own request was decided with.
 pub struct Asker {
     /// The caller, or whom it impersonates.
@@ -219,20 +215,8 @@ pub async fn serve(
     req: Request<Incoming>,
     asker: Asker,
 ) -> Result<Response<Body>, PipelineError> {
-    let (parts, body) = req.into_parts();
-    let bytes = Limited::new(body, MAX_REVIEW_BYTES)
-        .collect()
-        .await
-        .map_err(|_| PipelineError::BodyTooLarge {
-            limit: MAX_REVIEW_BYTES as u64,
-        })?
-        .to_bytes();
     // kubectl sends protobuf; other clients JSON.
-    let is_protobuf = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/vnd.kubernetes.protobuf"));
+    let (_, bytes, is_protobuf) = crate::authz::kubeproto::read_review(req).await?;
     let namespace = if is_protobuf {
         crate::authz::kubeproto::self_subject_rules_review_namespace(&bytes).ok_or_else(|| {
             PipelineError::BadRequest("not a protobuf SelfSubjectRulesReview".into())
