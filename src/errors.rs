@@ -80,7 +80,7 @@ impl Status {
 pub const STATE_STALE_MESSAGE: &str = "the gateway cannot confirm that its locks and device \
      posture are current (its shared state store is unreachable), so it refuses; try again later";
 
-// --- state store write failures (tests/faults_disk.rs) ---
+// --- state store write failures (tests/it/faults_disk.rs) ---
 /// A lock or posture write that the state store refused: 503, as kube-apiserver answers when its
 /// own storage cannot take a write, naming the cause an operator must fix (disk full, read-only)
 /// but never a path. Nothing was acknowledged; what is stored stays in force.

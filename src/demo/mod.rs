@@ -62,7 +62,7 @@ pub struct DevSettings {
     pub device_posture_yaml: Option<String>,
     /// Keep locks and posture in this directory (else in memory).
     pub state_dir: Option<PathBuf>,
-    // --- state.etcd (tests/etcd.rs) ---
+    // --- state.etcd (tests/it/etcd.rs) ---
     /// The `state.etcd` block (YAML, starting at `etcd:`, not indented); instead of `state_dir`.
     pub state_etcd_yaml: Option<String>,
     // --- end state.etcd ---
@@ -476,7 +476,7 @@ const DEMO_LOGIN_USER: (&str, &[&str]) = ("alice", &["team-a"]);
 
 /// The demo's policies: discovery for everyone, namespace team-a for its group, the lock API for
 /// `security`, a forbid that shows what a policy denial looks like, and the forbids that keep
-/// "anything in namespace team-a" from becoming more than that (tests/escalations.rs).
+/// "anything in namespace team-a" from becoming more than that (tests/it/escalations.rs).
 pub const DEMO_POLICIES: &str = r#"// Demo policies (Cedar). Edit this file while the demo runs: the gateway reloads it.
 //
 // team-a may do anything in its namespace except what the forbids below take away: the ways in

@@ -20,7 +20,7 @@
 //! not a plain "no space" / "read-only"), the next write first rewrites everything from the
 //! in-memory view (snapshot, then an empty log) — the repair — and only then appends. So the
 //! store recovers by itself once space is freed or the file system is writable again; no
-//! restart is needed (`docs/hardening.md`, tests/faults_disk.rs).
+//! restart is needed (`docs/hardening.md`, tests/it/faults_disk.rs).
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};

@@ -193,7 +193,7 @@ struct Shared {
     requests: Mutex<Vec<(u64, RecordedRequest)>>,
     next_request: AtomicU64,
     delay: Mutex<Duration>,
-    // --- per-path stall (tests/faults.rs) ---
+    // --- per-path stall (tests/it/faults.rs) ---
     /// Extra delays for non-streaming responses, by path prefix.
     path_delays: Mutex<Vec<(String, Duration)>>,
     // --- end per-path stall ---
@@ -335,7 +335,7 @@ impl ApiServer {
         *self.shared.delay.lock().unwrap_or_else(|e| e.into_inner()) = d;
     }
 
-    // --- per-path stall (tests/faults.rs) ---
+    // --- per-path stall (tests/it/faults.rs) ---
     /// Delays non-streaming responses to paths starting with `prefix` by `d` as well (zero:
     /// removes it), so one request can stall while the others are answered at once.
     pub fn set_path_delay(&self, prefix: &str, d: Duration) {

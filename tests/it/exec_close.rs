@@ -2,7 +2,7 @@
 //! why: the reason arrives as a `Status` on the session's error channel, over WebSocket and over
 //! SPDY, and kubectl prints it and exits non-zero. A port-forward is just closed.
 
-mod support;
+use crate::support;
 
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};

@@ -312,7 +312,7 @@ fn every_config_field_is_documented() {
     let new: Vec<_> = serialized.difference(&example).collect();
     assert!(
         new.is_empty(),
-        "fields in the schema but not in the maximal example of tests/docs.rs (add them there \
+        "fields in the schema but not in the maximal example of tests/it/docs.rs (add them there \
          and document them in docs/configuration.md): {new:#?}"
     );
 

@@ -4,7 +4,7 @@
 //! nothing), kube-apiserver's SubjectAccessReview webhook answers from the same policies, and
 //! exec is denied when policy says so.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -245,7 +245,7 @@ async fn kubectl_auth_can_i_answers_what_policy_decides() {
 // ------------------------------------------------------------------------------------------
 // 3. kubectl --as
 
-const IMPERSONATION: &str = include_str!("../config/policies/60-impersonation.cedar");
+const IMPERSONATION: &str = include_str!("../../config/policies/60-impersonation.cedar");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_as_is_allowed_only_where_policy_allows_impersonation() {

@@ -1,6 +1,6 @@
 //! Audit events in kube-apiserver's format, read back from the file sink after a kubectl session.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

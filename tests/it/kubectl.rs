@@ -1,7 +1,7 @@
 //! The installed kubectl, through the gateway, against the stand-in kube-apiserver.
 //! Each test is something a kubectl user does and sees.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

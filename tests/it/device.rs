@@ -1,7 +1,7 @@
 //! Device certificates next to user tokens: the device is visible to policy, and a token bound
 //! to a certificate (RFC 8705 `cnf.x5t#S256`) works only with that certificate.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //! redirect, device code, cache, refresh, one sign-in for many parallel kubectl calls), and the
 //! callback's refusals.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;

@@ -6,7 +6,7 @@
 //! Not covered here: `claimValidationRules` (DevSettings cannot express them; the rule checks are
 //! unit-tested in `src/authn/oidc/verify.rs`).
 
-mod support;
+use crate::support;
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

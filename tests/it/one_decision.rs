@@ -3,7 +3,7 @@
 //! point (requests, streams, SubjectAccessReview); kube-apiserver's impersonation reviews get
 //! the answer `kubectl --as` gets; methods that mean nothing get 405.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! kube-apiserver's RBAC rules: the real kubectl, a stand-in kube-apiserver whose RBAC allows
 //! more than the policy does, and a gateway with a policy set in between.
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 

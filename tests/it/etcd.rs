@@ -3,7 +3,7 @@
 //! store's view through its watch, a compacted watch resyncs, and two gateway replicas sharing
 //! one etcd enforce each other's locks and posture.
 
-mod support;
+use crate::support;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

@@ -1,7 +1,7 @@
 //! Forwarding rules a client can observe: header hygiene, authentication failures, upstream
 //! failures, timeouts, limits, and path checks.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

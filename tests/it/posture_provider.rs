@@ -1,7 +1,7 @@
 //! The pull provider: the gateway asks an HTTPS endpoint about devices it has no fresh record
 //! for — batched, cached, rate-limited, and failing closed when the endpoint is down.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

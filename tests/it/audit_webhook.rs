@@ -3,7 +3,7 @@
 //! and `Block` mode; the dropped-events counter; and a search of every sink's output (file,
 //! webhook bodies, stdout of a `ztgate serve` process) for the bearer tokens that were used.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

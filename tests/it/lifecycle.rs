@@ -1,6 +1,6 @@
 //! The gateway's life: certificate rotation without restart, and graceful shutdown on SIGTERM.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::Duration;

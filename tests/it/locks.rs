@@ -1,7 +1,7 @@
 //! Locks (revocation): a lock refuses new requests and closes live streams within a second,
 //! survives `kill -9`, and a stream also ends when its credential expires.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! verified like user tokens and bad ones change nothing; live streams are decided again when
 //! posture lapses or changes, or policy changes.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -17,7 +17,7 @@ use ztgate_testkit::pki::{Ca, CertKey};
 use ztgate_testkit::DevIssuer;
 
 /// The shipped discovery policy: kubectl must find the API before it asks for anything.
-const DISCOVERY: &str = include_str!("../config/policies/00-discovery.cedar");
+const DISCOVERY: &str = include_str!("../../config/policies/00-discovery.cedar");
 
 const PODS: &str = "/api/v1/namespaces/team-a/pods";
 const WATCH: &str = "/api/v1/namespaces/team-a/pods?watch=true";

@@ -1,5 +1,5 @@
 //! Known Kubernetes escalation paths, asked of the shipped policy sets: the demo's policies and
-//! `config/policies` (which `deploy/base/policies` copies; tests/docs.rs keeps them equal). Each
+//! `config/policies` (which `deploy/base/policies` copies; tests/it/docs.rs keeps them equal). Each
 //! path must be denied to every example persona, by policy and not by an evaluation error, and
 //! each persona must keep a few things it is there to do, so that denying everything cannot pass.
 //!

@@ -3,7 +3,7 @@
 //! than one upstream connection carries must all start, and ordinary requests must not queue
 //! behind them.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! event is half sent (kube-apiserver's events can span several frames). The client must get
 //! whole events and then the `ERROR` event with the message, or, when the rest of the event never
 //! comes, an end soon after the close; never a later event. What kubectl shows for the usual case
-//! is in tests/locks.rs.
+//! is in tests/it/locks.rs.
 
 use std::convert::Infallible;
 use std::time::Duration;

@@ -5,7 +5,7 @@
 //! what the attacker saw, and what reached the stand-in kube-apiserver — never a request under
 //! an identity the attacker does not have, never a path other than the one that was authorized.
 
-mod support;
+use crate::support;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -5,7 +5,7 @@
 //! working, writes succeed again as soon as the disk does — without a restart — and a restart
 //! afterwards finds every acknowledged record, with no torn bytes in the log.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

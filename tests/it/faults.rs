@@ -5,7 +5,7 @@
 //! The state store's disk is in `faults_disk.rs`; the table of every dependency fault and its
 //! test is in docs/hardening.md.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 

@@ -1,0 +1,29 @@
+//! The gateway's integration tests, in one binary (one link instead of one per file).
+
+mod audit;
+mod audit_webhook;
+mod cli;
+mod config_check;
+mod demo;
+mod device;
+mod docs;
+mod escalations;
+mod etcd;
+mod exec_close;
+mod faults;
+mod faults_disk;
+mod forwarding;
+mod hostile;
+mod kubectl;
+mod lifecycle;
+mod locks;
+mod oidc;
+mod one_decision;
+mod policy;
+mod posture;
+mod posture_provider;
+mod rules_review;
+mod sso;
+mod support;
+mod watch_close;
+mod watch_lanes;
