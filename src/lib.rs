@@ -30,6 +30,7 @@ pub mod state;
 pub mod streams;
 pub mod telemetry;
 pub mod tls;
+pub mod util;
 pub mod webhook;
 
 #[cfg(feature = "demo")]
