@@ -14,6 +14,8 @@
 //!   rebuilt, the principal and entities come from the cache).
 //! - `decide/new-caller/N`: sliced, a different user on every call (everything is built and
 //!   inserted into the cache: the cost of a miss).
+//! - `decide/identity/N`: sliced, decided for an `Identity` (`PolicyEngine::decide`), as the
+//!   gateway decides a cached token's requests: the identity's last request's values are reused.
 //!
 //! Run: `cargo bench --bench cedar`
 
@@ -21,8 +23,10 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, SystemTime};
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
-use ztgate::authn::CredentialFacts;
-use ztgate::authz::cedar::{DeviceFacts, PolicyEngine, PostureFacts, RequestFacts, Subject};
+use ztgate::authn::{CredentialFacts, Identity};
+use ztgate::authz::cedar::{
+    AuthzInput, DeviceFacts, PolicyEngine, PostureFacts, RequestFacts, Subject,
+};
 use ztgate::authz::requestinfo::RequestInfo;
 
 const FORBIDS: &str = r#"
@@ -183,6 +187,24 @@ fn decide(c: &mut Criterion) {
                 };
                 black_box(sliced.decide_subject(black_box(&subject), black_box(&req)))
             })
+        });
+        let identity = Identity::from_review(
+            subject.user.to_owned(),
+            subject.uid.map(str::to_owned),
+            groups.clone(),
+            Default::default(),
+        );
+        let input = AuthzInput {
+            identity: &identity,
+            info: &info,
+            verb: "list",
+            source_ip: req.source_ip,
+            now: req.now,
+            device: Some(&device),
+            websocket: false,
+        };
+        g.bench_with_input(BenchmarkId::new("identity", n), &n, |b, _| {
+            b.iter(|| black_box(sliced.decide(black_box(&input))))
         });
         if n > 0 {
             g.bench_with_input(BenchmarkId::new("whole", n), &n, |b, _| {
