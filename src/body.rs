@@ -49,6 +49,13 @@ impl<B> Deadline<B> {
     }
 }
 
+/// A request body longer than the limit it was read with.
+#[derive(Debug, thiserror::Error)]
+#[error("request body larger than {limit} bytes")]
+pub struct TooLarge {
+    pub limit: u64,
+}
+
 /// The error a body ends with when its deadline passed.
 #[derive(Debug, thiserror::Error)]
 #[error("the response did not finish within the gateway's request timeout")]

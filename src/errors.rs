@@ -1,17 +1,14 @@
-//! The one place where every error the gateway produces becomes a kube-apiserver `Status`.
+//! `metav1.Status`, the error object Kubernetes clients read: the one place the gateway writes it.
 //!
 //! Clients (kubectl, client-go) print these exactly as they print kube-apiserver's own errors.
-//! The message sent to the client never carries detail an attacker can use for authentication
-//! failures; the precise reason goes to the log instead.
+//! This module knows nothing of the gateway's parts: each part's error says which `Status` it
+//! becomes ([`ToStatus`]), with the constructors here (one per `reason` kube-apiserver uses) and
+//! the messages in [`messages`], each written once.
 
 use http::{header, HeaderValue, Response, StatusCode};
 use serde::Serialize;
 
-use crate::authn::AuthnError;
-use crate::authz::AuthzError;
 use crate::body::{full, Body};
-use crate::posture::PostureError;
-use crate::proxy::UpstreamError;
 
 /// `metav1.Status`, as kube-apiserver writes it.
 #[derive(Debug, Serialize)]
@@ -40,7 +37,15 @@ pub struct StatusDetails {
     pub retry_after_seconds: Option<u32>,
 }
 
+/// An error a client sees as a `Status`.
+pub trait ToStatus {
+    /// The `Status` the client is sent. It never carries detail an attacker can use against
+    /// authentication; the precise reason goes to the log.
+    fn to_status(&self) -> Status;
+}
+
 impl Status {
+    /// A failure with any code and reason; prefer the named constructors below.
     pub fn failure(code: StatusCode, reason: &'static str, message: impl Into<String>) -> Status {
         Status {
             kind: "Status",
@@ -54,6 +59,110 @@ impl Status {
         }
     }
 
+    /// 400 `BadRequest`.
+    pub fn bad_request(message: impl Into<String>) -> Status {
+        Status::failure(StatusCode::BAD_REQUEST, "BadRequest", message)
+    }
+
+    /// 401 `Unauthorized`.
+    pub fn unauthorized(message: impl Into<String>) -> Status {
+        Status::failure(StatusCode::UNAUTHORIZED, "Unauthorized", message)
+    }
+
+    /// 403 `Forbidden`.
+    pub fn forbidden(message: impl Into<String>) -> Status {
+        Status::failure(StatusCode::FORBIDDEN, "Forbidden", message)
+    }
+
+    /// 404 `NotFound`.
+    pub fn not_found(message: impl Into<String>) -> Status {
+        Status::failure(StatusCode::NOT_FOUND, "NotFound", message)
+    }
+
+    /// 405 `MethodNotAllowed`.
+    pub fn method_not_allowed(message: impl Into<String>) -> Status {
+        Status::failure(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", message)
+    }
+
+    /// 409 `Conflict`.
+    pub fn conflict(message: impl Into<String>) -> Status {
+        Status::failure(StatusCode::CONFLICT, "Conflict", message)
+    }
+
+    /// 413 `RequestEntityTooLarge`.
+    pub fn request_entity_too_large(message: impl Into<String>) -> Status {
+        Status::failure(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestEntityTooLarge",
+            message,
+        )
+    }
+
+    /// 429 `TooManyRequests`, with the seconds after which to retry.
+    pub fn too_many_requests(message: impl Into<String>, retry_after_seconds: u32) -> Status {
+        Status::failure(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", message)
+            .retry_after(retry_after_seconds)
+    }
+
+    /// 503 `ServiceUnavailable`.
+    pub fn service_unavailable(message: impl Into<String>) -> Status {
+        Status::failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            message,
+        )
+    }
+
+    /// 504 `Timeout`.
+    pub fn timeout(message: impl Into<String>) -> Status {
+        Status::failure(StatusCode::GATEWAY_TIMEOUT, "Timeout", message)
+    }
+
+    /// `InternalError` with the given code (502 for a kube-apiserver that failed to answer).
+    pub fn internal_error(code: StatusCode, message: impl Into<String>) -> Status {
+        Status::failure(code, "InternalError", message)
+    }
+
+    /// The reason kube-apiserver gives for `code` among those the gateway sends.
+    pub fn reason_for(code: u16) -> &'static str {
+        match code {
+            400 => "BadRequest",
+            401 => "Unauthorized",
+            403 => "Forbidden",
+            404 => "NotFound",
+            405 => "MethodNotAllowed",
+            409 => "Conflict",
+            413 => "RequestEntityTooLarge",
+            429 => "TooManyRequests",
+            504 => "Timeout",
+            503 => "ServiceUnavailable",
+            _ => "InternalError",
+        }
+    }
+
+    /// Names the object the failure is about (`details.name`, `group`, `kind`).
+    pub fn about(mut self, name: &str, group: &str, kind: &str) -> Status {
+        let details = self.details.get_or_insert_with(Default::default);
+        details.name = name.to_owned();
+        details.group = group.to_owned();
+        details.kind = kind.to_owned();
+        self
+    }
+
+    /// Asks the client to retry after `secs` (`details.retryAfterSeconds` and `Retry-After`).
+    pub fn retry_after(mut self, secs: u32) -> Status {
+        self.details
+            .get_or_insert_with(Default::default)
+            .retry_after_seconds = Some(secs);
+        self
+    }
+
+    /// The JSON object, for embedding (a watch's `ERROR` event, a review's answer).
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+
+    /// The HTTP response: the JSON body, the code, and `Retry-After` when asked.
     pub fn into_response(self) -> Response<Body> {
         let code = StatusCode::from_u16(self.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let retry = self.details.as_ref().and_then(|d| d.retry_after_seconds);
@@ -74,274 +183,102 @@ impl Status {
         }
         resp
     }
-}
 
-/// What a client is told when the gateway cannot confirm its locks and posture are current.
-pub const STATE_STALE_MESSAGE: &str = "the gateway cannot confirm that its locks and device \
-     posture are current (its shared state store is unreachable), so it refuses; try again later";
-
-// --- state store write failures (tests/it/faults_disk.rs) ---
-/// A lock or posture write that the state store refused: 503, as kube-apiserver answers when its
-/// own storage cannot take a write, naming the cause an operator must fix (disk full, read-only)
-/// but never a path. Nothing was acknowledged; what is stored stays in force.
-fn store_write_failed(e: &crate::state::StoreError) -> Status {
-    use std::io::ErrorKind;
-    let crate::state::StoreError::Io { source, .. } = e else {
-        return Status::failure(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "ServiceUnavailable",
-            "the gateway's state store cannot be written; try again",
+    /// [`Status::into_response`] with the gateway's bearer challenge (`WWW-Authenticate`), for
+    /// refusals the client answers by presenting (or renewing) a credential.
+    pub fn into_challenge(self) -> Response<Body> {
+        let mut resp = self.into_response();
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"ztgate\""),
         );
-    };
-    let cause = match source.kind() {
-        ErrorKind::StorageFull | ErrorKind::QuotaExceeded => "its disk is full",
-        ErrorKind::ReadOnlyFilesystem => "its file system is read-only",
-        _ => "a disk write failed",
-    };
-    Status::failure(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "ServiceUnavailable",
-        format!(
-            "the gateway's state store could not save this change: {cause}; locks and posture \
-             already stored stay in force; try again later"
-        ),
-    )
-}
-// --- end state store write failures ---
-
-/// Everything that can stop a request inside the gateway, by the side that caused it.
-#[derive(Debug, thiserror::Error)]
-pub enum PipelineError {
-    /// The client's credentials were missing or did not verify (client side).
-    #[error(transparent)]
-    Authn(#[from] AuthnError),
-    /// Policy refused the request (client side: ask for access).
-    #[error(transparent)]
-    Authz(#[from] AuthzError),
-    /// The credential a live stream (or a decision made later) rests on has expired (client
-    /// side: log in again). New requests with it fail authentication instead.
-    #[error("credential expired")]
-    CredentialExpired,
-    /// The method means nothing kube-apiserver or the gateway serves (e.g. TRACE, PROPFIND, or
-    /// OPTIONS on a resource path).
-    #[error("method {0} is not allowed")]
-    MethodNotAllowed(http::Method),
-    /// A gateway object (e.g. a lock) does not exist.
-    #[error("{0} not found")]
-    NotFound(&'static str),
-    /// The state store (locks, posture) cannot be written (server side).
-    #[error("state store unavailable: {0}")]
-    StoreUnavailable(crate::state::StoreError),
-    /// The shared state store has not confirmed this replica's view of locks and posture for
-    /// longer than `state.etcd.maxStaleness`: decisions that need them fail closed (server side).
-    #[error("state not confirmed current: {0}")]
-    StateStale(String),
-    /// A lock (revocation) matches the caller, its device or its token.
-    #[error("locked: {0}")]
-    Locked(String),
-    /// The device has no fresh posture record and posture is required (client side: report it).
-    #[error("no fresh posture for device {0:?}")]
-    PostureRequired(String),
-    /// A posture report was refused, or could not be stored.
-    #[error(transparent)]
-    Posture(#[from] crate::posture::PostureError),
-    /// The request cannot be mapped unambiguously to what kube-apiserver will act on.
-    #[error("bad request: {0}")]
-    BadRequest(std::borrow::Cow<'static, str>),
-    /// The request body is larger than `limits.maxRequestBodyBytes`.
-    #[error("request body larger than {limit} bytes")]
-    BodyTooLarge { limit: u64 },
-    /// More non-streaming requests in flight than `limits.maxInflightRequests`.
-    #[error("too many requests in flight")]
-    TooManyRequests,
-    /// The gateway is draining for shutdown.
-    #[error("gateway is shutting down")]
-    ShuttingDown,
-    /// kube-apiserver could not be reached or failed mid-request (upstream side).
-    #[error(transparent)]
-    Upstream(#[from] UpstreamError),
-}
-
-impl PipelineError {
-    /// A short, stable label for metrics and logs.
-    pub fn outcome(&self) -> &'static str {
-        match self {
-            PipelineError::Authn(_) => "unauthenticated",
-            PipelineError::Authz(AuthzError::Denied(_)) => "denied",
-            PipelineError::Authz(_) => "bad_request",
-            PipelineError::Locked(_) => "locked",
-            PipelineError::CredentialExpired => "unauthenticated",
-            PipelineError::MethodNotAllowed(_) => "bad_request",
-            PipelineError::PostureRequired(_) => "posture_required",
-            PipelineError::Posture(PostureError::Store(_)) => "store_unavailable",
-            PipelineError::Posture(PostureError::Rejected(_) | PostureError::NoDevice) => {
-                "unauthenticated"
-            }
-            PipelineError::Posture(_) => "posture_refused",
-            PipelineError::NotFound(_) => "not_found",
-            PipelineError::StoreUnavailable(_) => "store_unavailable",
-            PipelineError::StateStale(_) => "state_stale",
-            PipelineError::BadRequest(_) => "bad_request",
-            PipelineError::BodyTooLarge { .. } => "body_too_large",
-            PipelineError::TooManyRequests => "throttled",
-            PipelineError::ShuttingDown => "shutting_down",
-            PipelineError::Upstream(UpstreamError::Timeout) => "upstream_timeout",
-            PipelineError::Upstream(_) => "upstream_error",
-        }
-    }
-
-    /// The `Status` the client sees.
-    pub fn to_status(&self) -> Status {
-        match self {
-            // Never tell an unauthenticated client why: the log has the reason.
-            PipelineError::Authn(_) => {
-                Status::failure(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized")
-            }
-            PipelineError::Authz(AuthzError::Denied(d)) => {
-                let mut s = Status::failure(StatusCode::FORBIDDEN, "Forbidden", d.message.clone());
-                s.details = Some(StatusDetails {
-                    name: d.name.clone(),
-                    group: d.group.clone(),
-                    kind: d.resource.clone(),
-                    ..Default::default()
-                });
-                s
-            }
-            PipelineError::CredentialExpired => Status::failure(
-                StatusCode::UNAUTHORIZED,
-                "Unauthorized",
-                "the credential has expired; log in again",
-            ),
-            PipelineError::MethodNotAllowed(m) => Status::failure(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "MethodNotAllowed",
-                format!("the method {m} is not allowed here"),
-            ),
-            PipelineError::NotFound(what) => Status::failure(
-                StatusCode::NOT_FOUND,
-                "NotFound",
-                format!("{what} not found"),
-            ),
-            PipelineError::StoreUnavailable(e) => store_write_failed(e),
-            PipelineError::StateStale(_) => {
-                let mut s = Status::failure(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "ServiceUnavailable",
-                    STATE_STALE_MESSAGE,
-                );
-                s.details = Some(StatusDetails {
-                    retry_after_seconds: Some(5),
-                    ..Default::default()
-                });
-                s
-            }
-            PipelineError::Locked(message) => Status::failure(
-                StatusCode::FORBIDDEN,
-                "Forbidden",
-                if message.is_empty() {
-                    "access is locked by an administrator".to_owned()
-                } else {
-                    format!("access is locked: {message}")
-                },
-            ),
-            PipelineError::PostureRequired(device) => Status::failure(
-                StatusCode::UNAUTHORIZED,
-                "Unauthorized",
-                format!(
-                    "the gateway has no fresh posture report for device {device:?}: report it \
-                     with `ztgate device report` (or have your MDM report it), then retry"
-                ),
-            ),
-            // A refused signed report says no more than a refused token does.
-            PipelineError::Posture(PostureError::Rejected(_)) => {
-                Status::failure(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized")
-            }
-            PipelineError::Posture(e @ PostureError::NoDevice) => {
-                Status::failure(StatusCode::UNAUTHORIZED, "Unauthorized", e.to_string())
-            }
-            PipelineError::Posture(
-                e @ (PostureError::WrongDevice { .. } | PostureError::NotAccepted(_)),
-            ) => Status::failure(StatusCode::FORBIDDEN, "Forbidden", e.to_string()),
-            PipelineError::Posture(e @ PostureError::BadReport(_)) => {
-                Status::failure(StatusCode::BAD_REQUEST, "BadRequest", e.to_string())
-            }
-            PipelineError::Posture(e @ PostureError::Superseded(_)) => {
-                Status::failure(StatusCode::CONFLICT, "Conflict", e.to_string())
-            }
-            PipelineError::Posture(PostureError::Store(e)) => store_write_failed(e),
-            PipelineError::Authz(e) => {
-                Status::failure(StatusCode::BAD_REQUEST, "BadRequest", e.to_string())
-            }
-            PipelineError::BadRequest(why) => {
-                Status::failure(StatusCode::BAD_REQUEST, "BadRequest", why.to_string())
-            }
-            PipelineError::BodyTooLarge { limit } => Status::failure(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "RequestEntityTooLarge",
-                format!("the request body is larger than the gateway's limit of {limit} bytes"),
-            ),
-            PipelineError::TooManyRequests => {
-                let mut s = Status::failure(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "TooManyRequests",
-                    "too many requests in flight at the gateway, please try again later",
-                );
-                s.details = Some(StatusDetails {
-                    retry_after_seconds: Some(1),
-                    ..Default::default()
-                });
-                s
-            }
-            PipelineError::ShuttingDown => Status::failure(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "ServiceUnavailable",
-                "the gateway is shutting down, please retry",
-            ),
-            PipelineError::Upstream(UpstreamError::Timeout) => Status::failure(
-                StatusCode::GATEWAY_TIMEOUT,
-                "Timeout",
-                "the upstream kube-apiserver did not answer within the gateway's request timeout",
-            ),
-            // "kube-apiserver at <url> is not reachable: <cause>", made where it failed.
-            PipelineError::Upstream(UpstreamError::Connect(message)) => Status::failure(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "ServiceUnavailable",
-                message.clone(),
-            ),
-            PipelineError::Upstream(e) => Status::failure(
-                StatusCode::BAD_GATEWAY,
-                "InternalError",
-                format!("kube-apiserver failed to answer the gateway: {e}"),
-            ),
-        }
-    }
-
-    pub fn into_response(self) -> Response<Body> {
-        let mut resp = self.to_status().into_response();
-        if matches!(
-            self,
-            PipelineError::Authn(_)
-                | PipelineError::CredentialExpired
-                | PipelineError::PostureRequired(_)
-                | PipelineError::Posture(PostureError::Rejected(_) | PostureError::NoDevice)
-        ) {
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"ztgate\""),
-            );
-        }
         resp
     }
 }
 
-/// An error and all its sources, `outer: inner: innermost`, for logs.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(err) = cur {
-        out.push_str(": ");
-        out.push_str(&err.to_string());
-        cur = err.source();
+/// What clients read, each message written once (new requests, closed streams and the HTTP
+/// answers of the gateway's own APIs use the same words).
+pub mod messages {
+    /// Every refused credential: the reason is logged, never sent.
+    pub const UNAUTHORIZED: &str = "Unauthorized";
+
+    /// The gateway cannot confirm its locks and posture are current.
+    pub const STATE_STALE: &str = "the gateway cannot confirm that its locks and device \
+         posture are current (its shared state store is unreachable), so it refuses; try again later";
+
+    /// A credential (or what a live stream rests on) has expired.
+    pub const CREDENTIAL_EXPIRED: &str = "the credential has expired; log in again";
+
+    /// More non-streaming requests in flight than the gateway allows.
+    pub const TOO_MANY_REQUESTS: &str =
+        "too many requests in flight at the gateway, please try again later";
+
+    /// The gateway is draining for shutdown.
+    pub const SHUTTING_DOWN: &str = "the gateway is shutting down, please retry";
+
+    /// kube-apiserver did not answer in time.
+    pub const UPSTREAM_TIMEOUT: &str =
+        "the upstream kube-apiserver did not answer within the gateway's request timeout";
+
+    /// A state store write that did not happen for a reason other than the disk.
+    pub const STORE_UNWRITABLE: &str = "the gateway's state store cannot be written; try again";
+
+    /// A lock matches the caller; `message` is the administrator's, possibly empty.
+    pub fn locked(message: &str) -> String {
+        if message.is_empty() {
+            "access is locked by an administrator".to_owned()
+        } else {
+            format!("access is locked: {message}")
+        }
     }
-    out
+
+    /// A state store write the disk refused, naming the cause an operator must fix (never a
+    /// path). Nothing was acknowledged; what is stored stays in force.
+    pub fn store_write_failed(cause: &str) -> String {
+        format!(
+            "the gateway's state store could not save this change: {cause}; locks and posture \
+             already stored stay in force; try again later"
+        )
+    }
+
+    /// The device has no fresh posture report and posture is required.
+    pub fn posture_required(device: &str) -> String {
+        format!(
+            "the gateway has no fresh posture report for device {device:?}: report it \
+             with `ztgate device report` (or have your MDM report it), then retry"
+        )
+    }
+
+    /// A request body over the gateway's limit.
+    pub fn body_too_large(limit: u64) -> String {
+        format!("the request body is larger than the gateway's limit of {limit} bytes")
+    }
+
+    /// A method that means nothing where it was sent.
+    pub fn method_not_allowed(method: &http::Method) -> String {
+        format!("the method {method} is not allowed here")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_json_is_what_kube_apiserver_writes() {
+        let v = Status::forbidden("no").about("n", "g", "pods").to_value();
+        assert_eq!(
+            v,
+            serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                "status": "Failure", "message": "no", "reason": "Forbidden",
+                "details": {"name": "n", "group": "g", "kind": "pods"}, "code": 403})
+        );
+    }
+
+    #[test]
+    fn retry_after_reaches_the_header() {
+        let resp = Status::too_many_requests("busy", 1).into_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+    }
 }

@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::telemetry::Metrics;
+use crate::util::sync::lock;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum StreamKind {
@@ -72,12 +73,6 @@ impl StreamSubject {
     }
 }
 
-/// Locks a mutex whose critical sections leave no half-done state behind, so a panic elsewhere
-/// while it was held must not turn every later request into a panic too.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// Why the gateway closed a stream: the HTTP status it stands for (401: the credential or
 /// posture lapsed, so client-go re-runs its credential plugin; 403: a lock or policy) and a
 /// message for the user.
@@ -90,8 +85,8 @@ pub struct CloseReason {
 impl CloseReason {
     /// A stream closed because the decision that opened it now refuses it: the same status and
     /// message a new request would get.
-    pub fn of(e: &crate::errors::PipelineError) -> CloseReason {
-        let status = e.to_status();
+    pub fn of(e: &crate::refusal::PipelineError) -> CloseReason {
+        let status = crate::errors::ToStatus::to_status(e);
         CloseReason {
             code: status.code,
             message: status.message,
@@ -131,15 +126,13 @@ impl CloseReason {
 
     /// A `metav1.Status` JSON object for this close.
     pub fn status_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": self.message,
-            "reason": self.status_reason(),
-            "code": self.code,
-        })
+        let mut status = crate::errors::Status::failure(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            self.status_reason(),
+            self.message.clone(),
+        );
+        status.code = self.code;
+        status.to_value()
     }
 }
 
@@ -255,7 +248,7 @@ impl StreamHandle {
 impl Drop for StreamHandle {
     fn drop(&mut self) {
         lock(&self.registry.live).remove(&self.id);
-        self.registry.metrics.stream_closed(self.kind);
+        self.registry.metrics.stream_closed(self.kind.as_str());
         self.slot.fire();
     }
 }
@@ -311,7 +304,7 @@ impl StreamRegistry {
         if let Some(at) = first_check {
             self.schedule(id, at);
         }
-        self.metrics.stream_opened(kind);
+        self.metrics.stream_opened(kind.as_str());
         StreamHandle {
             id,
             kind,

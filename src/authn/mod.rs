@@ -270,6 +270,13 @@ pub enum AuthnError {
     IssuerKeysUnavailable(String),
 }
 
+impl crate::errors::ToStatus for AuthnError {
+    /// Never tell an unauthenticated client why: the log has the reason.
+    fn to_status(&self) -> crate::errors::Status {
+        crate::errors::Status::unauthorized(crate::errors::messages::UNAUTHORIZED)
+    }
+}
+
 impl AuthnError {
     /// A short, stable label for metrics (bounded set; no user data).
     pub fn reason_label(&self) -> &'static str {

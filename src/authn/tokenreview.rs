@@ -41,15 +41,7 @@ struct Spec {
 fn bad_request(message: String) -> (StatusCode, Value) {
     (
         StatusCode::BAD_REQUEST,
-        json!({
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": message,
-            "reason": "BadRequest",
-            "code": 400,
-        }),
+        crate::errors::Status::bad_request(message).to_value(),
     )
 }
 

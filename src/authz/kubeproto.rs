@@ -162,13 +162,13 @@ const MAX_REVIEW_BYTES: usize = 64 * 1024;
 /// protobuf (kubectl's choice) rather than JSON.
 pub async fn read_review(
     req: http::Request<hyper::body::Incoming>,
-) -> Result<(http::request::Parts, bytes::Bytes, bool), crate::errors::PipelineError> {
+) -> Result<(http::request::Parts, bytes::Bytes, bool), crate::body::TooLarge> {
     use http_body_util::BodyExt;
     let (parts, body) = req.into_parts();
     let bytes = http_body_util::Limited::new(body, MAX_REVIEW_BYTES)
         .collect()
         .await
-        .map_err(|_| crate::errors::PipelineError::BodyTooLarge {
+        .map_err(|_| crate::body::TooLarge {
             limit: MAX_REVIEW_BYTES as u64,
         })?
         .to_bytes();

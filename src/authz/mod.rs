@@ -55,6 +55,18 @@ pub enum AuthzError {
     BadImpersonation(String),
 }
 
+impl crate::errors::ToStatus for AuthzError {
+    fn to_status(&self) -> crate::errors::Status {
+        use crate::errors::Status;
+        match self {
+            AuthzError::Denied(d) => {
+                Status::forbidden(d.message.clone()).about(&d.name, &d.group, &d.resource)
+            }
+            e => Status::bad_request(e.to_string()),
+        }
+    }
+}
+
 /// A policy denial: `message` is kube-apiserver's wording plus the reason.
 #[derive(Debug)]
 pub struct Denial {
@@ -63,6 +75,47 @@ pub struct Denial {
     pub name: String,
     pub group: String,
     pub decision: Decision,
+}
+
+/// Percent-encodes an extra key the way client-go does (`headerKeyEscape`): every byte that is
+/// not an RFC 7230 token character, and `%` itself, becomes `%XX`. kube-apiserver reverses it
+/// with a path-unescape.
+pub fn encode_extra_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        let tchar = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'!' | b'#'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+            );
+        if tchar {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Decodes a key written by [`encode_extra_key`] (kube-apiserver's side: how the gateway reads a
+/// client's `Impersonate-Extra-*` headers).
+pub fn decode_extra_key(encoded: &str) -> Option<String> {
+    percent_encoding::percent_decode_str(encoded)
+        .decode_utf8()
+        .ok()
+        .map(|s| s.into_owned())
 }
 
 /// What the client asked to impersonate.
@@ -108,7 +161,7 @@ impl ImpersonationRequest {
                 }
                 _ => match n.strip_prefix("impersonate-extra-") {
                     Some(k) => {
-                        let key = crate::proxy::headers::decode_extra_key(k)
+                        let key = decode_extra_key(k)
                             .ok_or_else(|| {
                                 AuthzError::BadImpersonation(format!("bad extra key {k:?}"))
                             })?

@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 
 use super::cache::CachedTokens;
 use super::{LoginError, LoginOptions};
-use crate::sso::http::OidcHttpClient;
+use crate::tls::oidc_client::OidcHttpClient;
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 pub struct DeviceEndpoint {
@@ -83,7 +83,7 @@ where
             Some(d) => format!("{} ({d})", r.error()),
             None => r.error().to_string(),
         },
-        other => crate::errors::error_chain(other),
+        other => crate::util::chain::error_chain(other),
     }
 }
 
@@ -99,7 +99,7 @@ impl Provider {
         let metadata = Metadata::discover_async(url, &http).await.map_err(|e| {
             LoginError::Provider(format!(
                 "discovery at {issuer}: {}",
-                crate::errors::error_chain(&e)
+                crate::util::chain::error_chain(&e)
             ))
         })?;
         Ok(Provider {

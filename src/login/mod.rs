@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::config::GoDuration;
-use crate::sso::http::OidcHttpClient;
+use crate::tls::oidc_client::OidcHttpClient;
 use cache::{CachedTokens, TokenCache};
 
 /// Scopes asked for when none are given.

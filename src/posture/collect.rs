@@ -179,7 +179,7 @@ pub async fn post_report(target: &ReportTarget, report: &SelfReport) -> Result<S
     let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
         .await
         .map_err(|_| format!("{url}: no answer within 30s"))?
-        .map_err(|e| format!("{url}: {}", crate::errors::error_chain(&e)))?;
+        .map_err(|e| format!("{url}: {}", crate::util::chain::error_chain(&e)))?;
     let status = resp.status();
     let bytes = resp
         .into_body()

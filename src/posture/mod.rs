@@ -64,6 +64,23 @@ pub enum PostureError {
     Store(#[from] crate::state::StoreError),
 }
 
+impl crate::errors::ToStatus for PostureError {
+    fn to_status(&self) -> crate::errors::Status {
+        use crate::errors::{messages, Status};
+        match self {
+            // A refused signed report says no more than a refused token does.
+            PostureError::Rejected(_) => Status::unauthorized(messages::UNAUTHORIZED),
+            e @ PostureError::NoDevice => Status::unauthorized(e.to_string()),
+            e @ (PostureError::WrongDevice { .. } | PostureError::NotAccepted(_)) => {
+                Status::forbidden(e.to_string())
+            }
+            e @ PostureError::BadReport(_) => Status::bad_request(e.to_string()),
+            e @ PostureError::Superseded(_) => Status::conflict(e.to_string()),
+            PostureError::Store(e) => e.to_status(),
+        }
+    }
+}
+
 /// Posture as the request path needs it.
 #[derive(Clone, Debug)]
 pub enum Lookup {

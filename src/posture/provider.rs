@@ -235,7 +235,7 @@ impl Batcher {
             .client
             .request(req)
             .await
-            .map_err(|e| crate::errors::error_chain(&e))?;
+            .map_err(|e| crate::util::chain::error_chain(&e))?;
         if !resp.status().is_success() {
             return Err(format!("provider answered {}", resp.status()));
         }

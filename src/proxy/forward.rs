@@ -22,24 +22,8 @@ use rustls_pki_types::ServerName;
 use super::headers;
 use crate::authz::Authorized;
 use crate::body::{Body, BoxError};
-use crate::errors::{error_chain, PipelineError};
-
-/// Why forwarding failed, by what went wrong on the upstream side.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum UpstreamError {
-    /// TCP or TLS connection to kube-apiserver failed (it is down, unreachable or misconfigured).
-    /// The whole sentence a client and the log read: which kube-apiserver, and why in a few
-    /// words (made by [`Upstream::unreachable`]).
-    #[error("{0}")]
-    Connect(String),
-    /// kube-apiserver did not answer within the request timeout.
-    #[error("timed out")]
-    Timeout,
-    /// The connection broke or the upstream spoke invalid HTTP.
-    #[error("{0}")]
-    Protocol(String),
-}
+use crate::refusal::{PipelineError, UpstreamError};
+use crate::util::chain::error_chain;
 
 /// Long-lived responses (watches, `logs -f`) at most per upstream HTTP/2 connection.
 ///
@@ -181,7 +165,7 @@ impl Upstream {
 
     /// A place for one more long-lived response: the first lane with room, else a new lane.
     fn lane(&self) -> LaneSlot {
-        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut lanes = crate::util::sync::lock(&self.lanes);
         let lane = match lanes
             .iter()
             .find(|l| l.live.load(Ordering::Relaxed) < STREAMS_PER_LANE)
@@ -202,7 +186,7 @@ impl Upstream {
 
     /// Upstream connections carrying long-lived responses, and the responses on them.
     pub fn lane_counts(&self) -> (usize, usize) {
-        let lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        let lanes = crate::util::sync::lock(&self.lanes);
         let live = lanes.iter().map(|l| l.live.load(Ordering::Relaxed)).sum();
         (lanes.len(), live)
     }
@@ -213,10 +197,30 @@ impl Upstream {
 
     /// The error for a kube-apiserver that cannot be reached, `cause` in a few words.
     pub(crate) fn unreachable(&self, cause: impl std::fmt::Display) -> UpstreamError {
-        UpstreamError::Connect(format!(
+        UpstreamError::Connect {
+            message: self.unreachable_message(cause),
+            source: None,
+        }
+    }
+
+    fn unreachable_message(&self, cause: impl std::fmt::Display) -> String {
+        format!(
             "kube-apiserver at {} is not reachable: {cause}",
             self.shown_url
-        ))
+        )
+    }
+
+    /// [`Upstream::unreachable`] for a failed connection attempt: `e` in a few words, and `e`
+    /// itself kept as the cause.
+    pub(crate) fn unreachable_by(
+        &self,
+        e: impl std::error::Error + Send + Sync + 'static,
+    ) -> UpstreamError {
+        let cause = short_cause(&e);
+        UpstreamError::Connect {
+            message: self.unreachable_message(cause),
+            source: Some(Box::new(e)),
+        }
     }
 
     /// Sorts a failed request: not reachable (with the cause in a few words; the whole error
@@ -224,7 +228,7 @@ impl Upstream {
     fn classify(&self, e: hyper_util::client::legacy::Error) -> UpstreamError {
         if e.is_connect() {
             tracing::debug!(error = %error_chain(&e), "kube-apiserver not reachable");
-            self.unreachable(short_cause(&e))
+            self.unreachable_by(e)
         } else {
             UpstreamError::Protocol(error_chain(&e))
         }
@@ -491,7 +495,7 @@ impl BodyOutcome {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<BodyFailure>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        crate::util::sync::lock(&self.0)
     }
 }
 

@@ -161,47 +161,6 @@ pub fn sanitize_response_headers(headers: &mut HeaderMap) {
     remove_hop_by_hop(headers);
 }
 
-/// Percent-encodes an extra key the way client-go does (`headerKeyEscape`): every byte that is
-/// not an RFC 7230 token character, and `%` itself, becomes `%XX`. kube-apiserver reverses it
-/// with a path-unescape.
-pub fn encode_extra_key(key: &str) -> String {
-    let mut out = String::with_capacity(key.len());
-    for b in key.bytes() {
-        let tchar = b.is_ascii_alphanumeric()
-            || matches!(
-                b,
-                b'!' | b'#'
-                    | b'$'
-                    | b'&'
-                    | b'\''
-                    | b'*'
-                    | b'+'
-                    | b'-'
-                    | b'.'
-                    | b'^'
-                    | b'_'
-                    | b'`'
-                    | b'|'
-                    | b'~'
-            );
-        if tchar {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// Decodes a key written by [`encode_extra_key`] (kube-apiserver's side; used in tests and by
-/// the SubjectAccessReview path).
-pub fn decode_extra_key(encoded: &str) -> Option<String> {
-    percent_encoding::percent_decode_str(encoded)
-        .decode_utf8()
-        .ok()
-        .map(|s| s.into_owned())
-}
-
 /// Error when an identity cannot be written as headers (it is refused, never a 500).
 #[derive(Debug, thiserror::Error)]
 #[error("identity field {0} cannot be written as a header value")]
@@ -237,9 +196,10 @@ fn impersonation_headers(identity: &Identity) -> Result<crate::authn::HeaderList
         out.push((IMPERSONATE_UID.clone(), value(uid, "uid")?));
     }
     for (k, vs) in identity.extra() {
-        let name =
-            HeaderName::from_bytes(format!("impersonate-extra-{}", encode_extra_key(k)).as_bytes())
-                .map_err(|_| "extra key")?;
+        let name = HeaderName::from_bytes(
+            format!("impersonate-extra-{}", crate::authz::encode_extra_key(k)).as_bytes(),
+        )
+        .map_err(|_| "extra key")?;
         for v in vs {
             out.push((name.clone(), value(v, "extra value")?));
         }
@@ -387,8 +347,8 @@ mod tests {
             ("a b%c", "a%20b%25c"),
             ("ünï", "%C3%BCn%C3%AF"),
         ] {
-            assert_eq!(encode_extra_key(key), want);
-            assert_eq!(decode_extra_key(want).unwrap(), key);
+            assert_eq!(crate::authz::encode_extra_key(key), want);
+            assert_eq!(crate::authz::decode_extra_key(want).unwrap(), key);
         }
     }
 

@@ -11,7 +11,8 @@ pub mod path;
 pub mod spdy_dictionary;
 pub mod upgrade;
 
-pub use forward::{Upstream, UpstreamError};
+pub use crate::refusal::UpstreamError;
+pub use forward::Upstream;
 
 /// What kind of request this is, for timeouts and stream tracking.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

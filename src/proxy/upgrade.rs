@@ -23,12 +23,13 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::forward::{short_cause, Upstream, UpstreamError};
+use super::forward::Upstream;
 use super::frames::{Framing, ServerFrames, SpdyFrames};
 use super::headers;
+use super::UpstreamError;
 use crate::authz::Authorized;
 use crate::body::Body;
-use crate::errors::PipelineError;
+use crate::refusal::PipelineError;
 use crate::streams::{CloseReason, StreamHandle};
 use crate::telemetry::Metrics;
 
@@ -41,7 +42,7 @@ impl Upstream {
         let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| self.unreachable("connection timed out"))?
-            .map_err(|e| self.unreachable(short_cause(&e)))?;
+            .map_err(|e| self.unreachable_by(e))?;
         let _ = tcp.set_nodelay(true);
         tokio::time::timeout(
             self.connect_timeout,
@@ -49,7 +50,7 @@ impl Upstream {
         )
         .await
         .map_err(|_| self.unreachable("TLS handshake timed out"))?
-        .map_err(|e| self.unreachable(short_cause(&e)))
+        .map_err(|e| self.unreachable_by(e))
     }
 
     /// Forwards an upgrade request on a dedicated HTTP/1.1 connection.

@@ -289,17 +289,11 @@ impl Freshness {
 
     fn confirm(&self, sent_ms: u64) {
         self.confirmed_ms.fetch_max(sent_ms, Ordering::AcqRel);
-        self.problem
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clear();
+        crate::util::sync::lock(&self.problem).clear();
     }
 
     fn trouble(&self, why: String) {
-        *self
-            .problem
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = why;
+        *crate::util::sync::lock(&self.problem) = why;
     }
 
     fn health(&self) -> StoreHealth {
@@ -310,11 +304,7 @@ impl Freshness {
         if age <= self.unready_after {
             return StoreHealth::Current;
         }
-        let reason = self
-            .problem
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let reason = crate::util::sync::lock(&self.problem).clone();
         if age <= self.max_staleness {
             StoreHealth::Lagging {
                 unconfirmed_for: age,

@@ -29,10 +29,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use sha2::{Digest, Sha256};
-
-use super::store::{deleted_lock, deleted_posture, lock_ignoring_poison, put_result, Op, Removed};
+use super::store::{deleted_lock, deleted_posture, put_result, Op, Removed};
 use super::{BoxFuture, Lock, PostureRecord, Revision, State, Store, StoreError, View};
+use crate::util::sync::lock;
 
 const LOG_FILE: &str = "state.log";
 const SNAPSHOT_FILE: &str = "state.snapshot";
@@ -157,7 +156,7 @@ impl FileStore {
             }),
         };
         {
-            let mut w = lock_ignoring_poison(&store.inner.writer);
+            let mut w = lock(&store.inner.writer);
             if replay.skipped || w.log_len > store.inner.options.compact_log_bytes {
                 // A compaction interrupted after its snapshot leaves records the snapshot
                 // already holds; finishing it now keeps replay short. Not finishing it (a full
@@ -182,7 +181,7 @@ impl FileStore {
 
     /// Current size of the log in bytes (for tests and metrics).
     pub fn log_bytes(&self) -> u64 {
-        lock_ignoring_poison(&self.inner.writer).log_len
+        lock(&self.inner.writer).log_len
     }
 
     async fn commit(&self, op: Op) -> Result<Option<(Revision, Option<Removed>)>, StoreError> {
@@ -196,7 +195,7 @@ impl FileStore {
 
 impl Inner {
     fn commit(&self, op: Op) -> Result<Option<(Revision, Option<Removed>)>, StoreError> {
-        let mut w = lock_ignoring_poison(&self.writer);
+        let mut w = lock(&self.writer);
         let removed = self.view.existing(&op);
         if matches!(op, Op::DeleteLock { .. } | Op::DeletePosture { .. }) && removed.is_none() {
             return Ok(None);
@@ -367,7 +366,7 @@ impl Store for FileStore {
         let inner = Arc::clone(&self.inner);
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
-                let mut w = lock_ignoring_poison(&inner.writer);
+                let mut w = lock(&inner.writer);
                 inner.compact_locked(&mut w)
             })
             .await
@@ -595,7 +594,7 @@ impl DirLock {
             path: dir.display().to_string(),
             reason,
         };
-        if !lock_ignoring_poison(open_dirs()).insert(dir.to_path_buf()) {
+        if !lock(open_dirs()).insert(dir.to_path_buf()) {
             return Err(busy("already open in this process".into()));
         }
         let path = dir.join(LOCK_FILE);
@@ -667,7 +666,7 @@ impl Drop for DirLock {
         if fs::read_to_string(&self.path).is_ok_and(|s| s == self.content) {
             let _ = fs::remove_file(&self.path);
         }
-        lock_ignoring_poison(open_dirs()).remove(&self.dir);
+        lock(open_dirs()).remove(&self.dir);
     }
 }
 

@@ -101,6 +101,25 @@ pub enum StoreError {
     Unavailable(String),
 }
 
+/// A lock or posture write that the state store refused: 503, as kube-apiserver answers when its
+/// own storage cannot take a write, naming the cause an operator must fix (disk full, read-only)
+/// but never a path. Nothing was acknowledged; what is stored stays in force.
+impl crate::errors::ToStatus for StoreError {
+    fn to_status(&self) -> crate::errors::Status {
+        use crate::errors::{messages, Status};
+        use std::io::ErrorKind;
+        let StoreError::Io { source, .. } = self else {
+            return Status::service_unavailable(messages::STORE_UNWRITABLE);
+        };
+        let cause = match source.kind() {
+            ErrorKind::StorageFull | ErrorKind::QuotaExceeded => "its disk is full",
+            ErrorKind::ReadOnlyFilesystem => "its file system is read-only",
+            _ => "a disk write failed",
+        };
+        Status::service_unavailable(messages::store_write_failed(cause))
+    }
+}
+
 /// Whether a replica's view is known to reflect the shared store (see [`Store::health`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreHealth {

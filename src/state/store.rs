@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
@@ -13,6 +13,7 @@ use super::{
     BoxFuture, Change, ChangeKind, Lock, LockTarget, PostureRecord, Revision, State, Store,
     StoreError,
 };
+use crate::util::sync::{lock, read, write};
 
 /// How many changes a subscriber may fall behind before it gets `Lagged`.
 const CHANGE_CAPACITY: usize = 4096;
@@ -208,11 +209,6 @@ impl std::fmt::Debug for View {
     }
 }
 
-pub(crate) fn lock_ignoring_poison<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section leaves the data consistent before anything that can panic.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl View {
     /// The revision of the last applied write.
     pub fn revision(&self) -> Revision {
@@ -248,7 +244,7 @@ impl View {
     }
 
     pub fn posture_at(&self, device_id: &str, now: SystemTime) -> Option<PostureRecord> {
-        let map = self.posture.read().unwrap_or_else(PoisonError::into_inner);
+        let map = read(&self.posture);
         map.get(device_id)
             .filter(|r| !r.is_expired(now))
             .map(|r| PostureRecord::clone(r))
@@ -261,7 +257,7 @@ impl View {
         device_id: &str,
         now: SystemTime,
     ) -> Option<Arc<PostureRecord>> {
-        let map = self.posture.read().unwrap_or_else(PoisonError::into_inner);
+        let map = read(&self.posture);
         map.get(device_id).filter(|r| !r.is_expired(now)).cloned()
     }
 
@@ -296,7 +292,7 @@ impl View {
 
     /// Everything in force now, with the revision it reflects.
     pub fn snapshot(&self) -> (Revision, State) {
-        let _g = lock_ignoring_poison(&self.apply);
+        let _g = lock(&self.apply);
         (self.revision(), self.state_at(SystemTime::now()))
     }
 
@@ -305,7 +301,7 @@ impl View {
     }
 
     pub fn snapshot_and_subscribe(&self) -> (Revision, State, broadcast::Receiver<Change>) {
-        let _g = lock_ignoring_poison(&self.apply);
+        let _g = lock(&self.apply);
         let rx = self.changes.subscribe();
         (self.revision(), self.state_at(SystemTime::now()), rx)
     }
@@ -321,10 +317,7 @@ impl View {
             .filter(|l| !l.is_expired(now))
             .map(|l| (l.id.clone(), Lock::clone(l)))
             .collect();
-        let posture = self
-            .posture
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
+        let posture = read(&self.posture)
             .values()
             .filter(|r| !r.is_expired(now))
             .map(|r| (r.device_id.clone(), PostureRecord::clone(r)))
@@ -334,7 +327,7 @@ impl View {
 
     /// Takes the apply guard: a snapshot taken under it matches `revision()`.
     pub(crate) fn hold(&self) -> MutexGuard<'_, ()> {
-        lock_ignoring_poison(&self.apply)
+        lock(&self.apply)
     }
 
     /// What a delete would remove; `None` for puts. The caller holds its write mutex, so the
@@ -342,10 +335,7 @@ impl View {
     pub(crate) fn existing(&self, op: &Op) -> Option<Removed> {
         match op {
             Op::DeleteLock { id } => self.lock(id).map(Removed::Lock),
-            Op::DeletePosture { device_id } => self
-                .posture
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
+            Op::DeletePosture { device_id } => read(&self.posture)
                 .get(device_id)
                 .map(|r| Removed::Posture(PostureRecord::clone(r))),
             Op::PutLock { .. } | Op::PutPosture { .. } => None,
@@ -355,7 +345,7 @@ impl View {
     /// Applies a committed write and tells subscribers. Callers serialize writes and pass
     /// increasing revisions.
     pub(crate) fn apply(&self, revision: Revision, op: Op) {
-        let _g = lock_ignoring_poison(&self.apply);
+        let _g = lock(&self.apply);
         let kind = match op {
             Op::PutLock { lock } => {
                 let mut idx = LockIndex::clone(&self.locks.load());
@@ -371,17 +361,11 @@ impl View {
             }
             Op::PutPosture { record } => {
                 let device = record.device_id.clone();
-                self.posture
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(device.clone(), Arc::new(record));
+                write(&self.posture).insert(device.clone(), Arc::new(record));
                 ChangeKind::PosturePut(device)
             }
             Op::DeletePosture { device_id } => {
-                self.posture
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(&device_id);
+                write(&self.posture).remove(&device_id);
                 ChangeKind::PostureDeleted(device_id)
             }
         };
@@ -393,7 +377,7 @@ impl View {
     /// Forgets expired entries (compaction). They were already invisible to reads, so nothing
     /// is published and the revision does not change.
     pub(crate) fn prune(&self, now: SystemTime) {
-        let _g = lock_ignoring_poison(&self.apply);
+        let _g = lock(&self.apply);
         let idx = self.locks.load();
         let expired: Vec<String> = idx
             .by_id
@@ -408,21 +392,18 @@ impl View {
             }
             self.locks.store(Arc::new(idx));
         }
-        self.posture
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|_, r| !r.is_expired(now));
+        write(&self.posture).retain(|_, r| !r.is_expired(now));
     }
 
     /// Replaces everything (loading a snapshot at open). No change is published.
     pub(crate) fn load(&self, revision: Revision, state: State) {
-        let _g = lock_ignoring_poison(&self.apply);
+        let _g = lock(&self.apply);
         let mut idx = LockIndex::default();
         for (_, lock) in state.locks {
             idx.insert(lock);
         }
         self.locks.store(Arc::new(idx));
-        *self.posture.write().unwrap_or_else(PoisonError::into_inner) = state
+        *write(&self.posture) = state
             .posture
             .into_values()
             .map(|r| (r.device_id.clone(), Arc::new(r)))
@@ -450,7 +431,7 @@ impl MemoryStore {
 
     fn commit(&self, op: Op) -> Result<Option<(Revision, Option<Removed>)>, StoreError> {
         op.validate()?;
-        let _w = lock_ignoring_poison(&self.inner.write);
+        let _w = lock(&self.inner.write);
         let view = &self.inner.view;
         let removed = view.existing(&op);
         if matches!(op, Op::DeleteLock { .. } | Op::DeletePosture { .. }) && removed.is_none() {
@@ -518,7 +499,7 @@ impl Store for MemoryStore {
 
     fn compact(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            let _w = lock_ignoring_poison(&self.inner.write);
+            let _w = lock(&self.inner.write);
             self.inner.view.prune(SystemTime::now());
             Ok(())
         })

@@ -14,8 +14,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::streams::StreamKind;
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub verb: &'static str,
@@ -167,11 +165,10 @@ impl Metrics {
             .inc();
     }
 
-    pub fn stream_opened(&self, kind: StreamKind) {
+    /// A long-lived stream of `kind` (`streams::StreamKind::as_str`) opened.
+    pub fn stream_opened(&self, kind: &'static str) {
         self.active_streams
-            .get_or_create(&KindLabels {
-                kind: kind.as_str(),
-            })
+            .get_or_create(&KindLabels { kind })
             .inc();
     }
 
@@ -187,11 +184,9 @@ impl Metrics {
             .inc_by(n as u64);
     }
 
-    pub fn stream_closed(&self, kind: StreamKind) {
+    pub fn stream_closed(&self, kind: &'static str) {
         self.active_streams
-            .get_or_create(&KindLabels {
-                kind: kind.as_str(),
-            })
+            .get_or_create(&KindLabels { kind })
             .dec();
     }
 

@@ -6,14 +6,12 @@
 //!   does it, so that a bad certificate is a clear 401 and bundles reload without new listeners.
 //! - [`bundles`]: the named client-certificate trust bundles, hot-swappable.
 //! - [`upstream`]: the TLS client to kube-apiserver (cluster CA, the gateway's own client
-//!   certificate), whose files are re-read when they rotate.
-//! - [`reload`]: polling of certificate files (works with the Secret/ConfigMap `..data` symlink
-//!   swap, where inotify on the file itself misses the change).
+//!   certificate), whose files are re-read when they rotate (by [`crate::reload`]).
 
 pub mod bundles;
 pub mod client;
+pub mod oidc_client;
 pub mod pem;
-pub mod reload;
 pub mod server;
 pub mod upstream;
 

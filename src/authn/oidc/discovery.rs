@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Empty, Limited};
 use serde_json::Value;
 
 use crate::config::jwt::check_https_url;
-use crate::errors::error_chain;
+use crate::util::chain::error_chain;
 
 /// An HTTPS client for one issuer.
 #[derive(Clone)]

@@ -1,5 +1,5 @@
 //! The HTTP client the OIDC flows use (discovery, JWKS, token and device endpoints): the project's
-//! own hyper + rustls client ([`crate::tls::client`]) behind openidconnect's async client trait.
+//! own hyper + rustls client ([`super::client`]) behind openidconnect's async client trait.
 //!
 //! It never follows redirects (an IdP answering a token request with a redirect is an error, not
 //! a hop to follow), bounds every call by a deadline and every response by a size limit.
@@ -58,7 +58,7 @@ impl OidcHttpClient {
                 .client
                 .request(req)
                 .await
-                .map_err(|e| HttpError::Connect(crate::errors::error_chain(&e)))?;
+                .map_err(|e| HttpError::Connect(crate::util::chain::error_chain(&e)))?;
             let (parts, body) = resp.into_parts();
             let bytes = Limited::new(body, MAX_RESPONSE_BYTES)
                 .collect()
