@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
-use support::{get, send, status_of, Harness};
+use support::{eventually, get, send, status_of, wait_until, Harness};
 use ztgate::demo::DevSettings;
 
 const PODS: &str = "/api/v1/namespaces/team-a/pods";
@@ -191,37 +191,35 @@ async fn upstream_down_gives_503_and_the_gateway_recovers() {
     let ops = h.demo.gateway.ops_addr.unwrap();
     let plain = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
-    let mut not_ready = false;
-    for _ in 0..40 {
-        let r = plain
-            .request(get(&format!("http://{ops}/readyz")))
-            .await
-            .unwrap();
-        if r.status() == 503 {
-            let (_, _, text) = support::read_all(r).await;
-            assert!(
-                text.contains(&format!("[-]upstream: {unreachable}\n")),
-                "{text}"
-            );
-            not_ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(not_ready, "readyz should fail while the upstream is down");
+    let text = eventually(
+        Duration::from_secs(10),
+        "readyz fails while the upstream is down",
+        || async {
+            let r = plain
+                .request(get(&format!("http://{ops}/readyz")))
+                .await
+                .unwrap();
+            if r.status() == 503 {
+                Some(support::read_all(r).await.2)
+            } else {
+                None
+            }
+        },
+    )
+    .await;
+    assert!(
+        text.contains(&format!("[-]upstream: {unreachable}\n")),
+        "{text}"
+    );
 
     // Bring it back on the same address.
     let back = ztgate_testkit::ApiServer::start(opts).await.unwrap();
-    let mut ok = false;
-    for _ in 0..50 {
-        let (code, _, _) = send(&client, get(&h.uri(PODS))).await;
-        if code == 200 {
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ok, "the gateway recovered when the upstream came back");
+    eventually(
+        Duration::from_secs(10),
+        "the gateway recovered when the upstream came back",
+        || async { (send(&client, get(&h.uri(PODS))).await.0 == 200).then_some(()) },
+    )
+    .await;
     back.shutdown().await;
 }
 
@@ -248,7 +246,8 @@ async fn a_slow_request_gets_504_but_a_watch_outlives_the_timeout() {
     assert_eq!(status_of(&text), (504, "Timeout".to_string()));
     h.demo.apiserver.set_response_delay(Duration::ZERO);
 
-    // ...is still open after twice the request timeout and still delivers events.
+    // ...is still open after twice the request timeout and still delivers events. The sleep is
+    // the case under test: the watch must stay idle for longer than the request timeout.
     tokio::time::sleep(Duration::from_secs(2)).await;
     h.demo.apiserver.create_pod("team-a", "after-timeout");
     tokio::time::timeout(Duration::from_secs(2), async {
@@ -317,10 +316,11 @@ async fn metrics_count_requests_without_user_labels() {
 async fn a_refused_upgrade_does_not_leave_its_upstream_connection_open() {
     let h = Harness::start().await;
     let client = h.client(Some(&h.demo.env.pki.user("alice", &["team-a"])), false);
-    // Warm up the pooled connection so the baseline includes it.
+    // Warm up the pooled connection so the baseline includes it (the stand-in counts a
+    // connection when it accepts it, so it is counted once the response is back).
     send(&client, get(&h.uri(PODS))).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let baseline = h.demo.apiserver.active_connections();
+    assert!(baseline >= 1, "the warm-up request's connection is open");
     for _ in 0..3 {
         let req = Request::get(h.uri(
             "/api/v1/namespaces/team-a/pods/no-such-pod/exec?command=cat&stdin=true&stdout=true",
@@ -336,18 +336,13 @@ async fn a_refused_upgrade_does_not_leave_its_upstream_connection_open() {
         assert_eq!(code, 404, "{body}");
         assert_eq!(status_of(&body).1, "NotFound");
     }
-    let mut now = usize::MAX;
-    for _ in 0..30 {
-        now = h.demo.apiserver.active_connections();
-        if now <= baseline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        now <= baseline,
-        "upgrade connections left open: {now} > {baseline}"
-    );
+    let api = &h.demo.apiserver;
+    wait_until(
+        Duration::from_secs(5),
+        &format!("the upgrades' upstream connections close (baseline {baseline})"),
+        || api.active_connections() <= baseline,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -364,7 +359,7 @@ async fn too_many_requests_in_flight_get_429_with_retry_after() {
     let first_client = h.client(Some(&alice), false);
     let uri = h.uri(PODS);
     let first = tokio::spawn(async move { send(&first_client, get(&uri)).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    support::wait_in_flight(&h.demo.apiserver, PODS).await;
     let (code, headers, body) = send(&h.client(Some(&alice), false), get(&h.uri(PODS))).await;
     assert_eq!(code, 429, "{body}");
     assert_eq!(status_of(&body).1, "TooManyRequests");

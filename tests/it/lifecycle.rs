@@ -8,7 +8,7 @@ use std::time::Duration;
 use http_body_util::BodyExt;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
-use support::{get, raw_client, send, Harness};
+use support::{eventually, get, raw_client, send, Harness};
 use ztgate::demo::{DevEnv, DevSettings};
 use ztgate_testkit::{ApiServer, ApiServerOptions, TestPki};
 
@@ -49,18 +49,12 @@ async fn replacing_serving_cert_files_is_seen_by_new_handshakes() {
     // must never serve a mismatched pair, and must pick up the pair once both are in place.
     std::fs::write(certs.join("gateway-serving.key"), &rotated.key_pem).unwrap();
     std::fs::write(certs.join("gateway-serving.crt"), &rotated.cert_pem).unwrap();
-    let mut seen = Vec::new();
-    for _ in 0..50 {
-        seen = served_leaf(addr, &ca).await;
-        if seen == rotated.cert_der {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(
-        seen, rotated.cert_der,
-        "new handshakes serve the rotated certificate"
-    );
+    eventually(
+        Duration::from_secs(10),
+        "new handshakes serve the rotated certificate",
+        || async { (served_leaf(addr, &ca).await == rotated.cert_der).then_some(()) },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,7 +89,7 @@ async fn kubernetes_secret_symlink_swap_rotates_the_serving_cert() {
         .replace("certs/gateway-serving.crt", "secret/tls.crt")
         .replace("certs/gateway-serving.key", "secret/tls.key");
     std::fs::write(&env.config_path, yaml).unwrap();
-    let gw = ztgate::server::start(ztgate::config::load_file(&env.config_path).unwrap())
+    let gw = ztgate::gateway::start(ztgate::config::load_file(&env.config_path).unwrap())
         .await
         .unwrap();
     let ca = env.pki.gateway_ca.cert_pem();
@@ -109,15 +103,12 @@ async fn kubernetes_secret_symlink_swap_rotates_the_serving_cert() {
     std::fs::rename(secret.join("..data_tmp"), secret.join("..data")).unwrap();
     std::fs::remove_dir_all(&v1).unwrap();
 
-    let mut seen = Vec::new();
-    for _ in 0..50 {
-        seen = served_leaf(gw.addr, &ca).await;
-        if seen == second.cert_der {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(seen, second.cert_der);
+    eventually(
+        Duration::from_secs(10),
+        "new handshakes serve the certificate the swapped symlink points to",
+        || async { (served_leaf(gw.addr, &ca).await == second.cert_der).then_some(()) },
+    )
+    .await;
     gw.shutdown();
     gw.wait().await;
     apiserver.shutdown().await;
@@ -149,7 +140,7 @@ async fn sigterm_lets_a_request_finish_and_closes_a_watch_cleanly() {
     let slow_client = raw_client(&ca, Some(&alice), false);
     let slow_uri = format!("{base}/api/v1/namespaces/team-a/pods");
     let slow = tokio::spawn(async move { send(&slow_client, get(&slow_uri)).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    support::wait_in_flight(apiserver, "/api/v1/namespaces/team-a/pods").await;
 
     let pid = child.id().unwrap().to_string();
     let killed = std::process::Command::new("kill")

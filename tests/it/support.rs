@@ -2,6 +2,7 @@
 //! loopback ports, with helpers for kubectl and for raw HTTP clients.
 #![allow(dead_code)]
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::Arc;
@@ -322,4 +323,45 @@ pub async fn drain(body: Incoming) -> String {
         .map(|c| c.to_bytes())
         .unwrap_or_default();
     String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, and returns that value; panics naming
+/// `what` when `within` has passed first (a check still running then is cut off). Tests wait
+/// with this for the condition they need, not for a fixed time.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, check()).await {
+            Ok(Some(v)) => return v,
+            Ok(None) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            _ => panic!("not within {within:?}: {what}"),
+        }
+    }
+}
+
+/// [`eventually`] for a condition that needs no awaiting.
+pub async fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    eventually(within, what, || std::future::ready(cond().then_some(()))).await
+}
+
+/// Waits until the stand-in kube-apiserver holds a request for `path` (a plain GET, not a
+/// watch) that it has not answered yet: the gateway is then forwarding it.
+pub async fn wait_in_flight(apiserver: &ztgate_testkit::ApiServer, path: &str) {
+    wait_until(
+        Duration::from_secs(10),
+        &format!("the stand-in kube-apiserver holds a request for {path}"),
+        || {
+            apiserver
+                .requests()
+                .iter()
+                .any(|r| r.path == path && r.query.is_none() && r.status == 0)
+        },
+    )
+    .await
 }
