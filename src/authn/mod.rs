@@ -55,26 +55,51 @@ pub struct Identity {
 }
 
 /// What is made from an identity on use and kept with it. Not part of an identity's equality.
-#[derive(Default)]
 pub(crate) struct Derived {
     /// The `Impersonate-*` headers it is forwarded with, or which field cannot be a header
     /// value; made once (see `proxy::headers::set_impersonation`).
     headers: std::sync::OnceLock<Result<HeaderList, &'static str>>,
-    /// What authorization last built for it (`authz::cedar::cache::Recent`: its principal, its
-    /// last request's entities and context), checked in full before any use. Opaque here.
-    authz: AuthzMemo,
+    /// This identity value's own number (see [`InstanceId`]).
+    instance: InstanceId,
 }
 
-/// Authorization's memo slot of an identity (see [`Derived`]).
-pub(crate) type AuthzMemo = arc_swap::ArcSwapOption<Box<dyn std::any::Any + Send + Sync>>;
+/// A number that tells one identity value from every other of this process: each new identity
+/// and each clone gets its own, and none is given twice. Other parts key what they derive from
+/// an identity by it (authorization keeps the Cedar values of an identity's last request,
+/// `authz::cedar::cache`), and may trust that what they derived from the identity with this
+/// number still describes it, since an identity never changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct InstanceId(u64);
 
-/// A clone keeps the headers (made from the same fields) and starts without the authorization
-/// memo (cheap to remake; nothing relies on a copy staying in step).
+impl InstanceId {
+    /// A number no identity had before.
+    pub(crate) fn next() -> InstanceId {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        InstanceId(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl Default for Derived {
+    fn default() -> Derived {
+        Derived {
+            headers: std::sync::OnceLock::new(),
+            instance: InstanceId::next(),
+        }
+    }
+}
+
+/// A clone keeps the headers (made from the same fields) and gets its own instance id (what
+/// was derived from the original is remade for the copy; nothing relies on a copy staying in
+/// step).
 impl Clone for Derived {
     fn clone(&self) -> Derived {
         Derived {
             headers: self.headers.clone(),
-            authz: AuthzMemo::empty(),
+            instance: InstanceId::next(),
         }
     }
 }
@@ -127,9 +152,9 @@ impl Identity {
         self.derived.headers.get_or_init(|| make(self)).clone()
     }
 
-    /// Authorization's memo for this identity (see [`Derived`]).
-    pub(crate) fn authz_memo(&self) -> &AuthzMemo {
-        &self.derived.authz
+    /// This identity value's own number (see [`InstanceId`]).
+    pub fn instance(&self) -> InstanceId {
+        self.derived.instance
     }
 
     pub fn user(&self) -> &str {

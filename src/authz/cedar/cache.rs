@@ -4,15 +4,16 @@
 //! and the `context` record is most of a decision's cost, and a client sends many requests with
 //! the same identity, device and resource. Three small caches keep what was built:
 //!
-//! - **subjects**: the principal entity, by the caller's facts (user, uid, groups, method,
-//!   issuer, claims, amr, whether there is an issue time): everything the principal and the
-//!   subject's part of the context are made of, but the token's age. Each entry gets a serial
-//!   number that stands for those facts below; tokens of one caller share it.
+//! - **subjects**: the principal entity, by its [`PrincipalInputs`]. Each entry gets a serial
+//!   number that stands for those inputs below; tokens of one caller share it.
 //! - **entities**: the request's `Entities` (principal, resource or impersonation target,
-//!   action), by (subject serial, action, resource attributes).
-//! - **contexts**: the `context` record, by (subject serial, device facts, source address,
-//!   websocket, request verb, and the whole seconds the record contains: request time, token
-//!   age, posture age). A record is reused within one second at most.
+//!   action), by (subject serial, action, [`ResourceInputs`]).
+//! - **contexts**: the `context` record, by its [`ContextInputs`] (which hold the whole seconds
+//!   the record contains: request time, token age, posture age). A record is reused within one
+//!   second at most.
+//!
+//! The keys are the very structs the builders in `entities.rs` take, and each builder receives
+//! its key (not the request): a value cannot depend on anything its key leaves out.
 //!
 //! Each entities entry also remembers the last decision made with it: the policy set's epoch
 //! and the context entry it was made with (compared in full). The same entities, policy set
@@ -21,14 +22,18 @@
 //!
 //! A miss costs the build plus the insertion (`decide/new-caller` in `benches/cedar.rs`).
 //!
-//! In front of the three caches, an identity (a token's `Arc<Identity>`, shared by all its
-//! requests) keeps a [`Recent`]: the principal it was given and its last request's entities and
-//! context. A request whose entities or context equal those (compared in full, as the caches
-//! compare) uses them without a look-up; the principal is used as it is, since an identity
-//! never changes and a `Recent` is only read by the cache that made it. This saves the three
-//! hash-map look-ups and the hashing of the caller's facts (claims included) per request.
-//! A `Recent` holds weak references: it never keeps an entry the caches have let go (their
-//! bounds stay the bounds, whatever the number of identities in the token cache).
+//! In front of the three caches, a table keeps per identity (by its
+//! [`crate::authn::InstanceId`]; a token's `Arc<Identity>` serves all its requests) a
+//! [`Recent`]: the principal it was given and its last request's entities and context. A
+//! request whose entities or context equal those (compared in full, as the caches compare) uses
+//! them without a look-up; the principal is used as it is, since an identity never changes and
+//! its instance id is never given to another. This saves the three hash-map look-ups and the
+//! hashing of the caller's facts (claims included) per request. The table has a fixed number of
+//! slots, chosen by the instance id; an identity seen once (an impersonated identity, made per
+//! request) only takes a slot that is free or whose entries are gone, so that one-off
+//! identities do not push out the ones that come back. A `Recent` holds weak references: it
+//! never keeps an entry the caches have let go (their bounds stay the bounds, whatever the
+//! number of identities in the token cache).
 //!
 //! Keys are compared in full, never by hash or pointer alone: a cached value is only used for
 //! inputs equal to those it was built from, so it is exactly what building would give (the
@@ -37,132 +42,70 @@
 //! kept (token ids and certificate thumbprints are not part of any key). Only successful builds
 //! are cached.
 
-use std::any::Any;
 use std::collections::BTreeMap;
-use std::hash::{BuildHasher, Hash};
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use cedar_policy::{Context, Entities, Entity, EntityUid};
 
-use super::{Decision, DeviceFacts, ImpersonationTarget, PostureFacts, RequestFacts, Subject};
-use crate::authz::requestinfo::RequestInfo;
+use super::entities::{BuildError, ContextInputs, DeviceInputs, PrincipalInputs, ResourceInputs};
+use super::{Decision, ImpersonationTarget, PostureFacts};
+use crate::authn::InstanceId;
 
-/// The caller's facts as the principal entity and the context's `authn` record use them.
-#[derive(Hash, PartialEq, Eq)]
-struct SubjectKey<'a> {
-    user: &'a str,
-    uid: Option<&'a str>,
-    groups: &'a [String],
-    method: &'a str,
-    issuer: Option<&'a str>,
-    claims: &'a BTreeMap<String, Vec<String>>,
-    amr: &'a [String],
-    /// Whether there is an issue time (its value only matters as the token's age, a part of
-    /// the context key).
-    issued: bool,
-}
-
-impl<'a> SubjectKey<'a> {
-    fn of(s: &Subject<'a>) -> SubjectKey<'a> {
-        SubjectKey {
-            user: s.user,
-            uid: s.uid,
-            groups: s.groups,
-            method: s.method,
-            issuer: s.facts.issuer.as_deref(),
-            claims: &s.facts.claims,
-            amr: &s.facts.amr,
-            issued: s.facts.issued_at.is_some(),
-        }
-    }
-}
-
-struct SubjectOwned {
+/// [`PrincipalInputs`], owned.
+struct PrincipalOwned {
     user: String,
     uid: Option<String>,
     groups: Vec<String>,
     method: String,
     issuer: Option<String>,
     claims: BTreeMap<String, Vec<String>>,
-    amr: Vec<String>,
-    issued: bool,
 }
 
-impl SubjectOwned {
-    fn of(k: &SubjectKey<'_>) -> SubjectOwned {
-        SubjectOwned {
-            user: k.user.to_owned(),
-            uid: k.uid.map(str::to_owned),
-            groups: k.groups.to_vec(),
-            method: k.method.to_owned(),
-            issuer: k.issuer.map(str::to_owned),
-            claims: k.claims.clone(),
-            amr: k.amr.to_vec(),
-            issued: k.issued,
+impl PrincipalOwned {
+    fn of(k: &PrincipalInputs<'_>) -> PrincipalOwned {
+        let PrincipalInputs {
+            user,
+            uid,
+            groups,
+            method,
+            issuer,
+            claims,
+        } = *k;
+        PrincipalOwned {
+            user: user.to_owned(),
+            uid: uid.map(str::to_owned),
+            groups: groups.to_vec(),
+            method: method.to_owned(),
+            issuer: issuer.map(str::to_owned),
+            claims: claims.clone(),
         }
     }
-    fn view(&self) -> SubjectKey<'_> {
-        SubjectKey {
+    fn view(&self) -> PrincipalInputs<'_> {
+        PrincipalInputs {
             user: &self.user,
             uid: self.uid.as_deref(),
             groups: &self.groups,
             method: &self.method,
             issuer: self.issuer.as_deref(),
             claims: &self.claims,
-            amr: &self.amr,
-            issued: self.issued,
         }
     }
 }
 
-/// A cached principal; `serial` names its subject's facts in the other caches' keys.
+/// A cached principal; `serial` names its inputs in the entities cache's keys.
 pub(crate) struct SubjectEntry {
-    key: SubjectOwned,
+    key: PrincipalOwned,
     pub serial: u64,
     pub uid: EntityUid,
     pub entity: Entity,
 }
 
-/// What the resource entity of a request is made of.
-#[derive(Hash, PartialEq, Eq, Clone, Copy)]
-pub(crate) enum ResourceKey<'a> {
-    Api {
-        path: &'a str,
-        api_group: &'a str,
-        api_version: &'a str,
-        resource: &'a str,
-        subresource: &'a str,
-        namespace: &'a str,
-        name: &'a str,
-    },
-    NonResource {
-        path: &'a str,
-    },
-    Impersonation(&'a ImpersonationTarget),
-}
-
-impl<'a> ResourceKey<'a> {
-    pub fn request(info: &'a RequestInfo) -> ResourceKey<'a> {
-        if info.is_resource_request {
-            ResourceKey::Api {
-                path: &info.path,
-                api_group: &info.api_group,
-                api_version: &info.api_version,
-                resource: &info.resource,
-                subresource: &info.subresource,
-                namespace: &info.namespace,
-                name: &info.name,
-            }
-        } else {
-            ResourceKey::NonResource { path: &info.path }
-        }
-    }
-}
-
+/// [`ResourceInputs`], owned.
 enum ResourceOwned {
     Api([String; 7]),
     NonResource(String),
@@ -170,9 +113,9 @@ enum ResourceOwned {
 }
 
 impl ResourceOwned {
-    fn of(k: &ResourceKey<'_>) -> ResourceOwned {
+    fn of(k: &ResourceInputs<'_>) -> ResourceOwned {
         match *k {
-            ResourceKey::Api {
+            ResourceInputs::Api {
                 path,
                 api_group,
                 api_version,
@@ -192,15 +135,15 @@ impl ResourceOwned {
                 ]
                 .map(str::to_owned),
             ),
-            ResourceKey::NonResource { path } => ResourceOwned::NonResource(path.to_owned()),
-            ResourceKey::Impersonation(t) => ResourceOwned::Impersonation(t.clone()),
+            ResourceInputs::NonResource { path } => ResourceOwned::NonResource(path.to_owned()),
+            ResourceInputs::Impersonation(t) => ResourceOwned::Impersonation(t.clone()),
         }
     }
-    fn view(&self) -> ResourceKey<'_> {
+    fn view(&self) -> ResourceInputs<'_> {
         match self {
             ResourceOwned::Api(
                 [path, api_group, api_version, resource, subresource, namespace, name],
-            ) => ResourceKey::Api {
+            ) => ResourceInputs::Api {
                 path,
                 api_group,
                 api_version,
@@ -209,8 +152,8 @@ impl ResourceOwned {
                 namespace,
                 name,
             },
-            ResourceOwned::NonResource(path) => ResourceKey::NonResource { path },
-            ResourceOwned::Impersonation(t) => ResourceKey::Impersonation(t),
+            ResourceOwned::NonResource(path) => ResourceInputs::NonResource { path },
+            ResourceOwned::Impersonation(t) => ResourceInputs::Impersonation(t),
         }
     }
 }
@@ -219,7 +162,7 @@ impl ResourceOwned {
 struct EntitiesKey<'a> {
     subject: u64,
     action: &'a str,
-    resource: ResourceKey<'a>,
+    resource: ResourceInputs<'a>,
 }
 
 /// A request's entities and the uids the request names.
@@ -270,89 +213,115 @@ impl EntitiesEntry {
     }
 }
 
-/// What a device contributes to the context, with its posture age in whole seconds.
-#[derive(Hash, PartialEq, Eq)]
-struct DeviceKey<'a> {
-    id: &'a str,
+/// [`DeviceInputs`], owned.
+struct DeviceOwned {
+    id: String,
     bound: bool,
-    posture: Option<&'a PostureFacts>,
+    posture: Option<PostureFacts>,
     posture_age: Option<u64>,
 }
 
-impl<'a> DeviceKey<'a> {
-    fn of(d: &'a DeviceFacts) -> DeviceKey<'a> {
-        DeviceKey {
-            id: &d.id,
-            bound: d.bound,
-            posture: d.posture.as_ref(),
-            posture_age: d.posture_age.map(|a| a.as_secs()),
-        }
-    }
-}
-
-#[derive(Hash, PartialEq, Eq)]
-struct ContextKey<'a> {
-    subject: u64,
-    device: Option<DeviceKey<'a>>,
-    source_ip: IpAddr,
-    websocket: bool,
-    verb: &'a str,
-    epoch: u64,
+/// [`ContextInputs`], owned.
+struct ContextOwned {
+    method: String,
+    issuer: Option<String>,
+    amr: Vec<String>,
     token_age: Option<u64>,
-}
-
-pub(crate) struct ContextEntry {
-    subject: u64,
-    device: Option<DeviceFacts>,
+    device: Option<DeviceOwned>,
     source_ip: IpAddr,
     websocket: bool,
     verb: String,
     epoch: u64,
-    token_age: Option<u64>,
-    pub context: Context,
 }
 
-impl ContextEntry {
-    fn view(&self) -> ContextKey<'_> {
-        ContextKey {
-            subject: self.subject,
-            device: self.device.as_ref().map(DeviceKey::of),
+impl ContextOwned {
+    fn of(k: &ContextInputs<'_>) -> ContextOwned {
+        let ContextInputs {
+            method,
+            issuer,
+            amr,
+            token_age,
+            device,
+            source_ip,
+            websocket,
+            verb,
+            epoch,
+        } = *k;
+        ContextOwned {
+            method: method.to_owned(),
+            issuer: issuer.map(str::to_owned),
+            amr: amr.to_vec(),
+            token_age,
+            device: device.map(|d| {
+                let DeviceInputs {
+                    id,
+                    bound,
+                    posture,
+                    posture_age,
+                } = d;
+                DeviceOwned {
+                    id: id.to_owned(),
+                    bound,
+                    posture: posture.cloned(),
+                    posture_age,
+                }
+            }),
+            source_ip,
+            websocket,
+            verb: verb.to_owned(),
+            epoch,
+        }
+    }
+    fn view(&self) -> ContextInputs<'_> {
+        ContextInputs {
+            method: &self.method,
+            issuer: self.issuer.as_deref(),
+            amr: &self.amr,
+            token_age: self.token_age,
+            device: self.device.as_ref().map(|d| DeviceInputs {
+                id: &d.id,
+                bound: d.bound,
+                posture: d.posture.as_ref(),
+                posture_age: d.posture_age,
+            }),
             source_ip: self.source_ip,
             websocket: self.websocket,
             verb: &self.verb,
             epoch: self.epoch,
-            token_age: self.token_age,
         }
     }
 }
 
-/// Whole seconds from `earlier` to `later` (0 when `later` is earlier), as the context uses.
-pub(crate) fn seconds_between(later: SystemTime, earlier: SystemTime) -> u64 {
-    later
-        .duration_since(earlier)
-        .unwrap_or(Duration::ZERO)
-        .as_secs()
+pub(crate) struct ContextEntry {
+    key: ContextOwned,
+    pub context: Context,
+}
+
+impl ContextEntry {
+    fn view(&self) -> ContextInputs<'_> {
+        self.key.view()
+    }
 }
 
 /// What an identity's last request was decided with (see the module docs); weak, so that it
 /// never outlives the caches' own entries.
 pub(crate) struct Recent {
-    /// The [`BuildCache`] that made it.
-    cache: u64,
+    identity: InstanceId,
     subject: Weak<SubjectEntry>,
     entities: Weak<EntitiesEntry>,
     context: Weak<ContextEntry>,
 }
 
-/// Where an identity keeps its [`Recent`] (`authn::Identity::authz_memo`).
-pub(crate) type Slot = crate::authn::AuthzMemo;
+/// Slots of the [`Recent`] table (a power of two).
+const RECENT_SLOTS: usize = 4_096;
 
-/// Numbers the build caches of a process, so that a [`Recent`] is only used by its own.
-static CACHE_IDS: AtomicU64 = AtomicU64::new(1);
+fn recent_slot(identity: InstanceId) -> usize {
+    // Instance ids are handed out in sequence: consecutive ones take different slots.
+    (identity.get() as usize) & (RECENT_SLOTS - 1)
+}
 
-/// The three caches of one engine.
+/// The three caches of one engine, and the identities' [`Recent`] table.
 pub(crate) struct BuildCache {
-    id: u64,
     /// foldhash, seeded per process: keys are hashed on every request (SipHash was ~3% of a
     /// request), and a collision only costs a rebuild, since entries are compared in full.
     hasher: foldhash::fast::RandomState,
@@ -360,12 +329,16 @@ pub(crate) struct BuildCache {
     subjects: moka::sync::Cache<u64, Arc<SubjectEntry>, foldhash::fast::RandomState>,
     entities: moka::sync::Cache<u64, Arc<EntitiesEntry>, foldhash::fast::RandomState>,
     contexts: moka::sync::Cache<u64, Arc<ContextEntry>, foldhash::fast::RandomState>,
+    /// [`RECENT_SLOTS`] slots, by [`recent_slot`].
+    recent: Box<[ArcSwapOption<Recent>]>,
+    /// Per slot, the last identity that could not take it (its instance id): it takes the slot
+    /// when it comes again.
+    seen: Box<[AtomicU64]>,
 }
 
 impl BuildCache {
     pub fn new() -> BuildCache {
         BuildCache {
-            id: CACHE_IDS.fetch_add(1, Ordering::Relaxed),
             hasher: foldhash::fast::RandomState::default(),
             serials: AtomicU64::new(0),
             subjects: moka::sync::Cache::builder()
@@ -380,25 +353,26 @@ impl BuildCache {
                 .max_capacity(4_096)
                 .time_to_live(Duration::from_secs(2))
                 .build_with_hasher(foldhash::fast::RandomState::default()),
+            recent: (0..RECENT_SLOTS).map(|_| ArcSwapOption::empty()).collect(),
+            seen: (0..RECENT_SLOTS).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
-    /// The principal for `subject`: cached, or made by `build` (and cached when it succeeds).
+    /// The principal for `key`: cached, or made by `build` (and cached when it succeeds).
     fn subject(
         &self,
-        subject: &Subject<'_>,
-        build: impl FnOnce() -> Result<(EntityUid, Entity), String>,
-    ) -> Result<Arc<SubjectEntry>, String> {
-        let key = SubjectKey::of(subject);
-        let hash = self.hasher.hash_one(&key);
+        key: PrincipalInputs<'_>,
+        build: impl FnOnce(&PrincipalInputs<'_>) -> Result<(EntityUid, Entity), BuildError>,
+    ) -> Result<Arc<SubjectEntry>, BuildError> {
+        let hash = self.hasher.hash_one(key);
         if let Some(e) = self.subjects.get(&hash) {
             if e.key.view() == key {
                 return Ok(e);
             }
         }
-        let (uid, entity) = build()?;
+        let (uid, entity) = build(&key)?;
         let entry = Arc::new(SubjectEntry {
-            key: SubjectOwned::of(&key),
+            key: PrincipalOwned::of(&key),
             serial: self.serials.fetch_add(1, Ordering::Relaxed),
             uid,
             entity,
@@ -408,19 +382,19 @@ impl BuildCache {
     }
 
     /// The entities for `key.subject` (a serial from [`BuildCache::subject`]) doing
-    /// `key.action` on `key.resource`: cached, or made by `build`.
+    /// `key.action` on `key.resource`: cached, or made by `build` from `key.resource`.
     fn entities(
         &self,
         key: EntitiesKey<'_>,
-        build: impl FnOnce() -> Result<(EntityUid, EntityUid, Entities), String>,
-    ) -> Result<Arc<EntitiesEntry>, String> {
+        build: impl FnOnce(&ResourceInputs<'_>) -> Result<(EntityUid, EntityUid, Entities), BuildError>,
+    ) -> Result<Arc<EntitiesEntry>, BuildError> {
         let hash = self.hasher.hash_one(&key);
         if let Some(e) = self.entities.get(&hash) {
             if e.key() == key {
                 return Ok(e);
             }
         }
-        let (principal, resource_uid, entities) = build()?;
+        let (principal, resource_uid, entities) = build(&key.resource)?;
         let entry = Arc::new(EntitiesEntry {
             subject: key.subject,
             action: key.action.to_owned(),
@@ -434,79 +408,54 @@ impl BuildCache {
         Ok(entry)
     }
 
-    /// What the context of `subject` (a serial) making `req` is made of.
-    fn context_key<'a>(
-        subject: u64,
-        facts: &Subject<'_>,
-        req: &'a RequestFacts<'_>,
-    ) -> ContextKey<'a> {
-        ContextKey {
-            subject,
-            device: req.device.map(DeviceKey::of),
-            source_ip: req.source_ip,
-            websocket: req.websocket,
-            verb: &req.info.verb,
-            epoch: seconds_between(req.now, SystemTime::UNIX_EPOCH),
-            token_age: facts
-                .facts
-                .issued_at
-                .map(|iat| seconds_between(req.now, iat)),
-        }
-    }
-
     /// The context for `key`: cached, or made by `build`.
     fn context(
         &self,
-        key: ContextKey<'_>,
-        req: &RequestFacts<'_>,
-        build: impl FnOnce() -> Result<Context, String>,
-    ) -> Result<Arc<ContextEntry>, String> {
-        let hash = self.hasher.hash_one(&key);
+        key: ContextInputs<'_>,
+        build: impl FnOnce(&ContextInputs<'_>) -> Result<Context, BuildError>,
+    ) -> Result<Arc<ContextEntry>, BuildError> {
+        let hash = self.hasher.hash_one(key);
         if let Some(e) = self.contexts.get(&hash) {
             if e.view() == key {
                 return Ok(e);
             }
         }
-        let context = build()?;
+        let context = build(&key)?;
         let entry = Arc::new(ContextEntry {
-            subject: key.subject,
-            device: req.device.cloned(),
-            source_ip: req.source_ip,
-            websocket: req.websocket,
-            verb: req.info.verb.clone(),
-            epoch: key.epoch,
-            token_age: key.token_age,
+            key: ContextOwned::of(&key),
             context,
         });
         self.contexts.insert(hash, entry.clone());
         Ok(entry)
     }
 
-    /// The entities and context of `subject` doing `action` on `resource` (`req`): from the
-    /// identity's [`Recent`] in `slot` when they equal its, else from the caches (or built by
-    /// `principal`, `entities` and `context`); `slot` then remembers them.
+    /// The entities and context of a request: the principal of `principal`, doing `action` on
+    /// `resource`, in the context `context`. Taken from the [`Recent`] of `identity` when they
+    /// equal its, else from the caches, or built by `build_principal`, `build_entities` (given
+    /// the principal) and `build_context`; the identity's `Recent` then remembers them.
     #[allow(clippy::too_many_arguments)]
     pub fn prepare(
         &self,
-        slot: Option<&Slot>,
-        subject: &Subject<'_>,
+        identity: Option<InstanceId>,
+        principal: PrincipalInputs<'_>,
         action: &str,
-        resource: ResourceKey<'_>,
-        req: &RequestFacts<'_>,
-        principal: impl FnOnce() -> Result<(EntityUid, Entity), String>,
-        entities: impl FnOnce(&SubjectEntry) -> Result<(EntityUid, EntityUid, Entities), String>,
-        context: impl FnOnce() -> Result<Context, String>,
-    ) -> Result<(Arc<EntitiesEntry>, Arc<ContextEntry>), String> {
+        resource: ResourceInputs<'_>,
+        context: ContextInputs<'_>,
+        build_principal: impl FnOnce(&PrincipalInputs<'_>) -> Result<(EntityUid, Entity), BuildError>,
+        build_entities: impl FnOnce(
+            &SubjectEntry,
+            &ResourceInputs<'_>,
+        ) -> Result<(EntityUid, EntityUid, Entities), BuildError>,
+        build_context: impl FnOnce(&ContextInputs<'_>) -> Result<Context, BuildError>,
+    ) -> Result<(Arc<EntitiesEntry>, Arc<ContextEntry>), BuildError> {
+        let slot = identity.map(|id| (id, recent_slot(id)));
         // A guard, not a reference count; nothing here awaits.
-        let guard = slot.map(|s| s.load());
-        let recent = guard
-            .as_ref()
-            .and_then(|g| g.as_deref())
-            .and_then(|b| b.downcast_ref::<Recent>())
-            .filter(|r| r.cache == self.id);
+        let guard = slot.map(|(_, i)| self.recent[i].load());
+        let occupant = guard.as_ref().and_then(|g| g.as_deref());
+        let recent = occupant.filter(|r| Some(r.identity) == identity);
         let s = match recent.and_then(|r| r.subject.upgrade()) {
             Some(s) => s,
-            None => self.subject(subject, principal)?,
+            None => self.subject(principal, build_principal)?,
         };
         let key = EntitiesKey {
             subject: s.serial,
@@ -515,26 +464,33 @@ impl BuildCache {
         };
         let e = match recent.and_then(|r| r.entities.upgrade()) {
             Some(e) if e.key() == key => e,
-            _ => self.entities(key, || entities(&s))?,
+            _ => self.entities(key, |resource| build_entities(&s, resource))?,
         };
-        let key = Self::context_key(s.serial, subject, req);
         let c = match recent.and_then(|r| r.context.upgrade()) {
-            Some(c) if c.view() == key => c,
-            _ => self.context(key, req, context)?,
+            Some(c) if c.view() == context => c,
+            _ => self.context(context, build_context)?,
         };
         let unchanged = recent.is_some_and(|r| {
             std::ptr::eq(r.subject.as_ptr(), Arc::as_ptr(&s))
                 && std::ptr::eq(r.entities.as_ptr(), Arc::as_ptr(&e))
                 && std::ptr::eq(r.context.as_ptr(), Arc::as_ptr(&c))
         });
-        if let (Some(slot), false) = (slot, unchanged) {
-            let recent: Box<dyn Any + Send + Sync> = Box::new(Recent {
-                cache: self.id,
-                subject: Arc::downgrade(&s),
-                entities: Arc::downgrade(&e),
-                context: Arc::downgrade(&c),
-            });
-            slot.store(Some(Arc::new(recent)));
+        if let (Some((identity, i)), false) = (slot, unchanged) {
+            // The slot is this identity's, free, or held by entries the caches let go; or the
+            // identity comes again after it could not take the slot.
+            let admit = recent.is_some()
+                || occupant.is_none_or(|o| o.subject.strong_count() == 0)
+                || self.seen[i].load(Ordering::Relaxed) == identity.get();
+            if admit {
+                self.recent[i].store(Some(Arc::new(Recent {
+                    identity,
+                    subject: Arc::downgrade(&s),
+                    entities: Arc::downgrade(&e),
+                    context: Arc::downgrade(&c),
+                })));
+            } else {
+                self.seen[i].store(identity.get(), Ordering::Relaxed);
+            }
         }
         Ok((e, c))
     }
@@ -548,11 +504,11 @@ impl BuildCache {
         self.run_pending_tasks();
     }
 
-    /// Whether the [`Recent`] in `slot` (if any) can still reach each of its entries.
+    /// Whether the [`Recent`] of `identity` (if any) can still reach each of its entries.
     #[cfg(test)]
-    pub fn recent_reaches(slot: &Slot) -> Option<[bool; 3]> {
-        let guard = slot.load();
-        let r = guard.as_deref()?.downcast_ref::<Recent>()?;
+    pub fn recent_reaches(&self, identity: InstanceId) -> Option<[bool; 3]> {
+        let guard = self.recent[recent_slot(identity)].load();
+        let r = guard.as_deref().filter(|r| r.identity == identity)?;
         Some([
             r.subject.strong_count() > 0,
             r.entities.strong_count() > 0,

@@ -28,9 +28,10 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use cedar_policy::{AuthorizationError, Authorizer, Entities, PolicySet, Request};
 
-use crate::authn::{CredentialFacts, Identity};
+use crate::authn::{CredentialFacts, Identity, InstanceId};
 use crate::authz::requestinfo::RequestInfo;
 
+use entities::{BuildError, ContextInputs, PrincipalInputs, ResourceInputs};
 pub use load::read_sources;
 use load::Loaded;
 pub use message::{decision_reason, reason_message};
@@ -338,10 +339,7 @@ impl PolicyEngine {
 
     /// Like [`PolicyEngine::reload`], from `(origin, text)` pairs.
     pub fn reload_sources(&self, sources: &[(String, String)]) -> Result<u64, PolicyErrors> {
-        let _serial = self
-            .reload_lock
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _serial = crate::util::sync::lock(&self.reload_lock);
         let epoch = self.current.load().epoch + 1;
         let loaded = load::compile(self.schema.clone(), sources, epoch)?;
         self.current.store(Arc::new(loaded));
@@ -416,7 +414,7 @@ impl PolicyEngine {
         self.decide_with(
             &input.subject(),
             &input.request(),
-            Some(input.identity.authz_memo()),
+            Some(input.identity.instance()),
         )
     }
 
@@ -431,7 +429,7 @@ impl PolicyEngine {
             &input.subject(),
             &input.request(),
             target,
-            Some(input.identity.authz_memo()),
+            Some(input.identity.instance()),
         )
     }
 
@@ -440,29 +438,22 @@ impl PolicyEngine {
         self.decide_with(subject, req, None)
     }
 
-    /// [`PolicyEngine::decide_subject`], with the memo `slot` of the identity `subject` is a
-    /// view of (see `cache.rs`).
+    /// [`PolicyEngine::decide_subject`], for the identity `subject` is a view of (its
+    /// [`InstanceId`], under which the build cache keeps its last request's values; see
+    /// `cache.rs`).
     pub(crate) fn decide_with(
         &self,
         subject: &Subject<'_>,
         req: &RequestFacts<'_>,
-        slot: Option<&cache::Slot>,
+        identity: Option<InstanceId>,
     ) -> Decision {
         let namespace = if req.info.is_resource_request {
             req.info.namespace.as_str()
         } else {
             ""
         };
-        let key = cache::ResourceKey::request(req.info);
-        self.evaluate(
-            subject,
-            req,
-            slot,
-            req.verb,
-            namespace,
-            key,
-            |schema, out| entities::resource(schema, req.info, out),
-        )
+        let resource = ResourceInputs::request(req.info);
+        self.evaluate(subject, req, identity, req.verb, namespace, resource)
     }
 
     /// [`PolicyEngine::decide_impersonation`] for a [`Subject`].
@@ -475,98 +466,82 @@ impl PolicyEngine {
         self.impersonation_with(subject, req, target, None)
     }
 
-    /// [`PolicyEngine::decide_subject_impersonation`] with an identity's memo `slot`.
+    /// [`PolicyEngine::decide_subject_impersonation`] for the identity `subject` is a view of.
     pub(crate) fn impersonation_with(
         &self,
         subject: &Subject<'_>,
         req: &RequestFacts<'_>,
         target: &ImpersonationTarget,
-        slot: Option<&cache::Slot>,
+        identity: Option<InstanceId>,
     ) -> Decision {
-        let key = cache::ResourceKey::Impersonation(target);
-        self.evaluate(subject, req, slot, "impersonate", "", key, |schema, out| {
-            entities::impersonation_target(schema, target, out)
-        })
+        let resource = ResourceInputs::Impersonation(target);
+        self.evaluate(subject, req, identity, "impersonate", "", resource)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn evaluate(
         &self,
         subject: &Subject<'_>,
         req: &RequestFacts<'_>,
-        slot: Option<&cache::Slot>,
+        identity: Option<InstanceId>,
         verb: &str,
         namespace: &str,
-        resource_key: cache::ResourceKey<'_>,
-        resource: impl FnOnce(
-            &CompiledSchema,
-            &mut Vec<cedar_policy::Entity>,
-        ) -> Result<cedar_policy::EntityUid, String>,
+        resource: ResourceInputs<'_>,
     ) -> Decision {
         let loaded = self.current.load();
         let schema = &*loaded.schema;
         let Some(action) = schema.action(verb) else {
-            return Decision::error(format!("verb {verb:?} is not an action in the schema"));
+            return Decision::error(BuildError::UnknownAction(verb.to_owned()).to_string());
         };
         // The entities and the request are built to fit the schema by construction; checking
         // them against it costs more than the rest of the decision, so only the unit tests do.
         // What the construction cannot guarantee (that the verb applies to this kind of
         // principal and resource) is checked here, cheaply.
         let check = self.schema_checks.then_some(&schema.schema);
-        // Principal, entities (with their transitive closure) and context for these inputs;
-        // `principal` is the already built principal entity, when there is one.
-        let build_entities = |principal: Option<(
-            cedar_policy::EntityUid,
-            cedar_policy::Entity,
-        )>|
-         -> Result<
-            (cedar_policy::EntityUid, cedar_policy::EntityUid, Entities),
-            String,
-        > {
-            let mut list = Vec::with_capacity(3);
-            let principal = match principal {
-                Some((uid, entity)) => {
-                    list.push(entity);
-                    uid
+        let principal = PrincipalInputs::of(subject);
+        let context = ContextInputs::of(subject, req);
+        // The entities (with their transitive closure) of `principal` (its uid and entity)
+        // doing the action on `resource`.
+        let build_entities =
+            |(principal, entity): (cedar_policy::EntityUid, cedar_policy::Entity),
+             resource: &ResourceInputs<'_>|
+             -> Result<
+                (cedar_policy::EntityUid, cedar_policy::EntityUid, Entities),
+                BuildError,
+            > {
+                let mut list = Vec::with_capacity(3);
+                list.push(entity);
+                let resource = entities::resource(schema, resource, &mut list)?;
+                if !action.applies_to(principal.type_name(), resource.type_name()) {
+                    return Err(BuildError::ActionDoesNotApply {
+                        verb: verb.to_owned(),
+                        principal: principal.type_name().clone(),
+                        resource: resource.type_name().clone(),
+                    });
                 }
-                None => {
-                    let (uid, entity) = entities::principal(schema, subject)?;
-                    list.push(entity);
-                    uid
-                }
+                list.push(action.entity.clone());
+                let entities =
+                    Entities::from_entities(list, check).map_err(BuildError::Entities)?;
+                Ok((principal, resource, entities))
             };
-            let resource = resource(schema, &mut list)?;
-            if !action.applies_to(principal.type_name(), resource.type_name()) {
-                return Err(format!(
-                    "action {verb:?} does not apply to {} on {}",
-                    principal.type_name(),
-                    resource.type_name()
-                ));
-            }
-            list.push(action.entity.clone());
-            let entities = Entities::from_entities(list, check)
-                .map_err(|e| format!("entities do not match the schema: {e}"))?;
-            Ok((principal, resource, entities))
-        };
-        let build_context = || entities::context(subject, req, self.ip_exprs.get(req.source_ip));
+        let build_context = |inputs: &ContextInputs<'_>| entities::context(inputs, &self.ip_exprs);
         let request = |principal: cedar_policy::EntityUid,
                        resource: cedar_policy::EntityUid,
                        context: cedar_policy::Context| {
             Request::new(principal, action.uid.clone(), resource, context, check)
-                .map_err(|e| format!("request does not match the schema: {e}"))
+                .map_err(BuildError::Request)
         };
         // With the build cache, the entities remember their last decision: the same entities,
         // policy set and context (compared in full, whole seconds included) decide the same.
         let prepared = match &self.built {
-            Some(cache) => (|| -> Result<Prepared, String> {
+            Some(cache) => (|| -> Result<Prepared, BuildError> {
                 let (e, context) = cache.prepare(
-                    slot,
-                    subject,
+                    identity,
+                    principal,
                     verb,
-                    resource_key,
-                    req,
-                    || entities::principal(schema, subject),
-                    |s| build_entities(Some((s.uid.clone(), s.entity.clone()))),
+                    resource,
+                    context,
+                    |inputs| entities::principal(schema, inputs),
+                    |s, resource| build_entities((s.uid.clone(), s.entity.clone()), resource),
                     build_context,
                 )?;
                 if let Some(decision) = e.decided(loaded.epoch, &context) {
@@ -579,9 +554,10 @@ impl PolicyEngine {
                 )?;
                 Ok(Prepared::Cached(request, e, context))
             })(),
-            None => (|| -> Result<Prepared, String> {
-                let (principal, resource, entities) = build_entities(None)?;
-                let request = request(principal, resource, build_context()?)?;
+            None => (|| -> Result<Prepared, BuildError> {
+                let built = entities::principal(schema, &principal)?;
+                let (principal, resource, entities) = build_entities(built, &resource)?;
+                let request = request(principal, resource, build_context(&context)?)?;
                 Ok(Prepared::Built(request, entities))
             })(),
         };
@@ -591,7 +567,7 @@ impl PolicyEngine {
                 (request, MaybeShared::Shared(e.clone()), Some((e, context)))
             }
             Ok(Prepared::Built(request, entities)) => (request, MaybeShared::Own(entities), None),
-            Err(e) => return Decision::error(e),
+            Err(e) => return Decision::error(e.to_string()),
         };
         let sets: Vec<&PolicySet> = if self.slicing {
             loaded.index.slices(verb, namespace)

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use super::*;
+use crate::authn::InstanceId;
 
 const MONDAY_10_UTC: u64 = 1_704_067_200 + 10 * 3600; // 2024-01-01 was a Monday
 const SATURDAY_10_UTC: u64 = MONDAY_10_UTC + 5 * 86_400;
@@ -25,15 +26,15 @@ fn engine(text: &str) -> PolicyEngine {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// A caller: owns what a [`Subject`] borrows, and the memo its identity would keep (so the
-/// tests decide the way the gateway does, through an identity's `Recent`).
+/// A caller: owns what a [`Subject`] borrows, and the instance id its identity would have (so
+/// the tests decide the way the gateway does, through an identity's `Recent`).
 struct Caller {
     user: String,
     uid: Option<String>,
     groups: Vec<String>,
     method: &'static str,
     facts: CredentialFacts,
-    memo: super::cache::Slot,
+    memo: InstanceId,
 }
 
 impl Caller {
@@ -48,7 +49,7 @@ impl Caller {
                 issued_at: Some(at(MONDAY_10_UTC - 300)),
                 ..Default::default()
             },
-            memo: Default::default(),
+            memo: InstanceId::next(),
         }
     }
     fn mfa(mut self) -> Caller {
@@ -163,7 +164,7 @@ impl<'a> Req<'a> {
 }
 
 fn decide(e: &PolicyEngine, caller: &Caller, req: &Req<'_>) -> Decision {
-    e.decide_with(&caller.subject(), &req.facts(), Some(&caller.memo))
+    e.decide_with(&caller.subject(), &req.facts(), Some(caller.memo))
 }
 
 // ------------------------------------------------------------------ schema and loading
@@ -612,7 +613,7 @@ fn claims_are_tags_and_attributes_are_visible() {
         "department".to_string(),
         vec!["sre".to_string(), "ops".to_string()],
     )]);
-    caller.memo = Default::default();
+    caller.memo = InstanceId::next();
     let d = decide(&e, &caller, &Req::new(&info));
     assert!(d.allowed, "{d:?}");
 }
@@ -1000,7 +1001,7 @@ fn build_cache_gives_the_same_decisions_as_building_each_time() {
                         assert_eq!(a, b, "{} {} {}", caller.user, info.verb, info.path);
                         let (s, r) = (caller.subject(), req.facts());
                         assert_eq!(
-                            cached.impersonation_with(&s, &r, &target, Some(&caller.memo)),
+                            cached.impersonation_with(&s, &r, &target, Some(caller.memo)),
                             fresh.decide_subject_impersonation(&s, &r, &target),
                         );
                         // and without the identity's memo, from the caches alone
@@ -1013,7 +1014,8 @@ fn build_cache_gives_the_same_decisions_as_building_each_time() {
     }
     assert!(checked > 1000);
     let (subjects, entities, contexts) = cached.built.as_ref().unwrap().sizes();
-    assert_eq!(subjects, callers.len() as u64);
+    // the two callers that differ only in their `amr` (a context input) share a principal
+    assert_eq!(subjects, callers.len() as u64 - 1);
     assert!(entities > 0 && contexts > 0);
 }
 
@@ -1176,25 +1178,153 @@ fn an_identitys_memo_is_only_used_by_the_engine_that_made_it() {
 
 #[test]
 fn an_identitys_memo_keeps_nothing_the_caches_let_go() {
-    use super::cache::BuildCache;
     let e = engine(r#"permit(principal, action, resource);"#);
     let caller = Caller::new("alice", &["team-a"]);
     let info = resource("get", "", "pods", "team-a", "web-0");
     let req = Req::new(&info);
     assert!(decide(&e, &caller, &req).allowed);
-    assert_eq!(BuildCache::recent_reaches(&caller.memo), Some([true; 3]));
+    let cache = e.built.as_ref().unwrap();
+    assert_eq!(cache.recent_reaches(caller.memo), Some([true; 3]));
     // Evicted from the caches: gone, though the identity still has its memo (which holds no
     // more than the caches do, however many identities the token cache keeps).
-    let cache = e.built.as_ref().unwrap();
     cache.clear();
     // moka removes invalidated entries over a few rounds of its housekeeping
     for _ in 0..50 {
-        if BuildCache::recent_reaches(&caller.memo) == Some([false; 3]) {
+        if cache.recent_reaches(caller.memo) == Some([false; 3]) {
             break;
         }
         cache.run_pending_tasks();
     }
-    assert_eq!(BuildCache::recent_reaches(&caller.memo), Some([false; 3]));
+    assert_eq!(cache.recent_reaches(caller.memo), Some([false; 3]));
     assert!(decide(&e, &caller, &req).allowed);
-    assert_eq!(BuildCache::recent_reaches(&caller.memo), Some([true; 3]));
+    assert_eq!(cache.recent_reaches(caller.memo), Some([true; 3]));
+}
+
+#[test]
+fn requests_that_differ_in_any_context_input_are_decided_apart() {
+    // One policy per context attribute, each reading it; the cached engine decides the base
+    // request first (so its context is cached and remembered), then each variant, which
+    // differs from the base in that one input: every variant must be decided afresh, as the
+    // engine without the cache decides it, and differently from the base.
+    let policies = format!(
+        r#"
+        @id("method") permit(principal, action == k8s::Action::"get", resource)
+          when {{ context.authn.method == "x509"}};
+        @id("issuer") permit(principal, action == k8s::Action::"get", resource)
+          when {{ context.authn has issuer && context.authn.issuer == "https://other.example"}};
+        @id("amr") permit(principal, action == k8s::Action::"get", resource)
+          when {{ context.authn.mfa}};
+        @id("token-age") permit(principal, action == k8s::Action::"get", resource)
+          when {{ context.authn has tokenAgeSeconds && context.authn.tokenAgeSeconds > 1000}};
+        @id("device-id") permit(principal, action == k8s::Action::"get", resource)
+          when {{ context has device && context.device.id == "dev-2"}};
+        @id("device-bound") permit(principal, action == k8s::Action::"get", resource)
+          when {{ context has device && !context.device.bound}};
+        @id("posture") permit(principal, action == k8s::Action::"get", resource)
+          when {{ context has device && context.device has posture &&
+                 !context.device.posture.managed}};
+        @id("posture-age") permit(principal, action == k8s::Action::"get", resource)
+          when {{ context has device && context.device has postureAgeSeconds &&
+                 context.device.postureAgeSeconds > 1000}};
+        @id("source-ip") permit(principal, action == k8s::Action::"get", resource)
+          when {{ context.sourceIp.isInRange(ip("192.168.0.0/16"))}};
+        @id("websocket") permit(principal, action == k8s::Action::"get", resource)
+          when {{ context.websocket}};
+        @id("verb") permit(principal, action == k8s::Action::"get", resource)
+          when {{ context.requestVerb == "watch"}};
+        @id("time") permit(principal, action == k8s::Action::"get", resource)
+          when {{ context.requestTime.epochSeconds == {} }};
+        "#,
+        MONDAY_10_UTC + 1
+    );
+    let e = engine(&policies);
+    let fresh = engine(&policies).with_build_cache(false);
+
+    let base_caller = || {
+        let mut c = Caller::new("alice", &["team-a"]);
+        c.method = "oidc";
+        c
+    };
+    let base_device = managed_device();
+    let info = resource("get", "", "pods", "team-a", "web-0");
+    let mut watch = info.clone();
+    watch.verb = "watch".into();
+
+    type Variant = Box<dyn Fn(&mut Caller, &mut DeviceFacts, &mut Req<'_>, &mut bool)>;
+    let variants: Vec<(&str, Variant)> = vec![
+        ("method", Box::new(|c, _, _, _| c.method = "x509")),
+        (
+            "issuer",
+            Box::new(|c, _, _, _| c.facts.issuer = Some("https://other.example".into())),
+        ),
+        (
+            "amr",
+            Box::new(|c, _, _, _| c.facts.amr = vec!["mfa".into()]),
+        ),
+        (
+            "token-age",
+            Box::new(|c, _, _, _| c.facts.issued_at = Some(at(MONDAY_10_UTC - 5_000))),
+        ),
+        ("device-id", Box::new(|_, d, _, _| d.id = "dev-2".into())),
+        ("device-bound", Box::new(|_, d, _, _| d.bound = false)),
+        (
+            "posture",
+            Box::new(|_, d, _, _| {
+                if let Some(p) = d.posture.as_mut() {
+                    p.managed = false;
+                }
+            }),
+        ),
+        (
+            "posture-age",
+            Box::new(|_, d, _, _| d.posture_age = Some(Duration::from_secs(5_000))),
+        ),
+        (
+            "source-ip",
+            Box::new(|_, _, r, _| r.ip = IpAddr::V4(Ipv4Addr::new(192, 168, 1, 1))),
+        ),
+        ("websocket", Box::new(|_, _, _, ws| *ws = true)),
+        // the request's own verb, under the same authorizer verb
+        ("verb", Box::new(|_, _, r, _| r.verb = "get")),
+        ("time", Box::new(|_, _, r, _| r.now = at(MONDAY_10_UTC + 1))),
+    ];
+    for (name, vary) in &variants {
+        let caller = base_caller();
+        let decide_ws = |e: &PolicyEngine, c: &Caller, r: &Req<'_>, ws: bool| {
+            let facts = RequestFacts {
+                websocket: ws,
+                ..r.facts()
+            };
+            e.decide_with(&c.subject(), &facts, Some(c.memo))
+        };
+        let mut req = Req::new(&info);
+        req.device = Some(&base_device);
+        let base = decide_ws(&e, &caller, &req, false);
+        assert!(
+            !base.allowed,
+            "{name}: the base request matches no policy: {base:?}"
+        );
+        // the base again: answered from the cache and the identity's Recent
+        assert_eq!(decide_ws(&e, &caller, &req, false), base);
+
+        let mut varied_caller = base_caller();
+        let mut device = managed_device();
+        let mut websocket = false;
+        let mut req = Req::new(if *name == "verb" { &watch } else { &info });
+        vary(&mut varied_caller, &mut device, &mut req, &mut websocket);
+        // The same identity making another request shares its Recent; a caller whose
+        // credential differs is another identity.
+        if varied_caller.method == caller.method && varied_caller.facts == caller.facts {
+            varied_caller.memo = caller.memo;
+        }
+        req.device = Some(&device);
+        let got = decide_ws(&e, &varied_caller, &req, websocket);
+        let want = decide_ws(&fresh, &varied_caller, &req, websocket);
+        assert_eq!(got, want, "{name}");
+        assert!(
+            got.allowed,
+            "{name}: the variant is decided on its own context: {got:?}"
+        );
+        assert_eq!(got.determining, vec![name.to_string()], "{name}");
+    }
 }
