@@ -16,15 +16,21 @@ pub mod decide;
 pub mod device;
 pub mod discovery;
 pub mod errors;
+pub mod gateway;
+// Only in fuzz builds (cargo-fuzz sets `--cfg fuzzing`) and the unit tests.
+#[cfg(any(fuzzing, test))]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod listener;
 pub mod locks;
 pub mod login;
 pub mod pipeline;
 pub mod posture;
 pub mod proxy;
+pub mod readiness;
+pub mod reload;
+pub mod refusal;
 pub mod route;
-pub mod server;
 pub mod sso;
 pub mod state;
 pub mod streams;
@@ -33,6 +39,7 @@ pub mod tls;
 pub mod util;
 pub mod webhook;
 
+// The demo and the tests' dev environment (feature `demo`; not in the product build).
 #[cfg(feature = "demo")]
 pub mod demo;
 

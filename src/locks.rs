@@ -16,15 +16,18 @@ use serde::Deserialize;
 
 use crate::authn::Identity;
 use crate::body::Body;
-use crate::errors::PipelineError;
-use crate::server::Gateway;
-use crate::state::{ChangeKind, Lock, LockTarget};
-use crate::streams::StreamSubject;
+use crate::refusal::PipelineError;
+use crate::state::{ChangeKind, Lock, LockTarget, SharedStore};
+use crate::streams::{StreamRegistry, StreamSubject};
 
-pub const PATH: &str = "/v1/locks";
+pub const PATH: &str = crate::route::LOCKS_PATH;
 
-pub fn is_locks_path(path: &str) -> bool {
-    path == PATH || path.strip_prefix(PATH).is_some_and(|r| r.starts_with('/'))
+/// What the locks API and its enforcer use: the state store (where locks are kept) and the
+/// registry of live streams (which a new lock closes).
+#[derive(Clone)]
+pub struct LocksApi {
+    pub store: SharedStore,
+    pub streams: Arc<StreamRegistry>,
 }
 
 /// Does `lock` apply to the holder of a stream? The same match as for a new request.
@@ -33,18 +36,14 @@ pub fn applies_to(lock: &Lock, s: &StreamSubject) -> bool {
 }
 
 fn why(lock: &Lock) -> crate::streams::CloseReason {
-    crate::streams::CloseReason::forbidden(if lock.message.is_empty() {
-        "access is locked by an administrator".to_owned()
-    } else {
-        format!("access is locked: {}", lock.message)
-    })
+    crate::streams::CloseReason::forbidden(crate::errors::messages::locked(&lock.message))
 }
 
 /// Closes live streams as soon as a lock that matches them is written (by this replica or, with
 /// a shared store, any other).
-pub fn spawn_enforcer(gw: Arc<Gateway>, stop: tokio_util::sync::CancellationToken) {
-    spawn_staleness_guard(gw.clone(), stop.clone());
-    let mut changes = gw.store.subscribe();
+pub fn spawn_enforcer(api: LocksApi, stop: tokio_util::sync::CancellationToken) {
+    spawn_staleness_guard(api.clone(), stop.clone());
+    let mut changes = api.store.subscribe();
     tokio::spawn(async move {
         loop {
             let change = tokio::select! {
@@ -54,7 +53,7 @@ pub fn spawn_enforcer(gw: Arc<Gateway>, stop: tokio_util::sync::CancellationToke
             match change {
                 Ok(c) => match c.kind {
                     ChangeKind::LockPut(lock) => {
-                        let n = gw
+                        let n = api
                             .streams
                             .close_matching(|s| applies_to(&lock, s), &why(&lock));
                         if n > 0 {
@@ -63,18 +62,18 @@ pub fn spawn_enforcer(gw: Arc<Gateway>, stop: tokio_util::sync::CancellationToke
                     }
                     // The device's streams are checked against its new posture (or its absence).
                     ChangeKind::PosturePut(device) | ChangeKind::PostureDeleted(device) => {
-                        gw.streams.recheck_device(&device);
+                        api.streams.recheck_device(&device);
                     }
                     ChangeKind::LockDeleted(_) => {}
                 },
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                     // Missed changes: check every stream against the current locks and posture.
-                    let locks = gw.store.locks();
+                    let locks = api.store.locks();
                     for lock in &locks {
-                        gw.streams
+                        api.streams
                             .close_matching(|s| applies_to(lock, s), &why(lock));
                     }
-                    gw.streams.recheck_all();
+                    api.streams.recheck_all();
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }
@@ -88,7 +87,7 @@ const HEALTH_TICK: Duration = Duration::from_millis(200);
 /// Watches the state store's health: logs when a shared store stops (and starts again)
 /// confirming its view, and once it is stale closes every live stream, as the pipeline refuses
 /// new requests: a lock written meanwhile could not be seen here.
-fn spawn_staleness_guard(gw: Arc<Gateway>, stop: tokio_util::sync::CancellationToken) {
+fn spawn_staleness_guard(api: LocksApi, stop: tokio_util::sync::CancellationToken) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(HEALTH_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -98,11 +97,11 @@ fn spawn_staleness_guard(gw: Arc<Gateway>, stop: tokio_util::sync::CancellationT
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let health = gw.store.health();
+            let health = api.store.health();
             if health.is_stale() {
-                let n = gw.streams.close_matching(
+                let n = api.streams.close_matching(
                     |_| true,
-                    &crate::streams::CloseReason::unavailable(crate::errors::STATE_STALE_MESSAGE),
+                    &crate::streams::CloseReason::unavailable(crate::errors::messages::STATE_STALE),
                 );
                 if !last.is_stale() {
                     tracing::error!(
@@ -139,7 +138,7 @@ fn store_error(e: crate::state::StoreError) -> PipelineError {
 
 /// Serves `GET /v1/locks`, `POST /v1/locks`, `DELETE /v1/locks/<id>` for an authorized caller.
 pub async fn serve<B>(
-    gw: &Gateway,
+    api: &LocksApi,
     req: Request<B>,
     caller: &Identity,
 ) -> Result<Response<Body>, PipelineError>
@@ -152,9 +151,9 @@ where
     match (req.method().clone(), id) {
         (Method::GET, None) => Ok(crate::body::json_response(
             StatusCode::OK,
-            &serde_json::json!({"kind": "LockList", "items": gw.store.locks()}),
+            &serde_json::json!({"kind": "LockList", "items": api.store.locks()}),
         )),
-        (Method::GET, Some(id)) => match gw.store.lock(id) {
+        (Method::GET, Some(id)) => match api.store.lock(id) {
             Some(l) => Ok(crate::body::json_response(StatusCode::OK, &l)),
             None => Err(PipelineError::NotFound("lock")),
         },
@@ -171,11 +170,14 @@ where
                 .map(|s| SystemTime::now() + Duration::from_secs(s));
             let lock = Lock::new(new.target, new.message, expires_at, caller.user())
                 .map_err(store_error)?;
-            gw.store.put_lock(lock.clone()).await.map_err(store_error)?;
+            api.store
+                .put_lock(lock.clone())
+                .await
+                .map_err(store_error)?;
             tracing::warn!(lock = %lock.id, by = caller.user(), target = ?lock.target, "lock added");
             Ok(crate::body::json_response(StatusCode::CREATED, &lock))
         }
-        (Method::DELETE, Some(id)) => match gw.store.delete_lock(id).await.map_err(store_error)? {
+        (Method::DELETE, Some(id)) => match api.store.delete_lock(id).await.map_err(store_error)? {
             Some((_, lock)) => {
                 tracing::warn!(lock = %lock.id, by = caller.user(), "lock removed");
                 Ok(crate::body::json_response(StatusCode::OK, &lock))

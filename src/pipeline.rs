@@ -17,7 +17,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -31,13 +31,44 @@ use crate::authn::x509::Verified;
 use crate::authn::{AuthnError, Credentials, Identity};
 use crate::authz::requestinfo::RequestInfo;
 use crate::authz::{Authorized, ImpersonationRequest};
-use crate::body::{full, Body};
+use crate::body::Body;
 use crate::decide::{DeviceSeen, Facts};
-use crate::errors::PipelineError;
 use crate::proxy::RequestShape;
+use crate::refusal::PipelineError;
 use crate::route::{Route, Target};
-use crate::server::Gateway;
 use crate::streams::GuardedBody;
+
+/// What the request path uses, built once by the assembly: the authenticators, the decider, the
+/// upstream, the stream registry and limits, and the handlers it dispatches to, each with its
+/// own narrow view of the gateway.
+pub struct Pipeline {
+    pub upstream: Arc<crate::proxy::Upstream>,
+    pub auditor: Arc<crate::audit::Auditor>,
+    pub x509: Option<crate::authn::x509::X509Authenticator>,
+    /// Always present; with no issuers configured it authenticates nothing, and a config
+    /// reload may add issuers without a restart.
+    pub oidc: Arc<crate::authn::oidc::OidcAuthenticator>,
+    pub bundles: Arc<crate::tls::bundles::TrustBundles>,
+    pub devices: Option<crate::device::DeviceConfig>,
+    /// SPIFFE trust domains whose workload SVIDs authenticate as users.
+    pub workloads: Vec<crate::device::WorkloadMapping>,
+    /// The one decider: locks, posture and policy for requests, streams and reviews.
+    pub decider: Arc<crate::decide::Decider>,
+    pub metrics: Arc<crate::telemetry::Metrics>,
+    pub streams: Arc<crate::streams::StreamRegistry>,
+    pub inflight: Arc<crate::streams::Inflight>,
+    pub inflight_limit: Arc<tokio::sync::Semaphore>,
+    pub request_timeout: Duration,
+    /// Live streams are closed this long after they opened (None: no limit).
+    pub max_stream_age: Option<Duration>,
+    pub readiness: Arc<crate::readiness::Readiness>,
+    /// The web login pages (`sso` in the config); they verify with `oidc`.
+    pub sso: Option<Arc<crate::sso::Sso>>,
+    pub webhooks: crate::webhook::Webhooks,
+    pub locks: crate::locks::LocksApi,
+    pub posture: crate::posture::api::PostureApi,
+    pub rules: Arc<crate::authz::rules::RulesReview>,
+}
 
 /// What the gateway knows about one client connection.
 pub struct ConnInfo {
@@ -112,21 +143,32 @@ fn verb_label(method: &Method, shape: RequestShape) -> &'static str {
 
 /// Entry point for every request on the TLS listener.
 pub async fn handle(
-    gw: Arc<Gateway>,
+    gw: Arc<Pipeline>,
     conn: Arc<ConnInfo>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let received = SystemTime::now();
-    let route = crate::route::classify(&gw, &conn, &req);
+    let route = crate::route::classify(gw.sso.is_some(), &req, |path| {
+        crate::webhook::route(
+            &gw.webhooks,
+            conn.chain.as_deref().map(Vec::as_slice),
+            req.method(),
+            path,
+        )
+    });
     match &route {
-        Route::Live => return Ok(plain(StatusCode::OK, "ok")),
-        Route::Ready => return Ok(gw.readyz()),
+        Route::Live => return Ok(crate::readiness::plain(StatusCode::OK, "ok")),
+        Route::Ready => return Ok(gw.readiness.readyz()),
         Route::Sso => {
             if let Some(sso) = gw.sso.as_ref() {
                 // Boxed, as every rarely taken branch below: a future is as large as its largest
                 // awaited part, and the whole of it is copied when the request starts.
-                return Ok(Box::pin(sso.serve(&gw, &req)).await);
+                let deps = crate::sso::SsoDeps {
+                    oidc: &gw.oidc,
+                    decider: &gw.decider,
+                };
+                return Ok(Box::pin(sso.serve(&deps, &req)).await);
             }
         }
         _ => {}
@@ -161,7 +203,7 @@ pub async fn handle(
         Ok(resp) if trace.webhook => (resp, "webhook"),
         Ok(resp) => (resp, "forwarded"),
         Err(err) => {
-            let st = err.to_status();
+            let st = crate::errors::ToStatus::to_status(&err);
             status_text = Some((st.reason.to_owned(), st.message.clone()));
             let user = trace.user.as_deref().unwrap_or("");
             match &err {
@@ -181,8 +223,8 @@ pub async fn handle(
                 }
                 PipelineError::Upstream(e) => {
                     gw.metrics.upstream_error(err.outcome());
-                    if let crate::proxy::UpstreamError::Connect(why) = e {
-                        gw.upstream_unreachable(why);
+                    if let crate::proxy::UpstreamError::Connect { message: why, .. } = e {
+                        gw.readiness.upstream_unreachable(why);
                     }
                     tracing::error!(method = %method, path = uri.path(), user, error = %e, "upstream failed");
                 }
@@ -269,7 +311,7 @@ struct AuditFacts<'a> {
 /// that started, ResponseStarted now and ResponseComplete when it ends (with why the gateway
 /// closed it, if it did). Takes the annotations' strings out of `trace` (nothing reads them
 /// after this).
-async fn audit(gw: &Arc<Gateway>, trace: &mut Trace, f: AuditFacts<'_>) {
+async fn audit(gw: &Arc<Pipeline>, trace: &mut Trace, f: AuditFacts<'_>) {
     use crate::audit::event::{EventParts, ResponseInfo, Stage, UserInfo};
     let subject = trace.identity.as_deref().map(crate::audit::Subject::from);
     let policy = gw.auditor.decide(subject, trace.info.as_deref());
@@ -359,13 +401,13 @@ fn is_websocket(headers: &http::HeaderMap) -> bool {
 }
 
 async fn run(
-    gw: &Arc<Gateway>,
+    gw: &Arc<Pipeline>,
     conn: &Arc<ConnInfo>,
     req: Request<Incoming>,
-    route: Route<'_>,
+    route: Route<crate::webhook::Webhook<'_>>,
     trace: &mut Trace,
 ) -> Result<Response<Body>, PipelineError> {
-    if gw.is_draining() {
+    if gw.readiness.is_draining() {
         return Err(PipelineError::ShuttingDown);
     }
     let api = match route {
@@ -378,14 +420,14 @@ async fn run(
         // 2. kube-apiserver's webhooks.
         Route::Webhook(which) => {
             trace.webhook = true;
-            return Box::pin(crate::webhook::serve(gw, req, which)).await;
+            return Box::pin(crate::webhook::serve(&gw.webhooks, req, which)).await;
         }
         // 2b. Device posture reports: the signed report or the device certificate is the
         // credential, not a user token.
         Route::PostureReport => {
             let device = device_of(gw, conn, SystemTime::now()).map(|d| d.id);
             trace.device_id = device.clone();
-            return Box::pin(crate::posture::api::report(gw, req, device)).await;
+            return Box::pin(crate::posture::api::report(&gw.posture, req, device)).await;
         }
         Route::Api(api) => api,
     };
@@ -531,7 +573,7 @@ async fn run(
                 now,
                 api_version: info.api_version.clone(),
             };
-            Box::pin(crate::authz::rules::serve(gw, req, asker)).await
+            Box::pin(crate::authz::rules::serve(&gw.rules, req, asker)).await
         }
         Target::Locks | Target::PostureRecords if authorized.decision().is_none() => {
             let what = if api.target == Target::Locks {
@@ -549,14 +591,14 @@ async fn run(
                 }),
             )))
         }
-        Target::Locks => Box::pin(crate::locks::serve(gw, req, authorized.identity())).await,
-        Target::PostureRecords => crate::posture::api::read(gw, &req),
+        Target::Locks => Box::pin(crate::locks::serve(&gw.locks, req, authorized.identity())).await,
+        Target::PostureRecords => crate::posture::api::read(&gw.posture, &req),
         _ => forward(gw, req, authorized, api.shape, conn.peer.ip(), Some(trace)).await,
     }
 }
 
 async fn forward<B>(
-    gw: &Arc<Gateway>,
+    gw: &Arc<Pipeline>,
     req: Request<B>,
     authorized: Authorized,
     shape: RequestShape,
@@ -626,7 +668,7 @@ where
 /// Registers a long-lived response: who holds it (for locks), when its credential expires (it
 /// is closed then), and where its end is reported (audit).
 fn register_stream(
-    gw: &Gateway,
+    gw: &Pipeline,
     kind: crate::streams::StreamKind,
     authorized: &Authorized,
     trace: Option<&mut Trace>,
@@ -653,7 +695,7 @@ fn register_stream(
 /// Everything needed to decide a live stream again: the request's facts as they were, minus
 /// the locks, posture and policy, which the decider reads afresh on every check.
 pub(crate) struct StreamCheck {
-    gw: std::sync::Weak<Gateway>,
+    gw: std::sync::Weak<Pipeline>,
     /// The authenticated caller (before `kubectl --as`).
     caller: Arc<Identity>,
     impersonation: Option<ImpersonationRequest>,
@@ -722,7 +764,7 @@ struct SelfReview<'a> {
 /// answered here (kube-apiserver would say yes to something the gateway refuses); an allow is
 /// passed on so kube-apiserver's RBAC gives the final word.
 async fn self_subject_access_review(
-    gw: &Arc<Gateway>,
+    gw: &Arc<Pipeline>,
     req: Request<Incoming>,
     authorized: Authorized,
     who: SelfReview<'_>,
@@ -797,14 +839,14 @@ async fn self_subject_access_review(
 /// The device certificate of this connection, verified against the devices bundle (cached per
 /// connection until the bundles change; expiry re-checked on every request).
 fn device_of(
-    gw: &Gateway,
+    gw: &Pipeline,
     conn: &ConnInfo,
     now: SystemTime,
 ) -> Option<crate::device::DeviceIdentity> {
     let cfg = gw.devices.as_ref()?;
     let chain = conn.chain.as_ref()?;
     let generation = gw.bundles.load().generation;
-    let mut cached = crate::streams::lock(&conn.device);
+    let mut cached = crate::util::sync::lock(&conn.device);
     let device = match cached.as_ref() {
         Some((g, d)) if *g == generation => d.clone(),
         _ => {
@@ -824,7 +866,7 @@ fn device_of(
 
 /// Runs the configured authenticators over the request's credentials.
 async fn authenticate(
-    gw: &Gateway,
+    gw: &Pipeline,
     conn: &ConnInfo,
     creds: &Credentials,
 ) -> Result<Arc<Identity>, AuthnError> {
@@ -846,7 +888,7 @@ async fn authenticate(
     };
     let generation = x509.generation();
     let verified = {
-        let mut cached = crate::streams::lock(&conn.x509);
+        let mut cached = crate::util::sync::lock(&conn.x509);
         match cached.as_ref() {
             Some(v) if v.generation == generation => v.clone(),
             _ => {
@@ -870,7 +912,7 @@ async fn authenticate(
 /// certificate (`otherwise` is the user-certificate verdict, returned when it is no SVID either).
 /// Cached per connection while the trust bundles are unchanged.
 fn workload(
-    gw: &Gateway,
+    gw: &Pipeline,
     conn: &ConnInfo,
     chain: &[CertificateDer<'static>],
     now: SystemTime,
@@ -881,7 +923,7 @@ fn workload(
     }
     let generation = gw.bundles.load().generation;
     let verdict = {
-        let mut cached = crate::streams::lock(&conn.workload);
+        let mut cached = crate::util::sync::lock(&conn.workload);
         match cached.as_ref() {
             Some((g, v)) if *g == generation => v.clone(),
             _ => {
@@ -907,14 +949,4 @@ fn workload(
             Err(otherwise)
         }
     }
-}
-
-pub(crate) fn plain(code: StatusCode, text: &'static str) -> Response<Body> {
-    let mut resp = Response::new(full(text));
-    *resp.status_mut() = code;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
 }

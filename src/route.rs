@@ -13,14 +13,44 @@ use std::sync::Arc;
 use http::{header, Method, Request};
 
 use crate::authz::requestinfo::{request_info, RequestInfo, RequestInfoError};
-use crate::errors::PipelineError;
-use crate::pipeline::ConnInfo;
 use crate::proxy::RequestShape;
-use crate::server::Gateway;
+use crate::refusal::PipelineError;
 use crate::streams::StreamKind;
 
-/// What a request is, decided once.
-pub enum Route<'g> {
+/// The gateway's locks API (`/v1/locks` and below).
+pub const LOCKS_PATH: &str = "/v1/locks";
+
+/// The device posture API (`/v1/devices/posture` and below).
+pub const POSTURE_PATH: &str = "/v1/devices/posture";
+
+/// Whether `path` is one of the web login pages.
+pub fn is_login_page(path: &str) -> bool {
+    matches!(path, "/login" | "/callback" | "/logout" | "/kubeconfig")
+}
+
+pub fn is_locks_path(path: &str) -> bool {
+    under(path, LOCKS_PATH)
+}
+
+pub fn is_posture_path(path: &str) -> bool {
+    under(path, POSTURE_PATH)
+}
+
+/// Is this a posture report (served before user authentication)?
+pub fn is_posture_report(method: &Method, path: &str) -> bool {
+    method == Method::POST && path == POSTURE_PATH
+}
+
+/// `path` is `prefix` or a path below it.
+fn under(path: &str, prefix: &str) -> bool {
+    path == prefix
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|r| r.starts_with('/'))
+}
+
+/// What a request is, decided once. `H` is a webhook call, as the webhooks recognised it.
+pub enum Route<H> {
     /// `/livez`, `/healthz`.
     Live,
     /// `/readyz`.
@@ -30,7 +60,7 @@ pub enum Route<'g> {
     /// A target the gateway will not forward, because kube-apiserver could read it otherwise.
     Refused(PipelineError),
     /// kube-apiserver's TokenReview or SubjectAccessReview call, from its certificate.
-    Webhook(crate::webhook::Webhook<'g>),
+    Webhook(H),
     /// A device posture report (the report or the device certificate is the credential).
     PostureReport,
     /// Everything else: authenticated, decided, then served by the gateway or forwarded.
@@ -63,16 +93,21 @@ pub enum Target {
     PostureRecords,
 }
 
-/// Classifies a request. `gw` and `conn` are needed for the webhooks, which only kube-apiserver's
-/// certificate may call.
-pub fn classify<'g, B>(gw: &'g Gateway, conn: &ConnInfo, req: &Request<B>) -> Route<'g> {
+/// Classifies a request. `sso` says whether the login pages are served; `webhook` is asked,
+/// with the decoded path, whether the request is a webhook call it accepts (only
+/// kube-apiserver's certificate may make one; anyone else's goes on as an API request).
+pub fn classify<B, H>(
+    sso: bool,
+    req: &Request<B>,
+    webhook: impl FnOnce(&str) -> Option<H>,
+) -> Route<H> {
     let raw = req.uri().path();
     match raw {
         "/livez" | "/healthz" => return Route::Live,
         "/readyz" => return Route::Ready,
         _ => {}
     }
-    if gw.sso.is_some() && crate::sso::Sso::owns(raw) {
+    if sso && is_login_page(raw) {
         return Route::Sso;
     }
     // The target must mean the same thing here and at kube-apiserver.
@@ -88,10 +123,10 @@ pub fn classify<'g, B>(gw: &'g Gateway, conn: &ConnInfo, req: &Request<B>) -> Ro
     // The gateway's own endpoints are recognised on the decoded path, as kube-apiserver would
     // route it: an encoded spelling reaches the same endpoint, not kube-apiserver.
     let path = info.as_ref().map_or(raw, |i| i.path.as_str());
-    if let Some(hook) = crate::webhook::route(gw, conn, req.method(), path) {
+    if let Some(hook) = webhook(path) {
         return Route::Webhook(hook);
     }
-    if crate::posture::api::is_report(req.method(), path) {
+    if is_posture_report(req.method(), path) {
         return Route::PostureReport;
     }
     let (shape, target, method_allowed) = match &info {
@@ -172,9 +207,9 @@ fn target_of(info: &RequestInfo) -> Target {
             _ => Target::Kube,
         };
     }
-    if crate::locks::is_locks_path(&info.path) {
+    if is_locks_path(&info.path) {
         Target::Locks
-    } else if crate::posture::api::is_posture_path(&info.path) {
+    } else if is_posture_path(&info.path) {
         Target::PostureRecords
     } else {
         Target::Kube

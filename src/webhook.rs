@@ -16,11 +16,20 @@ use crate::authz::requestinfo::RequestInfo;
 use crate::body::Body;
 use crate::config::SarDefault;
 use crate::decide::Review;
-use crate::errors::PipelineError;
-use crate::pipeline::ConnInfo;
-use crate::server::Gateway;
+use crate::refusal::PipelineError;
+use crate::tls::bundles::TrustBundles;
 
 const MAX_REVIEW_BYTES: usize = 1 << 20;
+
+/// What the webhooks use: their configs, the trust bundles their caller is verified against,
+/// the token authenticator (TokenReview) and the decider (locks, SubjectAccessReview).
+pub struct Webhooks {
+    pub token_review: Option<crate::config::jwt::TokenReviewConfig>,
+    pub sar: Option<crate::config::SubjectAccessReviewConfig>,
+    pub bundles: std::sync::Arc<TrustBundles>,
+    pub oidc: std::sync::Arc<crate::authn::oidc::OidcAuthenticator>,
+    pub decider: std::sync::Arc<crate::decide::Decider>,
+}
 
 /// Which webhook a request is for, and the caller it was verified for.
 pub struct Webhook<'a> {
@@ -41,8 +50,8 @@ enum Kind<'a> {
 /// from the caller bundle); everyone else's TokenReview / SubjectAccessReview goes through the
 /// normal pipeline to kube-apiserver like any other request.
 pub fn route<'a>(
-    gw: &'a Gateway,
-    conn: &ConnInfo,
+    hooks: &'a Webhooks,
+    chain: Option<&[rustls_pki_types::CertificateDer<'static>]>,
     method: &http::Method,
     path: &str,
 ) -> Option<Webhook<'a>> {
@@ -53,17 +62,17 @@ pub fn route<'a>(
         "/apis/authentication.k8s.io/v1/tokenreviews" => (
             Kind::TokenReview,
             "v1",
-            &gw.token_review.as_ref()?.caller_bundle,
+            &hooks.token_review.as_ref()?.caller_bundle,
         ),
         "/apis/authentication.k8s.io/v1beta1/tokenreviews" => (
             Kind::TokenReview,
             "v1beta1",
-            &gw.token_review.as_ref()?.caller_bundle,
+            &hooks.token_review.as_ref()?.caller_bundle,
         ),
         "/apis/authorization.k8s.io/v1/subjectaccessreviews"
         | "/apis/authorization.k8s.io/v1beta1/subjectaccessreviews" => {
-            let cfg = gw.sar.as_ref()?;
-            gw.decider.authorizer().engine()?;
+            let cfg = hooks.sar.as_ref()?;
+            hooks.decider.authorizer().engine()?;
             let kind = Kind::SubjectAccessReview { cfg };
             let version = if path.contains("/v1beta1/") {
                 "v1beta1"
@@ -74,9 +83,9 @@ pub fn route<'a>(
         }
         _ => return None,
     };
-    let chain = conn.chain.as_ref()?;
-    let verified =
-        X509Authenticator::new(bundle.clone(), gw.bundles.clone()).verify(chain, SystemTime::now());
+    let chain = chain?;
+    let verified = X509Authenticator::new(bundle.clone(), hooks.bundles.clone())
+        .verify(chain, SystemTime::now());
     let caller = verified.result.ok()?.user().to_owned();
     Some(Webhook {
         kind,
@@ -96,7 +105,7 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, PipelineError> {
 }
 
 pub async fn serve(
-    gw: &Gateway,
+    hooks: &Webhooks,
     req: Request<Incoming>,
     hook: Webhook<'_>,
 ) -> Result<Response<Body>, PipelineError> {
@@ -107,12 +116,14 @@ pub async fn serve(
             // A locked caller is not authenticated to kube-apiserver either; and when this
             // replica cannot confirm its locks are current, nobody is (fail closed).
             let admit = |id: &crate::authn::Identity| {
-                gw.decider
+                hooks
+                    .decider
                     .admit(&crate::state::LockSubject::of(id, None, None))
                     .map_err(|e| e.to_string())
             };
             let (code, v) =
-                crate::authn::tokenreview::review_with(&gw.oidc, &body, hook.version, &admit).await;
+                crate::authn::tokenreview::review_with(&hooks.oidc, &body, hook.version, &admit)
+                    .await;
             tracing::info!(
                 caller,
                 authenticated = v["status"]["authenticated"].as_bool().unwrap_or(false),
@@ -121,7 +132,7 @@ pub async fn serve(
             Ok(crate::body::json_response(code, &v))
         }
         Kind::SubjectAccessReview { cfg } => {
-            let (code, v) = subject_access_review(gw, cfg, &body, hook.version).await;
+            let (code, v) = subject_access_review(hooks, cfg, &body, hook.version).await;
             tracing::info!(
                 caller,
                 user = v["spec"]["user"].as_str().unwrap_or_default(),
@@ -177,7 +188,7 @@ fn no_opinion(reason: &str) -> Value {
 }
 
 async fn subject_access_review(
-    gw: &Gateway,
+    hooks: &Webhooks,
     cfg: &crate::config::SubjectAccessReviewConfig,
     body: &[u8],
     version: &str,
@@ -188,8 +199,10 @@ async fn subject_access_review(
         Err(e) => {
             return (
                 StatusCode::BAD_REQUEST,
-                json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","reason":"BadRequest","code":400,
-                       "message": format!("request body is not a SubjectAccessReview: {e}")}),
+                crate::errors::Status::bad_request(format!(
+                    "request body is not a SubjectAccessReview: {e}"
+                ))
+                .to_value(),
             )
         }
     };
@@ -197,8 +210,10 @@ async fn subject_access_review(
     let Some(info) = info_from_attributes(spec) else {
         return (
             StatusCode::BAD_REQUEST,
-            json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","reason":"BadRequest","code":400,
-                   "message":"spec needs resourceAttributes or nonResourceAttributes"}),
+            crate::errors::Status::bad_request(
+                "spec needs resourceAttributes or nonResourceAttributes",
+            )
+            .to_value(),
         );
     };
     let user = spec["user"].as_str().unwrap_or_default().to_owned();
@@ -233,7 +248,7 @@ async fn subject_access_review(
             groups,
             extra,
         ));
-        let answer = gw
+        let answer = hooks
             .decider
             .review(&crate::decide::ReviewFacts {
                 caller: &identity,

@@ -25,9 +25,11 @@ use crate::authn::Identity;
 use crate::authz::cedar::Decision;
 use crate::authz::requestinfo::RequestInfo;
 use crate::body::Body;
+use crate::decide::Decider;
 use crate::discovery::Discovery;
-use crate::errors::PipelineError;
-use crate::server::Gateway;
+use crate::discovery::DiscoveryCache;
+use crate::proxy::Upstream;
+use crate::refusal::PipelineError;
 
 /// The non-resource paths whose `get` is listed: discovery, version, health and OpenAPI, the
 /// paths kubectl and kube's own `system:discovery` role are about. A `/*` path is decided as
@@ -195,6 +197,15 @@ pub const CONTEXT_DEPENDENT: &str = "the gateway's policies have conditions on t
      context (device, posture, credential, time or source address): these rules are what this \
      request is allowed, from this device, now";
 
+/// What the rules review uses: the decider (its policy step), the cluster's API discovery
+/// (cached, read from kube-apiserver as the gateway) and how long a caller waits for it.
+pub struct RulesReview {
+    pub decider: Arc<Decider>,
+    pub discovery: DiscoveryCache,
+    pub upstream: Arc<Upstream>,
+    pub request_timeout: std::time::Duration,
+}
+
 /// Who asks for their rules, with the facts their own request was decided with.
 pub struct Asker {
     /// The caller, or whom it impersonates.
@@ -211,7 +222,7 @@ pub struct Asker {
 /// policy, through the decider's policy step, with `201 Created` and the review with its
 /// status, as kube-apiserver does. Only called with policies configured.
 pub async fn serve(
-    gw: &Arc<Gateway>,
+    review: &Arc<RulesReview>,
     req: Request<Incoming>,
     asker: Asker,
 ) -> Result<Response<Body>, PipelineError> {
@@ -228,16 +239,16 @@ pub async fn serve(
     // A caller waits for discovery no longer than for any request; the fetch goes on without
     // it, for the next review.
     let discovery = {
-        let fetch_gw = gw.clone();
-        let get = gw.discovery.get(move |previous| async move {
-            crate::discovery::fetch(&fetch_gw.upstream, previous.as_deref()).await
+        let fetching = review.clone();
+        let get = review.discovery.get(move |previous| async move {
+            crate::discovery::fetch(&fetching.upstream, previous.as_deref()).await
         });
-        match tokio::time::timeout(gw.request_timeout, get).await {
+        match tokio::time::timeout(review.request_timeout, get).await {
             Ok(Ok(d)) => Ok(d),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!(
                 "kube-apiserver did not answer within {}s; still trying",
-                gw.request_timeout.as_secs_f64()
+                review.request_timeout.as_secs_f64()
             )),
         }
     };
@@ -245,15 +256,20 @@ pub async fn serve(
     // Hundreds of decisions on a large cluster: CPU work, kept off the request threads.
     let started = Instant::now();
     let status = {
-        let gw = gw.clone();
+        let review = review.clone();
         let identity = asker.identity.clone();
         let device = asker.device.clone();
         let (source_ip, now) = (asker.source_ip, asker.now);
         let namespace = namespace.clone();
         tokio::task::spawn_blocking(move || {
             let decide = |attributes: &RequestInfo| {
-                gw.decider
-                    .policy_decision(&identity, attributes, device.as_ref(), source_ip, now)
+                review.decider.policy_decision(
+                    &identity,
+                    attributes,
+                    device.as_ref(),
+                    source_ip,
+                    now,
+                )
             };
             let mut status = match &discovery {
                 Ok(d) => rules_status(d, &namespace, &decide),
@@ -266,7 +282,7 @@ pub async fn serve(
                     s
                 }
             };
-            if gw
+            if review
                 .decider
                 .authorizer()
                 .engine()

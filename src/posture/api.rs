@@ -16,27 +16,25 @@ use http_body_util::{BodyExt, Limited};
 
 use super::{PostureError, SelfReport};
 use crate::body::Body;
-use crate::errors::PipelineError;
-use crate::server::Gateway;
+use crate::refusal::PipelineError;
+use crate::state::SharedStore;
 
-pub const PATH: &str = "/v1/devices/posture";
+pub const PATH: &str = crate::route::POSTURE_PATH;
+
+/// What the posture API uses: the state store (where records are kept) and the posture service
+/// (its issuers and requirements), when device posture is configured.
+pub struct PostureApi {
+    pub store: SharedStore,
+    pub posture: Option<std::sync::Arc<super::PostureService>>,
+}
 
 /// Largest report body accepted.
 pub const MAX_REPORT_BYTES: usize = 64 * 1024;
 
-pub fn is_posture_path(path: &str) -> bool {
-    path == PATH || path.strip_prefix(PATH).is_some_and(|r| r.starts_with('/'))
-}
-
-/// Is this a report (served before user authentication)?
-pub fn is_report(method: &Method, path: &str) -> bool {
-    method == Method::POST && path == PATH
-}
-
 /// Serves `POST /v1/devices/posture`. `device` is the device id of the presented device
 /// certificate, when there is one.
 pub async fn report<B>(
-    gw: &Gateway,
+    api: &PostureApi,
     req: Request<B>,
     device: Option<String>,
 ) -> Result<Response<Body>, PipelineError>
@@ -44,7 +42,7 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<crate::body::BoxError>,
 {
-    let svc = gw
+    let svc = api
         .posture
         .as_ref()
         .ok_or(PostureError::NotAccepted("posture reports"))?;
@@ -90,7 +88,7 @@ where
             .into())
         }
     };
-    let record = svc.store(&gw.store, record, now).await?;
+    let record = svc.store(&api.store, record, now).await?;
     tracing::info!(
         device = %record.device_id,
         source = %record.source,
@@ -102,7 +100,7 @@ where
 
 /// Serves `GET /v1/devices/posture` (all records in force) and
 /// `GET /v1/devices/posture?device=<id>` (one) for a caller policy allowed.
-pub fn read<B>(gw: &Gateway, req: &Request<B>) -> Result<Response<Body>, PipelineError> {
+pub fn read<B>(api: &PostureApi, req: &Request<B>) -> Result<Response<Body>, PipelineError> {
     if req.method() != Method::GET || req.uri().path() != PATH {
         return Err(PipelineError::BadRequest(
             "use POST /v1/devices/posture to report, GET /v1/devices/posture[?device=<id>] to read"
@@ -116,7 +114,7 @@ pub fn read<B>(gw: &Gateway, req: &Request<B>) -> Result<Response<Body>, Pipelin
         .and_then(|q| url_params(q).find(|(k, _)| k == "device").map(|(_, v)| v));
     match device {
         None => {
-            let (_, state) = gw.store.snapshot();
+            let (_, state) = api.store.snapshot();
             let items: Vec<_> = state
                 .posture
                 .into_values()
@@ -127,7 +125,7 @@ pub fn read<B>(gw: &Gateway, req: &Request<B>) -> Result<Response<Body>, Pipelin
                 &serde_json::json!({"kind": "PostureRecordList", "items": items}),
             ))
         }
-        Some(id) => match gw.store.view().posture_at(&id, now) {
+        Some(id) => match api.store.view().posture_at(&id, now) {
             Some(r) => Ok(crate::body::json_response(StatusCode::OK, &r)),
             None => Err(PipelineError::NotFound("posture record")),
         },

@@ -13,7 +13,6 @@
 //! the page session only shows a page; kubectl still authenticates every request with a token.
 
 pub mod config;
-pub mod http;
 pub mod pages;
 pub mod session;
 
@@ -32,7 +31,8 @@ use crate::body::{full, Body};
 use crate::config::GatewayConfig;
 use crate::login::flows::{oauth_error, Provider};
 use crate::login::kubeconfig::{KubeconfigSpec, PluginSpec};
-use crate::server::Gateway;
+use crate::authn::oidc::OidcAuthenticator;
+use crate::decide::Decider;
 use session::{
     cookie, now_unix, set_cookie, CookieKey, Flow, Session, FLOW_COOKIE, SESSION_COOKIE,
 };
@@ -47,12 +47,19 @@ pub struct Sso {
     cfg: SsoConfig,
     key: CookieKey,
     client_secret: Option<String>,
-    http: http::OidcHttpClient,
+    http: crate::tls::oidc_client::OidcHttpClient,
     /// The issuer's CA (from its `authentication.jwt` entry), also handed to `ztgate login`.
     issuer_ca_pem: String,
     gateway_ca_pem: Option<String>,
     /// Discovery, fetched on first use and kept; retried while it fails.
     provider: tokio::sync::OnceCell<Arc<Provider>>,
+}
+
+/// What the login pages use of the rest of the gateway: the OIDC verifier (for the ID token
+/// the issuer returns) and the decider (a locked user gets no session).
+pub struct SsoDeps<'a> {
+    pub oidc: &'a OidcAuthenticator,
+    pub decider: &'a Decider,
 }
 
 impl std::fmt::Debug for Sso {
@@ -105,7 +112,7 @@ impl Sso {
             ),
             None => None,
         };
-        let http = http::OidcHttpClient::new(Some(&ca), Duration::from_secs(10))
+        let http = crate::tls::oidc_client::OidcHttpClient::new(Some(&ca), Duration::from_secs(10))
             .map_err(|e| format!("sso.issuer: {e}"))?;
         Ok(Some(Arc::new(Sso {
             cfg: s.clone(),
@@ -118,19 +125,14 @@ impl Sso {
         })))
     }
 
-    /// Whether `path` is one of the login pages.
-    pub fn owns(path: &str) -> bool {
-        matches!(path, "/login" | "/callback" | "/logout" | "/kubeconfig")
-    }
-
     /// Answers a request for one of the login pages.
-    pub async fn serve<B>(&self, gw: &Gateway, req: &Request<B>) -> Response<Body> {
+    pub async fn serve<B>(&self, deps: &SsoDeps<'_>, req: &Request<B>) -> Response<Body> {
         let m = req.method();
         let get = *m == Method::GET || *m == Method::HEAD;
         match req.uri().path() {
-            "/login" if get => self.login(gw, req).await,
-            "/callback" if get => self.callback(gw, req).await,
-            "/kubeconfig" if get => self.kubeconfig(gw, req),
+            "/login" if get => self.login(deps, req).await,
+            "/callback" if get => self.callback(deps, req).await,
+            "/kubeconfig" if get => self.kubeconfig(deps, req),
             "/logout" if get || *m == Method::POST => self.logout(),
             _ => html(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -180,11 +182,11 @@ impl Sso {
 
     /// The signed-in session, unless a lock now covers it (its user, a group, its session) or
     /// the gateway cannot vouch for its locks: then the user must sign in again.
-    fn session<B>(&self, gw: &Gateway, req: &Request<B>) -> Option<Session> {
+    fn session<B>(&self, deps: &SsoDeps<'_>, req: &Request<B>) -> Option<Session> {
         let s = self
             .key
             .open_session(cookie(req.headers(), SESSION_COOKIE)?)?;
-        match gw.decider.admit(&s.lock_subject()) {
+        match deps.decider.admit(&s.lock_subject()) {
             Ok(()) => Some(s),
             Err(e) => {
                 tracing::info!(user = %s.user, reason = %e, "sso: session refused");
@@ -193,8 +195,8 @@ impl Sso {
         }
     }
 
-    async fn login<B>(&self, gw: &Gateway, req: &Request<B>) -> Response<Body> {
-        if let Some(s) = self.session(gw, req) {
+    async fn login<B>(&self, deps: &SsoDeps<'_>, req: &Request<B>) -> Response<Body> {
+        if let Some(s) = self.session(deps, req) {
             return self.signed_in_page(req, &s);
         }
         let Some(base) = self.base_url(req) else {
@@ -251,10 +253,10 @@ impl Sso {
         r
     }
 
-    async fn callback<B>(&self, gw: &Gateway, req: &Request<B>) -> Response<Body> {
+    async fn callback<B>(&self, deps: &SsoDeps<'_>, req: &Request<B>) -> Response<Body> {
         // The sign-in cookie is single use, whatever happens next.
         let clear_flow = set_cookie(FLOW_COOKIE, "", Duration::ZERO);
-        let mut r = match self.finish(gw, req).await {
+        let mut r = match self.finish(deps, req).await {
             Ok(session) => {
                 tracing::info!(user = %session.user, "sso: signed in");
                 let mut r = redirect_to("/login");
@@ -277,7 +279,7 @@ impl Sso {
         r
     }
 
-    async fn finish<B>(&self, gw: &Gateway, req: &Request<B>) -> Result<Session, Refusal> {
+    async fn finish<B>(&self, deps: &SsoDeps<'_>, req: &Request<B>) -> Result<Session, Refusal> {
         let params: std::collections::HashMap<String, String> =
             openidconnect::url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
                 .into_owned()
@@ -351,7 +353,7 @@ impl Sso {
             message: "The identity provider's answer did not verify. Start again.",
             log,
         };
-        let verified = gw.oidc.verify_token(&id_token).await.map_err(|e| {
+        let verified = deps.oidc.verify_token(&id_token).await.map_err(|e| {
             tracing::warn!(reason = e.reason_label(), error = %e, "sso: ID token rejected");
             unauthorized("ID token rejected by the verifier")
         })?;
@@ -374,7 +376,7 @@ impl Sso {
             exp: now_unix() + self.cfg.session_ttl.get().as_secs(),
             sid: identity.facts().session_id.clone(),
         };
-        if let Err(e) = gw.decider.admit(&session.lock_subject()) {
+        if let Err(e) = deps.decider.admit(&session.lock_subject()) {
             tracing::info!(user = %session.user, reason = %e, "sso: sign-in refused");
             return Err(Refusal {
                 status: StatusCode::FORBIDDEN,
@@ -412,8 +414,17 @@ impl Sso {
 
     fn signed_in_page<B>(&self, req: &Request<B>, s: &Session) -> Response<Body> {
         let base = self.base_url(req).unwrap_or_default();
-        let ends = chrono::DateTime::from_timestamp(s.exp as i64, 0)
-            .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
+        let ends = time::OffsetDateTime::from_unix_timestamp(s.exp as i64)
+            .map(|t| {
+                format!(
+                    "{:04}-{:02}-{:02} {:02}:{:02} UTC",
+                    t.year(),
+                    u8::from(t.month()),
+                    t.day(),
+                    t.hour(),
+                    t.minute()
+                )
+            })
             .unwrap_or_default();
         let command = self.spec(&base).command_line(KUBECONFIG_FILE);
         html(
@@ -429,8 +440,8 @@ impl Sso {
         )
     }
 
-    fn kubeconfig<B>(&self, gw: &Gateway, req: &Request<B>) -> Response<Body> {
-        if self.session(gw, req).is_none() {
+    fn kubeconfig<B>(&self, deps: &SsoDeps<'_>, req: &Request<B>) -> Response<Body> {
+        if self.session(deps, req).is_none() {
             return redirect_to("/login");
         }
         let base = self.base_url(req).unwrap_or_default();

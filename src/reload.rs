@@ -1,0 +1,219 @@
+//! The one reloader: every part whose files may change while the gateway runs (serving
+//! certificate, client CA bundles, upstream CA, client certificate and token, etcd's TLS files,
+//! policies, the config file) registers here what it watches, how often, and what to do with a
+//! change.
+//!
+//! Every interval (and on SIGHUP, for the parts that ask for it) the watched source is read
+//! whole and compared with what was last seen; on a change — or on SIGHUP, whatever changed —
+//! it is handed to the part, which validates it and swaps it in only if it is usable. A bad
+//! change keeps the last good state: file sets log why here; parts with their own log lines and
+//! metrics (policies, the config) log in their own `apply`. Reading the whole (small) files
+//! rather than watching inodes is what makes the Kubernetes Secret/ConfigMap `..data` symlink
+//! swap work.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+/// How a registered part is woken.
+#[derive(Clone, Copy, Debug)]
+pub struct Schedule {
+    /// How often the source is read.
+    pub interval: Duration,
+    /// Whether SIGHUP also wakes it (and makes it apply its source even if unchanged).
+    pub on_sighup: bool,
+}
+
+impl Schedule {
+    /// Every `interval` only.
+    pub fn every(interval: Duration) -> Schedule {
+        Schedule {
+            interval,
+            on_sighup: false,
+        }
+    }
+
+    /// Every `interval`, and at once on SIGHUP.
+    pub fn every_or_on_sighup(interval: Duration) -> Schedule {
+        Schedule {
+            interval,
+            on_sighup: true,
+        }
+    }
+}
+
+/// A part that reloads: what it reads and what it does with a change.
+pub trait Reload: Send + 'static {
+    /// What is compared between two reads.
+    type Snapshot: PartialEq + Send + Sync + 'static;
+
+    /// Reads the source. An error (a file that cannot be read) is logged by the reloader and
+    /// leaves everything as it was until the next tick.
+    fn read(&mut self) -> impl Future<Output = Result<Self::Snapshot, String>> + Send;
+
+    /// Applies a changed (or, on SIGHUP, re-read) snapshot; keeps the last good state when it
+    /// is not usable. What it returns is remembered as the last snapshot seen, so a bad change
+    /// is reported once, not on every tick.
+    fn apply(&mut self, snapshot: &Self::Snapshot, forced: bool)
+        -> impl Future<Output = ()> + Send;
+}
+
+/// Where parts register; their reloads stop when `stop` is cancelled.
+#[derive(Clone)]
+pub struct Reloader {
+    stop: CancellationToken,
+}
+
+impl Reloader {
+    pub fn new(stop: CancellationToken) -> Reloader {
+        Reloader { stop }
+    }
+
+    /// Watches `part` on `schedule`; `initial` is what the part was built from (None: compare
+    /// with the first read).
+    pub fn register<R: Reload>(
+        &self,
+        what: &'static str,
+        schedule: Schedule,
+        initial: Option<R::Snapshot>,
+        mut part: R,
+    ) {
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            let mut tick = Tick::new(schedule).await;
+            let mut last = initial;
+            loop {
+                let forced = match tick.next(&stop).await {
+                    Some(forced) => forced,
+                    None => return,
+                };
+                let now = match part.read().await {
+                    Ok(now) => now,
+                    Err(e) => {
+                        tracing::warn!(what, error = %e, "cannot read rotated file; keeping the last good one");
+                        continue;
+                    }
+                };
+                if !forced && last.as_ref() == Some(&now) {
+                    continue;
+                }
+                part.apply(&now, forced).await;
+                last = Some(now);
+            }
+        });
+    }
+
+    /// Watches a set of files, handing `apply` their contents whenever any of them changes;
+    /// `apply` returns why the new contents are unusable, and the last good material stays.
+    /// The files are read now, so a change made while the part was being built is seen.
+    pub fn watch_files<F>(
+        &self,
+        what: &'static str,
+        paths: Vec<PathBuf>,
+        interval: Duration,
+        apply: F,
+    ) where
+        F: FnMut(&[Vec<u8>]) -> Result<(), String> + Send + 'static,
+    {
+        let initial: Vec<Vec<u8>> = paths
+            .iter()
+            .map(|p| std::fs::read(p).unwrap_or_default())
+            .collect();
+        self.register(
+            what,
+            Schedule::every(interval),
+            Some(initial),
+            Files { what, paths, apply },
+        );
+    }
+}
+
+/// A set of files read whole; used by [`Reloader::watch_files`].
+struct Files<F> {
+    what: &'static str,
+    paths: Vec<PathBuf>,
+    apply: F,
+}
+
+impl<F> Reload for Files<F>
+where
+    F: FnMut(&[Vec<u8>]) -> Result<(), String> + Send + 'static,
+{
+    type Snapshot = Vec<Vec<u8>>;
+
+    async fn read(&mut self) -> Result<Vec<Vec<u8>>, String> {
+        let mut current = Vec::with_capacity(self.paths.len());
+        for p in &self.paths {
+            match tokio::fs::read(p).await {
+                Ok(b) => current.push(b),
+                Err(e) => return Err(format!("{}: {e}", p.display())),
+            }
+        }
+        Ok(current)
+    }
+
+    async fn apply(&mut self, files: &Vec<Vec<u8>>, _forced: bool) {
+        let what = self.what;
+        match (self.apply)(files) {
+            Ok(()) => tracing::info!(what, "reloaded after file change"),
+            Err(e) => {
+                tracing::warn!(what, error = %e, "rotated file is invalid; keeping the last good one")
+            }
+        }
+    }
+}
+
+/// Wakes a reloader every interval, or at once on SIGHUP when its schedule asks for it.
+enum Tick {
+    /// A steady interval (a slow read or apply delays the next tick, never bunches them).
+    Timer(tokio::time::Interval),
+    /// A fresh wait after each wake-up, cut short by SIGHUP.
+    Hup {
+        interval: Duration,
+        hup: Option<tokio::signal::unix::Signal>,
+    },
+}
+
+impl Tick {
+    async fn new(schedule: Schedule) -> Tick {
+        if schedule.on_sighup {
+            return Tick::Hup {
+                interval: schedule.interval,
+                hup: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok(),
+            };
+        }
+        let mut timer = tokio::time::interval(schedule.interval);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is immediate; the source was just read.
+        timer.tick().await;
+        Tick::Timer(timer)
+    }
+
+    /// `Some(true)` on SIGHUP (reload even if nothing seems changed), `Some(false)` on the
+    /// timer, `None` when `stop` is cancelled.
+    async fn next(&mut self, stop: &CancellationToken) -> Option<bool> {
+        match self {
+            Tick::Timer(timer) => tokio::select! {
+                _ = stop.cancelled() => None,
+                _ = timer.tick() => Some(false),
+            },
+            Tick::Hup { interval, hup } => {
+                let hup = async {
+                    match hup.as_mut() {
+                        Some(h) => {
+                            h.recv().await;
+                        }
+                        None => std::future::pending::<()>().await,
+                    }
+                };
+                tokio::select! {
+                    _ = stop.cancelled() => None,
+                    _ = tokio::time::sleep(*interval) => Some(false),
+                    _ = hup => Some(true),
+                }
+            }
+        }
+    }
+}
