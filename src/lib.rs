@@ -17,8 +17,6 @@ pub mod device;
 pub mod discovery;
 pub mod errors;
 pub mod gateway;
-// Only in fuzz builds (cargo-fuzz sets `--cfg fuzzing`) and the unit tests.
-#[cfg(any(fuzzing, test))]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod listener;
@@ -29,7 +27,6 @@ pub mod posture;
 pub mod proxy;
 pub mod readiness;
 pub mod reload;
-pub mod refusal;
 pub mod route;
 pub mod sso;
 pub mod state;
@@ -39,7 +36,6 @@ pub mod tls;
 pub mod util;
 pub mod webhook;
 
-// The demo and the tests' dev environment (feature `demo`; not in the product build).
 #[cfg(feature = "demo")]
 pub mod demo;
 
