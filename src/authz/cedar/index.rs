@@ -15,9 +15,20 @@
 
 use std::collections::HashMap;
 
-use cedar_policy::{ActionConstraint, EntityUid, Policy, PolicySet, ResourceConstraint};
+use cedar_policy::{
+    ActionConstraint, EntityUid, Policy, PolicyId, PolicySet, PolicySetError, ResourceConstraint,
+};
 
 use super::schema::CompiledSchema;
+
+/// A policy that could not be put in a slice.
+#[derive(Debug, thiserror::Error)]
+#[error("indexing policy {policy}: {source}")]
+pub(crate) struct IndexError {
+    policy: PolicyId,
+    #[source]
+    source: PolicySetError,
+}
 
 #[derive(Default)]
 pub(crate) struct ActionSlice {
@@ -61,7 +72,7 @@ fn namespace_scope(policy: &Policy, schema: &CompiledSchema) -> Option<String> {
 }
 
 impl PolicyIndex {
-    pub fn build(schema: &CompiledSchema, policies: &PolicySet) -> Result<PolicyIndex, String> {
+    pub fn build(schema: &CompiledSchema, policies: &PolicySet) -> Result<PolicyIndex, IndexError> {
         let mut by_action: HashMap<String, ActionSlice> = HashMap::new();
         let mut order = HashMap::new();
         let scoped: Vec<(&Policy, ActionConstraint, Option<String>)> = policies
@@ -86,8 +97,10 @@ impl PolicyIndex {
                     Some(ns) => slice.by_namespace.entry(ns.clone()).or_default(),
                     None => &mut slice.common,
                 };
-                set.add((*policy).clone())
-                    .map_err(|e| format!("indexing policy {}: {e}", policy.id()))?;
+                set.add((*policy).clone()).map_err(|source| IndexError {
+                    policy: policy.id().clone(),
+                    source,
+                })?;
             }
             by_action.insert(name.clone(), slice);
         }

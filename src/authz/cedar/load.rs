@@ -15,7 +15,7 @@ use cedar_policy::{PolicyId, PolicySet, ValidationMode, Validator};
 
 use super::index::PolicyIndex;
 use super::schema::CompiledSchema;
-use super::{PolicyError, PolicyErrors};
+use super::{diagnostic_message, PolicyError, PolicyErrors};
 
 /// A validated policy set and what was derived from it; swapped as a whole on reload.
 pub(crate) struct Loaded {
@@ -100,19 +100,6 @@ pub fn read_sources(paths: &[PathBuf]) -> Result<Vec<(String, String)>, PolicyEr
     }
 }
 
-/// One miette diagnostic as a single line: message, then the help text when there is one.
-pub(crate) fn detailed_message(d: &DetailedError) -> String {
-    match &d.help {
-        Some(help) if !help.is_empty() => format!("{}; help: {help}", d.message),
-        _ => d.message.clone(),
-    }
-}
-
-fn diagnostic_error(origin: &str, text: &str, d: &DetailedError) -> PolicyError {
-    let offset = d.source_locations.first().map(|l| l.loc.start);
-    PolicyError::at(origin, text, offset, detailed_message(d))
-}
-
 /// The short name used in generated policy ids: the file name without directories.
 fn short_name(origin: &str) -> &str {
     Path::new(origin)
@@ -137,7 +124,11 @@ pub(crate) fn compile(
             Ok(set) => set,
             Err(parse_errors) => {
                 for e in parse_errors.iter() {
-                    errors.push(diagnostic_error(origin, text, &DetailedError::from(e)));
+                    errors.push(PolicyError::diagnostic(
+                        origin,
+                        text,
+                        &DetailedError::from(e),
+                    ));
                 }
                 continue;
             }
@@ -206,12 +197,12 @@ pub(crate) fn compile(
     let result = validator.validate(&merged, ValidationMode::Strict);
     let locate = |policy_id: &PolicyId, d: &DetailedError| -> PolicyError {
         match owner.get(AsRef::<str>::as_ref(policy_id)) {
-            Some(&i) => diagnostic_error(&sources[i].0, &sources[i].1, d),
+            Some(&i) => PolicyError::diagnostic(&sources[i].0, &sources[i].1, d),
             None => PolicyError {
                 origin: policy_id.to_string(),
                 line: None,
                 column: None,
-                message: detailed_message(d),
+                message: diagnostic_message(d),
             },
         }
     };
@@ -229,12 +220,12 @@ pub(crate) fn compile(
         tracing::warn!(warning = %w, "cedar policy warning");
     }
 
-    let index = PolicyIndex::build(&schema, &merged).map_err(|message| PolicyErrors {
+    let index = PolicyIndex::build(&schema, &merged).map_err(|e| PolicyErrors {
         errors: vec![PolicyError {
             origin: "policy index".into(),
             line: None,
             column: None,
-            message,
+            message: e.to_string(),
         }],
     })?;
     Ok(Loaded {

@@ -207,6 +207,27 @@ impl PolicyError {
     }
 }
 
+impl PolicyError {
+    /// A Cedar diagnostic about `text` as one line at its first source location: the message,
+    /// then the help text when there is one.
+    pub(crate) fn diagnostic(
+        origin: &str,
+        text: &str,
+        d: &cedar_policy::ffi::DetailedError,
+    ) -> PolicyError {
+        let offset = d.source_locations.first().map(|l| l.loc.start);
+        PolicyError::at(origin, text, offset, diagnostic_message(d))
+    }
+}
+
+/// One Cedar diagnostic as a single line: message, then the help text when there is one.
+pub(crate) fn diagnostic_message(d: &cedar_policy::ffi::DetailedError) -> String {
+    match &d.help {
+        Some(help) if !help.is_empty() => format!("{}; help: {help}", d.message),
+        _ => d.message.clone(),
+    }
+}
+
 /// 1-based line and column (in characters) of byte `offset` in `text`.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let mut offset = offset.min(text.len());

@@ -57,11 +57,20 @@ pub(crate) struct TypeNames {
     pub impersonated_extra: EntityTypeName,
 }
 
+/// A type name of the `k8s` namespace that Cedar cannot parse.
+#[derive(Debug, thiserror::Error)]
+#[error("entity type k8s::{name}: {source}")]
+pub(crate) struct TypeNameError {
+    name: &'static str,
+    #[source]
+    source: cedar_policy::ParseErrors,
+}
+
 impl TypeNames {
-    fn new() -> Result<TypeNames, String> {
-        let t = |name: &str| {
+    fn new() -> Result<TypeNames, TypeNameError> {
+        let t = |name: &'static str| {
             EntityTypeName::from_str(&format!("k8s::{name}"))
-                .map_err(|e| format!("entity type k8s::{name}: {e}"))
+                .map_err(|source| TypeNameError { name, source })
         };
         Ok(TypeNames {
             user: t("User")?,
@@ -82,13 +91,10 @@ impl CompiledSchema {
     /// Parses a schema in the Cedar human-readable format.
     pub fn parse(origin: &str, text: &str) -> Result<CompiledSchema, PolicyErrors> {
         let (schema, warnings) = Schema::from_cedarschema_str(text).map_err(|e| {
-            let detail = cedar_policy::ffi::DetailedError::from(&e);
-            let offset = detail.source_locations.first().map(|l| l.loc.start);
-            PolicyErrors::one(PolicyError::at(
+            PolicyErrors::one(PolicyError::diagnostic(
                 origin,
                 text,
-                offset,
-                super::load::detailed_message(&detail),
+                &cedar_policy::ffi::DetailedError::from(&e),
             ))
         })?;
         for w in warnings {
@@ -128,7 +134,7 @@ impl CompiledSchema {
                 actions.insert(uid.id().unescaped().to_owned(), info);
             }
         }
-        let types = TypeNames::new().map_err(internal)?;
+        let types = TypeNames::new().map_err(|e| internal(e.to_string()))?;
         Ok(CompiledSchema {
             schema,
             action_entities,
