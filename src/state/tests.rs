@@ -281,8 +281,17 @@ async fn snapshot_and_subscribe_misses_nothing_under_concurrent_writes() {
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    // Take the snapshot while the writer is under way: once its first write has committed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while store.revision() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the writer committed nothing within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let (rev, state, mut rx) = store.snapshot_and_subscribe();
+    eprintln!("snapshot taken at revision {rev} of 100");
     writer.await.unwrap();
     let mut seen = state.locks.len() as u64;
     assert_eq!(seen, rev);
@@ -456,6 +465,8 @@ async fn compaction_keeps_the_state_drops_expired_entries_and_shrinks_the_log() 
     }
     let forever = lock(LockTarget::User("kept".into()));
     store.put_lock(forever.clone()).await.unwrap();
+    // The sleep is the case under test: the two short-lived entries expire (by the wall clock,
+    // which paused tokio time does not move).
     tokio::time::sleep(Duration::from_millis(60)).await;
     let before = store.log_bytes();
     let (rev, state) = store.snapshot();
@@ -708,13 +719,10 @@ fn a_lock_file_left_by_a_dead_process_is_taken_over() {
 
 const CRASH_DIR_ENV: &str = "ZTGATE_STATE_CRASH_DIR";
 
-/// Not a test on its own: the child process of `acknowledged_writes_survive_kill_9`. It writes
-/// locks as fast as it can and prints the id of each one once `put_lock` has returned.
-#[test]
-fn crash_child_writer() {
-    let Some(dir) = std::env::var_os(CRASH_DIR_ENV) else {
-        return;
-    };
+/// The child process of [`acknowledged_writes_survive_kill_9`] (the test binary running that
+/// same test with [`CRASH_DIR_ENV`] set): writes locks into `dir` as fast as it can and prints
+/// the id of each one once `put_lock` has returned, until it is killed.
+fn crash_child_writer(dir: &std::path::Path) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -722,7 +730,7 @@ fn crash_child_writer() {
     rt.block_on(async {
         // A small threshold so compactions happen while being killed too.
         let store = FileStore::open(
-            &dir,
+            dir,
             FileStoreOptions {
                 compact_log_bytes: 16 << 10,
             },
@@ -748,19 +756,27 @@ fn crash_child_writer() {
     });
 }
 
+/// Kills a writer with SIGKILL three times: every write it acknowledged is there afterwards.
+/// The writer is this test binary running this one test again, with [`CRASH_DIR_ENV`] naming
+/// the store: then the test is the writer, [`crash_child_writer`]. Without the variable it is
+/// the test, so no run of the suite counts the writer as a passing test of its own.
 #[test]
 fn acknowledged_writes_survive_kill_9() {
+    if let Some(dir) = std::env::var_os(CRASH_DIR_ENV) {
+        crash_child_writer(std::path::Path::new(&dir));
+        return;
+    }
+    // This test's name as the test harness knows it: the module path without the crate.
+    let module = module_path!()
+        .split_once("::")
+        .map_or(module_path!(), |(_, rest)| rest);
+    let this_test = format!("{module}::acknowledged_writes_survive_kill_9");
     let tmp = tempfile::tempdir().unwrap();
     let exe = std::env::current_exe().unwrap();
     let mut acked = Vec::new();
     for round in 0..3 {
         let mut child = Command::new(&exe)
-            .args([
-                "--exact",
-                "state::tests::crash_child_writer",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+            .args(["--exact", &this_test, "--nocapture", "--test-threads=1"])
             .env(CRASH_DIR_ENV, tmp.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

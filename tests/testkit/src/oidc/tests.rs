@@ -632,10 +632,14 @@ async fn oidc_fault_knobs() {
     pending.abort();
     assert_eq!(issuer.discovery_fetches(), 1);
 
+    // Without the delay the answer comes at once: the bound only tells "no delay" from the 3 s
+    // one set before, so a loaded machine does not fail it.
     issuer.set_delay(Duration::ZERO);
     let started = Instant::now();
     get_json(&issuer, "/keys").await;
-    assert!(started.elapsed() < Duration::from_millis(300));
+    let took = started.elapsed();
+    eprintln!("answered without the delay in {took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
 }
 
 #[test]
@@ -646,19 +650,18 @@ fn oidc_rfc3339_utc() {
 }
 
 /// The `ztgate demo` kubeconfig runs `curl -s --cacert <ca> <exec-credential URL>` as its exec
-/// plugin; check that exact invocation when curl is installed.
+/// plugin; check that exact invocation. curl is a test dependency: without it the test fails.
 #[tokio::test]
 async fn oidc_exec_credential_via_curl() {
-    let curl_present = tokio::process::Command::new("curl")
+    let version = tokio::process::Command::new("curl")
         .arg("--version")
         .output()
-        .await
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !curl_present {
-        eprintln!("curl not on PATH; skipping");
-        return;
-    }
+        .await;
+    assert!(
+        matches!(&version, Ok(o) if o.status.success()),
+        "this test runs curl, which is not installed or does not run ({version:?}): \
+         install it (apt-get install curl)"
+    );
     let ca = Ca::new("oidc-test-ca");
     let issuer = DevIssuer::start_minting(
         &ca,
