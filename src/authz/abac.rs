@@ -52,6 +52,33 @@ pub struct AbacError {
     pub message: String,
 }
 
+/// What is wrong with one line of an ABAC file (the text of [`AbacError::message`]).
+#[derive(Debug, thiserror::Error)]
+enum LineError {
+    /// Not JSON, or JSON that is not a policy of the version it names.
+    #[error("{what}: {}{}", json_message(source), json_hint(source))]
+    Json {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("expected a JSON object (one ABAC policy per line)")]
+    NotAnObject,
+    #[error("apiVersion must be a string")]
+    ApiVersionNotString,
+    #[error(
+        "unsupported apiVersion {0:?} (expected {V1BETA1:?}, or {V0:?} for the unversioned form)"
+    )]
+    UnsupportedApiVersion(String),
+    /// kube would read the line as an unversioned policy, ignoring `spec`.
+    #[error("missing apiVersion (expected {V1BETA1:?})")]
+    MissingApiVersion,
+    #[error("unsupported kind {0:?} (expected \"Policy\")")]
+    UnsupportedKind(String),
+    #[error("missing kind (expected \"Policy\")")]
+    MissingKind,
+}
+
 const V1BETA1: &str = "abac.authorization.kubernetes.io/v1beta1";
 const V0: &str = "abac.authorization.kubernetes.io/v0";
 const ALL_AUTHENTICATED: &str = "system:authenticated";
@@ -196,11 +223,11 @@ pub fn to_cedar(origin: &str, text: &str) -> Result<String, Vec<AbacError>> {
         }
         match parse_line(line) {
             Ok(rule) => out.push_str(&permit(origin, number, &rule, trimmed)),
-            Err((column, message)) => errors.push(AbacError {
+            Err((column, e)) => errors.push(AbacError {
                 origin: origin.to_owned(),
                 line: number,
                 column,
-                message,
+                message: e.to_string(),
             }),
         }
     }
@@ -215,14 +242,11 @@ pub fn to_cedar(origin: &str, text: &str) -> Result<String, Vec<AbacError>> {
 }
 
 /// Parses one policy line into kube's internal form; errors carry a 1-based character column.
-fn parse_line(line: &str) -> Result<Rule, (usize, String)> {
+fn parse_line(line: &str) -> Result<Rule, (usize, LineError)> {
     let value: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| json_error(line, &e, "invalid JSON"))?;
+        serde_json::from_str(line).map_err(|e| json_error(line, e, "invalid JSON"))?;
     let Some(object) = value.as_object() else {
-        return Err((
-            first_column(line),
-            "expected a JSON object (one ABAC policy per line)".to_owned(),
-        ));
+        return Err((first_column(line), LineError::NotAnObject));
     };
     let column_of = |key: &str| {
         line.find(&format!("\"{key}\""))
@@ -232,57 +256,51 @@ fn parse_line(line: &str) -> Result<Rule, (usize, String)> {
         None => None,
         Some(serde_json::Value::String(v)) => Some(v.as_str()),
         Some(_) => {
-            return Err((
-                column_of("apiVersion"),
-                "apiVersion must be a string".into(),
-            ));
+            return Err((column_of("apiVersion"), LineError::ApiVersionNotString));
         }
     };
     let rule = match api_version {
         Some(V1BETA1) => {
             let p: V1beta1Policy =
-                serde_json::from_str(line).map_err(|e| json_error(line, &e, "bad policy"))?;
+                serde_json::from_str(line).map_err(|e| json_error(line, e, "bad policy"))?;
             check_kind(p.kind.as_deref()).map_err(|m| (column_of("kind"), m))?;
             Rule::from(p.spec)
         }
         Some(V0) => {
             let p: V0Policy =
-                serde_json::from_str(line).map_err(|e| json_error(line, &e, "bad policy"))?;
+                serde_json::from_str(line).map_err(|e| json_error(line, e, "bad policy"))?;
             check_kind(p.kind.as_deref()).map_err(|m| (column_of("kind"), m))?;
             Rule::from(p)
         }
         Some(other) => {
             return Err((
                 column_of("apiVersion"),
-                format!("unsupported apiVersion {other:?} (expected {V1BETA1:?}, or {V0:?} for the unversioned form)"),
+                LineError::UnsupportedApiVersion(other.to_owned()),
             ));
         }
         None if object.contains_key("kind") || object.contains_key("spec") => {
             // kube would read this line as an unversioned policy, ignoring `spec`.
-            return Err((
-                first_column(line),
-                format!("missing apiVersion (expected {V1BETA1:?})"),
-            ));
+            return Err((first_column(line), LineError::MissingApiVersion));
         }
         None => {
             let p: V0Policy =
-                serde_json::from_str(line).map_err(|e| json_error(line, &e, "bad policy"))?;
+                serde_json::from_str(line).map_err(|e| json_error(line, e, "bad policy"))?;
             Rule::from(p)
         }
     };
     Ok(rule)
 }
 
-fn check_kind(kind: Option<&str>) -> Result<(), String> {
+fn check_kind(kind: Option<&str>) -> Result<(), LineError> {
     match kind {
         Some("Policy") => Ok(()),
-        Some(other) => Err(format!("unsupported kind {other:?} (expected \"Policy\")")),
-        None => Err("missing kind (expected \"Policy\")".to_owned()),
+        Some(other) => Err(LineError::UnsupportedKind(other.to_owned())),
+        None => Err(LineError::MissingKind),
     }
 }
 
-/// A serde_json error as (character column, message). serde_json counts columns in bytes.
-fn json_error(line: &str, e: &serde_json::Error, what: &str) -> (usize, String) {
+/// A serde_json error as (character column, error). serde_json counts columns in bytes.
+fn json_error(line: &str, e: serde_json::Error, what: &'static str) -> (usize, LineError) {
     let column = if e.line() == 0 || e.column() == 0 {
         first_column(line)
     } else {
@@ -297,18 +315,25 @@ fn json_error(line: &str, e: &serde_json::Error, what: &str) -> (usize, String) 
         }
         char_column(line, at)
     };
-    // serde_json appends " at line L column C"; the error already carries the position.
+    (column, LineError::Json { what, source: e })
+}
+
+/// serde_json's message without the " at line L column C" it appends (the error carries the
+/// position already).
+fn json_message(e: &serde_json::Error) -> String {
     let text = e.to_string();
-    let message = match text.rfind(" at line ") {
-        Some(i) => &text[..i],
-        None => &text,
-    };
-    let hint = if message.starts_with("unknown field") {
+    match text.rfind(" at line ") {
+        Some(i) => text[..i].to_owned(),
+        None => text,
+    }
+}
+
+fn json_hint(e: &serde_json::Error) -> &'static str {
+    if json_message(e).starts_with("unknown field") {
         " (ABAC field names are case-sensitive; unknown fields are rejected)"
     } else {
         ""
-    };
-    (column, format!("{what}: {message}{hint}"))
+    }
 }
 
 /// Byte index of the opening quote of the JSON string whose closing quote is at `close`.
