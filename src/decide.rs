@@ -27,7 +27,7 @@ use crate::authn::Identity;
 use crate::authz::cedar::{DeviceFacts, ImpersonationTarget};
 use crate::authz::requestinfo::RequestInfo;
 use crate::authz::{Authorized, Authorizer, AuthzError, ImpersonationRequest, RequestContext};
-use crate::errors::PipelineError;
+use crate::refusal::PipelineError;
 use crate::state::{LockSubject, SharedStore};
 
 /// The device a request comes from, as read from its certificate.
@@ -384,7 +384,7 @@ impl Review {
                 explicit: denial.decision.explicit_deny || !denial.decision.errors.is_empty(),
             },
             Err(e) => Review::Denied {
-                reason: e.to_status().message,
+                reason: crate::errors::ToStatus::to_status(&e).message,
                 explicit: true,
             },
         }

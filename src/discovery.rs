@@ -334,7 +334,7 @@ impl DiscoveryCache {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, CacheState> {
-        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::util::sync::lock(&self.inner.state)
     }
 
     /// A failure recent enough to be answered instead of fetching again.

@@ -305,7 +305,8 @@ pub fn config(data: &[u8]) {
 /// client's impersonation request, once it is the identity, is written as headers that decode
 /// back to exactly the same extras, and carries the original user.
 pub fn impersonate_extra(data: &[u8]) {
-    use crate::proxy::headers::{decode_extra_key, encode_extra_key, set_impersonation};
+    use crate::authz::{decode_extra_key, encode_extra_key};
+    use crate::proxy::headers::set_impersonation;
     let text = String::from_utf8_lossy(data);
     let mut lines = text.split('\n');
     let key = lines.next().unwrap_or("");

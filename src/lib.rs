@@ -27,6 +27,7 @@ pub mod posture;
 pub mod proxy;
 pub mod readiness;
 pub mod reload;
+pub mod refusal;
 pub mod route;
 pub mod sso;
 pub mod state;

@@ -21,7 +21,7 @@ use crate::streams::StreamKind;
 pub const LOCKS_PATH: &str = "/v1/locks";
 
 /// The device posture API (`/v1/devices/posture` and below).
-pub const POSTURE_PATH: &str = "/v1/devices/posture";
+pub const POSTURE_PATH: &str = crate::posture::API_PATH;
 
 /// Whether `path` is one of the web login pages.
 pub fn is_login_page(path: &str) -> bool {

@@ -27,7 +27,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::duration::GoDuration;
-use crate::config::types::CertKeyFiles;
+use crate::config::CertKeyFiles;
 
 /// Default capacity of each sink's queue, in events (kube-apiserver's batch buffer size).
 pub const DEFAULT_BUFFER_EVENTS: usize = 10_000;
@@ -194,7 +194,7 @@ impl AuditConfig {
                 }
                 SinkConfig::Stdout(_) => {}
                 SinkConfig::Webhook(w) => {
-                    crate::config::jwt::check_https_url(&w.url).map_err(|m| at("url", &m))?;
+                    crate::tls::client::check_https_url(&w.url).map_err(|m| at("url", &m.to_string()))?;
                     if w.batch_max_events == 0 {
                         return Err(at("batchMaxEvents", "must be at least 1"));
                     }

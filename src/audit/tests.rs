@@ -23,7 +23,7 @@ use crate::authn::x509::X509Authenticator;
 use crate::authn::Identity;
 use crate::authz::requestinfo::request_info;
 use crate::config::duration::GoDuration;
-use crate::config::types::CertKeyFiles;
+use crate::config::CertKeyFiles;
 use crate::tls::bundles::{Bundle, TrustBundles};
 
 fn identity(pki: &TestPki, user: &str, groups: &[&str]) -> Arc<Identity> {

@@ -10,11 +10,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 
 use super::duration::GoDuration;
+use crate::tls::client::check_https_url;
+use crate::tls::pem::parse_ca_pem;
 
 /// The signing algorithms accepted when `signingAlgorithms` is not set.
 pub const DEFAULT_SIGNING_ALGORITHMS: [&str; 2] = ["RS256", "ES256"];
@@ -225,53 +225,8 @@ fn no_ca_message(url: &str) -> String {
     )
 }
 
-/// Parses PEM CA certificates; at least one is required.
-pub fn parse_ca_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
-    let mut certs = Vec::new();
-    for (i, item) in CertificateDer::pem_slice_iter(pem).enumerate() {
-        let der = item.map_err(|e| format!("not valid PEM: {e}"))?;
-        if let Err(e) = x509_parser::parse_x509_certificate(&der) {
-            return Err(format!(
-                "certificate #{} is not a valid X.509 certificate: {e}",
-                i + 1
-            ));
-        }
-        certs.push(der);
-    }
-    if certs.is_empty() {
-        return Err("holds no PEM certificate (expected \"-----BEGIN CERTIFICATE-----\")".into());
-    }
-    Ok(certs)
-}
-
 fn cel(path: &str) -> String {
     format!("CEL expressions are not supported yet by ztgate (field {path})")
-}
-
-/// Checks an `https://` URL without query, fragment or user info. Returns a reason on failure.
-pub(crate) fn check_https_url(url: &str) -> Result<http::Uri, String> {
-    if url.contains('#') {
-        return Err(format!("{url:?} must not have a fragment"));
-    }
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|e| format!("{url:?} is not a URL ({e})"))?;
-    if uri.scheme_str() != Some("https") {
-        return Err(format!("{url:?} must use https://"));
-    }
-    let Some(authority) = uri.authority() else {
-        return Err(format!("{url:?} has no host"));
-    };
-    if authority.as_str().contains('@') {
-        return Err(format!("{url:?} must not contain user information"));
-    }
-    if authority.host().is_empty() {
-        return Err(format!("{url:?} has no host"));
-    }
-    if uri.query().is_some() {
-        return Err(format!("{url:?} must not have a query"));
-    }
-    Ok(uri)
 }
 
 /// kube-apiserver's rule for extra keys: a lowercase domain-prefixed path (`example.org/foo`),
@@ -365,11 +320,11 @@ fn validate_one(base: &str, a: &JwtAuthenticator, err: &mut dyn FnMut(String, St
             "must not be empty, e.g. https://idp.example.com".into(),
         );
     } else if let Err(m) = check_https_url(&iss.url) {
-        e("issuer.url", m);
+        e("issuer.url", m.to_string());
     }
     if let Some(d) = &iss.discovery_url {
         if let Err(m) = check_https_url(d) {
-            e("issuer.discoveryURL", m);
+            e("issuer.discoveryURL", m.to_string());
         } else if d.trim_end_matches('/') == iss.url.trim_end_matches('/') {
             e(
                 "issuer.discoveryURL",
@@ -419,7 +374,7 @@ fn validate_one(base: &str, a: &JwtAuthenticator, err: &mut dyn FnMut(String, St
         (None, None) => e("issuer.certificateAuthority", no_ca_message(&iss.url)),
         (Some(pem), None) => {
             if let Err(m) = parse_ca_pem(pem.as_bytes()) {
-                e("issuer.certificateAuthority", m);
+                e("issuer.certificateAuthority", m.to_string());
             }
         }
         (None, Some(file)) => match std::fs::read(file) {

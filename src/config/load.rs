@@ -165,8 +165,8 @@ pub fn resolve_paths(cfg: &mut GatewayConfig, base_dir: &Path) {
         }
         for sink in &mut a.sinks {
             match sink {
-                crate::audit::SinkConfig::File(f) => fix(&mut f.path),
-                crate::audit::SinkConfig::Webhook(w) => {
+                crate::audit::config::SinkConfig::File(f) => fix(&mut f.path),
+                crate::audit::config::SinkConfig::Webhook(w) => {
                     fix(&mut w.ca_file);
                     if let Some(ck) = &mut w.client_certificate {
                         fix(&mut ck.cert_file);

@@ -17,6 +17,18 @@ pub use types::*;
 pub use validate::{validate, Issue};
 
 use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// A certificate and its private key, as two PEM files (the gateway's serving certificate, the
+/// client certificates it presents).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CertKeyFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
 
 /// One problem in a config file.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::duration::GoDuration;
+use super::CertKeyFiles;
 
 pub const API_VERSION: &str = "ztgate.dev/v1alpha1";
 pub const KIND: &str = "GatewayConfig";
@@ -33,11 +34,11 @@ pub struct GatewayConfig {
     pub state: Option<StateConfig>,
     /// Audit events in kube-apiserver's `audit.k8s.io/v1` format.
     #[serde(default)]
-    pub audit: Option<crate::audit::AuditConfig>,
+    pub audit: Option<crate::audit::config::AuditConfig>,
     /// Web login on the gateway (OIDC authorization code + PKCE) offering a kubeconfig that
     /// uses `ztgate login`. Absent: no login pages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sso: Option<crate::sso::SsoConfig>,
+    pub sso: Option<crate::sso::config::SsoConfig>,
     #[serde(default)]
     pub timeouts: TimeoutsConfig,
     #[serde(default)]
@@ -59,13 +60,6 @@ pub struct ListenerConfig {
     /// How often certificate and CA files are checked for rotation.
     #[serde(default = "default_reload_interval")]
     pub reload_interval: GoDuration,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct CertKeyFiles {
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -122,11 +116,11 @@ pub struct AuthenticationConfig {
     /// Device certificates: which bundle they chain to and where the device id is. The
     /// device is visible to policy as `context.device`.
     #[serde(default)]
-    pub devices: Option<crate::device::DeviceConfig>,
+    pub devices: Option<crate::device::config::DeviceConfig>,
     /// SPIFFE workloads: X509-SVIDs of these trust domains (each verified against its own
     /// bundle) authenticate as `usernamePrefix + SPIFFE ID`.
     #[serde(default)]
-    pub workloads: Vec<crate::device::WorkloadMapping>,
+    pub workloads: Vec<crate::device::config::WorkloadMapping>,
 }
 
 /// Where locks and posture are kept: exactly one of `directory` (the embedded, crash-safe
@@ -139,7 +133,7 @@ pub struct StateConfig {
     pub directory: Option<PathBuf>,
     /// etcd, shared by every replica (see `docs/state.md`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub etcd: Option<crate::state::EtcdConfig>,
+    pub etcd: Option<crate::state::config::EtcdConfig>,
 }
 
 /// Cedar ABAC policy: default deny, `forbid` wins, evaluation errors deny.

@@ -9,7 +9,8 @@ use std::path::Path;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
-use super::types::{CertKeyFiles, GatewayConfig, API_VERSION, KIND};
+use super::types::{GatewayConfig, API_VERSION, KIND};
+use super::CertKeyFiles;
 use super::GoDuration;
 
 /// One semantic problem: the field path (camelCase, `[i]` for list items) and what is wrong.

@@ -47,8 +47,15 @@ pub fn x5t_s256(cert_der: &[u8]) -> String {
     encode_thumbprint(&sha256(cert_der))
 }
 
-pub(super) fn encode_thumbprint(hash: &[u8; 32]) -> String {
+fn encode_thumbprint(hash: &[u8; 32]) -> String {
     URL_SAFE_NO_PAD.encode(hash)
+}
+
+impl DeviceIdentity {
+    /// The certificate thumbprint as RFC 8705 writes it (base64url, no padding).
+    pub fn x5t_s256(&self) -> String {
+        encode_thumbprint(&self.cert_sha256)
+    }
 }
 
 /// Compares a token's `cnf.x5t#S256` (as in [`crate::authn::CredentialFacts::cnf_x5t_s256`])

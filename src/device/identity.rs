@@ -4,87 +4,14 @@
 use std::time::SystemTime;
 
 use rustls_pki_types::CertificateDer;
-use serde::{Deserialize, Serialize};
 use x509_parser::prelude::X509Certificate;
 
+use super::config::{DeviceConfig, DeviceIdSource};
 use super::spiffe::{validate_trust_domain, validate_x509_svid, SpiffeId};
 use super::{
     check_extracted_id, not_after, parse_leaf, sha256, uri_sans, verify_chain, DeviceError,
 };
 use crate::tls::bundles::TrustBundles;
-
-/// Where the device id is read from (config `deviceId: {from, trustDomain?, prefix?}`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "RawDeviceIdSource", into = "RawDeviceIdSource")]
-pub enum DeviceIdSource {
-    /// `from: spiffe`: the certificate must be a valid X509-SVID; the id is the full SPIFFE ID.
-    /// With `trustDomain`, the SPIFFE ID must be in that trust domain.
-    Spiffe { trust_domain: Option<String> },
-    /// `from: commonName`: the subject's single CN.
-    CommonName,
-    /// `from: uriPrefix, prefix: P`: the single URI SAN starting with `P` (exact, case-sensitive
-    /// byte match); the id is the rest of the URI after `P`.
-    UriPrefix(String),
-}
-
-/// The wire form of [`DeviceIdSource`]: one flat map, every combination checked.
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawDeviceIdSource {
-    from: DeviceIdFrom,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    trust_domain: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    prefix: Option<String>,
-}
-
-#[derive(Clone, Copy, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-enum DeviceIdFrom {
-    Spiffe,
-    CommonName,
-    UriPrefix,
-}
-
-impl TryFrom<RawDeviceIdSource> for DeviceIdSource {
-    type Error = String;
-    fn try_from(raw: RawDeviceIdSource) -> Result<Self, String> {
-        let source = match (raw.from, raw.trust_domain, raw.prefix) {
-            (DeviceIdFrom::Spiffe, trust_domain, None) => DeviceIdSource::Spiffe { trust_domain },
-            (DeviceIdFrom::CommonName, None, None) => DeviceIdSource::CommonName,
-            (DeviceIdFrom::UriPrefix, None, Some(prefix)) => DeviceIdSource::UriPrefix(prefix),
-            (DeviceIdFrom::UriPrefix, None, None) => {
-                return Err("`from: uriPrefix` needs `prefix`".into())
-            }
-            (_, Some(_), _) => return Err("`trustDomain` goes only with `from: spiffe`".into()),
-            (_, None, Some(_)) => return Err("`prefix` goes only with `from: uriPrefix`".into()),
-        };
-        source.validate().map_err(|e| e.to_string())?;
-        Ok(source)
-    }
-}
-
-impl From<DeviceIdSource> for RawDeviceIdSource {
-    fn from(source: DeviceIdSource) -> Self {
-        match source {
-            DeviceIdSource::Spiffe { trust_domain } => RawDeviceIdSource {
-                from: DeviceIdFrom::Spiffe,
-                trust_domain,
-                prefix: None,
-            },
-            DeviceIdSource::CommonName => RawDeviceIdSource {
-                from: DeviceIdFrom::CommonName,
-                trust_domain: None,
-                prefix: None,
-            },
-            DeviceIdSource::UriPrefix(prefix) => RawDeviceIdSource {
-                from: DeviceIdFrom::UriPrefix,
-                trust_domain: None,
-                prefix: Some(prefix),
-            },
-        }
-    }
-}
 
 impl DeviceIdSource {
     /// Operator errors: a malformed `trustDomain`, an empty or control-character `prefix`.
@@ -108,18 +35,6 @@ impl DeviceIdSource {
             }
         }
     }
-}
-
-/// The `devices:` section: which bundle device certificates chain to, and where the id is.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct DeviceConfig {
-    /// Name of a client-certificate trust bundle (`listener.clientCertificateBundles`).
-    pub bundle: String,
-    pub device_id: DeviceIdSource,
-    /// Device posture: where records come from and how fresh they must be.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub posture: Option<crate::posture::PostureConfig>,
 }
 
 impl DeviceConfig {
@@ -147,11 +62,6 @@ pub struct DeviceIdentity {
 }
 
 impl DeviceIdentity {
-    /// The certificate thumbprint as RFC 8705 writes it (base64url, no padding).
-    pub fn x5t_s256(&self) -> String {
-        super::binding::encode_thumbprint(&self.cert_sha256)
-    }
-
     /// Whether the certificate has expired at `now` (callers that cache must re-check).
     pub fn is_expired(&self, now: SystemTime) -> bool {
         self.not_after <= now

@@ -16,6 +16,7 @@
 //! caches a result past the certificate's `notAfter`; callers re-check on every request.
 
 mod binding;
+pub mod config;
 mod identity;
 mod spiffe;
 
@@ -25,16 +26,16 @@ mod tests;
 use std::time::{Duration, SystemTime};
 
 use rustls_pki_types::{CertificateDer, UnixTime};
-use sha2::{Digest, Sha256};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::tls::bundles::TrustBundles;
 
 pub use binding::{check_binding, check_binding_der, x5t_s256, Binding};
-pub use identity::{device_from_chain, DeviceConfig, DeviceIdSource, DeviceIdentity};
+pub use config::{DeviceConfig, DeviceIdSource, WorkloadMapping};
+pub use identity::{device_from_chain, DeviceIdentity};
 pub use spiffe::{
     validate_trust_domain, validate_workload_mappings, validate_x509_svid, workload_from_chain,
-    SpiffeId, SpiffeIdError, Workload, WorkloadMapping, MAX_SPIFFE_ID_LEN, MAX_TRUST_DOMAIN_LEN,
+    SpiffeId, SpiffeIdError, Workload, MAX_SPIFFE_ID_LEN, MAX_TRUST_DOMAIN_LEN,
 };
 
 /// The longest device id accepted from a certificate (CN or URI remainder), in bytes.

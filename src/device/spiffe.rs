@@ -10,8 +10,8 @@ use std::str::FromStr;
 use std::time::SystemTime;
 
 use rustls_pki_types::CertificateDer;
-use serde::{Deserialize, Serialize};
 
+use super::config::WorkloadMapping;
 use super::{
     check_extracted_id, not_after, parse_leaf, sha256, uri_sans, verify_chain, DeviceError,
 };
@@ -200,19 +200,6 @@ pub fn validate_x509_svid(leaf_der: &[u8]) -> Result<SpiffeId, DeviceError> {
         return Err(DeviceError::ForbiddenKeyUsage("cRLSign"));
     }
     Ok(id)
-}
-
-/// Workload SVIDs of one SPIFFE trust domain, verified against its own bundle, authenticate as
-/// the user `username_prefix + SPIFFE ID` (e.g. `spiffe:spiffe://prod.example.org/ns/a/sa/b`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct WorkloadMapping {
-    /// Bare trust domain name, e.g. `prod.example.org`.
-    pub trust_domain: String,
-    /// The trust bundle (CA certificates) of that trust domain, by name.
-    pub bundle: String,
-    /// Prepended to the full SPIFFE ID to form the user name. Required; may be empty.
-    pub username_prefix: String,
 }
 
 /// A workload authenticated by its X509-SVID. `authn` turns it into an `Identity`.

@@ -166,11 +166,7 @@ pub async fn post_report(target: &ReportTarget, report: &SelfReport) -> Result<S
         Duration::from_secs(1),
         0,
     );
-    let url = format!(
-        "{}{}",
-        target.server.trim_end_matches('/'),
-        super::api::PATH
-    );
+    let url = format!("{}{}", target.server.trim_end_matches('/'), super::API_PATH);
     let body = serde_json::to_vec(report).map_err(|e| e.to_string())?;
     let req = Request::post(&url)
         .header(header::CONTENT_TYPE, "application/json")

@@ -37,6 +37,10 @@ pub const SOURCE_SELF: &str = "self";
 /// The source name of records from the pull provider.
 pub const SOURCE_PULL: &str = "pull";
 
+/// Where the gateway serves its device posture API (`/v1/devices/posture` and below), and where
+/// `ztgate device report` sends a report.
+pub const API_PATH: &str = "/v1/devices/posture";
+
 /// Why a posture report was refused, or posture could not be established.
 #[derive(Debug, thiserror::Error)]
 pub enum PostureError {

@@ -198,7 +198,7 @@ pub fn validate(cfg: &GatewayConfig) -> Vec<(String, String)> {
     if let Some(p) = &s.gateway_ca_file {
         match std::fs::read(p) {
             Ok(pem) => {
-                if let Err(e) = crate::config::jwt::parse_ca_pem(&pem) {
+                if let Err(e) = crate::tls::pem::parse_ca_pem(&pem) {
                     err("gatewayCaFile", format!("{}: {e}", p.display()));
                 }
             }

@@ -25,7 +25,6 @@
 //! watches from the new revision. A write returns once the local view has applied it (or after
 //! the request timeout, with a warning: it is committed in etcd either way).
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -40,14 +39,14 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
+use super::config::EtcdConfig;
 use super::store::Op;
 use super::{
     BoxFuture, Lock, PostureRecord, Revision, State, Store, StoreError, StoreHealth, View,
 };
-use crate::config::GoDuration;
 use crate::tls::upstream::{ReloadingClientCert, ReloadingServerVerifier};
 
 /// Bytes escaped in a key segment: everything but ASCII letters, digits and `-._~`.
@@ -60,68 +59,7 @@ const KEY_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
 /// Keys fetched per range request when loading.
 const RANGE_PAGE: u64 = 1000;
 
-/// `state.etcd`: where the shared store lives.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct EtcdConfig {
-    /// Client URLs of the etcd members, `https://host:2379` (or `http://` for loopback tests).
-    pub endpoints: Vec<String>,
-    /// Every key the gateway writes starts with this (`/ztgate`): starts with `/`, no trailing `/`.
-    #[serde(default = "default_prefix")]
-    pub key_prefix: String,
-    /// CA bundle etcd's serving certificates chain to; required for `https` endpoints.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ca_file: Option<PathBuf>,
-    /// Client certificate for etcd's `--client-cert-auth` (with `keyFile`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cert_file: Option<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key_file: Option<PathBuf>,
-    /// Connect timeout, and the longest one attempt on one endpoint may take; a request is
-    /// retried on the other endpoints and gives up after three times this.
-    #[serde(default = "default_dial_timeout")]
-    pub dial_timeout: GoDuration,
-    /// How often the replica confirms, with a linearizable read on the member its watch is on,
-    /// that the member has a quorum and the watch has delivered everything up to then.
-    #[serde(default = "default_heartbeat")]
-    pub heartbeat_interval: GoDuration,
-    /// How long after the last confirmation the replica keeps deciding from its last view.
-    /// Past it, requests (and live streams) that need locks and posture fail closed with 503
-    /// until etcd answers again. Not-ready (and quick 503s on writes) starts earlier, after
-    /// `2 × heartbeatInterval + dialTimeout`.
-    #[serde(default = "default_max_staleness")]
-    pub max_staleness: GoDuration,
-}
-
-fn default_heartbeat() -> GoDuration {
-    GoDuration(Duration::from_secs(1))
-}
-
-fn default_max_staleness() -> GoDuration {
-    GoDuration(Duration::from_secs(30))
-}
-
-fn default_prefix() -> String {
-    "/ztgate".into()
-}
-
-fn default_dial_timeout() -> GoDuration {
-    GoDuration(Duration::from_secs(5))
-}
-
 impl EtcdConfig {
-    /// Makes relative file paths relative to `base`.
-    pub fn resolve_paths(&mut self, base: &std::path::Path) {
-        for p in [&mut self.ca_file, &mut self.cert_file, &mut self.key_file]
-            .into_iter()
-            .flatten()
-        {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        }
-    }
-
     /// Semantic problems, as (field path below `state.etcd`, message).
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
@@ -344,7 +282,7 @@ impl EtcdStore {
                     path: ca.display().to_string(),
                     source: e,
                 })?;
-                let roots = crate::config::jwt::parse_ca_pem(&pem)
+                let roots = crate::tls::pem::parse_ca_pem(&pem)
                     .map_err(|e| StoreError::Invalid(format!("caFile: {e}")))?;
                 Some(
                     ReloadingServerVerifier::new(roots)
@@ -438,15 +376,10 @@ impl EtcdStore {
         let reloader = crate::reload::Reloader::new(stop);
         if let (Some(v), Some(ca)) = (&self.verifier, &cfg.ca_file) {
             let v = v.clone();
-            reloader.watch_files(
-                "etcd CA",
-                vec![ca.clone()],
-                interval,
-                move |files| {
-                    let roots = crate::config::jwt::parse_ca_pem(&files[0])?;
-                    v.replace(roots).map_err(|e| e.to_string())
-                },
-            );
+            reloader.watch_files("etcd CA", vec![ca.clone()], interval, move |files| {
+                let roots = crate::tls::pem::parse_ca_pem(&files[0]).map_err(|e| e.to_string())?;
+                v.replace(roots).map_err(|e| e.to_string())
+            });
         }
         if let (Some(c), Some(k)) = (&cfg.cert_file, &cfg.key_file) {
             let r = self.client_cert.clone();

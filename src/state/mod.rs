@@ -17,12 +17,14 @@ use std::sync::Arc;
 
 use tokio::sync::broadcast;
 
+pub mod config;
 mod etcd;
 mod file;
 pub(crate) mod model;
 mod store;
 
-pub use etcd::{EtcdConfig, EtcdStore};
+pub use config::EtcdConfig;
+pub use etcd::EtcdStore;
 pub use file::{FileStore, FileStoreOptions};
 pub use model::{new_id, Lock, LockTarget, Posture, PostureRecord, State, MAX_MESSAGE_BYTES};
 pub use store::{LockSubject, MemoryStore, View};

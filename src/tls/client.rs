@@ -10,12 +10,62 @@ use hyper_util::rt::TokioExecutor;
 use rustls::client::WantsClientCert;
 use rustls::{ClientConfig, ConfigBuilder, RootCertStore};
 
+/// Why a URL is not one the gateway calls: `https://`, a host, no user information, no query,
+/// no fragment.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HttpsUrlError {
+    #[error("{0:?} must not have a fragment")]
+    Fragment(String),
+    #[error("{url:?} is not a URL ({source})")]
+    NotUrl {
+        url: String,
+        #[source]
+        source: http::uri::InvalidUri,
+    },
+    #[error("{0:?} must use https://")]
+    NotHttps(String),
+    #[error("{0:?} has no host")]
+    NoHost(String),
+    #[error("{0:?} must not contain user information")]
+    UserInfo(String),
+    #[error("{0:?} must not have a query")]
+    Query(String),
+}
+
+/// Checks an `https://` URL without query, fragment or user info.
+pub fn check_https_url(url: &str) -> Result<http::Uri, HttpsUrlError> {
+    if url.contains('#') {
+        return Err(HttpsUrlError::Fragment(url.to_owned()));
+    }
+    let uri: http::Uri = url.parse().map_err(|source| HttpsUrlError::NotUrl {
+        url: url.to_owned(),
+        source,
+    })?;
+    if uri.scheme_str() != Some("https") {
+        return Err(HttpsUrlError::NotHttps(url.to_owned()));
+    }
+    let Some(authority) = uri.authority() else {
+        return Err(HttpsUrlError::NoHost(url.to_owned()));
+    };
+    if authority.as_str().contains('@') {
+        return Err(HttpsUrlError::UserInfo(url.to_owned()));
+    }
+    if authority.host().is_empty() {
+        return Err(HttpsUrlError::NoHost(url.to_owned()));
+    }
+    if uri.query().is_some() {
+        return Err(HttpsUrlError::Query(url.to_owned()));
+    }
+    Ok(uri)
+}
+
 pub type HttpsClient<B> = Client<HttpsConnector<HttpConnector>, B>;
 
 /// Trust anchors from a PEM bundle.
 pub fn roots_from_pem(pem: &[u8]) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
-    for c in crate::config::jwt::parse_ca_pem(pem)? {
+    for c in super::pem::parse_ca_pem(pem).map_err(|e| e.to_string())? {
         roots
             .add(c)
             .map_err(|e| format!("CA certificate not usable as a trust anchor: {e}"))?;

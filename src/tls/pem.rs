@@ -6,6 +6,40 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::TlsError;
 
+/// Why a PEM bundle of CA certificates is not usable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CaPemError {
+    /// The text is not PEM.
+    #[error("not valid PEM: {0}")]
+    Pem(#[source] rustls_pki_types::pem::Error),
+    /// A `CERTIFICATE` block does not hold an X.509 certificate (1-based `index`).
+    #[error("certificate #{index} is not a valid X.509 certificate: {reason}")]
+    NotX509 { index: usize, reason: String },
+    /// No `CERTIFICATE` block at all.
+    #[error("holds no PEM certificate (expected \"-----BEGIN CERTIFICATE-----\")")]
+    Empty,
+}
+
+/// Parses PEM CA certificates; at least one is required.
+pub fn parse_ca_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, CaPemError> {
+    let mut certs = Vec::new();
+    for (i, item) in CertificateDer::pem_slice_iter(pem).enumerate() {
+        let der = item.map_err(CaPemError::Pem)?;
+        if let Err(e) = x509_parser::parse_x509_certificate(&der) {
+            return Err(CaPemError::NotX509 {
+                index: i + 1,
+                reason: e.to_string(),
+            });
+        }
+        certs.push(der);
+    }
+    if certs.is_empty() {
+        return Err(CaPemError::Empty);
+    }
+    Ok(certs)
+}
+
 pub fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Io {
         path: path.display().to_string(),

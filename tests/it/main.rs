@@ -15,6 +15,7 @@ mod faults_disk;
 mod forwarding;
 mod hostile;
 mod kubectl;
+mod layers;
 mod lifecycle;
 mod locks;
 mod oidc;

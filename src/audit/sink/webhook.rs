@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Msg, SinkStats};
 use crate::audit::config::WebhookSinkConfig;
 use crate::audit::event::API_VERSION;
-use crate::errors::error_chain;
+use crate::util::chain::error_chain;
 
 /// Longest wait between retries unless `retryBackoff` itself is longer.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -54,7 +54,7 @@ impl WebhookSink {
         cfg: &WebhookSinkConfig,
         stats: Arc<SinkStats>,
     ) -> Result<WebhookSink, String> {
-        let uri = crate::config::jwt::check_https_url(&cfg.url).map_err(|m| format!("url: {m}"))?;
+        let uri = crate::tls::client::check_https_url(&cfg.url).map_err(|m| format!("url: {m}"))?;
         let ca_pem = std::fs::read(&cfg.ca_file)
             .map_err(|e| format!("caFile {}: {e}", cfg.ca_file.display()))?;
         let roots = crate::tls::client::roots_from_pem(&ca_pem)

@@ -11,7 +11,7 @@ use http::{header, Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Limited};
 use serde_json::Value;
 
-use crate::config::jwt::check_https_url;
+use crate::tls::client::check_https_url;
 use crate::util::chain::error_chain;
 
 /// An HTTPS client for one issuer.
@@ -40,7 +40,7 @@ impl Fetcher {
 
     /// GETs `url` and returns the body of a 200 answer.
     pub(crate) async fn get(&self, url: &str) -> Result<Bytes, String> {
-        let uri = check_https_url(url)?;
+        let uri = check_https_url(url).map_err(|e| e.to_string())?;
         let req = Request::get(uri)
             .header(header::ACCEPT, "application/json")
             .header(header::USER_AGENT, "ztgate")
