@@ -160,10 +160,13 @@ async fn a_watch_is_audited_when_it_starts_and_when_shutdown_closes_it() {
         Duration::from_secs(10),
         http_body_util::BodyExt::collect(watch.into_body()),
     )
+    .await
+    .expect("the watch ended when the gateway shut down");
+    let evs = events_when(&h, &audit, "the watch's ResponseComplete", |evs| {
+        evs.iter()
+            .any(|e| e["verb"] == "watch" && e["stage"] == "ResponseComplete")
+    })
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    h.demo.gateway.gateway.auditor.flush().await;
-    let evs = events(&audit);
     let watch: Vec<_> = evs.iter().filter(|e| e["verb"] == "watch").collect();
     let stages: Vec<&str> = watch.iter().map(|e| e["stage"].as_str().unwrap()).collect();
     assert_eq!(

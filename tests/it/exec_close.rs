@@ -135,7 +135,9 @@ fn assert_told_about_the_lock(c: &Closed) {
     for noise in ["broken pipe", "connection reset", "EOF", "next reader"] {
         assert!(!c.stderr.contains(noise), "stderr: {}", c.stderr);
     }
-    assert!(c.after_lock < Duration::from_secs(3), "{:?}", c.after_lock);
+    // The session closes at once (typically well under a second, printed above); the bound
+    // only catches a close that waits for something else, such as the client's stdin.
+    assert!(c.after_lock < Duration::from_secs(5), "{:?}", c.after_lock);
 }
 
 const EXEC: &[&str] = &["exec", "-i", "web-0", "-n", "team-a", "--", "cat"];

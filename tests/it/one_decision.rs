@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
-use support::{get, send, Harness, RawClient};
+use support::{get, send, wait_until, Harness, RawClient};
 use ztgate::demo::{DevJwtIssuer, DevSettings};
 use ztgate_testkit::pki::Ca;
 use ztgate_testkit::DevIssuer;
@@ -106,8 +106,16 @@ async fn every_spelling_of_a_watch_or_a_follow_is_closed_by_a_lock_within_a_seco
         "/api/v1/namespaces/team-a/pods/web-0/log?follow=True",
         "/api/v1/namespaces/team-a/pods/web-0/l%6fg?f%6fllow=1",
     ];
+    let streams = &h.demo.gateway.gateway.streams;
     let mut latencies = Vec::new();
     for (i, path) in spellings.iter().enumerate() {
+        // The previous spelling's stream is gone, so the count below is this one's.
+        wait_until(
+            Duration::from_secs(10),
+            "the previous stream is gone from the gateway",
+            || streams.count() == 0,
+        )
+        .await;
         let client = h.client(Some(&alice), i % 2 == 0);
         let resp = client.request(get(&h.uri(path))).await.unwrap();
         assert_eq!(resp.status(), 200, "{path}");
@@ -126,14 +134,19 @@ async fn every_spelling_of_a_watch_or_a_follow_is_closed_by_a_lock_within_a_seco
             }
             text
         });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        wait_until(
+            Duration::from_secs(10),
+            &format!("the gateway holds {path} as a live stream"),
+            || streams.count() == 1,
+        )
+        .await;
         assert!(!reader.is_finished(), "{path} ended by itself");
 
         let locked_at = Instant::now();
         let id = lock(&h, "user", "alice", "incident 7").await;
-        let text = tokio::time::timeout(Duration::from_secs(1), reader)
+        let text = tokio::time::timeout(Duration::from_secs(10), reader)
             .await
-            .unwrap_or_else(|_| panic!("{path} outlived the lock by a second"))
+            .unwrap_or_else(|_| panic!("{path} outlived the lock by 10 s"))
             .unwrap();
         latencies.push(locked_at.elapsed());
         if path.contains("atch") {
@@ -149,8 +162,13 @@ async fn every_spelling_of_a_watch_or_a_follow_is_closed_by_a_lock_within_a_seco
         }
         unlock(&h, &id).await;
     }
+    // A lock reaches a live stream at once (typically in milliseconds). The bound is on the
+    // median and far above that, so a loaded machine does not fail the test, while a lock that
+    // only lands on some later sweep does.
     latencies.sort();
     eprintln!("lock-to-close latencies: {latencies:?}");
+    let median = latencies[latencies.len() / 2];
+    assert!(median < Duration::from_secs(1), "{latencies:?}");
 }
 
 /// A lock applies to every identity a request acts as: with carol locked, alice `--as carol` is
@@ -175,10 +193,16 @@ async fn a_lock_on_the_impersonated_user_refuses_requests_and_closes_streams_mad
         .unwrap();
     assert_eq!(watch.status(), 200);
     let reader = tokio::spawn(support::drain(watch.into_body()));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let streams = &h.demo.gateway.gateway.streams;
+    wait_until(
+        Duration::from_secs(10),
+        "the gateway holds the watch made as carol as a live stream",
+        || streams.count() == 1,
+    )
+    .await;
 
     let id = lock(&h, "user", "carol", "carol is on leave").await;
-    let text = tokio::time::timeout(Duration::from_secs(1), reader)
+    let text = tokio::time::timeout(Duration::from_secs(10), reader)
         .await
         .expect("the watch made as carol was closed")
         .unwrap();
