@@ -1,5 +1,6 @@
-//! Entry points for the cargo-fuzz targets in `fuzz/`. Not API: hidden from the docs and free to
-//! change with the targets.
+//! Entry points for the cargo-fuzz targets in `fuzz/`. Not API: compiled only for fuzzing
+//! (`--cfg fuzzing`, which cargo-fuzz sets) and for the unit tests, hidden from the docs, and
+//! free to change with the targets.
 //!
 //! Each function feeds untrusted bytes through one of the parsers a client (or an IdP, or an
 //! operator's config) controls, and panics only when a property the gateway relies on breaks —

@@ -17,6 +17,8 @@ pub mod device;
 pub mod discovery;
 pub mod errors;
 pub mod gateway;
+// Only in fuzz builds (cargo-fuzz sets `--cfg fuzzing`) and the unit tests.
+#[cfg(any(fuzzing, test))]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod listener;
@@ -37,6 +39,7 @@ pub mod tls;
 pub mod util;
 pub mod webhook;
 
+// The demo and the tests' dev environment (feature `demo`; not in the product build).
 #[cfg(feature = "demo")]
 pub mod demo;
 

@@ -65,8 +65,8 @@ enum Command {
         #[command(subcommand)]
         command: DeviceCommand,
     },
-    /// Start a stand-in kube-apiserver, a gateway in front of it, and write a kubeconfig.
-    #[cfg(feature = "demo")]
+    /// Start a stand-in kube-apiserver, a gateway in front of it, and write a kubeconfig (in a
+    /// build with the `demo` feature: `cargo run --release --features demo -- demo`).
     Demo {
         /// Where to write the demo kubeconfig.
         #[arg(long)]
@@ -299,6 +299,11 @@ fn main() -> ExitCode {
             ztgate::telemetry::logging::init(cfg.logging.format, &cfg.logging.level);
             runtime().block_on(serve(cfg, config))
         }
+        #[cfg(not(feature = "demo"))]
+        Command::Demo { .. } => {
+            eprintln!("{NO_DEMO}");
+            ExitCode::FAILURE
+        }
         #[cfg(feature = "demo")]
         Command::Demo {
             kubeconfig_out,
@@ -324,6 +329,15 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// What `ztgate demo` says in a build without the demo.
+#[cfg(not(feature = "demo"))]
+const NO_DEMO: &str = "\
+ztgate demo: this build has no demo. The product build leaves out the stand-in kube-apiserver
+and the development token issuer the demo runs. Run the demo from a checkout of the source,
+which builds ztgate with it:
+
+  cargo run --release --features demo -- demo --kubeconfig-out ~/ztgate-demo.kubeconfig";
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()

@@ -176,7 +176,7 @@ impl DevEnv {
             let secret = certs.join("sso-client-secret");
             write_private(&secret, &s.client_secret)?;
             let mut key = [0u8; 32];
-            getrandom::fill(&mut key).map_err(std::io::Error::other)?;
+            aws_lc_rs::rand::fill(&mut key).map_err(std::io::Error::other)?;
             write_private(&certs.join("sso-session.key"), key)?;
             jwt.push_str(&format!(
                 r#"    - issuer:
@@ -869,7 +869,7 @@ fn create_temp_demo_dir() -> Result<PathBuf, String> {
     let base = std::env::temp_dir();
     for _ in 0..16 {
         let mut suffix = [0u8; 8];
-        getrandom::fill(&mut suffix).map_err(|e| e.to_string())?;
+        aws_lc_rs::rand::fill(&mut suffix).map_err(|e| e.to_string())?;
         let name: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
         let d = base.join(format!("ztgate-demo-{name}"));
         match std::fs::DirBuilder::new().mode(0o700).create(&d) {
@@ -925,7 +925,7 @@ fn replace_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
         .file_name()
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name"))?;
     let mut suffix = [0u8; 8];
-    getrandom::fill(&mut suffix).map_err(std::io::Error::other)?;
+    aws_lc_rs::rand::fill(&mut suffix).map_err(std::io::Error::other)?;
     let suffix: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
     let tmp = dir.join(format!(".{}.{suffix}.tmp", name.to_string_lossy()));
     write_private(&tmp, contents)?;

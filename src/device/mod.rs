@@ -185,7 +185,10 @@ fn not_after(cert: &X509Certificate<'_>) -> SystemTime {
 }
 
 fn sha256(der: &[u8]) -> [u8; 32] {
-    Sha256::digest(der).into()
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
 }
 
 /// Verifies `chain` (leaf first, then intermediates) against the named bundle for client

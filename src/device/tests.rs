@@ -5,7 +5,6 @@ use rcgen::{
     KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls_pki_types::CertificateDer;
-use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 use ztgate_testkit::pki::{Ca, CertKey, LeafSpec};
 
@@ -375,8 +374,8 @@ fn device_id_from_common_name() {
     assert_eq!(dev.id, "laptop-42");
     assert_eq!(dev.spiffe_id, None);
     assert_eq!(
-        dev.cert_sha256,
-        <[u8; 32]>::from(Sha256::digest(&leaf.cert_der))
+        dev.cert_sha256.as_slice(),
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &leaf.cert_der).as_ref()
     );
     assert!(dev.not_after > now && !dev.is_expired(now));
     assert!(dev.is_expired(now + StdDuration::from_secs(40 * 86_400)));
@@ -685,8 +684,8 @@ fn workload_svid_maps_to_a_user() {
     assert_eq!(w.spiffe_id.trust_domain, "prod.example.org");
     assert_eq!(w.bundle, "spiffe-prod");
     assert_eq!(
-        w.cert_sha256,
-        <[u8; 32]>::from(Sha256::digest(&leaf.cert_der))
+        w.cert_sha256.as_slice(),
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &leaf.cert_der).as_ref()
     );
 }
 
@@ -799,7 +798,8 @@ fn binding_outcomes() {
 fn malformed_cnf_never_binds() {
     let der = b"certificate".as_slice();
     let good = x5t_s256(der);
-    let hex: String = Sha256::digest(der)
+    let hex: String = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der)
+        .as_ref()
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();

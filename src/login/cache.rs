@@ -8,7 +8,6 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::LoginError;
 
@@ -69,16 +68,19 @@ pub struct CacheLock {
 
 impl TokenCache {
     pub fn new(dir: PathBuf, issuer: &str, client_id: &str, scopes: &[String]) -> TokenCache {
-        let mut h = Sha256::new();
+        let mut h = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
         for part in [issuer, client_id] {
             h.update(part.as_bytes());
-            h.update([0]);
+            h.update(&[0]);
         }
         let mut scopes = scopes.to_vec();
         scopes.sort();
         h.update(scopes.join(" ").as_bytes());
-        let digest = h.finalize();
-        let key: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+        let digest = h.finish();
+        let key: String = digest.as_ref()[..12]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         TokenCache { dir, key }
     }
 

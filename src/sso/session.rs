@@ -10,11 +10,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use hmac::{Hmac, Mac};
 use http::HeaderMap;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
 
 pub const FLOW_COOKIE: &str = "__Host-ztgate-login";
 pub const SESSION_COOKIE: &str = "__Host-ztgate-session";
@@ -89,16 +87,17 @@ impl CookieKey {
 
     pub fn random() -> CookieKey {
         let mut k = vec![0u8; 32];
-        getrandom::fill(&mut k).expect("the OS random number generator works");
+        aws_lc_rs::rand::fill(&mut k).expect("the system random number generator works");
         CookieKey(k)
     }
 
     fn mac(&self, kind: &[u8], payload: &[u8]) -> Vec<u8> {
-        let mut m = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &self.0);
+        let mut m = aws_lc_rs::hmac::Context::with_key(&key);
         m.update(kind);
         m.update(&[0]);
         m.update(payload);
-        m.finalize().into_bytes().to_vec()
+        m.sign().as_ref().to_vec()
     }
 
     fn seal<T: Serialize + Expiring>(&self, value: &T) -> String {

@@ -398,10 +398,10 @@ pub(crate) fn encode(tag: &[u8], revision: Revision, json: &[u8]) -> Vec<u8> {
     let mut line = Vec::with_capacity(json.len() + 100);
     line.extend_from_slice(tag);
     line.extend_from_slice(format!(" {revision} {} ", json.len()).as_bytes());
-    let mut h = Sha256::new();
+    let mut h = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     h.update(&line);
     h.update(json);
-    for b in h.finalize() {
+    for b in h.finish().as_ref() {
         line.extend_from_slice(format!("{b:02x}").as_bytes());
     }
     line.push(b' ');
@@ -468,10 +468,15 @@ pub(crate) fn decode(buf: &[u8], max_json: usize) -> Result<Frame<'_>, String> {
         Some(_) => return Err("record is not followed by a newline".into()),
         None => return Err("incomplete record (no final newline)".into()),
     }
-    let mut h = Sha256::new();
+    let mut h = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     h.update(&buf[..header_len]);
     h.update(json);
-    let expected: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let expected: String = h
+        .finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     if expected.as_bytes() != sum {
         return Err("checksum mismatch".into());
     }

@@ -10,7 +10,6 @@ use aws_lc_rs::signature::{
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use super::SigningAlg;
 
@@ -69,7 +68,10 @@ impl SigningKey {
                 )
             }
         };
-        let thumbprint = URL_SAFE_NO_PAD.encode(Sha256::digest(thumbprint_input.as_bytes()));
+        let thumbprint = URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
+            thumbprint_input.as_bytes(),
+        ));
         SigningKey {
             alg,
             kid: format!("{kid_prefix}-{}", &thumbprint[..16]),
