@@ -253,7 +253,7 @@ async fn a_stalled_upstream_request_gets_504_while_other_clients_and_a_silent_wa
     assert!(served > 0, "no other request was answered during the stall");
 
     // The watch has been silent all along, for longer than timeouts.request: still open, and
-    // the next event arrives.
+    // the next event arrives. (The sleep is the case under test: the silence.)
     let quiet = Duration::from_secs(3);
     if let Some(rest) = quiet.checked_sub(quiet_since.elapsed()) {
         tokio::time::sleep(rest).await;

@@ -1070,36 +1070,40 @@ async fn issuers_added_or_removed_in_the_config_file_apply_without_a_restart() {
     );
     let with_b = yaml.replacen("  jwt:\n", &entry_b, 1);
     std::fs::write(&h.demo.env.config_path, &with_b).unwrap();
-    let mut accepted = false;
-    for _ in 0..50 {
-        let (code, _, _) = send(&client, request("GET", h.uri(PODS), Some(&from_b), "")).await;
-        if code == 200 {
-            accepted = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        accepted,
-        "issuer B's token was accepted after the config reload"
-    );
+    support::eventually(
+        Duration::from_secs(10),
+        "issuer B's token is accepted after the config reload",
+        || async {
+            let (code, _, _) = send(&client, request("GET", h.uri(PODS), Some(&from_b), "")).await;
+            (code == 200).then_some(())
+        },
+    )
+    .await;
     let from_a = a.sign(SigningAlg::RS256, &claims(&a, "alice", &["team-a"]));
     assert_accepted(&h, &client, "issuer A still works", &from_a).await;
 
     // A broken config is refused whole: both issuers keep working.
+    let failed_before = failed_reloads(&h);
     std::fs::write(
         &h.demo.env.config_path,
         with_b.replace("audiences:", "audiencez:"),
     )
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    support::wait_until(
+        Duration::from_secs(10),
+        "the broken config's reload is counted as failed",
+        || failed_reloads(&h) > failed_before,
+    )
+    .await;
     let again_b = b.sign(SigningAlg::RS256, &claims(&b, "bob2", &["team-a"]));
     assert_accepted(&h, &client, "issuer B after a broken config", &again_b).await;
-    assert!(h
-        .demo
-        .gateway
-        .gateway
-        .metrics
-        .encode()
-        .contains(r#"ztgate_config_reloads_total{result="failure"}"#));
+}
+
+/// `ztgate_config_reloads_total{result="failure"}` (0 before the first failure).
+fn failed_reloads(h: &Harness) -> u64 {
+    let metrics = h.demo.gateway.gateway.metrics.encode();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"ztgate_config_reloads_total{result="failure"} "#))
+        .map_or(0, |n| n.trim().parse().expect("a counter value"))
 }

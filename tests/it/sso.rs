@@ -862,7 +862,8 @@ async fn short_lived_tokens_are_refreshed_once_for_twenty_parallel_kubectl_calls
         .unwrap();
     let before: Value = serde_json::from_slice(&std::fs::read(&token_file).unwrap()).unwrap();
 
-    // Past the fresh window: twenty kubectl calls at once.
+    // Past the fresh window: twenty kubectl calls at once. (The sleep is the case under test:
+    // the cached token must age past the window.)
     tokio::time::sleep(Duration::from_secs(11)).await;
     let mut calls = Vec::new();
     for _ in 0..20 {
