@@ -41,8 +41,9 @@ use crate::streams::GuardedBody;
 /// What the request path uses, built once by the assembly: the authenticators, the decider, the
 /// upstream, the stream registry and limits, and the handlers it dispatches to, each with its
 /// own narrow view of the gateway.
-pub struct Pipeline {
-    pub upstream: Arc<crate::proxy::Upstream>,
+pub struct Pipeline<U = crate::proxy::Upstream> {
+    /// Where authorized requests go: kube-apiserver (a stand-in in tests).
+    pub upstream: Arc<U>,
     pub auditor: Arc<crate::audit::Auditor>,
     pub x509: Option<crate::authn::x509::X509Authenticator>,
     /// Always present; with no issuers configured it authenticates nothing, and a config
@@ -68,6 +69,66 @@ pub struct Pipeline {
     pub locks: crate::locks::LocksApi,
     pub posture: crate::posture::api::PostureApi,
     pub rules: Arc<crate::authz::rules::RulesReview>,
+}
+
+/// Where an authorized request goes. [`crate::proxy::Upstream`] (kube-apiserver) in the
+/// gateway; a generic parameter, so the request path costs the same as a direct call, and the
+/// pipeline's order can be tested without a network.
+pub trait Forward: Send + Sync + 'static {
+    /// The response body it answers with.
+    type Body: http_body::Body<Data = Bytes, Error: Into<crate::body::BoxError>> + Send + 'static;
+
+    /// Sends an authorized request on, acting as `authorized`'s identity.
+    fn forward<B>(
+        &self,
+        req: Request<B>,
+        authorized: &Authorized,
+        client_ip: std::net::IpAddr,
+        timeout: Option<std::time::Duration>,
+    ) -> impl std::future::Future<Output = Result<Response<Self::Body>, PipelineError>> + Send
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<crate::body::BoxError>;
+
+    /// Sends an authorized upgrade (exec, attach, port-forward, WebSocket) on and joins the two
+    /// connections; `stream` is its registration.
+    fn forward_upgrade(
+        &self,
+        req: Request<Body>,
+        authorized: &Authorized,
+        client_ip: std::net::IpAddr,
+        stream: crate::streams::StreamHandle,
+        metrics: Arc<crate::telemetry::Metrics>,
+    ) -> impl std::future::Future<Output = Result<Response<Body>, PipelineError>> + Send;
+}
+
+impl Forward for crate::proxy::Upstream {
+    type Body = crate::proxy::forward::UpstreamBody;
+
+    fn forward<B>(
+        &self,
+        req: Request<B>,
+        authorized: &Authorized,
+        client_ip: std::net::IpAddr,
+        timeout: Option<std::time::Duration>,
+    ) -> impl std::future::Future<Output = Result<Response<Self::Body>, PipelineError>> + Send
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<crate::body::BoxError>,
+    {
+        crate::proxy::Upstream::forward(self, req, authorized, client_ip, timeout)
+    }
+
+    fn forward_upgrade(
+        &self,
+        req: Request<Body>,
+        authorized: &Authorized,
+        client_ip: std::net::IpAddr,
+        stream: crate::streams::StreamHandle,
+        metrics: Arc<crate::telemetry::Metrics>,
+    ) -> impl std::future::Future<Output = Result<Response<Body>, PipelineError>> + Send {
+        crate::proxy::Upstream::forward_upgrade(self, req, authorized, client_ip, stream, metrics)
+    }
 }
 
 /// What the gateway knows about one client connection.
@@ -142,8 +203,8 @@ fn verb_label(method: &Method, shape: RequestShape) -> &'static str {
 }
 
 /// Entry point for every request on the TLS listener.
-pub async fn handle(
-    gw: Arc<Pipeline>,
+pub async fn handle<U: Forward>(
+    gw: Arc<Pipeline<U>>,
     conn: Arc<ConnInfo>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
@@ -311,7 +372,7 @@ struct AuditFacts<'a> {
 /// that started, ResponseStarted now and ResponseComplete when it ends (with why the gateway
 /// closed it, if it did). Takes the annotations' strings out of `trace` (nothing reads them
 /// after this).
-async fn audit(gw: &Arc<Pipeline>, trace: &mut Trace, f: AuditFacts<'_>) {
+async fn audit<U: Forward>(gw: &Arc<Pipeline<U>>, trace: &mut Trace, f: AuditFacts<'_>) {
     use crate::audit::event::{EventParts, ResponseInfo, Stage, UserInfo};
     let subject = trace.identity.as_deref().map(crate::audit::Subject::from);
     let policy = gw.auditor.decide(subject, trace.info.as_deref());
@@ -400,8 +461,8 @@ fn is_websocket(headers: &http::HeaderMap) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
-async fn run(
-    gw: &Arc<Pipeline>,
+async fn run<U: Forward>(
+    gw: &Arc<Pipeline<U>>,
     conn: &Arc<ConnInfo>,
     req: Request<Incoming>,
     route: Route<crate::webhook::Webhook<'_>>,
@@ -535,7 +596,7 @@ async fn run(
             device: trace.device_id.clone(),
         });
         let check = StreamCheck {
-            gw: Arc::downgrade(gw),
+            decider: Arc::downgrade(&gw.decider),
             caller: identity.clone(),
             impersonation: impersonation.clone(),
             info: info.clone(),
@@ -597,8 +658,8 @@ async fn run(
     }
 }
 
-async fn forward<B>(
-    gw: &Arc<Pipeline>,
+async fn forward<U: Forward, B>(
+    gw: &Arc<Pipeline<U>>,
     req: Request<B>,
     authorized: Authorized,
     shape: RequestShape,
@@ -667,8 +728,8 @@ where
 
 /// Registers a long-lived response: who holds it (for locks), when its credential expires (it
 /// is closed then), and where its end is reported (audit).
-fn register_stream(
-    gw: &Pipeline,
+fn register_stream<U: Forward>(
+    gw: &Pipeline<U>,
     kind: crate::streams::StreamKind,
     authorized: &Authorized,
     trace: Option<&mut Trace>,
@@ -695,7 +756,7 @@ fn register_stream(
 /// Everything needed to decide a live stream again: the request's facts as they were, minus
 /// the locks, posture and policy, which the decider reads afresh on every check.
 pub(crate) struct StreamCheck {
-    gw: std::sync::Weak<Pipeline>,
+    decider: std::sync::Weak<crate::decide::Decider>,
     /// The authenticated caller (before `kubectl --as`).
     caller: Arc<Identity>,
     impersonation: Option<ImpersonationRequest>,
@@ -716,7 +777,7 @@ impl crate::streams::Recheck for StreamCheck {
     {
         use crate::streams::{CloseReason, Verdict};
         Box::pin(async move {
-            let Some(gw) = self.gw.upgrade() else {
+            let Some(decider) = self.decider.upgrade() else {
                 return Verdict::Keep { until: None };
             };
             if self.max_age_at.is_some_and(|t| now >= t) {
@@ -734,7 +795,7 @@ impl crate::streams::Recheck for StreamCheck {
                 source_ip: self.source_ip,
                 now,
             };
-            let decided = gw.decider.decide(&facts).await;
+            let decided = decider.decide(&facts).await;
             match decided.outcome {
                 Ok(_) => Verdict::Keep {
                     until: [decided.until, self.max_age_at].into_iter().flatten().min(),
@@ -763,8 +824,8 @@ struct SelfReview<'a> {
 /// attributes in the review, with this request's identity, device and posture. A denial is
 /// answered here (kube-apiserver would say yes to something the gateway refuses); an allow is
 /// passed on so kube-apiserver's RBAC gives the final word.
-async fn self_subject_access_review(
-    gw: &Arc<Pipeline>,
+async fn self_subject_access_review<U: Forward>(
+    gw: &Arc<Pipeline<U>>,
     req: Request<Incoming>,
     authorized: Authorized,
     who: SelfReview<'_>,
@@ -838,8 +899,8 @@ async fn self_subject_access_review(
 
 /// The device certificate of this connection, verified against the devices bundle (cached per
 /// connection until the bundles change; expiry re-checked on every request).
-fn device_of(
-    gw: &Pipeline,
+fn device_of<U: Forward>(
+    gw: &Pipeline<U>,
     conn: &ConnInfo,
     now: SystemTime,
 ) -> Option<crate::device::DeviceIdentity> {
@@ -865,8 +926,8 @@ fn device_of(
 }
 
 /// Runs the configured authenticators over the request's credentials.
-async fn authenticate(
-    gw: &Pipeline,
+async fn authenticate<U: Forward>(
+    gw: &Pipeline<U>,
     conn: &ConnInfo,
     creds: &Credentials,
 ) -> Result<Arc<Identity>, AuthnError> {
@@ -911,8 +972,8 @@ async fn authenticate(
 /// A workload X509-SVID from a configured SPIFFE trust domain, when the chain is not a user
 /// certificate (`otherwise` is the user-certificate verdict, returned when it is no SVID either).
 /// Cached per connection while the trust bundles are unchanged.
-fn workload(
-    gw: &Pipeline,
+fn workload<U: Forward>(
+    gw: &Pipeline<U>,
     conn: &ConnInfo,
     chain: &[CertificateDer<'static>],
     now: SystemTime,
@@ -948,5 +1009,283 @@ fn workload(
             tracing::debug!(peer = %conn.peer, reason = %why, "client certificate is not a workload SVID either");
             Err(otherwise)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The order of the request path, with kube-apiserver replaced by a recorder and the client
+    //! connection by an in-memory pipe: nothing here opens a socket.
+
+    use super::*;
+    use crate::authz::cedar::PolicyEngine;
+    use crate::authz::Authorizer;
+    use crate::state::{Lock, LockTarget, MemoryStore, SharedStore};
+    use crate::streams::StreamRegistry;
+    use crate::telemetry::Metrics;
+    use crate::tls::bundles::{Bundle, TrustBundles};
+    use http_body_util::Full;
+    use hyper_util::rt::TokioIo;
+    use tokio_util::sync::CancellationToken;
+    use ztgate_testkit::TestPki;
+
+    /// kube-apiserver's stand-in: records the impersonation headers of every request that
+    /// reaches it, and answers `200 {}`.
+    #[derive(Default)]
+    struct Recorder {
+        seen: Mutex<Vec<http::HeaderMap>>,
+    }
+
+    impl Recorder {
+        fn seen(&self) -> Vec<http::HeaderMap> {
+            crate::util::sync::lock(&self.seen).clone()
+        }
+    }
+
+    impl Forward for Recorder {
+        type Body = Full<Bytes>;
+
+        async fn forward<B>(
+            &self,
+            _req: Request<B>,
+            authorized: &Authorized,
+            _client_ip: std::net::IpAddr,
+            _timeout: Option<Duration>,
+        ) -> Result<Response<Full<Bytes>>, PipelineError>
+        where
+            B: http_body::Body<Data = Bytes> + Send + 'static,
+            B::Error: Into<crate::body::BoxError>,
+        {
+            // The headers kube-apiserver would get, made as the upstream makes them.
+            let mut headers = http::HeaderMap::new();
+            crate::proxy::headers::set_impersonation(&mut headers, authorized.identity())
+                .expect("the identity is a header value");
+            crate::util::sync::lock(&self.seen).push(headers);
+            Ok(Response::new(Full::new(Bytes::from_static(b"{}"))))
+        }
+
+        async fn forward_upgrade(
+            &self,
+            _req: Request<Body>,
+            _authorized: &Authorized,
+            _client_ip: std::net::IpAddr,
+            _stream: crate::streams::StreamHandle,
+            _metrics: Arc<Metrics>,
+        ) -> Result<Response<Body>, PipelineError> {
+            Err(PipelineError::BadRequest("no upgrades here".into()))
+        }
+    }
+
+    /// Gets pods; deletes nothing.
+    const POLICY: &str = "permit(principal, action == k8s::Action::\"get\", resource);\n";
+
+    struct Setup {
+        pki: TestPki,
+        store: SharedStore,
+        upstream: Arc<Recorder>,
+        pipeline: Arc<Pipeline<Recorder>>,
+        _stop: CancellationToken,
+    }
+
+    async fn setup() -> Setup {
+        let pki = TestPki::new();
+        let ca = CertificateDer::from(pki.users_ca.cert_der());
+        let bundle = Bundle::from_der("users", std::slice::from_ref(&ca)).expect("bundle");
+        let bundles = Arc::new(TrustBundles::new(vec![bundle]));
+        let stop = CancellationToken::new();
+        let oidc = crate::authn::oidc::OidcAuthenticator::new(&[], stop.clone())
+            .await
+            .expect("no issuers");
+        let store: SharedStore = Arc::new(MemoryStore::new());
+        let engine =
+            PolicyEngine::from_sources(&[("test.cedar".into(), POLICY.into())]).expect("policy");
+        let decider = Arc::new(crate::decide::Decider::new(
+            store.clone(),
+            None,
+            Authorizer::with_policy(Arc::new(engine)),
+        ));
+        let metrics = Arc::new(Metrics::new());
+        let streams = StreamRegistry::new(metrics.clone());
+        // The rules review reads discovery from a kube-apiserver of its own; never reached here.
+        let verifier = crate::tls::upstream::ReloadingServerVerifier::new(vec![ca]).expect("ca");
+        let (pooled_tls, upgrade_tls) = crate::tls::upstream::client_configs(
+            verifier,
+            crate::tls::upstream::ReloadingClientCert::new(None),
+        )
+        .expect("tls");
+        let discovery_upstream =
+            crate::proxy::Upstream::new(crate::proxy::forward::UpstreamSettings {
+                url: "https://127.0.0.1:9".parse().expect("url"),
+                server_name: None,
+                pooled_tls,
+                upgrade_tls,
+                token: None,
+                connect_timeout: Duration::from_secs(1),
+                request_timeout: Duration::from_secs(5),
+                max_body: 1 << 20,
+            })
+            .expect("upstream");
+        let upstream = Arc::new(Recorder::default());
+        let pipeline = Arc::new(Pipeline {
+            upstream: upstream.clone(),
+            auditor: crate::audit::Auditor::disabled(),
+            x509: Some(crate::authn::x509::X509Authenticator::new(
+                "users".into(),
+                bundles.clone(),
+            )),
+            oidc: oidc.clone(),
+            bundles: bundles.clone(),
+            devices: None,
+            workloads: Vec::new(),
+            decider: decider.clone(),
+            metrics,
+            streams: streams.clone(),
+            inflight: Arc::new(crate::streams::Inflight::default()),
+            inflight_limit: Arc::new(tokio::sync::Semaphore::new(8)),
+            request_timeout: Duration::from_secs(5),
+            max_stream_age: None,
+            readiness: Arc::new(crate::readiness::Readiness::new(
+                oidc.clone(),
+                store.clone(),
+            )),
+            sso: None,
+            webhooks: crate::webhook::Webhooks {
+                token_review: None,
+                sar: None,
+                bundles,
+                oidc,
+                decider: decider.clone(),
+            },
+            locks: crate::locks::LocksApi {
+                store: store.clone(),
+                streams,
+            },
+            posture: crate::posture::api::PostureApi {
+                store: store.clone(),
+                posture: None,
+            },
+            rules: Arc::new(crate::authz::rules::RulesReview {
+                decider,
+                discovery: crate::discovery::DiscoveryCache::new(crate::discovery::TTL),
+                upstream: Arc::new(discovery_upstream),
+                request_timeout: Duration::from_secs(5),
+            }),
+        });
+        Setup {
+            pki,
+            store,
+            upstream,
+            pipeline,
+            _stop: stop,
+        }
+    }
+
+    /// Sends one request through [`handle`] over an in-memory HTTP/1.1 connection whose client
+    /// presented `chain`; the status and body of the answer.
+    async fn send(
+        pipeline: &Arc<Pipeline<Recorder>>,
+        chain: Option<Vec<CertificateDer<'static>>>,
+        method: Method,
+        path: &str,
+    ) -> (StatusCode, String) {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let conn = Arc::new(ConnInfo::new(
+            "192.0.2.7:50000".parse().expect("address"),
+            chain,
+        ));
+        let pipeline = pipeline.clone();
+        let server = tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req| handle(pipeline.clone(), conn.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(server_io), svc)
+                .await;
+        });
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(client_io))
+                .await
+                .expect("handshake");
+        tokio::spawn(connection);
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "gateway.test")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = sender.send_request(req).await.expect("answer");
+        let status = resp.status();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        drop(sender);
+        server.abort();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    fn chain(ck: &ztgate_testkit::CertKey) -> Option<Vec<CertificateDer<'static>>> {
+        Some(vec![CertificateDer::from(ck.cert_der.clone())])
+    }
+
+    const POD: &str = "/api/v1/namespaces/default/pods/web";
+
+    #[tokio::test]
+    async fn without_credentials_nothing_reaches_the_upstream() {
+        let s = setup().await;
+        let (code, body) = send(&s.pipeline, None, Method::GET, POD).await;
+        assert_eq!(code, StatusCode::UNAUTHORIZED, "{body}");
+        assert!(s.upstream.seen().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_locked_user_is_refused_before_policy() {
+        let s = setup().await;
+        let lock = Lock::new(
+            LockTarget::User("mallory".into()),
+            "incident review",
+            None,
+            "security",
+        )
+        .expect("lock");
+        s.store.put_lock(lock).await.expect("stored");
+        // Policy would allow this request: the lock answers first.
+        let (code, body) = send(
+            &s.pipeline,
+            chain(&s.pki.user("mallory", &["devs"])),
+            Method::GET,
+            POD,
+        )
+        .await;
+        assert_eq!(code, StatusCode::FORBIDDEN, "{body}");
+        assert!(body.contains("incident review"), "{body}");
+        assert!(s.upstream.seen().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_policy_denial_never_reaches_the_upstream() {
+        let s = setup().await;
+        let (code, body) = send(
+            &s.pipeline,
+            chain(&s.pki.user("alice", &["devs"])),
+            Method::DELETE,
+            POD,
+        )
+        .await;
+        assert_eq!(code, StatusCode::FORBIDDEN, "{body}");
+        assert!(s.upstream.seen().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_allowed_request_reaches_the_upstream_as_its_user() {
+        let s = setup().await;
+        let (code, body) = send(
+            &s.pipeline,
+            chain(&s.pki.user("alice", &["devs"])),
+            Method::GET,
+            POD,
+        )
+        .await;
+        assert_eq!(code, StatusCode::OK, "{body}");
+        let seen = s.upstream.seen();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0]["impersonate-user"], "alice");
+        assert_eq!(seen[0]["impersonate-group"], "devs");
     }
 }
