@@ -174,46 +174,83 @@ fn default_timeout() -> GoDuration {
     GoDuration(Duration::from_secs(10))
 }
 
+/// A value of the `audit` section that the gateway cannot use; `field` is its path under
+/// `audit` (`sinks[1].url`).
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct ConfigError {
+    pub field: String,
+    #[source]
+    pub problem: ConfigProblem,
+}
+
+/// What is wrong with a value of the `audit` section.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigProblem {
+    #[error("must be at least 1")]
+    Zero,
+    #[error("must be more than 0")]
+    NoTime,
+    #[error("must not be empty")]
+    Empty,
+    #[error("must name a file")]
+    NotAFile,
+    #[error(transparent)]
+    Url(#[from] crate::tls::client::HttpsUrlError),
+    #[error("at most one stdout sink")]
+    SecondStdout,
+    #[error("two file sinks write the same path")]
+    SamePath,
+}
+
 impl AuditConfig {
-    /// Checks values serde cannot. Each message starts with the field path under `audit`
-    /// (`sinks[1].url: ...`).
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks values serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         for (i, sink) in self.sinks.iter().enumerate() {
-            let at = |field: &str, msg: &str| format!("sinks[{i}].{field}: {msg}");
+            let at = |field: &str, problem: ConfigProblem| ConfigError {
+                field: format!("sinks[{i}].{field}"),
+                problem,
+            };
             if sink.buffer_events() == 0 {
-                return Err(at("bufferEvents", "must be at least 1"));
+                return Err(at("bufferEvents", ConfigProblem::Zero));
             }
             match sink {
                 SinkConfig::File(f) => {
                     if f.path.as_os_str().is_empty() {
-                        return Err(at("path", "must not be empty"));
+                        return Err(at("path", ConfigProblem::Empty));
                     }
                     if f.path.file_name().is_none() {
-                        return Err(at("path", "must name a file"));
+                        return Err(at("path", ConfigProblem::NotAFile));
                     }
                 }
                 SinkConfig::Stdout(_) => {}
                 SinkConfig::Webhook(w) => {
-                    crate::tls::client::check_https_url(&w.url).map_err(|m| at("url", &m.to_string()))?;
+                    crate::tls::client::check_https_url(&w.url)
+                        .map_err(|e| at("url", ConfigProblem::Url(e)))?;
                     if w.batch_max_events == 0 {
-                        return Err(at("batchMaxEvents", "must be at least 1"));
+                        return Err(at("batchMaxEvents", ConfigProblem::Zero));
                     }
                     if w.batch_max_wait.is_zero() {
-                        return Err(at("batchMaxWait", "must be more than 0"));
+                        return Err(at("batchMaxWait", ConfigProblem::NoTime));
                     }
                     if w.timeout.is_zero() {
-                        return Err(at("timeout", "must be more than 0"));
+                        return Err(at("timeout", ConfigProblem::NoTime));
                     }
                 }
             }
         }
+        let sinks = |problem| ConfigError {
+            field: "sinks".to_owned(),
+            problem,
+        };
         let stdout = self
             .sinks
             .iter()
             .filter(|s| matches!(s, SinkConfig::Stdout(_)))
             .count();
         if stdout > 1 {
-            return Err("sinks: at most one stdout sink".into());
+            return Err(sinks(ConfigProblem::SecondStdout));
         }
         let mut paths: Vec<&PathBuf> = self
             .sinks
@@ -225,7 +262,7 @@ impl AuditConfig {
             .collect();
         paths.sort();
         if paths.windows(2).any(|w| w[0] == w[1]) {
-            return Err("sinks: two file sinks write the same path".into());
+            return Err(sinks(ConfigProblem::SamePath));
         }
         Ok(())
     }
@@ -295,22 +332,26 @@ sinks:
         let e = parse("sinks: [{type: webhook, url: 'http://x/y', caFile: /ca}]")
             .unwrap()
             .validate()
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("sinks[0].url:"), "{e}");
         let e = parse("sinks: [{type: stdout}, {type: webhook, url: 'https://x/y', caFile: /ca, batchMaxEvents: 0}]")
             .unwrap()
             .validate()
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("sinks[1].batchMaxEvents:"), "{e}");
         let e = parse("sinks: [{type: file, path: /a, bufferEvents: 0}]")
             .unwrap()
             .validate()
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("sinks[0].bufferEvents:"), "{e}");
         let e = parse("sinks: [{type: file, path: /a}, {type: file, path: /a}]")
             .unwrap()
             .validate()
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("same path"), "{e}");
     }
 }

@@ -25,6 +25,7 @@
 
 pub mod config;
 pub mod event;
+pub mod id;
 pub mod policy;
 pub mod sink;
 
@@ -53,9 +54,9 @@ use sink::{Msg, SinkStats};
 /// Why the auditor could not start (or a policy could not be loaded).
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
-    /// A config value is invalid; the message starts with the field under `audit`.
+    /// A config value is invalid.
     #[error("audit config: {0}")]
-    Config(String),
+    Config(#[from] config::ConfigError),
     /// The audit policy file cannot be read or is invalid.
     #[error("audit policy {path}: {message}")]
     Policy { path: String, message: String },
@@ -108,7 +109,7 @@ impl Auditor {
         cfg: &AuditConfig,
         stop: CancellationToken,
     ) -> Result<Arc<Auditor>, AuditError> {
-        cfg.validate().map_err(AuditError::Config)?;
+        cfg.validate()?;
         let policy = match &cfg.policy_file {
             Some(path) => AuditPolicy::load(path)?,
             None => AuditPolicy::metadata_for_everything(),
@@ -174,7 +175,7 @@ impl Auditor {
     /// A new random audit ID (UUID v4). Send it upstream as the `Audit-ID` header so that
     /// kube-apiserver's audit events carry the same ID.
     pub fn new_audit_id() -> String {
-        event::new_audit_id()
+        id::new_audit_id()
     }
 
     /// Whether any sink is configured.

@@ -198,34 +198,24 @@ impl AuditPolicy {
             path: path.display().to_string(),
             message: e.to_string(),
         })?;
-        AuditPolicy::from_yaml(&text).map_err(|message| AuditError::Policy {
+        AuditPolicy::from_yaml(&text).map_err(|e| AuditError::Policy {
             path: path.display().to_string(),
-            message,
+            message: e.to_string(),
         })
     }
 
     /// Parses and checks a policy. The error names the offending field.
-    pub fn from_yaml(text: &str) -> Result<AuditPolicy, String> {
+    pub fn from_yaml(text: &str) -> Result<AuditPolicy, PolicyError> {
         let de = serde_yaml_ng::Deserializer::from_str(text);
-        let file: PolicyFile = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            if path == "." || path.is_empty() {
-                e.inner().to_string()
-            } else {
-                format!("{path}: {}", e.inner())
-            }
-        })?;
+        let file: PolicyFile = serde_path_to_error::deserialize(de).map_err(PolicyError::Parse)?;
         if file.api_version != API_VERSION {
-            return Err(format!(
-                "apiVersion: must be {API_VERSION:?}, got {:?}",
-                file.api_version
-            ));
+            return Err(PolicyError::ApiVersion(file.api_version));
         }
         if file.kind != "Policy" {
-            return Err(format!("kind: must be \"Policy\", got {:?}", file.kind));
+            return Err(PolicyError::Kind(file.kind));
         }
-        for (i, rule) in file.rules.iter().enumerate() {
-            check_rule(rule).map_err(|m| format!("rules[{i}].{m}"))?;
+        for (index, rule) in file.rules.iter().enumerate() {
+            check_rule(rule).map_err(|problem| PolicyError::Rule { index, problem })?;
         }
         let omit_stages: StageSet = file.omit_stages.iter().copied().collect();
         let rule_omit = file
@@ -274,35 +264,87 @@ impl AuditPolicy {
     }
 }
 
-fn check_rule(rule: &PolicyRule) -> Result<(), String> {
+/// Why an audit policy is refused; the text starts with the offending field's path.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// Not YAML, or not a policy's fields.
+    #[error("{}", parse_message(.0))]
+    Parse(#[source] serde_path_to_error::Error<serde_yaml_ng::Error>),
+    #[error("apiVersion: must be {API_VERSION:?}, got {0:?}")]
+    ApiVersion(String),
+    #[error("kind: must be \"Policy\", got {0:?}")]
+    Kind(String),
+    /// A rule the gateway cannot apply.
+    #[error("rules[{index}].{problem}")]
+    Rule {
+        index: usize,
+        #[source]
+        problem: RuleProblem,
+    },
+}
+
+/// The parse error, after the path of the field it is about (when it is about one).
+fn parse_message(e: &serde_path_to_error::Error<serde_yaml_ng::Error>) -> String {
+    let path = e.path().to_string();
+    if path == "." || path.is_empty() {
+        e.inner().to_string()
+    } else {
+        format!("{path}: {}", e.inner())
+    }
+}
+
+/// What is wrong with one rule of an audit policy.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuleProblem {
+    /// `Request` or `RequestResponse`.
+    #[error(
+        "level: {:?} is not supported: ztgate never records request or response bodies \
+         (use None or Metadata; record bodies in kube-apiserver's own audit log and join \
+         on the audit ID)",
+        .0.as_str()
+    )]
+    BodyLevel(Level),
+    #[error(
+        "nonResourceURLs: cannot be combined with resources or namespaces (a request is \
+         either a resource request or not)"
+    )]
+    NonResourceWithResources,
+    #[error(
+        "nonResourceURLs[{index}]: {url:?} must start with \"/\" and may only end in \"*\" \
+         (or be \"*\")"
+    )]
+    NonResourceUrl { index: usize, url: String },
+    #[error(
+        "resources[{group}].resources[{index}]: {resource:?} must be \"*\", \"<resource>\", \
+         \"<resource>/<subresource>\", \"*/<subresource>\" or \"<resource>/*\""
+    )]
+    Resource {
+        group: usize,
+        index: usize,
+        resource: String,
+    },
+}
+
+fn check_rule(rule: &PolicyRule) -> Result<(), RuleProblem> {
     match rule.level {
         Level::None | Level::Metadata => {}
-        Level::Request | Level::RequestResponse => {
-            return Err(format!(
-                "level: {:?} is not supported: ztgate never records request or response bodies \
-                 (use None or Metadata; record bodies in kube-apiserver's own audit log and join \
-                 on the audit ID)",
-                rule.level.as_str()
-            ))
-        }
+        Level::Request | Level::RequestResponse => return Err(RuleProblem::BodyLevel(rule.level)),
     }
     if !rule.non_resource_urls.is_empty()
         && (!rule.resources.is_empty() || !rule.namespaces.is_empty())
     {
-        return Err(
-            "nonResourceURLs: cannot be combined with resources or namespaces (a request is \
-             either a resource request or not)"
-                .into(),
-        );
+        return Err(RuleProblem::NonResourceWithResources);
     }
     for (j, url) in rule.non_resource_urls.iter().enumerate() {
         let star = url.find('*');
         let ok = url == "*" || (url.starts_with('/') && star.is_none_or(|at| at == url.len() - 1));
         if !ok {
-            return Err(format!(
-                "nonResourceURLs[{j}]: {url:?} must start with \"/\" and may only end in \"*\" \
-                 (or be \"*\")"
-            ));
+            return Err(RuleProblem::NonResourceUrl {
+                index: j,
+                url: url.clone(),
+            });
         }
     }
     for (j, gr) in rule.resources.iter().enumerate() {
@@ -313,10 +355,11 @@ fn check_rule(rule: &PolicyRule) -> Result<(), String> {
                     Some((r, sub)) => !r.is_empty() && !sub.is_empty() && !sub.contains('/'),
                 };
             if !ok {
-                return Err(format!(
-                    "resources[{j}].resources[{k}]: {res:?} must be \"*\", \"<resource>\", \
-                     \"<resource>/<subresource>\", \"*/<subresource>\" or \"<resource>/*\""
-                ));
+                return Err(RuleProblem::Resource {
+                    group: j,
+                    index: k,
+                    resource: res.clone(),
+                });
             }
         }
     }
@@ -731,45 +774,56 @@ rules:
     fn bodies_and_bad_rules_are_refused() {
         let head = "apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n";
         let err = AuditPolicy::from_yaml(&format!("{head}- level: Metadata\n- level: Request\n"))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("rules[1].level:"), "{err}");
         assert!(
             err.contains("never records request or response bodies"),
             "{err}"
         );
-        let err = AuditPolicy::from_yaml(&format!("{head}- level: RequestResponse\n")).unwrap_err();
+        let err = AuditPolicy::from_yaml(&format!("{head}- level: RequestResponse\n"))
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("\"RequestResponse\" is not supported"),
             "{err}"
         );
-        let err = AuditPolicy::from_yaml(&format!("{head}- level: Verbose\n")).unwrap_err();
+        let err = AuditPolicy::from_yaml(&format!("{head}- level: Verbose\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("rules[0].level"), "{err}");
-        let err =
-            AuditPolicy::from_yaml(&format!("{head}- level: None\n  user: [a]\n")).unwrap_err();
+        let err = AuditPolicy::from_yaml(&format!("{head}- level: None\n  user: [a]\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown field `user`"), "{err}");
         let err = AuditPolicy::from_yaml(&format!(
             "{head}- level: None\n  nonResourceURLs: ['/a*b']\n"
         ))
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(err.starts_with("rules[0].nonResourceURLs[0]"), "{err}");
         let err = AuditPolicy::from_yaml(&format!(
             "{head}- level: None\n  nonResourceURLs: ['/a']\n  namespaces: [x]\n"
         ))
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("cannot be combined"), "{err}");
         let err = AuditPolicy::from_yaml(&format!(
             "{head}- level: None\n  resources: [{{group: '', resources: ['a/b/c']}}]\n"
         ))
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(
             err.starts_with("rules[0].resources[0].resources[0]"),
             "{err}"
         );
-        let err =
-            AuditPolicy::from_yaml("apiVersion: audit.k8s.io/v1beta1\nkind: Policy\n").unwrap_err();
+        let err = AuditPolicy::from_yaml("apiVersion: audit.k8s.io/v1beta1\nkind: Policy\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("apiVersion"), "{err}");
         let err = AuditPolicy::from_yaml(&format!("{head}- level: None\n  omitStages: [Done]\n"))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("omitStages"), "{err}");
     }
 }

@@ -34,8 +34,7 @@ pub fn validate(cfg: &GatewayConfig) -> Vec<Issue> {
     v.authorization(cfg);
     if let Some(a) = &cfg.audit {
         if let Err(e) = a.validate() {
-            let (path, msg) = e.split_once(": ").unwrap_or(("", e.as_str()));
-            v.err(format!("audit.{path}"), msg.to_owned());
+            v.err(format!("audit.{}", e.field), e.problem.to_string());
         }
     }
     for (path, msg) in crate::sso::config::validate(cfg) {

@@ -238,8 +238,8 @@ fn format_rfc3339(t: SystemTime) -> Option<String> {
     ))
 }
 
-fn parse_rfc3339(s: &str) -> Result<SystemTime, String> {
-    crate::audit::event::MicroTime::parse(s).map(|m| m.0)
+fn parse_rfc3339(s: &str) -> Result<SystemTime, crate::util::time::TimeError> {
+    crate::util::time::parse_rfc3339(s)
 }
 
 pub(crate) mod rfc3339 {
