@@ -123,23 +123,6 @@ impl Status {
         Status::failure(code, "InternalError", message)
     }
 
-    /// The reason kube-apiserver gives for `code` among those the gateway sends.
-    pub fn reason_for(code: u16) -> &'static str {
-        match code {
-            400 => "BadRequest",
-            401 => "Unauthorized",
-            403 => "Forbidden",
-            404 => "NotFound",
-            405 => "MethodNotAllowed",
-            409 => "Conflict",
-            413 => "RequestEntityTooLarge",
-            429 => "TooManyRequests",
-            504 => "Timeout",
-            503 => "ServiceUnavailable",
-            _ => "InternalError",
-        }
-    }
-
     /// Names the object the failure is about (`details.name`, `group`, `kind`).
     pub fn about(mut self, name: &str, group: &str, kind: &str) -> Status {
         let details = self.details.get_or_insert_with(Default::default);

@@ -260,9 +260,14 @@ pub enum AuthnError {
     /// A bearer token was presented but no token authenticator is configured.
     #[error("bearer token presented but no token authenticator is configured")]
     TokenAuthNotConfigured,
-    /// The client certificate chain does not verify against the users bundle.
-    #[error("client certificate rejected: {0}")]
-    CertificateRejected(String),
+    /// The client certificate chain does not verify against the users bundle: `reason` in a few
+    /// words, the verifier's or parser's error as the cause.
+    #[error("client certificate rejected: {reason}")]
+    CertificateRejected {
+        reason: String,
+        #[source]
+        cause: Option<crate::util::chain::SharedCause>,
+    },
     /// The client certificate has expired since the connection was set up.
     #[error("client certificate expired")]
     CertificateExpired,
@@ -290,9 +295,17 @@ pub enum AuthnError {
     /// lifetime, required claims, `email_verified`, claim mappings).
     #[error("token claims rejected: {0}")]
     TokenClaimsRejected(String),
-    /// The signing keys of the token's issuer could not be loaded (IdP unreachable or broken).
-    #[error("issuer keys unavailable: {0}")]
-    IssuerKeysUnavailable(String),
+    /// The signing keys of the token's issuer could not be loaded (IdP unreachable or broken);
+    /// the last fetch's error is the cause (none before the first fetch ends).
+    #[error(
+        "issuer keys unavailable: keys of issuer {issuer} have never loaded: {}",
+        cause.as_ref().map_or_else(|| "not fetched yet".to_owned(), ToString::to_string)
+    )]
+    IssuerKeysUnavailable {
+        issuer: String,
+        #[source]
+        cause: Option<crate::util::chain::SharedCause>,
+    },
 }
 
 impl crate::errors::ToStatus for AuthnError {
@@ -309,7 +322,7 @@ impl AuthnError {
             AuthnError::NoCredentials => "no_credentials",
             AuthnError::MalformedAuthorization(_) => "malformed_authorization",
             AuthnError::TokenAuthNotConfigured => "token_not_accepted",
-            AuthnError::CertificateRejected(_) => "certificate_rejected",
+            AuthnError::CertificateRejected { .. } => "certificate_rejected",
             AuthnError::CertificateExpired => "certificate_expired",
             AuthnError::InvalidIdentity(_) => "invalid_identity",
             AuthnError::TokenBindingMismatch(_) => "token_binding_mismatch",
@@ -318,7 +331,7 @@ impl AuthnError {
             AuthnError::UnknownIssuer(_) => "unknown_issuer",
             AuthnError::TokenExpired(_) => "token_expired",
             AuthnError::TokenClaimsRejected(_) => "token_claims_rejected",
-            AuthnError::IssuerKeysUnavailable(_) => "issuer_keys_unavailable",
+            AuthnError::IssuerKeysUnavailable { .. } => "issuer_keys_unavailable",
         }
     }
 }

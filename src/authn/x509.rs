@@ -45,11 +45,14 @@ impl X509Authenticator {
         let generation = set.generation;
         let result = (|| {
             let leaf = chain.first().ok_or(AuthnError::NoCredentials)?;
-            let bundle = set.get(&self.bundle).ok_or_else(|| {
-                AuthnError::CertificateRejected(format!("bundle {:?} is not loaded", self.bundle))
-            })?;
+            let bundle = set
+                .get(&self.bundle)
+                .ok_or_else(|| AuthnError::CertificateRejected {
+                    reason: format!("bundle {:?} is not loaded", self.bundle),
+                    cause: None,
+                })?;
             let ee = webpki::EndEntityCert::try_from(leaf)
-                .map_err(|e| AuthnError::CertificateRejected(format!("unparseable: {e}")))?;
+                .map_err(|e| rejected(format!("unparseable: {e}"), e))?;
             let since_epoch = now
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap_or(Duration::ZERO);
@@ -62,7 +65,7 @@ impl X509Authenticator {
                 None,
                 None,
             )
-            .map_err(|e| AuthnError::CertificateRejected(describe(&e)))?;
+            .map_err(|e| rejected(describe(&e), e))?;
             identity_from_leaf(leaf, &self.bundle).map(Arc::new)
         })();
         Verified { generation, result }
@@ -91,6 +94,14 @@ pub fn workload_identity(w: &crate::device::Workload) -> Result<Identity, AuthnE
     })
 }
 
+/// A rejected certificate: why, in a few words, and the verifier's or parser's error as the cause.
+fn rejected(reason: String, cause: impl std::error::Error + Send + Sync + 'static) -> AuthnError {
+    AuthnError::CertificateRejected {
+        reason,
+        cause: Some(crate::util::chain::SharedCause(std::sync::Arc::new(cause))),
+    }
+}
+
 fn describe(e: &webpki::Error) -> String {
     match e {
         webpki::Error::CertExpired { .. } => "certificate has expired".into(),
@@ -105,7 +116,7 @@ fn describe(e: &webpki::Error) -> String {
 
 fn identity_from_leaf(leaf: &CertificateDer<'_>, bundle: &str) -> Result<Identity, AuthnError> {
     let (_, cert) = X509Certificate::from_der(leaf.as_ref())
-        .map_err(|e| AuthnError::CertificateRejected(format!("unparseable: {e}")))?;
+        .map_err(|e| rejected(format!("unparseable: {e}"), e))?;
     let subject = cert.subject();
     let user = subject
         .iter_common_name()

@@ -301,7 +301,7 @@ async fn tokens(a: &LoginArgs) -> Result<CachedTokens, LoginError> {
         }
     }
     let http = OidcHttpClient::new(p.ca_pem()?.as_deref(), Duration::from_secs(30))
-        .map_err(LoginError::Config)?;
+        .map_err(|e| LoginError::Config(e.to_string()))?;
     let provider =
         flows::Provider::discover(&p.issuer, http, &p.client_id, a.client_secret.clone()).await?;
     if let Some(t) = cached.as_ref().filter(|t| t.refresh_token.is_some()) {

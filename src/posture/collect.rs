@@ -152,12 +152,14 @@ pub struct ReportTarget {
 /// stored record as the gateway answered it.
 pub async fn post_report(target: &ReportTarget, report: &SelfReport) -> Result<String, String> {
     let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-    let roots = crate::tls::client::roots_from_pem(&read(&target.ca_file)?)?;
+    let roots =
+        crate::tls::client::roots_from_pem(&read(&target.ca_file)?).map_err(|e| e.to_string())?;
     let certs = crate::tls::pem::certs_from_pem(&target.cert_file, &read(&target.cert_file)?)
         .map_err(|e| e.to_string())?;
     let key = crate::tls::pem::key_from_pem(&target.key_file, &read(&target.key_file)?)
         .map_err(|e| e.to_string())?;
-    let tls = crate::tls::client::config_builder(roots)?
+    let tls = crate::tls::client::config_builder(roots)
+        .map_err(|e| e.to_string())?
         .with_client_auth_cert(certs, key)
         .map_err(|e| format!("device certificate and key: {e}"))?;
     let client = crate::tls::client::https_client::<Full<Bytes>>(

@@ -70,8 +70,10 @@ impl Provider {
                 cfg.certificate_authority_file.display()
             )
         })?;
-        let roots = crate::tls::client::roots_from_pem(&pem)?;
-        let tls = crate::tls::client::config_builder(roots)?.with_no_client_auth();
+        let roots = crate::tls::client::roots_from_pem(&pem).map_err(|e| e.to_string())?;
+        let tls = crate::tls::client::config_builder(roots)
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth();
         let client = crate::tls::client::https_client::<Full<Bytes>>(
             tls,
             cfg.timeout.get(),

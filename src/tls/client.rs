@@ -62,13 +62,26 @@ pub fn check_https_url(url: &str) -> Result<http::Uri, HttpsUrlError> {
 
 pub type HttpsClient<B> = Client<HttpsConnector<HttpConnector>, B>;
 
+/// Why a client TLS config could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientTlsError {
+    /// The CA bundle is not usable PEM certificates (the operator's file).
+    #[error(transparent)]
+    CaPem(#[from] super::pem::CaPemError),
+    /// A CA certificate parses but cannot be a trust anchor (the operator's file).
+    #[error("CA certificate not usable as a trust anchor: {0}")]
+    Anchor(#[source] rustls::Error),
+    /// The crypto provider refused the protocol versions (a build problem).
+    #[error("TLS setup: {0}")]
+    Setup(#[source] rustls::Error),
+}
+
 /// Trust anchors from a PEM bundle.
-pub fn roots_from_pem(pem: &[u8]) -> Result<RootCertStore, String> {
+pub fn roots_from_pem(pem: &[u8]) -> Result<RootCertStore, ClientTlsError> {
     let mut roots = RootCertStore::empty();
-    for c in super::pem::parse_ca_pem(pem).map_err(|e| e.to_string())? {
-        roots
-            .add(c)
-            .map_err(|e| format!("CA certificate not usable as a trust anchor: {e}"))?;
+    for c in super::pem::parse_ca_pem(pem)? {
+        roots.add(c).map_err(ClientTlsError::Anchor)?;
     }
     Ok(roots)
 }
@@ -76,11 +89,11 @@ pub fn roots_from_pem(pem: &[u8]) -> Result<RootCertStore, String> {
 /// A TLS 1.2/1.3 client config with the project's crypto provider, trusting only `roots`.
 pub fn config_builder(
     roots: RootCertStore,
-) -> Result<ConfigBuilder<ClientConfig, WantsClientCert>, String> {
+) -> Result<ConfigBuilder<ClientConfig, WantsClientCert>, ClientTlsError> {
     Ok(
         ClientConfig::builder_with_provider(crate::crypto_provider())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| format!("TLS setup: {e}"))?
+            .map_err(ClientTlsError::Setup)?
             .with_root_certificates(roots),
     )
 }

@@ -29,6 +29,18 @@ pub enum HttpError {
     Body(String),
 }
 
+/// Why the client for a provider could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The provider's CA bundle is unusable.
+    #[error(transparent)]
+    Tls(#[from] super::client::ClientTlsError),
+    /// No CA was named and the system has no CA bundle either.
+    #[error("no system CA bundle found; name the provider's CA")]
+    NoSystemRoots,
+}
+
 /// A pooled HTTPS client for one provider.
 #[derive(Clone)]
 pub struct OidcHttpClient {
@@ -38,7 +50,7 @@ pub struct OidcHttpClient {
 
 impl OidcHttpClient {
     /// Trusts `ca_pem` when given, else the operating system's CA bundle.
-    pub fn new(ca_pem: Option<&[u8]>, timeout: Duration) -> Result<OidcHttpClient, String> {
+    pub fn new(ca_pem: Option<&[u8]>, timeout: Duration) -> Result<OidcHttpClient, ClientError> {
         let roots = match ca_pem {
             Some(pem) => roots_from_pem(pem)?,
             None => system_roots()?,
@@ -83,7 +95,7 @@ impl<'c> AsyncHttpClient<'c> for OidcHttpClient {
 }
 
 /// The operating system's CA bundle (Debian, Fedora/RHEL, Alpine, macOS Homebrew paths).
-fn system_roots() -> Result<RootCertStore, String> {
+fn system_roots() -> Result<RootCertStore, ClientError> {
     const BUNDLES: &[&str] = &[
         "/etc/ssl/certs/ca-certificates.crt",
         "/etc/pki/tls/certs/ca-bundle.crt",
@@ -109,5 +121,5 @@ fn system_roots() -> Result<RootCertStore, String> {
             return Ok(roots);
         }
     }
-    Err("no system CA bundle found; name the provider's CA".into())
+    Err(ClientError::NoSystemRoots)
 }

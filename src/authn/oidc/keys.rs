@@ -82,14 +82,28 @@ pub(crate) struct KeySet {
     pub(crate) skipped: Vec<Skipped>,
 }
 
+/// Why a JWKS document is unusable as a whole.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub(crate) enum JwksError {
+    #[error("JWKS is not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    #[error("JWKS has no \"keys\" array")]
+    NoKeysArray,
+    #[error("JWKS holds no keys")]
+    Empty,
+    /// Every key was left out; the reasons, one per key.
+    #[error("JWKS holds no usable key ({})", .0.join("; "))]
+    NoUsableKey(Vec<String>),
+}
+
 impl KeySet {
     /// Parses a JWKS document. Fails only when the document itself is unusable (not JSON, no
     /// `keys` array, or no usable key at all); single bad keys are skipped.
-    pub(crate) fn parse(body: &[u8], allowed: &[Algorithm]) -> Result<KeySet, String> {
-        let doc: Value =
-            serde_json::from_slice(body).map_err(|e| format!("JWKS is not JSON: {e}"))?;
+    pub(crate) fn parse(body: &[u8], allowed: &[Algorithm]) -> Result<KeySet, JwksError> {
+        let doc: Value = serde_json::from_slice(body).map_err(JwksError::NotJson)?;
         let Some(list) = doc.get("keys").and_then(Value::as_array) else {
-            return Err("JWKS has no \"keys\" array".into());
+            return Err(JwksError::NoKeysArray);
         };
         let mut keys = Vec::new();
         let mut skipped = Vec::new();
@@ -104,11 +118,10 @@ impl KeySet {
             }
         }
         if keys.is_empty() {
-            let why: Vec<&str> = skipped.iter().map(|s| s.reason.as_str()).collect();
-            return Err(if why.is_empty() {
-                "JWKS holds no keys".into()
+            return Err(if skipped.is_empty() {
+                JwksError::Empty
             } else {
-                format!("JWKS holds no usable key ({})", why.join("; "))
+                JwksError::NoUsableKey(skipped.into_iter().map(|s| s.reason).collect())
             });
         }
         Ok(KeySet { keys, skipped })

@@ -323,7 +323,7 @@ impl OidcAuthenticator {
                 None => {
                     let s = Arc::new(
                         KeySource::new(id, &self.opts, self.stop.child_token(), self.clock.clone())
-                            .map_err(err)?,
+                            .map_err(|e| err(e.to_string()))?,
                     );
                     fresh.push(s.clone());
                     s
@@ -381,7 +381,7 @@ impl OidcAuthenticator {
             .load()
             .issuers
             .values()
-            .filter_map(|i| Some((i.rules.url.clone(), i.source.last_error()?)))
+            .filter_map(|i| Some((i.rules.url.clone(), i.source.last_error()?.to_string())))
             .collect();
         v.sort();
         v
@@ -682,10 +682,10 @@ impl OidcAuthenticator {
             set = src.keys();
         }
         let Some(set) = set else {
-            let why = src.last_error().unwrap_or_else(|| "not fetched yet".into());
-            return Err(AuthnError::IssuerKeysUnavailable(format!(
-                "keys of issuer {url} have never loaded: {why}"
-            )));
+            return Err(AuthnError::IssuerKeysUnavailable {
+                issuer: url.to_owned(),
+                cause: src.last_error().map(|e| crate::util::chain::SharedCause(e)),
+            });
         };
         let candidates: Vec<usize> = match &t.kid {
             Some(kid) => {

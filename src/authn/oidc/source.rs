@@ -26,9 +26,19 @@ use arc_swap::ArcSwapOption;
 use jsonwebtoken::Algorithm;
 use tokio_util::sync::CancellationToken;
 
-use super::discovery::Fetcher;
-use super::keys::KeySet;
+use super::discovery::{FetchError, Fetcher};
+use super::keys::{JwksError, KeySet};
 use super::OidcOptions;
+
+/// Why the last fetch of an issuer's keys failed: the fetch itself, or the key set it brought.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeysError {
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Jwks(#[from] JwksError),
+}
 
 /// Most kids remembered as not found, per issuer. Beyond it the floor alone bounds the fetches.
 const MISSING_CAPACITY: usize = 1024;
@@ -118,7 +128,7 @@ pub(crate) struct KeySource {
     started: AtomicU64,
     /// Whether the last attempt failed (then the timer retries sooner).
     last_failed: AtomicBool,
-    last_error: Mutex<Option<String>>,
+    last_error: Mutex<Option<Arc<KeysError>>>,
     /// Held during a fetch (single flight).
     fetches: tokio::sync::Mutex<Fetches>,
     kids: Mutex<Kids>,
@@ -133,7 +143,7 @@ impl KeySource {
         opts: &OidcOptions,
         cancel: CancellationToken,
         clock: Clock,
-    ) -> Result<KeySource, String> {
+    ) -> Result<KeySource, FetchError> {
         let fetcher = Fetcher::new(&id.ca_pem, opts.fetch_timeout, opts.max_response_bytes)?;
         Ok(KeySource {
             id,
@@ -163,8 +173,8 @@ impl KeySource {
         self.generation.load(Ordering::SeqCst)
     }
 
-    pub(crate) fn last_error(&self) -> Option<String> {
-        self.last_error.lock().ok().and_then(|e| e.clone())
+    pub(crate) fn last_error(&self) -> Option<Arc<KeysError>> {
+        crate::util::sync::lock(&self.last_error).clone()
     }
 
     /// To be taken before a lookup in [`KeySource::keys`] that may miss, and handed to
@@ -256,10 +266,10 @@ impl KeySource {
         let number = self.started.fetch_add(1, Ordering::SeqCst) + 1;
         let url = self.url();
         let result = match self.fetcher.fetch_jwks(url, &self.id.discovery_url).await {
-            Ok((jwks_uri, body)) => {
-                KeySet::parse(&body, &self.id.algorithms).map(|set| (jwks_uri, set))
-            }
-            Err(e) => Err(e),
+            Ok((jwks_uri, body)) => KeySet::parse(&body, &self.id.algorithms)
+                .map(|set| (jwks_uri, set))
+                .map_err(KeysError::from),
+            Err(e) => Err(KeysError::from(e)),
         };
         let ok = match result {
             Ok((jwks_uri, set)) => {
@@ -270,18 +280,14 @@ impl KeySource {
                 self.note_new_set(&jwks_uri, &set);
                 self.keys.store(Some(Arc::new(set)));
                 self.last_failed.store(false, Ordering::SeqCst);
-                if let Ok(mut e) = self.last_error.lock() {
-                    *e = None;
-                }
+                *crate::util::sync::lock(&self.last_error) = None;
                 true
             }
             Err(e) => {
                 let kept = self.keys.load().is_some();
                 tracing::warn!(issuer = url, why, error = %e, kept_last_good_keys = kept, "issuer signing keys not refreshed");
                 self.last_failed.store(true, Ordering::SeqCst);
-                if let Ok(mut last) = self.last_error.lock() {
-                    *last = Some(e);
-                }
+                *crate::util::sync::lock(&self.last_error) = Some(Arc::new(e));
                 false
             }
         };
