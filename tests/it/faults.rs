@@ -596,8 +596,8 @@ async fn a_config_reload_storm_never_drops_a_working_issuer_or_the_gateway() {
 
 // ------------------------------------------------------------------ the table in the docs
 
-/// Every test named in docs/hardening.md's fault table exists: `file::name` is `fn name` in
-/// tests/file.rs; a bare `name` is a unit test somewhere under src/.
+/// Every test named in docs/hardening.md's fault table exists: `module::name` is `fn name` in
+/// tests/it/module.rs; a bare `name` is a unit test somewhere under src/.
 #[test]
 fn every_row_of_the_fault_table_names_a_test_that_exists() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -632,7 +632,7 @@ fn every_row_of_the_fault_table_names_a_test_that_exists() {
         for name in names {
             match name.split_once("::") {
                 Some((file, test)) => {
-                    let path = root.join("tests").join(format!("{file}.rs"));
+                    let path = root.join("tests/it").join(format!("{file}.rs"));
                     let text = std::fs::read_to_string(&path)
                         .unwrap_or_else(|e| panic!("{name}: {}: {e}", path.display()));
                     assert!(
