@@ -325,6 +325,38 @@ pub fn is_discovery(info: &RequestInfo) -> bool {
             .any(|root| p == *root || p.strip_prefix(root).is_some_and(|r| r.starts_with('/')))
 }
 
+/// A RequestInfo from a review's `resourceAttributes` or `nonResourceAttributes`.
+pub fn info_from_attributes(spec: &serde_json::Value) -> Option<RequestInfo> {
+    let s = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or_default().to_string();
+    if let Some(ra) = spec.get("resourceAttributes").filter(|v| v.is_object()) {
+        return Some(RequestInfo {
+            is_resource_request: true,
+            verb: s(ra, "verb"),
+            api_prefix: if s(ra, "group").is_empty() {
+                "api".into()
+            } else {
+                "apis".into()
+            },
+            api_group: s(ra, "group"),
+            api_version: s(ra, "version"),
+            namespace: s(ra, "namespace"),
+            resource: s(ra, "resource"),
+            subresource: s(ra, "subresource"),
+            name: s(ra, "name"),
+            ..Default::default()
+        });
+    }
+    if let Some(nra) = spec.get("nonResourceAttributes").filter(|v| v.is_object()) {
+        return Some(RequestInfo {
+            is_resource_request: false,
+            verb: s(nra, "verb"),
+            path: s(nra, "path"),
+            ..Default::default()
+        });
+    }
+    None
+}
+
 /// What a review (SubjectAccessReview, SelfSubjectAccessReview, a rules review) asks about.
 #[derive(Clone, Copy)]
 pub struct ReviewFacts<'a> {
@@ -732,8 +764,7 @@ mod tests {
             Default::default(),
         ));
         let review = |ra: serde_json::Value| {
-            crate::webhook::info_from_attributes(&serde_json::json!({"resourceAttributes": ra}))
-                .unwrap()
+            info_from_attributes(&serde_json::json!({"resourceAttributes": ra})).unwrap()
         };
         let now = SystemTime::now();
         let ask = |info: RequestInfo| {

@@ -841,7 +841,7 @@ async fn self_subject_access_review<U: Forward>(
         })?
     };
     let info: RequestInfo =
-        crate::webhook::info_from_attributes(&review["spec"]).ok_or_else(|| {
+        crate::decide::info_from_attributes(&review["spec"]).ok_or_else(|| {
             PipelineError::BadRequest(
                 "spec needs resourceAttributes or nonResourceAttributes".into(),
             )

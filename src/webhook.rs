@@ -12,7 +12,6 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 
 use crate::authn::x509::X509Authenticator;
-use crate::authz::requestinfo::RequestInfo;
 use crate::body::Body;
 use crate::config::SarDefault;
 use crate::decide::Review;
@@ -149,38 +148,6 @@ pub async fn serve(
     }
 }
 
-/// A RequestInfo from a review's `resourceAttributes` or `nonResourceAttributes`.
-pub fn info_from_attributes(spec: &Value) -> Option<RequestInfo> {
-    let s = |v: &Value, k: &str| v[k].as_str().unwrap_or_default().to_string();
-    if let Some(ra) = spec.get("resourceAttributes").filter(|v| v.is_object()) {
-        return Some(RequestInfo {
-            is_resource_request: true,
-            verb: s(ra, "verb"),
-            api_prefix: if s(ra, "group").is_empty() {
-                "api".into()
-            } else {
-                "apis".into()
-            },
-            api_group: s(ra, "group"),
-            api_version: s(ra, "version"),
-            namespace: s(ra, "namespace"),
-            resource: s(ra, "resource"),
-            subresource: s(ra, "subresource"),
-            name: s(ra, "name"),
-            ..Default::default()
-        });
-    }
-    if let Some(nra) = spec.get("nonResourceAttributes").filter(|v| v.is_object()) {
-        return Some(RequestInfo {
-            is_resource_request: false,
-            verb: s(nra, "verb"),
-            path: s(nra, "path"),
-            ..Default::default()
-        });
-    }
-    None
-}
-
 /// What a SubjectAccessReview's `status` says when the gateway has no opinion: kube-apiserver
 /// goes on to its next authorizer, and its final message quotes this reason.
 fn no_opinion(reason: &str) -> Value {
@@ -207,7 +174,7 @@ async fn subject_access_review(
         }
     };
     let spec = &review["spec"];
-    let Some(info) = info_from_attributes(spec) else {
+    let Some(info) = crate::decide::info_from_attributes(spec) else {
         return (
             StatusCode::BAD_REQUEST,
             crate::errors::Status::bad_request(

@@ -96,7 +96,7 @@ fn resource_attributes(
 ) -> RequestInfo {
     // Built by the function the SelfSubjectAccessReview path uses, so that `--list` and
     // `kubectl auth can-i <verb> <resource>` decide the very same attributes.
-    crate::webhook::info_from_attributes(&json!({"resourceAttributes": {
+    crate::decide::info_from_attributes(&json!({"resourceAttributes": {
         "verb": verb,
         "group": r.group,
         "version": r.version,
@@ -108,7 +108,7 @@ fn resource_attributes(
 }
 
 fn non_resource_attributes(path: &str) -> RequestInfo {
-    crate::webhook::info_from_attributes(
+    crate::decide::info_from_attributes(
         &json!({"nonResourceAttributes": {"verb": "get", "path": path}}),
     )
     .expect("nonResourceAttributes make a RequestInfo")
@@ -504,7 +504,7 @@ mod tests {
             .iter()
             .find(|i| i.subresource == "exec" && i.verb == "create")
             .unwrap();
-        let ssar = crate::webhook::info_from_attributes(&json!({"resourceAttributes": {
+        let ssar = crate::decide::info_from_attributes(&json!({"resourceAttributes": {
             "namespace": "team-a", "verb": "create", "version": "v1",
             "resource": "pods", "subresource": "exec"}}))
         .unwrap();
