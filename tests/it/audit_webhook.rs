@@ -298,17 +298,6 @@ fn webhook_counter(h: &Harness, what: &str) -> u64 {
     line.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
-async fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Asserts that no credential (whole, or any of its three JWT parts) occurs in `text`.
 fn assert_no_tokens(sink: &str, text: &str, tokens: &[&str]) {
     for token in tokens {
@@ -403,9 +392,9 @@ async fn drop_mode_requests_succeed_drops_are_counted_and_events_flow_again() {
 
     // Receiver back: the batch that was being retried arrives, and later requests flow again.
     rx.restart();
-    eventually(
-        "the held batch to be delivered",
+    support::wait_until(
         Duration::from_secs(30),
+        "the held batch is delivered",
         || webhook_counter(&h, "written") > written_before,
     )
     .await;
