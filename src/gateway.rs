@@ -473,7 +473,7 @@ fn upstream(cfg: &GatewayConfig, reloader: &Reloader) -> Result<Upstream, StartE
         request_timeout: cfg.timeouts.request.get(),
         max_body: cfg.limits.max_request_body_bytes,
     })
-    .map_err(StartError::Upstream)
+    .map_err(|e| StartError::Upstream(e.to_string()))
 }
 
 /// Watches the config file (every `interval`, and on SIGHUP) and applies what can change

@@ -114,14 +114,29 @@ impl std::fmt::Debug for PostureService {
     }
 }
 
+/// Why the posture part could not start (the operator's config).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PostureSetupError {
+    /// A posture issuer does not make a token authenticator.
+    #[error("{0}")]
+    Issuer(#[source] serde_json::Error),
+    /// The report verifier could not be built.
+    #[error("{0}")]
+    Verifier(#[source] crate::authn::oidc::OidcError),
+    /// The pull provider could not be set up.
+    #[error(transparent)]
+    Provider(#[from] provider::ProviderSetupError),
+}
+
 /// The `JwtAuthenticator` a posture issuer is verified with: `sub` is the device id.
-fn as_jwt_authenticator(iss: &PostureIssuer) -> Result<JwtAuthenticator, String> {
+fn as_jwt_authenticator(iss: &PostureIssuer) -> Result<JwtAuthenticator, PostureSetupError> {
     let v = serde_json::json!({
         "issuer": iss.issuer,
         "claimMappings": {"username": {"claim": "sub", "prefix": ""}},
         "signingAlgorithms": iss.signing_algorithms,
     });
-    serde_json::from_value(v).map_err(|e| e.to_string())
+    serde_json::from_value(v).map_err(PostureSetupError::Issuer)
 }
 
 impl PostureService {
@@ -131,7 +146,7 @@ impl PostureService {
         cfg: PostureConfig,
         stop: CancellationToken,
         oidc_options: OidcOptions,
-    ) -> Result<PostureService, String> {
+    ) -> Result<PostureService, PostureSetupError> {
         let reports = if cfg.issuers.is_empty() {
             None
         } else {
@@ -143,7 +158,7 @@ impl PostureService {
             Some(
                 OidcAuthenticator::with_options(&jwt, stop.clone(), oidc_options)
                     .await
-                    .map_err(|e| e.to_string())?,
+                    .map_err(PostureSetupError::Verifier)?,
             )
         };
         let provider = match &cfg.provider {

@@ -62,18 +62,61 @@ struct DeviceReply {
     score: Option<i64>,
 }
 
+/// Why the pull provider's client could not be set up (the operator's config).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProviderSetupError {
+    #[error("posture provider certificateAuthorityFile {}: {source}", path.display())]
+    CaFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::client::ClientTlsError),
+}
+
+/// Why the provider gave no answer for a batch. Every device of the batch is then
+/// `Unavailable` with this message.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+enum AskError {
+    #[error("{0}")]
+    Encode(#[source] serde_json::Error),
+    #[error("token file {}: {source}", path.display())]
+    TokenFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Request(#[source] http::Error),
+    /// The connection or the exchange failed; the message carries the whole chain of causes.
+    #[error("{}", crate::util::chain::error_chain(.0))]
+    Connect(#[source] hyper_util::client::legacy::Error),
+    #[error("provider answered {0}")]
+    Status(http::StatusCode),
+    #[error("reading the answer: {0}")]
+    Body(#[source] crate::body::BoxError),
+    #[error("answer is not valid: {0}")]
+    Invalid(#[source] serde_json::Error),
+    #[error("score {0} for a device is outside 0..100")]
+    Score(i64),
+}
+
 impl Provider {
-    pub fn new(cfg: &PullProvider, stop: CancellationToken) -> Result<Provider, String> {
-        let pem = std::fs::read(&cfg.certificate_authority_file).map_err(|e| {
-            format!(
-                "posture provider certificateAuthorityFile {}: {e}",
-                cfg.certificate_authority_file.display()
-            )
+    pub fn new(
+        cfg: &PullProvider,
+        stop: CancellationToken,
+    ) -> Result<Provider, ProviderSetupError> {
+        let pem = std::fs::read(&cfg.certificate_authority_file).map_err(|source| {
+            ProviderSetupError::CaFile {
+                path: cfg.certificate_authority_file.clone(),
+                source,
+            }
         })?;
-        let roots = crate::tls::client::roots_from_pem(&pem).map_err(|e| e.to_string())?;
-        let tls = crate::tls::client::config_builder(roots)
-            .map_err(|e| e.to_string())?
-            .with_no_client_auth();
+        let roots = crate::tls::client::roots_from_pem(&pem)?;
+        let tls = crate::tls::client::config_builder(roots)?.with_no_client_auth();
         let client = crate::tls::client::https_client::<Full<Bytes>>(
             tls,
             cfg.timeout.get(),
@@ -205,7 +248,7 @@ impl Batcher {
             ids.dedup();
             let answers = match tokio::time::timeout(self.timeout, self.ask(&ids)).await {
                 Ok(Ok(a)) => Ok(a),
-                Ok(Err(e)) => Err(e),
+                Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err(format!("no answer within {:?}", self.timeout)),
             };
             for (id, tx) in batch {
@@ -218,36 +261,34 @@ impl Batcher {
         }
     }
 
-    async fn ask(&self, ids: &[String]) -> Result<HashMap<String, Answer>, String> {
+    async fn ask(&self, ids: &[String]) -> Result<HashMap<String, Answer>, AskError> {
         let body = serde_json::to_vec(&serde_json::json!({ "deviceIds": ids }))
-            .map_err(|e| e.to_string())?;
+            .map_err(AskError::Encode)?;
         let mut req = Request::post(&self.url)
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::ACCEPT, "application/json");
         if let Some(f) = &self.token_file {
             let t = tokio::fs::read_to_string(f)
                 .await
-                .map_err(|e| format!("token file {}: {e}", f.display()))?;
+                .map_err(|source| AskError::TokenFile {
+                    path: f.clone(),
+                    source,
+                })?;
             req = req.header(header::AUTHORIZATION, format!("Bearer {}", t.trim()));
         }
         let req = req
             .body(Full::new(Bytes::from(body)))
-            .map_err(|e| e.to_string())?;
-        let resp = self
-            .client
-            .request(req)
-            .await
-            .map_err(|e| crate::util::chain::error_chain(&e))?;
+            .map_err(AskError::Request)?;
+        let resp = self.client.request(req).await.map_err(AskError::Connect)?;
         if !resp.status().is_success() {
-            return Err(format!("provider answered {}", resp.status()));
+            return Err(AskError::Status(resp.status()));
         }
         let bytes = Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
             .collect()
             .await
-            .map_err(|e| format!("reading the answer: {e}"))?
+            .map_err(AskError::Body)?
             .to_bytes();
-        let reply: Reply =
-            serde_json::from_slice(&bytes).map_err(|e| format!("answer is not valid: {e}"))?;
+        let reply: Reply = serde_json::from_slice(&bytes).map_err(AskError::Invalid)?;
         let now = SystemTime::now();
         let mut out = HashMap::with_capacity(reply.devices.len());
         for (id, d) in reply.devices {
@@ -257,7 +298,7 @@ impl Batcher {
             let mut attributes = d.attributes.unwrap_or_default();
             if let Some(score) = d.score {
                 if !(0..=100).contains(&score) {
-                    return Err(format!("score {score} for a device is outside 0..100"));
+                    return Err(AskError::Score(score));
                 }
                 attributes.edr_score = Some(score);
             }

@@ -102,6 +102,20 @@ pub struct Upstream {
     pub(crate) max_body: u64,
 }
 
+/// Why the upstream settings are unusable (the operator's config).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpstreamConfigError {
+    #[error("upstream URL has no host")]
+    NoHost,
+    #[error("invalid upstream server name {name:?}: {source}")]
+    ServerName {
+        name: String,
+        #[source]
+        source: rustls_pki_types::InvalidDnsNameError,
+    },
+}
+
 pub struct UpstreamSettings {
     pub url: Uri,
     pub server_name: Option<String>,
@@ -115,12 +129,12 @@ pub struct UpstreamSettings {
 }
 
 impl Upstream {
-    pub fn new(s: UpstreamSettings) -> Result<Upstream, String> {
+    pub fn new(s: UpstreamSettings) -> Result<Upstream, UpstreamConfigError> {
         let authority = s
             .url
             .authority()
             .cloned()
-            .ok_or("upstream URL has no host")?;
+            .ok_or(UpstreamConfigError::NoHost)?;
         let host = authority
             .host()
             .trim_start_matches('[')
@@ -133,7 +147,7 @@ impl Upstream {
         };
         let name = s.server_name.clone().unwrap_or_else(|| host.clone());
         let server_name = ServerName::try_from(name.clone())
-            .map_err(|e| format!("invalid upstream server name {name:?}: {e}"))?;
+            .map_err(|source| UpstreamConfigError::ServerName { name, source })?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(s.connect_timeout));
