@@ -58,11 +58,64 @@ pub enum AuditError {
     #[error("audit config: {0}")]
     Config(#[from] config::ConfigError),
     /// The audit policy file cannot be read or is invalid.
-    #[error("audit policy {path}: {message}")]
-    Policy { path: String, message: String },
+    #[error("audit policy {path}: {source}")]
+    Policy {
+        path: String,
+        #[source]
+        source: PolicyFileError,
+    },
     /// A sink cannot be set up (file not writable, CA unreadable, ...).
-    #[error("audit sink {sink}: {message}")]
-    Sink { sink: String, message: String },
+    #[error("audit sink {sink}: {source}")]
+    Sink {
+        sink: String,
+        #[source]
+        source: SinkError,
+    },
+}
+
+/// Why a sink could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SinkError {
+    /// The file sink's file cannot be opened for appending.
+    #[error("cannot open {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The webhook's URL is not one it may post to.
+    #[error("url: {0}")]
+    Url(#[source] crate::tls::client::HttpsUrlError),
+    /// The webhook's CA bundle cannot be read.
+    #[error("caFile {}: {source}", path.display())]
+    CaRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The webhook's CA bundle holds no usable trust anchors.
+    #[error("caFile {}: {source}", path.display())]
+    CaBundle {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The TLS client config cannot be made.
+    #[error(transparent)]
+    Tls(Box<dyn std::error::Error + Send + Sync>),
+    /// The webhook's client certificate or key cannot be read or used.
+    #[error("clientCertificate: {0}")]
+    ClientCertificate(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Why a policy file was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyFileError {
+    #[error(transparent)]
+    Read(#[from] std::io::Error),
+    #[error(transparent)]
+    Invalid(#[from] policy::PolicyError),
 }
 
 /// Counters of one sink.
@@ -120,14 +173,18 @@ impl Auditor {
             let name = sc.name();
             let stats = SinkStats::new(name.clone());
             let (tx, rx) = mpsc::channel(sc.buffer_events());
-            let sink_err = |message: String| AuditError::Sink {
+            let sink_err = |source: SinkError| AuditError::Sink {
                 sink: name.clone(),
-                message,
+                source,
             };
             let task = match sc {
                 SinkConfig::File(fc) => {
-                    let file = sink::file::FileSink::open(fc)
-                        .map_err(|e| sink_err(format!("cannot open {}: {e}", fc.path.display())))?;
+                    let file = sink::file::FileSink::open(fc).map_err(|source| {
+                        sink_err(SinkError::Open {
+                            path: fc.path.clone(),
+                            source,
+                        })
+                    })?;
                     tokio::spawn(sink::run_line_sink(
                         rx,
                         stop.clone(),

@@ -194,14 +194,13 @@ impl AuditPolicy {
 
     /// Reads and checks a policy file (YAML or JSON).
     pub fn load(path: &Path) -> Result<AuditPolicy, AuditError> {
-        let text = std::fs::read_to_string(path).map_err(|e| AuditError::Policy {
+        let refused = |source| AuditError::Policy {
             path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        AuditPolicy::from_yaml(&text).map_err(|e| AuditError::Policy {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })
+            source,
+        };
+        let text =
+            std::fs::read_to_string(path).map_err(|e| refused(super::PolicyFileError::Read(e)))?;
+        AuditPolicy::from_yaml(&text).map_err(|e| refused(super::PolicyFileError::Invalid(e)))
     }
 
     /// Parses and checks a policy. The error names the offending field.

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Msg, SinkStats};
 use crate::audit::config::WebhookSinkConfig;
 use crate::audit::event::API_VERSION;
+use crate::audit::SinkError;
 use crate::util::chain::error_chain;
 
 /// Longest wait between retries unless `retryBackoff` itself is longer.
@@ -53,27 +54,34 @@ impl WebhookSink {
     pub(crate) fn new(
         cfg: &WebhookSinkConfig,
         stats: Arc<SinkStats>,
-    ) -> Result<WebhookSink, String> {
-        let uri = crate::tls::client::check_https_url(&cfg.url).map_err(|m| format!("url: {m}"))?;
-        let ca_pem = std::fs::read(&cfg.ca_file)
-            .map_err(|e| format!("caFile {}: {e}", cfg.ca_file.display()))?;
-        let roots = crate::tls::client::roots_from_pem(&ca_pem)
-            .map_err(|m| format!("caFile {}: {m}", cfg.ca_file.display()))?;
-        let builder = crate::tls::client::config_builder(roots).map_err(|e| e.to_string())?;
+    ) -> Result<WebhookSink, SinkError> {
+        let uri = crate::tls::client::check_https_url(&cfg.url).map_err(SinkError::Url)?;
+        let ca_pem = std::fs::read(&cfg.ca_file).map_err(|source| SinkError::CaRead {
+            path: cfg.ca_file.clone(),
+            source,
+        })?;
+        let roots =
+            crate::tls::client::roots_from_pem(&ca_pem).map_err(|e| SinkError::CaBundle {
+                path: cfg.ca_file.clone(),
+                source: e.into(),
+            })?;
+        let builder =
+            crate::tls::client::config_builder(roots).map_err(|e| SinkError::Tls(e.into()))?;
         let tls = match &cfg.client_certificate {
             None => builder.with_no_client_auth(),
             Some(files) => {
-                let cert_pem = crate::tls::pem::read(&files.cert_file)
-                    .map_err(|e| format!("clientCertificate: {e}"))?;
-                let key_pem = crate::tls::pem::read(&files.key_file)
-                    .map_err(|e| format!("clientCertificate: {e}"))?;
+                let cert =
+                    |e: Box<dyn std::error::Error + Send + Sync>| SinkError::ClientCertificate(e);
+                let cert_pem =
+                    crate::tls::pem::read(&files.cert_file).map_err(|e| cert(e.into()))?;
+                let key_pem = crate::tls::pem::read(&files.key_file).map_err(|e| cert(e.into()))?;
                 let chain = crate::tls::pem::certs_from_pem(&files.cert_file, &cert_pem)
-                    .map_err(|e| format!("clientCertificate: {e}"))?;
+                    .map_err(|e| cert(e.into()))?;
                 let key = crate::tls::pem::key_from_pem(&files.key_file, &key_pem)
-                    .map_err(|e| format!("clientCertificate: {e}"))?;
+                    .map_err(|e| cert(e.into()))?;
                 builder
                     .with_client_auth_cert(chain, key)
-                    .map_err(|e| format!("clientCertificate: {e}"))?
+                    .map_err(|e| cert(e.into()))?
             }
         };
         let timeout = cfg.timeout.get();
