@@ -217,3 +217,77 @@ impl Tick {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    /// Polls `cond` every 5 ms for up to 5 s.
+    async fn eventually(what: &str, cond: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Replaces the file whole (as a Secret volume's symlink swap does), so a tick never reads
+    /// it half-written.
+    fn put(path: &std::path::Path, text: &str) {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).expect("write");
+        std::fs::rename(&tmp, path).expect("rename");
+    }
+
+    #[tokio::test]
+    async fn a_change_is_applied_and_a_bad_one_keeps_the_last_good_state() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("value");
+        std::fs::write(&path, "1").expect("write");
+        let stop = CancellationToken::new();
+        let applied = Arc::new(Mutex::new(Vec::<String>::new()));
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let (a, n) = (applied.clone(), attempts.clone());
+        Reloader::new(stop.clone()).watch_files(
+            "value",
+            vec![path.clone()],
+            Duration::from_millis(10),
+            move |files| {
+                n.fetch_add(1, Ordering::SeqCst);
+                let text = String::from_utf8(files[0].clone()).map_err(|e| e.to_string())?;
+                if text == "bad" {
+                    return Err("not a value".into());
+                }
+                crate::util::sync::lock(&a).push(text);
+                Ok(())
+            },
+        );
+        let applied_now = || crate::util::sync::lock(&applied).clone();
+
+        put(&path, "2");
+        eventually("the change is applied", || applied_now() == ["2"]).await;
+        // What was there at registration was never applied again.
+        assert_eq!(attempts.load(Ordering::SeqCst), 1);
+
+        put(&path, "bad");
+        eventually("the bad change is tried", || {
+            attempts.load(Ordering::SeqCst) == 2
+        })
+        .await;
+        put(&path, "3");
+        eventually("the next good change is applied", || {
+            applied_now() == ["2", "3"]
+        })
+        .await;
+        // The bad contents were tried once, not on every tick.
+        assert_eq!(attempts.load(Ordering::SeqCst), 3);
+
+        // A file that cannot be read leaves everything as it was.
+        std::fs::remove_file(&path).expect("remove");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(attempts.load(Ordering::SeqCst), 3);
+        stop.cancel();
+    }
+}
