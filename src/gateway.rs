@@ -50,7 +50,8 @@ pub enum StartError {
 }
 
 /// The assembled gateway: every part built once from the config (never re-parsed per request).
-/// The request path sees only [`Pipeline`], and each handler only its own part of it.
+/// The request path sees only [`Pipeline`], and each handler only its own part of it; the other
+/// fields are handles on shared parts for the config reloader, the demo and tests.
 pub struct Gateway {
     /// The request path and the handlers it dispatches to.
     pub pipeline: Arc<Pipeline>,

@@ -54,8 +54,8 @@ pub trait Reload: Send + 'static {
     fn read(&mut self) -> impl Future<Output = Result<Self::Snapshot, String>> + Send;
 
     /// Applies a changed (or, on SIGHUP, re-read) snapshot; keeps the last good state when it
-    /// is not usable. What it returns is remembered as the last snapshot seen, so a bad change
-    /// is reported once, not on every tick.
+    /// is not usable, and logs why. The snapshot is remembered as the last one seen either
+    /// way, so a bad change is reported once, not on every tick.
     fn apply(&mut self, snapshot: &Self::Snapshot, forced: bool)
         -> impl Future<Output = ()> + Send;
 }
