@@ -308,7 +308,9 @@ async fn a_watch_ends_with_401_when_its_token_expires() {
     })
     .await;
     // Expired 27 s ago: still accepted within the issuer's 30 s clock leeway, and the stream
-    // ends when the leeway is used up, as a new request would then be refused.
+    // ends when the leeway is used up, as a new request would then be refused. The expiry is in
+    // whole seconds, so that is 2 to 3 s from now: the time is taken before it.
+    let started = Instant::now();
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -325,7 +327,6 @@ async fn a_watch_ends_with_401_when_its_token_expires() {
         .header("authorization", format!("Bearer {token}"))
         .body(Full::new(Bytes::new()))
         .unwrap();
-    let started = Instant::now();
     let watch = client.request(req).await.unwrap();
     assert_eq!(watch.status(), 200);
     let text = tokio::time::timeout(Duration::from_secs(8), drain(watch.into_body()))

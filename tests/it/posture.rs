@@ -385,7 +385,9 @@ async fn a_watch_is_closed_when_posture_lapses_and_when_a_report_fails_policy() 
     let laptop = e.device_ca.issue_client("laptop-1", &[]);
 
     // A report that lapses in 3 s: the watch is closed then, with 401 (client-go logs in again)
-    // and the reason.
+    // and the reason. Its expiry is in whole seconds, so it lapses 2 to 3 s after it is signed:
+    // the time is taken before that.
+    let started = Instant::now();
     let (code, body) = e
         .post_report(
             &e.report("laptop-1", Duration::from_secs(3), healthy()),
@@ -393,7 +395,6 @@ async fn a_watch_is_closed_when_posture_lapses_and_when_a_report_fails_policy() 
         )
         .await;
     assert_eq!(code, 200, "{body}");
-    let started = Instant::now();
     let watch = open_watch(&e, &laptop).await;
     let (text, ended) = watch_until_closed(watch, Duration::from_secs(10)).await;
     let ev = last_event(&text);
