@@ -13,7 +13,7 @@ use std::time::SystemTime;
 
 use cedar_policy::entities_errors::EntitiesError;
 use cedar_policy::{
-    Context, ContextCreationError, Entity, EntityAttrEvaluationError, EntityTypeName, EntityUid,
+    Context, ContextCreationError, Entity, EntityAttrEvaluationError, EntityUid,
     ExpressionConstructionError, RequestValidationError, RestrictedExpression,
 };
 
@@ -24,18 +24,18 @@ use super::{
 use crate::authz::requestinfo::RequestInfo;
 
 /// Why a request's Cedar values could not be built; the decision is then a denial with this
-/// text as its error.
+/// text as its error. Cedar's errors are boxed: they are large, and rare.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum BuildError {
     /// A record or set value was refused by Cedar.
     #[error(transparent)]
-    Expression(#[from] ExpressionConstructionError),
+    Expression(Box<ExpressionConstructionError>),
     /// An entity was refused by Cedar.
     #[error(transparent)]
-    Entity(#[from] EntityAttrEvaluationError),
+    Entity(Box<EntityAttrEvaluationError>),
     /// The context record was refused by Cedar.
     #[error(transparent)]
-    Context(#[from] ContextCreationError),
+    Context(Box<ContextCreationError>),
     /// The verb is no action of the schema.
     #[error("verb {0:?} is not an action in the schema")]
     UnknownAction(String),
@@ -43,15 +43,35 @@ pub(crate) enum BuildError {
     #[error("action {verb:?} does not apply to {principal} on {resource}")]
     ActionDoesNotApply {
         verb: String,
-        principal: EntityTypeName,
-        resource: EntityTypeName,
+        /// The principal's entity type name.
+        principal: String,
+        /// The resource's entity type name.
+        resource: String,
     },
     /// The entities fail the schema check (only made in the unit tests).
     #[error("entities do not match the schema: {0}")]
-    Entities(#[source] EntitiesError),
+    Entities(#[source] Box<EntitiesError>),
     /// The request fails the schema check (only made in the unit tests).
     #[error("request does not match the schema: {0}")]
-    Request(#[source] RequestValidationError),
+    Request(#[source] Box<RequestValidationError>),
+}
+
+impl From<ExpressionConstructionError> for BuildError {
+    fn from(e: ExpressionConstructionError) -> BuildError {
+        BuildError::Expression(Box::new(e))
+    }
+}
+
+impl From<EntityAttrEvaluationError> for BuildError {
+    fn from(e: EntityAttrEvaluationError) -> BuildError {
+        BuildError::Entity(Box::new(e))
+    }
+}
+
+impl From<ContextCreationError> for BuildError {
+    fn from(e: ContextCreationError) -> BuildError {
+        BuildError::Context(Box::new(e))
+    }
 }
 
 /// What the principal entity is made of.

@@ -27,7 +27,7 @@ use super::schema::CompiledSchema;
 pub(crate) struct IndexError {
     policy: PolicyId,
     #[source]
-    source: PolicySetError,
+    source: Box<PolicySetError>,
 }
 
 #[derive(Default)]
@@ -99,7 +99,7 @@ impl PolicyIndex {
                 };
                 set.add((*policy).clone()).map_err(|source| IndexError {
                     policy: policy.id().clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
             }
             by_action.insert(name.clone(), slice);

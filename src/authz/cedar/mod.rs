@@ -535,13 +535,13 @@ impl PolicyEngine {
                 if !action.applies_to(principal.type_name(), resource.type_name()) {
                     return Err(BuildError::ActionDoesNotApply {
                         verb: verb.to_owned(),
-                        principal: principal.type_name().clone(),
-                        resource: resource.type_name().clone(),
+                        principal: principal.type_name().to_string(),
+                        resource: resource.type_name().to_string(),
                     });
                 }
                 list.push(action.entity.clone());
-                let entities =
-                    Entities::from_entities(list, check).map_err(BuildError::Entities)?;
+                let entities = Entities::from_entities(list, check)
+                    .map_err(|e| BuildError::Entities(Box::new(e)))?;
                 Ok((principal, resource, entities))
             };
         let build_context = |inputs: &ContextInputs<'_>| entities::context(inputs, &self.ip_exprs);
@@ -549,7 +549,7 @@ impl PolicyEngine {
                        resource: cedar_policy::EntityUid,
                        context: cedar_policy::Context| {
             Request::new(principal, action.uid.clone(), resource, context, check)
-                .map_err(BuildError::Request)
+                .map_err(|e| BuildError::Request(Box::new(e)))
         };
         // With the build cache, the entities remember their last decision: the same entities,
         // policy set and context (compared in full, whole seconds included) decide the same.

@@ -63,14 +63,16 @@ pub(crate) struct TypeNames {
 pub(crate) struct TypeNameError {
     name: &'static str,
     #[source]
-    source: cedar_policy::ParseErrors,
+    source: Box<cedar_policy::ParseErrors>,
 }
 
 impl TypeNames {
     fn new() -> Result<TypeNames, TypeNameError> {
         let t = |name: &'static str| {
-            EntityTypeName::from_str(&format!("k8s::{name}"))
-                .map_err(|source| TypeNameError { name, source })
+            EntityTypeName::from_str(&format!("k8s::{name}")).map_err(|source| TypeNameError {
+                name,
+                source: Box::new(source),
+            })
         };
         Ok(TypeNames {
             user: t("User")?,
