@@ -626,7 +626,9 @@ impl Demo {
             DevEnv::create(dir, pki, &apiserver.url(), &settings).map_err(|e| e.to_string())?;
         let cfg = crate::config::load_file(&env.config_path).map_err(|e| e.to_string())?;
         let reload = cfg.listener.reload_interval.get();
-        let gateway = crate::gateway::start(cfg).await.map_err(|e| e.to_string())?;
+        let gateway = crate::gateway::start(cfg)
+            .await
+            .map_err(|e| e.to_string())?;
         crate::gateway::spawn_config_reloader(
             gateway.gateway.clone(),
             env.config_path.clone(),
