@@ -191,19 +191,20 @@ impl JwtAuthenticator {
     }
 
     /// The CA PEM (inline, or read from `certificateAuthorityFile`).
-    pub fn ca_pem(&self) -> Result<Vec<u8>, String> {
+    pub fn ca_pem(&self) -> Result<Vec<u8>, IssuerCaError> {
         match (
             &self.issuer.certificate_authority,
             &self.issuer.certificate_authority_file,
         ) {
             (Some(pem), None) => Ok(pem.as_bytes().to_vec()),
-            (None, Some(file)) => {
-                std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))
-            }
-            (Some(_), Some(_)) => {
-                Err("set certificateAuthority or certificateAuthorityFile, not both".into())
-            }
-            (None, None) => Err(no_ca_message(&self.issuer.url)),
+            (None, Some(file)) => std::fs::read(file).map_err(|source| IssuerCaError::Read {
+                path: file.clone(),
+                source,
+            }),
+            (Some(_), Some(_)) => Err(IssuerCaError::Both),
+            (None, None) => Err(IssuerCaError::Missing {
+                issuer: self.issuer.url.clone(),
+            }),
         }
     }
 
@@ -216,6 +217,22 @@ impl JwtAuthenticator {
             }
         }
     }
+}
+
+/// Why an issuer's CA could not be had.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IssuerCaError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("set certificateAuthority or certificateAuthorityFile, not both")]
+    Both,
+    #[error("{}", no_ca_message(issuer))]
+    Missing { issuer: String },
 }
 
 fn no_ca_message(url: &str) -> String {

@@ -71,11 +71,11 @@ impl EtcdConfig {
         for (i, e) in self.endpoints.iter().enumerate() {
             match parse_endpoint(e) {
                 Ok(u) => https |= u.scheme_str() == Some("https"),
-                Err(m) => err(&format!("endpoints[{i}]"), m),
+                Err(m) => err(&format!("endpoints[{i}]"), m.to_string()),
             }
         }
         if let Err(m) = check_prefix(&self.key_prefix) {
-            err("keyPrefix", m);
+            err("keyPrefix", m.to_string());
         }
         if https && self.ca_file.is_none() {
             err(
@@ -105,7 +105,7 @@ impl EtcdConfig {
                     );
                 }
                 if let Err(e) = client_key(c, k) {
-                    err("certFile", e);
+                    err("certFile", e.to_string());
                 }
             }
             (None, None) => {}
@@ -129,30 +129,52 @@ impl EtcdConfig {
     }
 }
 
-fn parse_endpoint(e: &str) -> Result<Uri, String> {
-    let u: Uri = e.parse().map_err(|x| format!("{e:?} is not a URL: {x}"))?;
+/// Why a `state.etcd` setting is refused (the operator's config).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+enum SettingError {
+    #[error("{0:?} is not a URL: {1}")]
+    NotUrl(String, #[source] http::uri::InvalidUri),
+    #[error("{0:?}: the scheme must be https (or http)")]
+    Scheme(String),
+    #[error("{0:?} has no host")]
+    NoHost(String),
+    #[error("{0:?}: only scheme, host and port are allowed")]
+    ExtraParts(String),
+    #[error("{0:?} must start with /")]
+    PrefixStart(String),
+    #[error("{0:?} must not end with /")]
+    PrefixEnd(String),
+    #[error("must not contain control characters")]
+    PrefixControl,
+}
+
+fn parse_endpoint(e: &str) -> Result<Uri, SettingError> {
+    let u: Uri = e
+        .parse()
+        .map_err(|x| SettingError::NotUrl(e.to_owned(), x))?;
     match u.scheme_str() {
         Some("https" | "http") => {}
-        _ => return Err(format!("{e:?}: the scheme must be https (or http)")),
+        _ => return Err(SettingError::Scheme(e.to_owned())),
     }
     if u.host().is_none_or(str::is_empty) {
-        return Err(format!("{e:?} has no host"));
+        return Err(SettingError::NoHost(e.to_owned()));
     }
     if !matches!(u.path(), "" | "/") || u.query().is_some() {
-        return Err(format!("{e:?}: only scheme, host and port are allowed"));
+        return Err(SettingError::ExtraParts(e.to_owned()));
     }
     Ok(u)
 }
 
-fn check_prefix(p: &str) -> Result<(), String> {
+fn check_prefix(p: &str) -> Result<(), SettingError> {
     if !p.starts_with('/') {
-        return Err(format!("{p:?} must start with /"));
+        return Err(SettingError::PrefixStart(p.to_owned()));
     }
     if p.len() > 1 && p.ends_with('/') {
-        return Err(format!("{p:?} must not end with /"));
+        return Err(SettingError::PrefixEnd(p.to_owned()));
     }
     if p.chars().any(char::is_control) {
-        return Err("must not contain control characters".into());
+        return Err(SettingError::PrefixControl);
     }
     Ok(())
 }
@@ -160,10 +182,10 @@ fn check_prefix(p: &str) -> Result<(), String> {
 fn client_key(
     c: &std::path::Path,
     k: &std::path::Path,
-) -> Result<rustls::sign::CertifiedKey, String> {
-    let cert_pem = crate::tls::pem::read(c).map_err(|e| e.to_string())?;
-    let key_pem = crate::tls::pem::read(k).map_err(|e| e.to_string())?;
-    crate::tls::pem::certified_key(c, &cert_pem, k, &key_pem).map_err(|e| e.to_string())
+) -> Result<rustls::sign::CertifiedKey, crate::tls::TlsError> {
+    let cert_pem = crate::tls::pem::read(c)?;
+    let key_pem = crate::tls::pem::read(k)?;
+    crate::tls::pem::certified_key(c, &cert_pem, k, &key_pem)
 }
 
 type EtcdClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -292,7 +314,9 @@ impl EtcdStore {
             None => None,
         };
         let client_cert = ReloadingClientCert::new(match (&cfg.cert_file, &cfg.key_file) {
-            (Some(c), Some(k)) => Some(client_key(c, k).map_err(StoreError::Invalid)?),
+            (Some(c), Some(k)) => {
+                Some(client_key(c, k).map_err(|e| StoreError::Invalid(e.to_string()))?)
+            }
             _ => None,
         });
         let builder = rustls::ClientConfig::builder_with_provider(crate::crypto_provider())

@@ -223,7 +223,7 @@ fn source_id(index: usize, c: &JwtAuthenticator) -> Result<SourceId, OidcError> 
         issuer: c.issuer.url.clone(),
         message,
     };
-    let ca_pem = c.ca_pem().map_err(err)?;
+    let ca_pem = c.ca_pem().map_err(|e| err(e.to_string()))?;
     let rules_algs = c
         .signing_algorithms
         .iter()
