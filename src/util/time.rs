@@ -17,6 +17,10 @@ use time::{OffsetDateTime, PrimitiveDateTime};
 const MICRO: &[BorrowedFormatItem<'static>] =
     format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
 
+/// `metav1.MicroTime`'s text up to the seconds.
+const MICRO_SECONDS: &[BorrowedFormatItem<'static>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]");
+
 /// `metav1.Time`'s text.
 const SECONDS: &[BorrowedFormatItem<'static>] =
     format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
@@ -48,9 +52,61 @@ fn utc(t: SystemTime) -> OffsetDateTime {
 }
 
 /// Appends `t` as `metav1.MicroTime` writes it: `2026-11-26T15:04:05.123456Z`.
+///
+/// Two of these go into every audit event, and the events of a second share its text up to the
+/// seconds: each thread keeps the text of the last second it wrote and adds the microseconds.
 pub fn write_micro(t: SystemTime, out: &mut Vec<u8>) {
-    // Writing to a Vec cannot fail, and the description only names what a date-time has.
-    let _ = utc(t).format_into(out, MICRO);
+    use std::cell::RefCell;
+    /// The last second written: its Unix time and text (at most `-9999-12-31T23:59:59`).
+    struct Second {
+        unix: i64,
+        text: [u8; 20],
+        len: usize,
+    }
+    thread_local! {
+        static LAST: RefCell<Second> = const {
+            RefCell::new(Second { unix: i64::MIN, text: [0; 20], len: 0 })
+        };
+    }
+    let (unix, micros) = match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => (i64::try_from(d.as_secs()).ok(), d.subsec_micros()),
+        Err(e) => {
+            // Before 1970: the second below, and the microseconds from its start.
+            let d = e.duration();
+            let nanos = d.subsec_nanos();
+            let secs = i64::try_from(d.as_secs()).ok();
+            match nanos {
+                0 => (secs.map(|s| -s), 0),
+                n => (secs.map(|s| -s - 1), (1_000_000_000 - n) / 1_000),
+            }
+        }
+    };
+    let Some(second) = unix.and_then(|u| OffsetDateTime::from_unix_timestamp(u).ok()) else {
+        // Outside the years `time` knows: the nearest end of its range, written in full.
+        let _ = utc(t).format_into(out, MICRO);
+        return;
+    };
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if last.unix != second.unix_timestamp() || last.len == 0 {
+            let mut text = Vec::with_capacity(20);
+            // Writing to a Vec cannot fail, and the description only names what a
+            // date-time has.
+            let _ = second.format_into(&mut text, MICRO_SECONDS);
+            let len = text.len().min(last.text.len());
+            last.text[..len].copy_from_slice(&text[..len]);
+            last.len = len;
+            last.unix = second.unix_timestamp();
+        }
+        out.extend_from_slice(&last.text[..last.len]);
+    });
+    let mut digits = *b".000000Z";
+    let mut v = micros;
+    for d in digits[1..7].iter_mut().rev() {
+        *d = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
+    out.extend_from_slice(&digits);
 }
 
 /// `t` as `metav1.MicroTime` writes it: `2026-11-26T15:04:05.123456Z`.
