@@ -206,6 +206,11 @@ pub mod messages {
     /// A state store write that did not happen for a reason other than the disk.
     pub const STORE_UNWRITABLE: &str = "the gateway's state store cannot be written; try again";
 
+    /// An access review (SubjectAccessReview, SelfSubjectAccessReview) that names nothing to
+    /// decide.
+    pub const REVIEW_WITHOUT_ATTRIBUTES: &str =
+        "spec needs resourceAttributes or nonResourceAttributes";
+
     /// A lock matches the caller; `message` is the administrator's, possibly empty.
     pub fn locked(message: &str) -> String {
         if message.is_empty() {

@@ -842,9 +842,7 @@ async fn self_subject_access_review<U: Forward>(
     };
     let info: RequestInfo =
         crate::decide::info_from_attributes(&review["spec"]).ok_or_else(|| {
-            PipelineError::BadRequest(
-                "spec needs resourceAttributes or nonResourceAttributes".into(),
-            )
+            PipelineError::BadRequest(crate::errors::messages::REVIEW_WITHOUT_ATTRIBUTES.into())
         })?;
     let answer = gw
         .decider

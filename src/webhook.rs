@@ -177,10 +177,8 @@ async fn subject_access_review(
     let Some(info) = crate::decide::info_from_attributes(spec) else {
         return (
             StatusCode::BAD_REQUEST,
-            crate::errors::Status::bad_request(
-                "spec needs resourceAttributes or nonResourceAttributes",
-            )
-            .to_value(),
+            crate::errors::Status::bad_request(crate::errors::messages::REVIEW_WITHOUT_ATTRIBUTES)
+                .to_value(),
         );
     };
     let user = spec["user"].as_str().unwrap_or_default().to_owned();
