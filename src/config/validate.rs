@@ -37,7 +37,7 @@ pub fn validate(cfg: &GatewayConfig) -> Vec<Issue> {
             v.err(format!("audit.{}", e.field), e.problem.to_string());
         }
     }
-    for (path, msg) in crate::sso::config::validate(cfg) {
+    for (path, msg) in crate::sso::config::validate(cfg.sso.as_ref(), &cfg.authentication.jwt) {
         v.err(path, msg);
     }
     // --- state (etcd store) ---

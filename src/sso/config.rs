@@ -22,7 +22,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{GatewayConfig, GoDuration};
+use crate::config::duration::GoDuration;
+use crate::config::jwt::JwtAuthenticator;
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -118,18 +119,15 @@ impl SsoConfig {
     }
 }
 
-/// Every problem with `sso`, as (field path, message).
-pub fn validate(cfg: &GatewayConfig) -> Vec<(String, String)> {
+/// Every problem with `sso` (checked against the token issuers, `authentication.jwt`), as
+/// (field path, message).
+pub fn validate(sso: Option<&SsoConfig>, jwt: &[JwtAuthenticator]) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    let Some(s) = &cfg.sso else {
+    let Some(s) = sso else {
         return out;
     };
     let mut err = |path: &str, msg: String| out.push((format!("sso.{path}"), msg));
-    match cfg
-        .authentication
-        .jwt
-        .iter()
-        .find(|j| j.issuer.url == s.issuer)
+    match jwt.iter().find(|j| j.issuer.url == s.issuer)
     {
         None => err(
             "issuer",
@@ -218,6 +216,7 @@ pub fn validate(cfg: &GatewayConfig) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::GatewayConfig;
 
     fn cfg(sso: &str) -> GatewayConfig {
         let yaml = format!(
@@ -242,13 +241,18 @@ authentication:
     }
 
     fn paths(sso: &str) -> Vec<String> {
-        validate(&cfg(sso)).into_iter().map(|(p, _)| p).collect()
+        let c = cfg(sso);
+        validate(c.sso.as_ref(), &c.authentication.jwt)
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect()
     }
 
     #[test]
     fn a_good_section_passes() {
         let ok = "sso:\n  issuer: https://idp.example.com\n  clientId: ztgate-gateway\n  cli: {clientId: ztgate-cli}\n";
-        assert_eq!(validate(&cfg(ok)), vec![]);
+        let c = cfg(ok);
+        assert_eq!(validate(c.sso.as_ref(), &c.authentication.jwt), vec![]);
     }
 
     #[test]
