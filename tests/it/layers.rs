@@ -3,9 +3,13 @@
 //!
 //! Every file under `src/` is read; its `crate::…`, `super::…`, `self::…` paths and the paths
 //! that name one of its own child modules are resolved to the file that defines the module they
-//! name. Test code (`#[cfg(test)]` items, `tests.rs` files) and `src/fuzzing.rs` (the fuzz
-//! targets' entry points, which reach everywhere on purpose) are left out, as is `src/main.rs`
-//! (a separate crate that uses the library by its name).
+//! name. A name a module re-exports (`pub use child::Item;`, `pub use child::*;`) is traced to
+//! the file it comes from, so `crate::config::load_file` is an import of `config::load`.
+//! A module's files are one unit: a parent using its children is not an import, and a child
+//! using its parent is one for the layers but not for cycles. Test code (`#[cfg(test)]` items,
+//! `tests.rs` files) and `src/fuzzing.rs` (the fuzz targets' entry points, which reach everywhere
+//! on purpose) are left out, as is `src/main.rs` (a separate crate that uses the library by its
+//! name).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -176,6 +180,73 @@ fn every_module_has_a_layer() {
         unplaced.is_empty(),
         "modules with no layer in tests/it/layers.rs: {unplaced:?}"
     );
+}
+
+#[test]
+fn the_checks_see_re_exports_cycles_and_layers() {
+    let file = |code: &str, module: &str| {
+        let code = without_tests(&strip(code));
+        let children = child_modules(&code);
+        let (reexports, globs) = reexports(&code, module, &children);
+        File {
+            imports: imports(&code, module, &children),
+            reexports,
+            globs,
+            items: public_items(&code),
+        }
+    };
+    let files: BTreeMap<String, File> = [
+        (
+            "config",
+            file(
+                "mod load; pub use load::{load_file}; // crate::proxy::X\n",
+                "config",
+            ),
+        ),
+        (
+            "config::load",
+            file("use crate::decide::Decider;", "config::load"),
+        ),
+        (
+            "decide",
+            file(
+                "fn f() { let s = \"crate::tls::x\"; crate::config::load_file(); }\n\
+                 #[cfg(test)] mod tests { use crate::proxy::Y; }",
+                "decide",
+            ),
+        ),
+    ]
+    .into_iter()
+    .map(|(m, f)| (m.to_owned(), f))
+    .collect();
+    assert_eq!(
+        resolve("config::load_file", &files).as_deref(),
+        Some("config::load")
+    );
+    assert_eq!(
+        files["decide"].imports,
+        BTreeSet::from(["config::load_file".to_owned()]),
+        "comments, strings and test code are not imports"
+    );
+    let edges: BTreeMap<String, BTreeSet<String>> = files
+        .iter()
+        .map(|(m, f)| {
+            let targets = f
+                .imports
+                .iter()
+                .filter_map(|i| resolve(i, &files))
+                .filter(|t| t != m && !is_ancestor(m, t))
+                .collect();
+            (m.clone(), targets)
+        })
+        .collect();
+    assert_eq!(
+        cycles(&edges),
+        vec![vec!["config::load".to_owned(), "decide".to_owned()]]
+    );
+    assert!(layer_of("config::load").0 > layer_of("config").0);
+    assert!(layer_of("config::duration").0 < layer_of("tls").0);
+    assert_eq!(layer_of("").1, "base");
 }
 
 fn display(module: &str) -> String {
