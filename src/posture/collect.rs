@@ -148,20 +148,79 @@ pub struct ReportTarget {
     pub key_file: PathBuf,
 }
 
+/// Why a report was not stored. The message names the file or the URL it is about.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReportError {
+    /// A file of the device's TLS material could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gateway's CA bundle is unusable.
+    #[error(transparent)]
+    Ca(#[from] crate::tls::client::ClientTlsError),
+    /// The device certificate or key is unusable.
+    #[error(transparent)]
+    Certificate(#[from] crate::tls::TlsError),
+    /// The certificate and key do not make a client identity.
+    #[error("device certificate and key: {0}")]
+    ClientAuth(#[source] rustls::Error),
+    /// The report could not be written as JSON.
+    #[error("{0}")]
+    Encode(#[source] serde_json::Error),
+    /// The request could not be built.
+    #[error("{url}: {source}")]
+    Request {
+        url: String,
+        #[source]
+        source: http::Error,
+    },
+    /// The gateway did not answer in time.
+    #[error("{url}: no answer within 30s")]
+    Timeout { url: String },
+    /// The connection or the exchange failed; the message carries the whole chain of causes.
+    #[error("{url}: {}", crate::util::chain::error_chain(source))]
+    Connect {
+        url: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    /// The answer broke off.
+    #[error("{url}: {source}")]
+    Body {
+        url: String,
+        #[source]
+        source: hyper::Error,
+    },
+    /// The gateway answered with an error; `message` is its `Status` message (or its body).
+    #[error("the gateway refused the report ({status}): {message}")]
+    Refused {
+        status: http::StatusCode,
+        message: String,
+    },
+}
+
 /// Posts `report` to `{server}/v1/devices/posture` with the device certificate; returns the
 /// stored record as the gateway answered it.
-pub async fn post_report(target: &ReportTarget, report: &SelfReport) -> Result<String, String> {
-    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-    let roots =
-        crate::tls::client::roots_from_pem(&read(&target.ca_file)?).map_err(|e| e.to_string())?;
-    let certs = crate::tls::pem::certs_from_pem(&target.cert_file, &read(&target.cert_file)?)
-        .map_err(|e| e.to_string())?;
-    let key = crate::tls::pem::key_from_pem(&target.key_file, &read(&target.key_file)?)
-        .map_err(|e| e.to_string())?;
-    let tls = crate::tls::client::config_builder(roots)
-        .map_err(|e| e.to_string())?
+pub async fn post_report(
+    target: &ReportTarget,
+    report: &SelfReport,
+) -> Result<String, ReportError> {
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|source| ReportError::Read {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    let roots = crate::tls::client::roots_from_pem(&read(&target.ca_file)?)?;
+    let certs = crate::tls::pem::certs_from_pem(&target.cert_file, &read(&target.cert_file)?)?;
+    let key = crate::tls::pem::key_from_pem(&target.key_file, &read(&target.key_file)?)?;
+    let tls = crate::tls::client::config_builder(roots)?
         .with_client_auth_cert(certs, key)
-        .map_err(|e| format!("device certificate and key: {e}"))?;
+        .map_err(ReportError::ClientAuth)?;
     let client = crate::tls::client::https_client::<Full<Bytes>>(
         tls,
         Duration::from_secs(10),
@@ -169,31 +228,40 @@ pub async fn post_report(target: &ReportTarget, report: &SelfReport) -> Result<S
         0,
     );
     let url = format!("{}{}", target.server.trim_end_matches('/'), super::API_PATH);
-    let body = serde_json::to_vec(report).map_err(|e| e.to_string())?;
+    let body = serde_json::to_vec(report).map_err(ReportError::Encode)?;
     let req = Request::post(&url)
         .header(header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body)))
-        .map_err(|e| format!("{url}: {e}"))?;
+        .map_err(|source| ReportError::Request {
+            url: url.clone(),
+            source,
+        })?;
     let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
         .await
-        .map_err(|_| format!("{url}: no answer within 30s"))?
-        .map_err(|e| format!("{url}: {}", crate::util::chain::error_chain(&e)))?;
+        .map_err(|_| ReportError::Timeout { url: url.clone() })?
+        .map_err(|source| ReportError::Connect {
+            url: url.clone(),
+            source,
+        })?;
     let status = resp.status();
     let bytes = resp
         .into_body()
         .collect()
         .await
-        .map_err(|e| format!("{url}: {e}"))?
+        .map_err(|source| ReportError::Body {
+            url: url.clone(),
+            source,
+        })?
         .to_bytes();
     let text = String::from_utf8_lossy(&bytes).into_owned();
     if status.is_success() {
         Ok(text)
     } else {
-        let msg = serde_json::from_str::<serde_json::Value>(&text)
+        let message = serde_json::from_str::<serde_json::Value>(&text)
             .ok()
             .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned))
             .unwrap_or(text);
-        Err(format!("the gateway refused the report ({status}): {msg}"))
+        Err(ReportError::Refused { status, message })
     }
 }
 
