@@ -17,7 +17,7 @@
 //!
 //! What the error channel carries follows the kubelet: a JSON `metav1.Status` for `v4` and `v5`
 //! (client-go prints its `message`), the message text for older versions (client-go prints
-//! "error executing remote command: <text>").
+//! "error executing remote command: `<text>`").
 //!
 //! Port-forward sessions carry no error channel for the whole session: they are just closed, and
 //! kubectl reports the lost connection.

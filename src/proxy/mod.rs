@@ -1,8 +1,8 @@
 //! Forwarding to kube-apiserver: header hygiene, impersonation, streaming bodies, upgrades.
 //!
-//! This module only forwards what `authz` has authorized (it takes an [`Authorized`]), and must
-//! never pass a client's identity headers through, never pool a connection whose upgrade failed,
-//! and never buffer a streaming response.
+//! This module only forwards what `authz` has authorized (it takes an
+//! [`Authorized`](crate::authz::Authorized)), and must never pass a client's identity headers
+//! through, never pool a connection whose upgrade failed, and never buffer a streaming response.
 
 pub mod forward;
 pub mod frames;

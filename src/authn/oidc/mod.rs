@@ -1,8 +1,8 @@
 //! OIDC / JWT bearer-token authentication.
 //!
 //! Owns the configured issuers (each with its signing keys, fetched through discovery and kept
-//! fresh by [`source`]), the verification of a token against exactly the issuer it names
-//! ([`verify`]), and a cache of verified tokens keyed by the token's SHA-256 that never outlives a
+//! fresh by `source`), the verification of a token against exactly the issuer it names
+//! (`verify`), and a cache of verified tokens keyed by the token's SHA-256 that never outlives a
 //! token's `exp`. It must never log a token, never take a key from the token itself (`jku`,
 //! `x5u`, `jwk`, `x5c`), and never accept an unsigned or HMAC-signed token.
 //!
