@@ -157,14 +157,56 @@ impl KeySet {
     }
 }
 
-fn b64(jwk: &Value, member: &str) -> Result<Vec<u8>, String> {
+/// Why one key of a JWKS is left out (the others are still used).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub(crate) enum JwkError {
+    #[error("not a JSON object")]
+    NotObject,
+    #[error("missing \"{0}\"")]
+    Missing(&'static str),
+    #[error("\"{0}\" is not a string")]
+    NotString(&'static str),
+    #[error("\"{0}\" is not base64url")]
+    NotBase64(&'static str),
+    #[error("published with use={0:?}, not for signatures; never used to verify tokens")]
+    NotForSignatures(String),
+    #[error("key_ops does not include \"verify\"")]
+    NoVerifyOp,
+    #[error("alg {0} is not in this issuer's signingAlgorithms")]
+    AlgNotAllowed(String),
+    #[error("alg {0:?} is not a supported signature algorithm")]
+    UnknownAlg(String),
+    #[error("RSA modulus of {0} bits is shorter than {MIN_RSA_BITS}")]
+    ShortRsa(usize),
+    #[error("empty RSA exponent")]
+    EmptyExponent,
+    #[error("unsupported EC curve {0:?}")]
+    EcCurve(String),
+    #[error("{crv} coordinates must be {len} bytes")]
+    EcPointLength { crv: String, len: usize },
+    #[error("unsupported OKP curve {0:?}")]
+    OkpCurve(String),
+    #[error("Ed25519 key must be 32 bytes")]
+    Ed25519Length,
+    #[error("symmetric key (kty oct); never used to verify tokens")]
+    Symmetric,
+    #[error("unsupported key type {0:?}")]
+    KeyType(String),
+    #[error("alg {alg:?} does not fit a {kind} key")]
+    AlgMismatch { alg: Algorithm, kind: &'static str },
+    #[error("{0} key, and none of this issuer's signingAlgorithms uses one")]
+    NoAllowedAlg(&'static str),
+}
+
+fn b64(jwk: &Value, member: &'static str) -> Result<Vec<u8>, JwkError> {
     let s = jwk
         .get(member)
         .and_then(Value::as_str)
-        .ok_or_else(|| format!("missing \"{member}\""))?;
+        .ok_or(JwkError::Missing(member))?;
     URL_SAFE_NO_PAD
         .decode(s.trim_end_matches('='))
-        .map_err(|_| format!("\"{member}\" is not base64url"))
+        .map_err(|_| JwkError::NotBase64(member))
 }
 
 fn parse_alg(name: &str) -> Option<Algorithm> {
@@ -182,54 +224,47 @@ fn parse_alg(name: &str) -> Option<Algorithm> {
     })
 }
 
-fn parse_jwk(jwk: &Value, allowed: &[Algorithm]) -> Result<VerifyKey, String> {
+fn parse_jwk(jwk: &Value, allowed: &[Algorithm]) -> Result<VerifyKey, JwkError> {
     if !jwk.is_object() {
-        return Err("not a JSON object".into());
+        return Err(JwkError::NotObject);
     }
     match jwk.get("use") {
         None => {}
         Some(Value::String(u)) if u == "sig" => {}
-        Some(Value::String(u)) => {
-            return Err(format!(
-                "published with use={u:?}, not for signatures; never used to verify tokens"
-            ))
-        }
-        Some(_) => return Err("\"use\" is not a string".into()),
+        Some(Value::String(u)) => return Err(JwkError::NotForSignatures(u.clone())),
+        Some(_) => return Err(JwkError::NotString("use")),
     }
     if let Some(ops) = jwk.get("key_ops") {
         let verify = ops
             .as_array()
             .is_some_and(|ops| ops.iter().any(|o| o.as_str() == Some("verify")));
         if !verify {
-            return Err("key_ops does not include \"verify\"".into());
+            return Err(JwkError::NoVerifyOp);
         }
     }
     let alg = match jwk.get("alg") {
         None => None,
         Some(Value::String(a)) => match parse_alg(a) {
             Some(alg) if allowed.contains(&alg) => Some(alg),
-            Some(_) => return Err(format!("alg {a} is not in this issuer's signingAlgorithms")),
-            None => return Err(format!("alg {a:?} is not a supported signature algorithm")),
+            Some(_) => return Err(JwkError::AlgNotAllowed(a.clone())),
+            None => return Err(JwkError::UnknownAlg(a.clone())),
         },
-        Some(_) => return Err("\"alg\" is not a string".into()),
+        Some(_) => return Err(JwkError::NotString("alg")),
     };
     let kty = jwk
         .get("kty")
         .and_then(Value::as_str)
-        .ok_or("missing \"kty\"")?;
+        .ok_or(JwkError::Missing("kty"))?;
     let (kind, key) = match kty {
         "RSA" => {
             let n = b64(jwk, "n")?;
             let e = b64(jwk, "e")?;
             let n_trimmed = n.iter().skip_while(|b| **b == 0).count();
             if n_trimmed * 8 < MIN_RSA_BITS {
-                return Err(format!(
-                    "RSA modulus of {} bits is shorter than {MIN_RSA_BITS}",
-                    n_trimmed * 8
-                ));
+                return Err(JwkError::ShortRsa(n_trimmed * 8));
             }
             if e.is_empty() {
-                return Err("empty RSA exponent".into());
+                return Err(JwkError::EmptyExponent);
             }
             (KeyKind::Rsa, DecodingKey::from_rsa_raw_components(&n, &e))
         }
@@ -237,16 +272,19 @@ fn parse_jwk(jwk: &Value, allowed: &[Algorithm]) -> Result<VerifyKey, String> {
             let crv = jwk
                 .get("crv")
                 .and_then(Value::as_str)
-                .ok_or("missing \"crv\"")?;
+                .ok_or(JwkError::Missing("crv"))?;
             let (kind, len) = match crv {
                 "P-256" => (KeyKind::P256, 32),
                 "P-384" => (KeyKind::P384, 48),
-                other => return Err(format!("unsupported EC curve {other:?}")),
+                other => return Err(JwkError::EcCurve(other.to_owned())),
             };
             let x = b64(jwk, "x")?;
             let y = b64(jwk, "y")?;
             if x.len() != len || y.len() != len {
-                return Err(format!("{crv} coordinates must be {len} bytes"));
+                return Err(JwkError::EcPointLength {
+                    crv: crv.to_owned(),
+                    len,
+                });
             }
             let mut point = Vec::with_capacity(1 + 2 * len);
             point.push(0x04);
@@ -258,28 +296,28 @@ fn parse_jwk(jwk: &Value, allowed: &[Algorithm]) -> Result<VerifyKey, String> {
             let crv = jwk
                 .get("crv")
                 .and_then(Value::as_str)
-                .ok_or("missing \"crv\"")?;
+                .ok_or(JwkError::Missing("crv"))?;
             if crv != "Ed25519" {
-                return Err(format!("unsupported OKP curve {crv:?}"));
+                return Err(JwkError::OkpCurve(crv.to_owned()));
             }
             let x = b64(jwk, "x")?;
             if x.len() != 32 {
-                return Err("Ed25519 key must be 32 bytes".into());
+                return Err(JwkError::Ed25519Length);
             }
             (KeyKind::Ed25519, DecodingKey::from_ed_der(&x))
         }
-        "oct" => return Err("symmetric key (kty oct); never used to verify tokens".into()),
-        other => return Err(format!("unsupported key type {other:?}")),
+        "oct" => return Err(JwkError::Symmetric),
+        other => return Err(JwkError::KeyType(other.to_owned())),
     };
     if let Some(a) = alg {
         if !kind.verifies(a) {
-            return Err(format!("alg {a:?} does not fit a {} key", kind.describe()));
+            return Err(JwkError::AlgMismatch {
+                alg: a,
+                kind: kind.describe(),
+            });
         }
     } else if !allowed.iter().any(|a| kind.verifies(*a)) {
-        return Err(format!(
-            "{} key, and none of this issuer's signingAlgorithms uses one",
-            kind.describe()
-        ));
+        return Err(JwkError::NoAllowedAlg(kind.describe()));
     }
     Ok(VerifyKey {
         kid: jwk.get("kid").and_then(Value::as_str).map(str::to_owned),
