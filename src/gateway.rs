@@ -187,6 +187,16 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
             .map_err(|e| StartError::Config(format!("audit: {e}")))?,
         None => crate::audit::Auditor::disabled(),
     };
+    // The audit policy file: a change replaces the policy; a bad one keeps the last good one.
+    if let Some(path) = cfg.audit.as_ref().and_then(|a| a.policy_file.clone()) {
+        let auditor = auditor.clone();
+        reloader.watch_files("audit policy", vec![path], reload, move |files| {
+            let text = std::str::from_utf8(&files[0]).map_err(|e| e.to_string())?;
+            let policy = crate::audit::AuditPolicy::from_yaml(text).map_err(|e| e.to_string())?;
+            auditor.replace_policy(policy);
+            Ok(())
+        });
+    }
 
     let store: crate::state::SharedStore = match &cfg.state {
         // --- state.etcd ---

@@ -243,7 +243,7 @@ fn no_ca_message(url: &str) -> String {
 }
 
 fn cel(path: &str) -> String {
-    format!("CEL expressions are not supported yet by ztgate (field {path})")
+    format!("CEL expressions are not supported by ztgate (field {path})")
 }
 
 /// kube-apiserver's rule for extra keys: a lowercase domain-prefixed path (`example.org/foo`),
@@ -671,7 +671,7 @@ mod tests {
             "authentication.jwt[0].claimMappings.extra[0].valueExpression",
             "authentication.jwt[0].userValidationRules[0].expression",
         ] {
-            let want = format!("CEL expressions are not supported yet by ztgate (field {field})");
+            let want = format!("CEL expressions are not supported by ztgate (field {field})");
             assert!(
                 got.iter().any(|(p, m)| p == field && *m == want),
                 "{field}: {got:?}"
@@ -808,7 +808,7 @@ mod tests {
         assert_eq!(cel.line, Some(20));
         assert!(cel
             .message
-            .starts_with("CEL expressions are not supported yet by ztgate"));
+            .starts_with("CEL expressions are not supported by ztgate"));
     }
 
     #[test]

@@ -87,10 +87,6 @@ pub enum StoreError {
     /// Another process (or another store in this process) has the directory open.
     #[error("state directory {path} is in use: {reason}")]
     Busy { path: String, reason: String },
-    /// An earlier write failed in a way that leaves the on-disk log uncertain; the store takes
-    /// no more writes until it is reopened (reads keep working).
-    #[error("state store refuses writes after an earlier failure (reopen it): {0}")]
-    Poisoned(String),
     /// The system random number generator failed.
     #[error("the system random number generator failed")]
     Random,

@@ -143,6 +143,63 @@ async fn audit_log_has_one_event_per_stage_with_user_decision_and_reason() {
     );
 }
 
+/// The audit policy file is re-read while the gateway runs: requests recorded at `None` leave no
+/// event; once the file says `Metadata`, the same request is recorded, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_audit_policy_applies_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("p.cedar"), POLICIES).unwrap();
+    let audit = dir.path().join("audit.log");
+    let policy = dir.path().join("audit-policy.yaml");
+    let level =
+        |l: &str| format!("apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n  - level: {l}\n");
+    std::fs::write(&policy, level("None")).unwrap();
+    let h = Harness::start_with(DevSettings {
+        policies: vec![dir.path().join("p.cedar")],
+        reload_interval: "1s",
+        audit_yaml: Some(format!(
+            "audit:\n  policyFile: {}\n  sinks:\n    - type: file\n      path: {}\n",
+            policy.display(),
+            audit.display()
+        )),
+        ..Default::default()
+    })
+    .await;
+    let kc = h.kubeconfig("alice", &["team-a"]);
+    let lists = |audit: &std::path::Path| {
+        events(audit)
+            .into_iter()
+            .filter(|e| e["verb"] == "list" && e["objectRef"]["resource"] == "pods")
+            .count()
+    };
+
+    let out = h.kubectl(&kc, &["get", "pods", "-n", "team-a"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    h.demo.gateway.gateway.auditor.flush().await;
+    assert_eq!(lists(&audit), 0, "level None records nothing");
+
+    std::fs::write(&policy, level("Metadata")).unwrap();
+    support::eventually(
+        Duration::from_secs(20),
+        "a request recorded under the edited policy",
+        || async {
+            let out = h.kubectl(&kc, &["get", "pods", "-n", "team-a"]).await;
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            h.demo.gateway.gateway.auditor.flush().await;
+            (lists(&audit) > 0).then_some(())
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_is_audited_when_it_starts_and_when_shutdown_closes_it() {
     let (h, _dir, audit) = harness(|_| {}).await;

@@ -359,7 +359,7 @@ forbid (
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn policy_changes_apply_within_a_second_and_a_broken_file_keeps_the_last_good_set() {
+async fn policy_changes_apply_at_the_next_reload_and_a_broken_file_keeps_the_last_good_set() {
     let (h, p) = start_with_policies(&[("teams.cedar", &format!("{DISCOVERY}{TEAM_A}"))]).await;
     let dir = policy_dir(&p);
     let client = h.client(Some(&h.demo.env.pki.user("alice", &["team-a"])), false);
