@@ -572,6 +572,49 @@ pub fn posture_report(data: &[u8]) {
 
 #[cfg(test)]
 mod tests {
+    /// Every seed of every fuzz target's corpus (`fuzz/corpus/<target>/`), through the same
+    /// entry point the fuzzer calls: the properties each one checks hold for every seed. The
+    /// fuzzer itself (`scripts/fuzz`) runs the same seeds under libFuzzer and the address
+    /// sanitizer, and then mutates them.
+    #[test]
+    fn every_seed_of_every_corpus_keeps_its_properties() {
+        type Target = (&'static str, fn(&[u8]));
+        const TARGETS: &[Target] = &[
+            ("request_info", super::request_info),
+            ("oidc_token", super::oidc_token),
+            ("config", super::config),
+            ("impersonate_extra", super::impersonate_extra),
+            ("upgrade_headers", super::upgrade_headers),
+            ("posture_report", super::posture_report),
+        ];
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+        let targets_dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/fuzz_targets");
+        let on_disk = std::fs::read_dir(&targets_dir)
+            .expect("fuzz/fuzz_targets")
+            .count();
+        assert_eq!(
+            on_disk,
+            TARGETS.len(),
+            "a fuzz target is missing from this list"
+        );
+        for (name, run) in TARGETS {
+            let dir = root.join(name);
+            let mut seeds = 0;
+            for entry in
+                std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            {
+                let path = entry.expect("corpus entry").path();
+                let data =
+                    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                run(&data);
+                seeds += 1;
+            }
+            assert!(seeds > 0, "{name}: the seed corpus is empty");
+            eprintln!("{name}: {seeds} seeds");
+        }
+    }
+
     /// Inputs the fuzzers found, kept as regression tests.
     #[test]
     fn posture_numbers_survive_the_store_exactly() {
