@@ -24,7 +24,7 @@ use crate::pipeline::Pipeline;
 use crate::proxy::forward::UpstreamSettings;
 use crate::proxy::Upstream;
 use crate::readiness::Readiness;
-use crate::reload::{Reload, Reloader, Schedule};
+use crate::reload::{ReadError, Reload, Reloader, Schedule};
 use crate::streams::{Inflight, StreamRegistry};
 use crate::telemetry::Metrics;
 use crate::tls::bundles::{Bundle, TrustBundles};
@@ -101,15 +101,26 @@ impl RunningGateway {
     }
 }
 
-fn load_token(path: &std::path::Path, bytes: &[u8]) -> Result<HeaderValue, String> {
+/// Why the upstream token file is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("{}: token is not UTF-8", .0.display())]
+    NotUtf8(std::path::PathBuf),
+    #[error("{}: token file is empty", .0.display())]
+    Empty(std::path::PathBuf),
+    #[error("{}: token is not a valid header value", .0.display())]
+    NotHeaderValue(std::path::PathBuf),
+}
+
+fn load_token(path: &std::path::Path, bytes: &[u8]) -> Result<HeaderValue, TokenError> {
     let token = std::str::from_utf8(bytes)
-        .map_err(|_| format!("{}: token is not UTF-8", path.display()))?
+        .map_err(|_| TokenError::NotUtf8(path.to_path_buf()))?
         .trim();
     if token.is_empty() {
-        return Err(format!("{}: token file is empty", path.display()));
+        return Err(TokenError::Empty(path.to_path_buf()));
     }
     let mut v = HeaderValue::from_str(&format!("Bearer {token}"))
-        .map_err(|_| format!("{}: token is not a valid header value", path.display()))?;
+        .map_err(|_| TokenError::NotHeaderValue(path.to_path_buf()))?;
     v.set_sensitive(true);
     Ok(v)
 }
@@ -136,8 +147,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
             vec![cp.clone(), kp.clone()],
             reload,
             move |files| {
-                let ck = pem::certified_key(&cp, &files[0], &kp, &files[1])
-                    .map_err(|e| e.to_string())?;
+                let ck = pem::certified_key(&cp, &files[0], &kp, &files[1])?;
                 serving.store(ck);
                 Ok(())
             },
@@ -162,8 +172,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
             vec![path.clone()],
             reload,
             move |files| {
-                bundles
-                    .replace(Bundle::from_pem(&name, &path, &files[0]).map_err(|e| e.to_string())?);
+                bundles.replace(Bundle::from_pem(&name, &path, &files[0])?);
                 Ok(())
             },
         );
@@ -191,8 +200,8 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
     if let Some(path) = cfg.audit.as_ref().and_then(|a| a.policy_file.clone()) {
         let auditor = auditor.clone();
         reloader.watch_files("audit policy", vec![path], reload, move |files| {
-            let text = std::str::from_utf8(&files[0]).map_err(|e| e.to_string())?;
-            let policy = crate::audit::AuditPolicy::from_yaml(text).map_err(|e| e.to_string())?;
+            let text = std::str::from_utf8(&files[0])?;
+            let policy = crate::audit::AuditPolicy::from_yaml(text)?;
             auditor.replace_policy(policy);
             Ok(())
         });
@@ -423,8 +432,8 @@ fn upstream(cfg: &GatewayConfig, reloader: &Reloader) -> Result<Upstream, StartE
         let verifier = verifier.clone();
         let path = up.ca_file.clone();
         reloader.watch_files("upstream CA", vec![path.clone()], reload, move |files| {
-            let roots = pem::certs_from_pem(&path, &files[0]).map_err(|e| e.to_string())?;
-            verifier.replace(roots).map_err(|e| e.to_string())
+            let roots = pem::certs_from_pem(&path, &files[0])?;
+            Ok(verifier.replace(roots)?)
         });
     }
     let client_cert = match &up.client_certificate {
@@ -443,10 +452,7 @@ fn upstream(cfg: &GatewayConfig, reloader: &Reloader) -> Result<Upstream, StartE
                 vec![cp.clone(), kp.clone()],
                 reload,
                 move |files| {
-                    r.store(
-                        pem::certified_key(&cp, &files[0], &kp, &files[1])
-                            .map_err(|e| e.to_string())?,
-                    );
+                    r.store(pem::certified_key(&cp, &files[0], &kp, &files[1])?);
                     Ok(())
                 },
             );
@@ -457,7 +463,7 @@ fn upstream(cfg: &GatewayConfig, reloader: &Reloader) -> Result<Upstream, StartE
     let token = match &up.token_file {
         Some(path) => {
             let bytes = pem::read(path)?;
-            let v = load_token(path, &bytes).map_err(StartError::Upstream)?;
+            let v = load_token(path, &bytes).map_err(|e| StartError::Upstream(e.to_string()))?;
             let cell = Arc::new(ArcSwap::from_pointee(Some(v)));
             let c = cell.clone();
             let p = path.clone();
@@ -520,7 +526,7 @@ impl Reload for ConfigFile {
     /// The file's bytes (None: unreadable, which a reload then reports).
     type Snapshot = Option<Vec<u8>>;
 
-    async fn read(&mut self) -> Result<Option<Vec<u8>>, String> {
+    async fn read(&mut self) -> Result<Option<Vec<u8>>, ReadError> {
         Ok(tokio::fs::read(&self.path).await.ok())
     }
 
@@ -574,7 +580,7 @@ impl Policies {
 impl Reload for Policies {
     type Snapshot = Option<Vec<(String, String)>>;
 
-    async fn read(&mut self) -> Result<Self::Snapshot, String> {
+    async fn read(&mut self) -> Result<Self::Snapshot, ReadError> {
         Ok(self.snapshot())
     }
 

@@ -17,6 +17,23 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::util::chain::error_chain;
+
+/// Why a watched file could not be read (logged by the reloader, which keeps the last good
+/// state until the next tick).
+#[derive(Debug, thiserror::Error)]
+#[error("{}", path.display())]
+pub struct ReadError {
+    /// The file.
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Why a changed set of watched files is unusable: whatever error the part's own parsing gives,
+/// logged as it displays.
+pub type ApplyError = Box<dyn std::error::Error + Send + Sync>;
+
 /// How a registered part is woken.
 #[derive(Clone, Copy, Debug)]
 pub struct Schedule {
@@ -51,7 +68,7 @@ pub trait Reload: Send + 'static {
 
     /// Reads the source. An error (a file that cannot be read) is logged by the reloader and
     /// leaves everything as it was until the next tick.
-    fn read(&mut self) -> impl Future<Output = Result<Self::Snapshot, String>> + Send;
+    fn read(&mut self) -> impl Future<Output = Result<Self::Snapshot, ReadError>> + Send;
 
     /// Applies a changed (or, on SIGHUP, re-read) snapshot; keeps the last good state when it
     /// is not usable, and logs why. The snapshot is remembered as the last one seen either
@@ -92,7 +109,7 @@ impl Reloader {
                 let now = match part.read().await {
                     Ok(now) => now,
                     Err(e) => {
-                        tracing::warn!(what, error = %e, "cannot read rotated file; keeping the last good one");
+                        tracing::warn!(what, error = %error_chain(&e), "cannot read rotated file; keeping the last good one");
                         continue;
                     }
                 };
@@ -115,7 +132,7 @@ impl Reloader {
         interval: Duration,
         apply: F,
     ) where
-        F: FnMut(&[Vec<u8>]) -> Result<(), String> + Send + 'static,
+        F: FnMut(&[Vec<u8>]) -> Result<(), ApplyError> + Send + 'static,
     {
         let initial: Vec<Vec<u8>> = paths
             .iter()
@@ -139,16 +156,21 @@ struct Files<F> {
 
 impl<F> Reload for Files<F>
 where
-    F: FnMut(&[Vec<u8>]) -> Result<(), String> + Send + 'static,
+    F: FnMut(&[Vec<u8>]) -> Result<(), ApplyError> + Send + 'static,
 {
     type Snapshot = Vec<Vec<u8>>;
 
-    async fn read(&mut self) -> Result<Vec<Vec<u8>>, String> {
+    async fn read(&mut self) -> Result<Vec<Vec<u8>>, ReadError> {
         let mut current = Vec::with_capacity(self.paths.len());
         for p in &self.paths {
             match tokio::fs::read(p).await {
                 Ok(b) => current.push(b),
-                Err(e) => return Err(format!("{}: {e}", p.display())),
+                Err(source) => {
+                    return Err(ReadError {
+                        path: p.clone(),
+                        source,
+                    })
+                }
             }
         }
         Ok(current)
@@ -256,7 +278,7 @@ mod tests {
             Duration::from_millis(10),
             move |files| {
                 n.fetch_add(1, Ordering::SeqCst);
-                let text = String::from_utf8(files[0].clone()).map_err(|e| e.to_string())?;
+                let text = String::from_utf8(files[0].clone())?;
                 if text == "bad" {
                     return Err("not a value".into());
                 }

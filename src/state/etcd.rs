@@ -241,6 +241,47 @@ struct Freshness {
     max_staleness: Duration,
 }
 
+/// Why a heartbeat probe could not confirm the view is current (a health reason).
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error("the watch on etcd is not connected")]
+    WatchDown,
+    /// The read failed; why, as the request path words it.
+    #[error("{0}")]
+    Call(String),
+    #[error("unexpected etcd answer")]
+    Answer(#[source] serde_json::Error),
+    #[error("the watch has applied revision {applied}, etcd has {newest}")]
+    Behind { applied: Revision, newest: Revision },
+}
+
+/// Why a key-value under the prefix is unreadable (it is skipped and logged).
+#[derive(Debug, thiserror::Error)]
+enum KvError {
+    #[error(transparent)]
+    KeyBase64(#[from] base64::DecodeError),
+    #[error(transparent)]
+    KeyUtf8(#[from] std::string::FromUtf8Error),
+    #[error("{key}")]
+    Value {
+        key: String,
+        #[source]
+        source: base64::DecodeError,
+    },
+    #[error("{key}")]
+    Name {
+        key: String,
+        #[source]
+        source: std::str::Utf8Error,
+    },
+    #[error("{key}")]
+    Record {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
 impl Freshness {
     fn now_ms(&self) -> u64 {
         u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
@@ -401,8 +442,8 @@ impl EtcdStore {
         if let (Some(v), Some(ca)) = (&self.verifier, &cfg.ca_file) {
             let v = v.clone();
             reloader.watch_files("etcd CA", vec![ca.clone()], interval, move |files| {
-                let roots = crate::tls::pem::parse_ca_pem(&files[0]).map_err(|e| e.to_string())?;
-                v.replace(roots).map_err(|e| e.to_string())
+                let roots = crate::tls::pem::parse_ca_pem(&files[0])?;
+                Ok(v.replace(roots)?)
             });
         }
         if let (Some(c), Some(k)) = (&cfg.cert_file, &cfg.key_file) {
@@ -413,10 +454,9 @@ impl EtcdStore {
                 vec![c.clone(), k.clone()],
                 interval,
                 move |files| {
-                    r.store(
-                        crate::tls::pem::certified_key(&c, &files[0], &k, &files[1])
-                            .map_err(|e| e.to_string())?,
-                    );
+                    r.store(crate::tls::pem::certified_key(
+                        &c, &files[0], &k, &files[1],
+                    )?);
                     Ok(())
                 },
             );
@@ -559,6 +599,7 @@ impl Inner {
                     self.fresh.confirm(sent);
                 }
                 Err(why) => {
+                    let why = crate::util::chain::error_chain(&why);
                     failures += 1;
                     if failures == 1 {
                         tracing::warn!(error = %why, "cannot confirm the state store is current");
@@ -572,9 +613,9 @@ impl Inner {
         }
     }
 
-    async fn probe(&self) -> Result<(), String> {
+    async fn probe(&self) -> Result<(), ProbeError> {
         if !self.watch_live.load(Ordering::Acquire) {
-            return Err("the watch on etcd is not connected".into());
+            return Err(ProbeError::WatchDown);
         }
         let idx = self.watch_endpoint.load(Ordering::Acquire) % self.endpoints.len();
         let start = format!("{}/", self.prefix);
@@ -595,15 +636,12 @@ impl Inner {
                 self.dial_timeout,
             )
             .await
-            .map_err(|(e, _)| e)?;
-        let resp: RangeResponse =
-            serde_json::from_value(v).map_err(|e| format!("unexpected etcd answer: {e}"))?;
+            .map_err(|(e, _)| ProbeError::Call(e))?;
+        let resp: RangeResponse = serde_json::from_value(v).map_err(ProbeError::Answer)?;
         let newest = resp.kvs.first().map_or(0, |kv| kv.mod_revision);
         let applied = *self.applied.borrow();
         if applied < newest {
-            return Err(format!(
-                "the watch has applied revision {applied}, etcd has {newest}"
-            ));
+            return Err(ProbeError::Behind { applied, newest });
         }
         Ok(())
     }
@@ -635,7 +673,10 @@ impl Inner {
                         state.posture.insert(record.device_id.clone(), record);
                     }
                     Ok(_) => {}
-                    Err(e) => tracing::error!(error = %e, "skipping an unreadable etcd record"),
+                    Err(e) => tracing::error!(
+                        error = %crate::util::chain::error_chain(&e),
+                        "skipping an unreadable etcd record"
+                    ),
                 }
             }
             match (resp.more, resp.kvs.last()) {
@@ -651,27 +692,35 @@ impl Inner {
     }
 
     /// What a key-value under the prefix means. `Ok(None)` for keys this version does not use.
-    fn decode_kv(&self, kv: &KeyValue) -> Result<Option<Op>, String> {
-        let key = B64.decode(&kv.key).map_err(|e| e.to_string())?;
-        let key = String::from_utf8(key).map_err(|e| e.to_string())?;
+    fn decode_kv(&self, kv: &KeyValue) -> Result<Option<Op>, KvError> {
+        let key = B64.decode(&kv.key)?;
+        let key = String::from_utf8(key)?;
         let Some(rest) = key.strip_prefix(&format!("{}/", self.prefix)) else {
             return Ok(None);
         };
-        let value = B64.decode(&kv.value).map_err(|e| format!("{key}: {e}"))?;
+        let value = match B64.decode(&kv.value) {
+            Ok(v) => v,
+            Err(source) => return Err(KvError::Value { key, source }),
+        };
         let (kind, name) = rest.split_once('/').unwrap_or((rest, ""));
         let name = percent_decode_str(name)
             .decode_utf8()
-            .map_err(|e| format!("{key}: {e}"))?
+            .map_err(|source| KvError::Name {
+                key: key.clone(),
+                source,
+            })?
             .into_owned();
         let delete = kv.deleted;
         Ok(Some(match (kind, delete) {
             ("locks", true) => Op::DeleteLock { id: name },
             ("posture", true) => Op::DeletePosture { device_id: name },
             ("locks", false) => Op::PutLock {
-                lock: serde_json::from_slice(&value).map_err(|e| format!("{key}: {e}"))?,
+                lock: serde_json::from_slice(&value)
+                    .map_err(|source| KvError::Record { key, source })?,
             },
             ("posture", false) => Op::PutPosture {
-                record: serde_json::from_slice(&value).map_err(|e| format!("{key}: {e}"))?,
+                record: serde_json::from_slice(&value)
+                    .map_err(|source| KvError::Record { key, source })?,
             },
             _ => return Ok(None),
         }))
@@ -895,7 +944,10 @@ impl Inner {
                         Ok(Some(op)) => self.view.apply(kv.mod_revision, op),
                         Ok(None) => {}
                         Err(e) => {
-                            tracing::error!(error = %e, "skipping an unreadable etcd record")
+                            tracing::error!(
+                                error = %crate::util::chain::error_chain(&e),
+                                "skipping an unreadable etcd record"
+                            )
                         }
                     }
                     *rev = (*rev).max(kv.mod_revision);

@@ -419,10 +419,30 @@ pub(crate) struct Frame<'a> {
     pub len: usize,
 }
 
+/// Why there is no frame at the start of a buffer.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum FrameError {
+    /// The buffer ends inside the named field.
+    #[error("incomplete record (ends in the {0})")]
+    EndsIn(&'static str),
+    /// The buffer ends after the data, before the newline.
+    #[error("incomplete record (no final newline)")]
+    NoFinalNewline,
+    /// The named header field is missing, too long or not a number.
+    #[error("no valid {0}")]
+    Invalid(&'static str),
+    #[error("record length {length} exceeds {max}")]
+    TooLong { length: usize, max: usize },
+    #[error("record is not followed by a newline")]
+    NoNewline,
+    #[error("checksum mismatch")]
+    ChecksumMismatch,
+}
+
 /// Reads one frame from the start of `buf`, or says why there is none.
-pub(crate) fn decode(buf: &[u8], max_json: usize) -> Result<Frame<'_>, String> {
+pub(crate) fn decode(buf: &[u8], max_json: usize) -> Result<Frame<'_>, FrameError> {
     let mut pos = 0;
-    let mut field = |max: usize, what: &str| -> Result<&[u8], String> {
+    let mut field = |max: usize, what: &'static str| -> Result<&[u8], FrameError> {
         let rest = &buf[pos..];
         let end = rest
             .iter()
@@ -430,9 +450,9 @@ pub(crate) fn decode(buf: &[u8], max_json: usize) -> Result<Frame<'_>, String> {
             .position(|&b| b == b' ')
             .ok_or_else(|| {
                 if rest.len() <= max {
-                    format!("incomplete record (ends in the {what})")
+                    FrameError::EndsIn(what)
                 } else {
-                    format!("no valid {what}")
+                    FrameError::Invalid(what)
                 }
             })?;
         pos += end + 1;
@@ -443,30 +463,33 @@ pub(crate) fn decode(buf: &[u8], max_json: usize) -> Result<Frame<'_>, String> {
     let length = field(20, "length")?;
     let sum = field(64, "checksum")?;
     let header_len = pos - sum.len() - 1;
-    let number = |b: &[u8], what: &str| -> Result<u64, String> {
+    let number = |b: &[u8], what: &'static str| -> Result<u64, FrameError> {
         if b.is_empty() || !b.iter().all(u8::is_ascii_digit) {
-            return Err(format!("no valid {what}"));
+            return Err(FrameError::Invalid(what));
         }
         std::str::from_utf8(b)
             .ok()
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("no valid {what}"))
+            .ok_or(FrameError::Invalid(what))
     };
     let revision = number(revision, "revision")?;
     let length = usize::try_from(number(length, "length")?).unwrap_or(usize::MAX);
     if length > max_json {
-        return Err(format!("record length {length} exceeds {max_json}"));
+        return Err(FrameError::TooLong {
+            length,
+            max: max_json,
+        });
     }
     if sum.len() != 64 {
-        return Err("no valid checksum".into());
+        return Err(FrameError::Invalid("checksum"));
     }
     let json = buf
         .get(pos..pos + length)
-        .ok_or("incomplete record (ends in the data)")?;
+        .ok_or(FrameError::EndsIn("data"))?;
     match buf.get(pos + length) {
         Some(b'\n') => {}
-        Some(_) => return Err("record is not followed by a newline".into()),
-        None => return Err("incomplete record (no final newline)".into()),
+        Some(_) => return Err(FrameError::NoNewline),
+        None => return Err(FrameError::NoFinalNewline),
     }
     let mut h = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     h.update(&buf[..header_len]);
@@ -478,7 +501,7 @@ pub(crate) fn decode(buf: &[u8], max_json: usize) -> Result<Frame<'_>, String> {
         .map(|b| format!("{b:02x}"))
         .collect();
     if expected.as_bytes() != sum {
-        return Err("checksum mismatch".into());
+        return Err(FrameError::ChecksumMismatch);
     }
     Ok(Frame {
         tag,
@@ -500,7 +523,7 @@ fn read_snapshot(path: &Path) -> Result<(Revision, State), StoreError> {
         reason,
     };
     // The snapshot is only ever renamed into place complete, so any damage is corruption.
-    let frame = decode(&buf, MAX_SNAPSHOT_BYTES).map_err(|r| corrupt(0, r))?;
+    let frame = decode(&buf, MAX_SNAPSHOT_BYTES).map_err(|r| corrupt(0, r.to_string()))?;
     if frame.tag != SNAPSHOT_TAG {
         return Err(corrupt(0, "not a snapshot record".into()));
     }
@@ -546,7 +569,7 @@ pub(crate) fn replay(buf: &[u8], snap_rev: Revision, path: &Path) -> Result<Repl
                         format!("{reason}; a valid record follows at offset {next}"),
                     ));
                 }
-                out.torn = Some((pos as u64, reason));
+                out.torn = Some((pos as u64, reason.to_string()));
                 break;
             }
         };
@@ -633,28 +656,29 @@ impl DirLock {
             if let Some(holder) = live_holder(&existing, &lock.path) {
                 return Err(busy(holder));
             }
-            lock.take_over(&existing).map_err(busy)?;
+            lock.take_over(&existing)
+                .map_err(|e| busy(crate::util::chain::error_chain(&e)))?;
         }
         Err(busy("its LOCK file keeps coming back".into()))
     }
 
     /// Moves a stale lock file aside and deletes it, unless it changed in the meantime (another
     /// process took it over first), in which case it is put back.
-    fn take_over(&self, stale: &str) -> Result<(), String> {
+    fn take_over(&self, stale: &str) -> Result<(), TakeOverError> {
         let aside = self
             .dir
             .join(format!("{LOCK_FILE}.stale.{}", std::process::id()));
         match fs::rename(&self.path, &aside) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(format!("moving the stale LOCK file aside: {e}")),
+            Err(source) => return Err(TakeOverError::MoveAside(source)),
         }
         let moved = fs::read_to_string(&aside).unwrap_or_default();
         if moved != stale {
             // Someone else's fresh lock: give it back (fails only if a third process got in).
             let _ = fs::hard_link(&aside, &self.path);
             let _ = fs::remove_file(&aside);
-            return Err("another process took the directory over at the same time".into());
+            return Err(TakeOverError::Raced);
         }
         tracing::warn!(
             path = %self.path.display(),
@@ -664,6 +688,15 @@ impl DirLock {
         let _ = fs::remove_file(&aside);
         Ok(())
     }
+}
+
+/// Why a stale lock file was not taken over.
+#[derive(Debug, thiserror::Error)]
+enum TakeOverError {
+    #[error("moving the stale LOCK file aside")]
+    MoveAside(#[source] io::Error),
+    #[error("another process took the directory over at the same time")]
+    Raced,
 }
 
 impl Drop for DirLock {
