@@ -146,7 +146,16 @@ pub struct ConnInfo {
 }
 
 /// A workload SVID's identity, or why the chain is not one (for the log).
-type WorkloadVerdict = Result<Arc<Identity>, String>;
+type WorkloadVerdict = Result<Arc<Identity>, NotWorkload>;
+
+/// Why a client certificate chain is not a usable workload SVID.
+#[derive(Clone, Debug, thiserror::Error)]
+enum NotWorkload {
+    #[error(transparent)]
+    Svid(#[from] crate::device::DeviceError),
+    #[error(transparent)]
+    Identity(#[from] AuthnError),
+}
 
 impl ConnInfo {
     pub fn new(peer: SocketAddr, chain: Option<Vec<CertificateDer<'static>>>) -> ConnInfo {
@@ -987,11 +996,11 @@ fn workload<U: Forward>(
             Some((g, v)) if *g == generation => v.clone(),
             _ => {
                 let v = crate::device::workload_from_chain(&gw.workloads, &gw.bundles, chain, now)
-                    .map_err(|e| e.to_string())
+                    .map_err(NotWorkload::from)
                     .and_then(|w| {
                         crate::authn::x509::workload_identity(&w)
                             .map(Arc::new)
-                            .map_err(|e| e.to_string())
+                            .map_err(NotWorkload::from)
                     });
                 *cached = Some((generation, v.clone()));
                 v

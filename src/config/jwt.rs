@@ -248,17 +248,15 @@ fn cel(path: &str) -> String {
 
 /// kube-apiserver's rule for extra keys: a lowercase domain-prefixed path (`example.org/foo`),
 /// not under k8s.io or kubernetes.io.
-fn check_extra_key(key: &str) -> Result<(), String> {
+fn check_extra_key(key: &str) -> Result<(), ExtraKeyError> {
     if key.is_empty() {
-        return Err("must not be empty".into());
+        return Err(ExtraKeyError::Empty);
     }
     if key != key.to_lowercase() {
-        return Err(format!("{key:?} must be lowercase"));
+        return Err(ExtraKeyError::NotLowercase(key.to_owned()));
     }
     let Some((domain, path)) = key.split_once('/') else {
-        return Err(format!(
-            "{key:?} must be a domain-prefixed path, e.g. example.org/foo"
-        ));
+        return Err(ExtraKeyError::NoDomain(key.to_owned()));
     };
     let labels_ok = domain.len() <= 253
         && domain.split('.').all(|l| {
@@ -271,21 +269,40 @@ fn check_extra_key(key: &str) -> Result<(), String> {
                 && b[b.len() - 1] != b'-'
         });
     if !labels_ok {
-        return Err(format!(
-            "{key:?}: {domain:?} is not a valid RFC 1123 subdomain"
-        ));
+        return Err(ExtraKeyError::BadDomain {
+            key: key.to_owned(),
+            domain: domain.to_owned(),
+        });
     }
     if path.is_empty() {
-        return Err(format!("{key:?} must have a path after the domain"));
+        return Err(ExtraKeyError::NoPath(key.to_owned()));
     }
     for reserved in ["k8s.io", "kubernetes.io"] {
         if domain == reserved || domain.ends_with(&format!(".{reserved}")) {
-            return Err(format!(
-                "{key:?}: {reserved} is reserved for Kubernetes use"
-            ));
+            return Err(ExtraKeyError::Reserved {
+                key: key.to_owned(),
+                reserved,
+            });
         }
     }
     Ok(())
+}
+
+/// Why a `claimMappings.extra` key is refused.
+#[derive(Debug, thiserror::Error)]
+enum ExtraKeyError {
+    #[error("must not be empty")]
+    Empty,
+    #[error("{0:?} must be lowercase")]
+    NotLowercase(String),
+    #[error("{0:?} must be a domain-prefixed path, e.g. example.org/foo")]
+    NoDomain(String),
+    #[error("{key:?}: {domain:?} is not a valid RFC 1123 subdomain")]
+    BadDomain { key: String, domain: String },
+    #[error("{0:?} must have a path after the domain")]
+    NoPath(String),
+    #[error("{key:?}: {reserved} is reserved for Kubernetes use")]
+    Reserved { key: String, reserved: &'static str },
 }
 
 /// Validates `authentication.jwt`; `err(path, message)` is called for every problem.
@@ -509,7 +526,7 @@ fn validate_one(base: &str, a: &JwtAuthenticator, err: &mut dyn FnMut(String, St
     for (j, x) in m.extra.iter().enumerate() {
         let p = format!("claimMappings.extra[{j}]");
         if let Err(msg) = check_extra_key(&x.key) {
-            e(&format!("{p}.key"), msg);
+            e(&format!("{p}.key"), msg.to_string());
         } else if keys_seen.contains(&x.key.as_str()) {
             e(&format!("{p}.key"), format!("duplicate key {:?}", x.key));
         }

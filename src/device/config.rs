@@ -51,20 +51,31 @@ enum DeviceIdFrom {
     UriPrefix,
 }
 
+/// Why a `deviceId` map is refused (serde reports it with its position in the file).
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceIdSourceError {
+    #[error("`from: uriPrefix` needs `prefix`")]
+    NoPrefix,
+    #[error("`trustDomain` goes only with `from: spiffe`")]
+    StrayTrustDomain,
+    #[error("`prefix` goes only with `from: uriPrefix`")]
+    StrayPrefix,
+    #[error(transparent)]
+    Invalid(#[from] crate::device::DeviceError),
+}
+
 impl TryFrom<RawDeviceIdSource> for DeviceIdSource {
-    type Error = String;
-    fn try_from(raw: RawDeviceIdSource) -> Result<Self, String> {
+    type Error = DeviceIdSourceError;
+    fn try_from(raw: RawDeviceIdSource) -> Result<Self, DeviceIdSourceError> {
         let source = match (raw.from, raw.trust_domain, raw.prefix) {
             (DeviceIdFrom::Spiffe, trust_domain, None) => DeviceIdSource::Spiffe { trust_domain },
             (DeviceIdFrom::CommonName, None, None) => DeviceIdSource::CommonName,
             (DeviceIdFrom::UriPrefix, None, Some(prefix)) => DeviceIdSource::UriPrefix(prefix),
-            (DeviceIdFrom::UriPrefix, None, None) => {
-                return Err("`from: uriPrefix` needs `prefix`".into())
-            }
-            (_, Some(_), _) => return Err("`trustDomain` goes only with `from: spiffe`".into()),
-            (_, None, Some(_)) => return Err("`prefix` goes only with `from: uriPrefix`".into()),
+            (DeviceIdFrom::UriPrefix, None, None) => return Err(DeviceIdSourceError::NoPrefix),
+            (_, Some(_), _) => return Err(DeviceIdSourceError::StrayTrustDomain),
+            (_, None, Some(_)) => return Err(DeviceIdSourceError::StrayPrefix),
         };
-        source.validate().map_err(|e| e.to_string())?;
+        source.validate()?;
         Ok(source)
     }
 }

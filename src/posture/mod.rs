@@ -273,7 +273,8 @@ impl PostureService {
             .iter()
             .find(|i| i.issuer.url == issuer_url)
             .ok_or_else(|| PostureError::Rejected(format!("unknown issuer {issuer_url}")))?;
-        let attributes = posture_claim(&claims).map_err(PostureError::Rejected)?;
+        let attributes = posture_claim(&claims)
+            .map_err(|e| PostureError::Rejected(crate::util::chain::error_chain(&e)))?;
         let collected_at = claim_time(&claims, "iat").unwrap_or(now).min(now);
         let exp = claim_time(&claims, "exp")
             .ok_or_else(|| PostureError::Rejected("exp claim missing".into()))?;
@@ -386,14 +387,23 @@ fn claim_time(claims: &Map<String, Value>, name: &str) -> Option<SystemTime> {
 }
 
 /// The `posture` claim of a signed report: the attributes object.
-fn posture_claim(claims: &Map<String, Value>) -> Result<Posture, String> {
-    let v = claims
-        .get("posture")
-        .ok_or_else(|| "posture claim missing".to_owned())?;
+fn posture_claim(claims: &Map<String, Value>) -> Result<Posture, PostureClaimError> {
+    let v = claims.get("posture").ok_or(PostureClaimError::Missing)?;
     if !v.is_object() {
-        return Err("posture claim is not an object".into());
+        return Err(PostureClaimError::NotObject);
     }
-    serde_json::from_value(v.clone()).map_err(|e| format!("posture claim: {e}"))
+    serde_json::from_value(v.clone()).map_err(PostureClaimError::Invalid)
+}
+
+/// Why a signed report's `posture` claim is unusable.
+#[derive(Debug, thiserror::Error)]
+enum PostureClaimError {
+    #[error("posture claim missing")]
+    Missing,
+    #[error("posture claim is not an object")]
+    NotObject,
+    #[error("posture claim")]
+    Invalid(#[source] serde_json::Error),
 }
 
 /// What policy sees: unknown facts read as `false` / `""`; the age of the record.

@@ -308,7 +308,7 @@ impl OidcAuthenticator {
                 issuer: c.issuer.url.clone(),
                 message,
             };
-            let rules = IssuerRules::from_config(c).map_err(err)?;
+            let rules = IssuerRules::from_config(c).map_err(|e| err(e.to_string()))?;
             if issuers.contains_key(&rules.url) {
                 return Err(err("duplicate issuer url".into()));
             }

@@ -286,10 +286,24 @@ pub(crate) struct IssuerRules {
     pub(crate) claims_for_policy: Vec<String>,
 }
 
+/// Why an `authentication.jwt` entry cannot be compiled.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RulesError {
+    /// What validation found, as `field: message`.
+    #[error("{}", .0.join("; "))]
+    Invalid(Vec<String>),
+    #[error(transparent)]
+    Algorithm(#[from] AuthnError),
+    #[error("claimMappings.username is required")]
+    NoUsername,
+    #[error("username.claim is required")]
+    NoUsernameClaim,
+}
+
 impl IssuerRules {
     /// Compiles a validated entry. Re-checks what would otherwise be unsafe, so that an entry
     /// that skipped validation fails here rather than being half applied.
-    pub(crate) fn from_config(c: &JwtAuthenticator) -> Result<IssuerRules, String> {
+    pub(crate) fn from_config(c: &JwtAuthenticator) -> Result<IssuerRules, RulesError> {
         let mut problems = Vec::new();
         crate::config::jwt::validate_jwt(std::slice::from_ref(c), &mut |p, m| {
             problems.push(format!("{p}: {m}"))
@@ -297,17 +311,17 @@ impl IssuerRules {
         // CA file problems are reported by the key source with the file's own error.
         problems.retain(|p| !p.contains(".issuer.certificateAuthority"));
         if !problems.is_empty() {
-            return Err(problems.join("; "));
+            return Err(RulesError::Invalid(problems));
         }
         let mut algorithms = Vec::new();
         for a in &c.signing_algorithms {
-            algorithms.push(header_alg(a).map_err(|e| e.to_string())?);
+            algorithms.push(header_alg(a)?);
         }
         let username = c
             .claim_mappings
             .username
             .as_ref()
-            .ok_or("claimMappings.username is required")?;
+            .ok_or(RulesError::NoUsername)?;
         Ok(IssuerRules {
             url: c.issuer.url.clone(),
             audiences: c.issuer.audiences.clone(),
@@ -320,7 +334,7 @@ impl IssuerRules {
                 .iter()
                 .filter_map(|r| Some((r.claim.clone()?, r.required_value.clone()?)))
                 .collect(),
-            username_claim: username.claim.clone().ok_or("username.claim is required")?,
+            username_claim: username.claim.clone().ok_or(RulesError::NoUsernameClaim)?,
             username_prefix: username.prefix.clone().unwrap_or_default(),
             groups: c
                 .claim_mappings
