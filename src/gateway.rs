@@ -188,7 +188,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
     let oidc = OidcAuthenticator::new(&cfg.authentication.jwt, stop.clone())
         .await
         .map_err(|e| StartError::Config(e.to_string()))?;
-    let sso = crate::sso::Sso::from_config(&cfg).map_err(StartError::Config)?;
+    let sso = crate::sso::Sso::from_config(&cfg).map_err(|e| StartError::Config(e.to_string()))?;
 
     let auditor = match &cfg.audit {
         Some(a) => crate::audit::Auditor::start(a, stop.clone())

@@ -118,7 +118,6 @@ pub async fn serve(
                 hooks
                     .decider
                     .admit(&crate::state::LockSubject::of(id, None, None))
-                    .map_err(|e| e.to_string())
             };
             let (code, v) =
                 crate::authn::tokenreview::review_with(&hooks.oidc, &body, hook.version, &admit)

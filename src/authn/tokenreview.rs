@@ -52,17 +52,20 @@ pub async fn review(
     body: &[u8],
     api_version: &str,
 ) -> (StatusCode, Value) {
-    review_with(auth, body, api_version, &|_| Ok(())).await
+    review_with(auth, body, api_version, &|_| {
+        Ok::<(), std::convert::Infallible>(())
+    })
+    .await
 }
 
 /// [`review`], with `admit` asked about every identity a token verified as: `Err(why)` (a lock
 /// matches it, or locks cannot be confirmed current) refuses the token like a bad one, and the
 /// reason goes to the log only.
-pub async fn review_with(
+pub async fn review_with<E: std::error::Error>(
     auth: &OidcAuthenticator,
     body: &[u8],
     api_version: &str,
-    admit: &(dyn Fn(&super::Identity) -> Result<(), String> + Sync),
+    admit: &(dyn Fn(&super::Identity) -> Result<(), E> + Sync),
 ) -> (StatusCode, Value) {
     let version = api_version
         .strip_prefix(GROUP)

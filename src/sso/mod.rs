@@ -27,12 +27,12 @@ use openidconnect::{
 
 pub use config::{SsoCliConfig, SsoConfig};
 
+use crate::authn::oidc::OidcAuthenticator;
 use crate::body::{full, Body};
 use crate::config::GatewayConfig;
+use crate::decide::Decider;
 use crate::login::flows::{oauth_error, Provider};
 use crate::login::kubeconfig::{KubeconfigSpec, PluginSpec};
-use crate::authn::oidc::OidcAuthenticator;
-use crate::decide::Decider;
 use session::{
     cookie, now_unix, set_cookie, CookieKey, Flow, Session, FLOW_COOKIE, SESSION_COOKIE,
 };
@@ -71,9 +71,27 @@ impl std::fmt::Debug for Sso {
     }
 }
 
+/// Why the `sso` section cannot be put to use.
+#[derive(Debug, thiserror::Error)]
+pub enum SsoConfigError {
+    #[error("sso.issuer: {0} is not an authentication.jwt issuer")]
+    NotAnIssuer(String),
+    #[error("sso.issuer: {0}")]
+    IssuerCa(#[from] crate::config::jwt::IssuerCaError),
+    #[error("{field}: {}: {source}", path.display())]
+    Read {
+        field: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("sso.issuer: {0}")]
+    Client(#[from] crate::tls::oidc_client::ClientError),
+}
+
 impl Sso {
     /// Builds the web login from a validated config; `None` when there is no `sso` section.
-    pub fn from_config(cfg: &GatewayConfig) -> Result<Option<Arc<Sso>>, String> {
+    pub fn from_config(cfg: &GatewayConfig) -> Result<Option<Arc<Sso>>, SsoConfigError> {
         let Some(s) = &cfg.sso else {
             return Ok(None);
         };
@@ -82,38 +100,39 @@ impl Sso {
             .jwt
             .iter()
             .find(|j| j.issuer.url == s.issuer)
-            .ok_or_else(|| {
-                format!(
-                    "sso.issuer: {} is not an authentication.jwt issuer",
-                    s.issuer
-                )
-            })?;
-        let ca = jwt.ca_pem().map_err(|e| format!("sso.issuer: {e}"))?;
+            .ok_or_else(|| SsoConfigError::NotAnIssuer(s.issuer.clone()))?;
+        let ca = jwt.ca_pem()?;
+        let read_error = |field, path: &std::path::Path| {
+            let path = path.to_path_buf();
+            move |source| SsoConfigError::Read {
+                field,
+                path,
+                source,
+            }
+        };
         let client_secret = match &s.client_secret_file {
             Some(p) => Some(
                 std::fs::read_to_string(p)
-                    .map_err(|e| format!("sso.clientSecretFile: {}: {e}", p.display()))?
+                    .map_err(read_error("sso.clientSecretFile", p))?
                     .trim()
                     .to_owned(),
             ),
             None => None,
         };
         let key = match &s.session_key_file {
-            Some(p) => CookieKey::new(
-                std::fs::read(p)
-                    .map_err(|e| format!("sso.sessionKeyFile: {}: {e}", p.display()))?,
-            ),
+            Some(p) => {
+                CookieKey::new(std::fs::read(p).map_err(read_error("sso.sessionKeyFile", p))?)
+            }
             None => CookieKey::random(),
         };
         let gateway_ca_pem = match &s.gateway_ca_file {
-            Some(p) => Some(
-                std::fs::read_to_string(p)
-                    .map_err(|e| format!("sso.gatewayCaFile: {}: {e}", p.display()))?,
-            ),
+            Some(p) => {
+                Some(std::fs::read_to_string(p).map_err(read_error("sso.gatewayCaFile", p))?)
+            }
             None => None,
         };
-        let http = crate::tls::oidc_client::OidcHttpClient::new(Some(&ca), Duration::from_secs(10))
-            .map_err(|e| format!("sso.issuer: {e}"))?;
+        let http =
+            crate::tls::oidc_client::OidcHttpClient::new(Some(&ca), Duration::from_secs(10))?;
         Ok(Some(Arc::new(Sso {
             cfg: s.clone(),
             key,
@@ -141,7 +160,7 @@ impl Sso {
         }
     }
 
-    async fn provider(&self) -> Result<Arc<Provider>, String> {
+    async fn provider(&self) -> Result<Arc<Provider>, crate::login::LoginError> {
         self.provider
             .get_or_try_init(|| async {
                 Provider::discover(
@@ -152,7 +171,6 @@ impl Sso {
                 )
                 .await
                 .map(Arc::new)
-                .map_err(|e| e.to_string())
             })
             .await
             .cloned()
