@@ -181,12 +181,12 @@ pub enum ReportError {
     /// The gateway did not answer in time.
     #[error("{url}: no answer within 30s")]
     Timeout { url: String },
-    /// The connection or the exchange failed; the message carries the whole chain of causes.
-    #[error("{url}: {}", crate::util::chain::error_chain(source))]
+    /// The connection or the exchange failed; the message carries the whole chain of causes,
+    /// so the error has no source (a chain printer would say them twice).
+    #[error("{url}: {}", crate::util::chain::error_chain(cause))]
     Connect {
         url: String,
-        #[source]
-        source: hyper_util::client::legacy::Error,
+        cause: hyper_util::client::legacy::Error,
     },
     /// The answer broke off.
     #[error("{url}: {source}")]
@@ -239,9 +239,9 @@ pub async fn post_report(
     let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
         .await
         .map_err(|_| ReportError::Timeout { url: url.clone() })?
-        .map_err(|source| ReportError::Connect {
+        .map_err(|cause| ReportError::Connect {
             url: url.clone(),
-            source,
+            cause,
         })?;
     let status = resp.status();
     let bytes = resp

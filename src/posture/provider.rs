@@ -91,9 +91,10 @@ enum AskError {
     },
     #[error("{0}")]
     Request(#[source] http::Error),
-    /// The connection or the exchange failed; the message carries the whole chain of causes.
+    /// The connection or the exchange failed; the message carries the whole chain of causes,
+    /// so the error has no source (a chain printer would say them twice).
     #[error("{}", crate::util::chain::error_chain(.0))]
-    Connect(#[source] hyper_util::client::legacy::Error),
+    Connect(hyper_util::client::legacy::Error),
     #[error("provider answered {0}")]
     Status(http::StatusCode),
     #[error("reading the answer: {0}")]

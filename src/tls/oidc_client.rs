@@ -23,8 +23,9 @@ const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 pub enum HttpError {
     #[error("request to the identity provider timed out after {0:?}")]
     Timeout(Duration),
-    #[error("cannot reach the identity provider: {0}")]
-    Connect(String),
+    /// Printed with its causes (openidconnect wraps this error as the source of its own).
+    #[error("cannot reach the identity provider")]
+    Connect(#[source] hyper_util::client::legacy::Error),
     #[error("identity provider response: {0}")]
     Body(String),
 }
@@ -66,11 +67,7 @@ impl OidcHttpClient {
         let (parts, body) = request.into_parts();
         let req = http::Request::from_parts(parts, Full::new(Bytes::from(body)));
         let call = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| HttpError::Connect(crate::util::chain::error_chain(&e)))?;
+            let resp = self.client.request(req).await.map_err(HttpError::Connect)?;
             let (parts, body) = resp.into_parts();
             let bytes = Limited::new(body, MAX_RESPONSE_BYTES)
                 .collect()

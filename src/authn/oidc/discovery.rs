@@ -33,12 +33,12 @@ pub enum FetchError {
         source: http::Error,
     },
     /// The connection or the exchange failed (the IdP is down, unreachable, or its TLS is not
-    /// trusted). The message carries the whole chain of causes.
-    #[error("GET {url}: {}", error_chain(source))]
+    /// trusted). The message carries the whole chain of causes, so the error has no source
+    /// (a chain printer would say them twice).
+    #[error("GET {url}: {}", error_chain(cause))]
     Connect {
         url: String,
-        #[source]
-        source: hyper_util::client::legacy::Error,
+        cause: hyper_util::client::legacy::Error,
     },
     /// A redirect: the gateway fetches only the configured URL.
     #[error("GET {url}: redirect ({status}) to {to:?} not followed; configure the final URL")]
@@ -136,9 +136,9 @@ impl Fetcher {
                 .client
                 .request(req)
                 .await
-                .map_err(|source| FetchError::Connect {
+                .map_err(|cause| FetchError::Connect {
                     url: url.to_owned(),
-                    source,
+                    cause,
                 })?;
             let status = resp.status();
             if status.is_redirection() {
