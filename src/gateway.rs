@@ -208,7 +208,6 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
     }
 
     let store: crate::state::SharedStore = match &cfg.state {
-        // --- state.etcd ---
         Some(crate::config::StateConfig {
             etcd: Some(etcd), ..
         }) => {
@@ -218,7 +217,6 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, StartError> {
             store.spawn_tls_reloaders(etcd, reload, stop.clone());
             Arc::new(store)
         }
-        // --- end state.etcd ---
         Some(crate::config::StateConfig {
             directory: Some(dir),
             ..

@@ -318,7 +318,6 @@ impl StreamRegistry {
         let mut heap = lock(&self.deadlines);
         let earliest = heap.peek().is_none_or(|Reverse((t, _))| at < *t);
         heap.push(Reverse((at, id)));
-        // --- deadline heap compaction ---
         // An ended stream's entry stays until its deadline comes, and a credential or posture
         // record can live for hours: with streams opening and closing all day the heap grew by
         // one entry per stream until then. Once ended streams' entries dominate, drop them, so
@@ -331,7 +330,6 @@ impl StreamRegistry {
                 heap.retain(|Reverse((_, id))| live.contains_key(id));
             }
         }
-        // --- end deadline heap compaction ---
         drop(heap);
         if earliest {
             self.wake.notify_one();
@@ -683,7 +681,6 @@ where
     }
 }
 
-// --- deadline heap compaction ---
 #[cfg(test)]
 mod deadline_tests {
     use super::*;
@@ -737,4 +734,3 @@ mod deadline_tests {
         }
     }
 }
-// --- end deadline heap compaction ---

@@ -40,7 +40,6 @@ pub fn validate(cfg: &GatewayConfig) -> Vec<Issue> {
     for (path, msg) in crate::sso::config::validate(cfg.sso.as_ref(), &cfg.authentication.jwt) {
         v.err(path, msg);
     }
-    // --- state (etcd store) ---
     if let Some(st) = &cfg.state {
         match (&st.directory, &st.etcd) {
             (Some(_), Some(_)) => v.err("state", "set either directory or etcd, not both"),
@@ -53,7 +52,6 @@ pub fn validate(cfg: &GatewayConfig) -> Vec<Issue> {
             (Some(_), None) => {}
         }
     }
-    // --- end state ---
     v.timeouts(cfg);
     v.limits(cfg);
     v.logging(cfg);

@@ -45,11 +45,9 @@ pub struct DevSettings {
     pub webhooks: bool,
     /// Write audit events (JSON lines) to this file.
     pub audit_file: Option<PathBuf>,
-    // --- audit: raw section (tests of the audit sinks) ---
     /// The whole `audit` section (YAML starting at `audit:`), appended to the config as is — for
     /// overflow modes and sinks other than one file. Cannot be combined with `audit_file`.
     pub audit_yaml: Option<String>,
-    // --- end audit: raw section ---
     /// CA (PEM) of device certificates; devices are identified by their CN.
     pub device_ca_pem: Option<String>,
     /// SPIFFE trust domains (name, CA PEM) whose workload SVIDs authenticate as
@@ -62,10 +60,8 @@ pub struct DevSettings {
     pub device_posture_yaml: Option<String>,
     /// Keep locks and posture in this directory (else in memory).
     pub state_dir: Option<PathBuf>,
-    // --- state.etcd (tests/it/etcd.rs) ---
     /// The `state.etcd` block (YAML, starting at `etcd:`, not indented); instead of `state_dir`.
     pub state_etcd_yaml: Option<String>,
-    // --- end state.etcd ---
     /// The web login (`sso`), with its own `authentication.jwt` entry for the provider.
     pub sso: Option<DevSso>,
 }
@@ -318,12 +314,10 @@ logging:
         let config = format!("{config}{sso}");
         let config = match (&s.state_dir, &s.state_etcd_yaml) {
             (Some(d), _) => format!("{config}state:\n  directory: \"{}\"\n", d.display()),
-            // --- state.etcd ---
             (None, Some(etcd)) => {
                 let block: String = etcd.lines().map(|l| format!("  {l}\n")).collect();
                 format!("{config}state:\n{block}")
             }
-            // --- end state.etcd ---
             (None, None) => config,
         };
         let config = match &s.audit_file {

@@ -353,12 +353,10 @@ fn deploy_file_in(root: &Path, file: &str) -> String {
     std::fs::create_dir_all(&sa).unwrap();
     pki.gateway_serving.write(&etc.join("tls"), "tls");
     std::fs::write(etc.join("users-ca/ca.crt"), pki.users_ca.cert_pem()).unwrap();
-    // --- deploy: state.etcd client files (Secret ztgate-etcd-client) and state.directory ---
     std::fs::create_dir_all(etc.join("etcd")).unwrap();
     pki.gateway_client.write(&etc.join("etcd"), "tls");
     std::fs::write(etc.join("etcd/ca.crt"), pki.cluster_ca.cert_pem()).unwrap();
     let state = root.join("var/lib/ztgate");
-    // --- end deploy ---
     std::fs::write(sa.join("ca.crt"), pki.cluster_ca.cert_pem()).unwrap();
     std::fs::write(sa.join("token"), "token\n").unwrap();
     for entry in std::fs::read_dir(repo("deploy/base/policies")).unwrap() {
@@ -390,7 +388,6 @@ fn deploy_config_passes_config_check() {
     assert!(cfg.listener.address.ends_with(":8443"));
 }
 
-// --- deploy: the state store of each deploy config ---
 #[test]
 fn deploy_configs_keep_locks_in_a_durable_store() {
     let dir = tempfile::tempdir().unwrap();
@@ -409,7 +406,6 @@ fn deploy_configs_keep_locks_in_a_durable_store() {
     let state = cfg.state.expect("one replica: state.directory");
     assert!(state.etcd.is_none() && state.directory.is_some(), "{file}");
 }
-// --- end deploy ---
 
 #[test]
 fn deploy_policies_match_the_examples() {
