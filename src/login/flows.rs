@@ -206,7 +206,7 @@ pub async fn browser(p: &Provider, o: &LoginOptions) -> Result<CachedTokens, Log
     }
     let (url, state, nonce) = req.url();
 
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<String, String>>(1);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<String, SignInRefused>>(1);
     let expected = state.secret().clone();
     let server = tokio::spawn(async move {
         loop {
@@ -241,7 +241,7 @@ pub async fn browser(p: &Provider, o: &LoginOptions) -> Result<CachedTokens, Log
     let code = match outcome {
         Err(_) => return Err(LoginError::Timeout(o.timeout)),
         Ok(None) => return Err(LoginError::Browser("loopback listener stopped".into())),
-        Ok(Some(Err(e))) => return Err(LoginError::Provider(e)),
+        Ok(Some(Err(e))) => return Err(LoginError::Provider(e.to_string())),
         Ok(Some(Ok(code))) => code,
     };
     let resp = client
@@ -254,11 +254,19 @@ pub async fn browser(p: &Provider, o: &LoginOptions) -> Result<CachedTokens, Log
     p.accept(&resp, Some(&nonce), None)
 }
 
+/// The provider's error answer on the loopback redirect.
+#[derive(Debug, thiserror::Error)]
+#[error("the provider refused the sign-in: {error} {description}")]
+struct SignInRefused {
+    error: String,
+    description: String,
+}
+
 /// What the loopback listener answers the browser; a code with the right `state` is passed on.
 async fn loopback_answer(
     req: &http::Request<Incoming>,
     expected_state: &str,
-    tx: &tokio::sync::mpsc::Sender<Result<String, String>>,
+    tx: &tokio::sync::mpsc::Sender<Result<String, SignInRefused>>,
 ) -> Response<Full<Bytes>> {
     if req.uri().path() != "/callback" {
         return page(StatusCode::NOT_FOUND, "Not found", "Nothing here.");
@@ -281,9 +289,10 @@ async fn loopback_answer(
     }
     if let Some(err) = params.get("error") {
         let desc = params.get("error_description").cloned().unwrap_or_default();
-        let _ = tx.try_send(Err(format!(
-            "the provider refused the sign-in: {err} {desc}"
-        )));
+        let _ = tx.try_send(Err(SignInRefused {
+            error: err.clone(),
+            description: desc,
+        }));
         return page(
             StatusCode::BAD_REQUEST,
             "Sign-in failed",

@@ -58,10 +58,8 @@ pub enum Grant {
     DeviceCode,
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
-    GoDuration::parse(s)
-        .map(GoDuration::get)
-        .map_err(|e| e.to_string())
+fn duration(s: &str) -> Result<Duration, crate::config::DurationError> {
+    GoDuration::parse(s).map(GoDuration::get)
 }
 
 /// Where the provider is and how to trust it.
