@@ -11,9 +11,28 @@ use crate::authz::cedar::{
 };
 use crate::authz::requestinfo::RequestInfo;
 
+/// Why a subcommand cannot answer; printed as is.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The policy files do not load (one line per problem).
+    #[error(transparent)]
+    Policies(#[from] crate::authz::cedar::PolicyErrors),
+    /// `--device` is not the expected JSON; the message carries the parser's error.
+    #[error("--device: {0}")]
+    Device(serde_json::Error),
+    #[error("give --resource or --non-resource-url")]
+    NoTarget,
+    #[error("the gateway's policy does not decide this: {0}")]
+    Undecidable(&'static str),
+    #[error("unknown kind {0:?}: tokenreview or subjectaccessreview")]
+    UnknownKind(String),
+    #[error("--server must be an https:// URL")]
+    NotHttps,
+}
+
 /// `ztgate policy validate PATH...`: every problem as `file:line:col: message`.
-pub fn policy_validate(paths: &[PathBuf]) -> Result<String, String> {
-    let engine = PolicyEngine::load(paths).map_err(|e| e.to_string())?;
+pub fn policy_validate(paths: &[PathBuf]) -> Result<String, CliError> {
+    let engine = PolicyEngine::load(paths)?;
     let mut out = format!(
         "{} policies valid against the schema ({} files)",
         engine.policy_count(),
@@ -81,11 +100,11 @@ struct PostureJson {
 
 /// `ztgate policy check`: evaluates a hypothetical request, like `kubectl auth can-i`.
 /// Returns (allowed, the text to print).
-pub fn policy_check(paths: &[PathBuf], r: &CheckRequest) -> Result<(bool, String), String> {
-    let engine = PolicyEngine::load(paths).map_err(|e| e.to_string())?;
+pub fn policy_check(paths: &[PathBuf], r: &CheckRequest) -> Result<(bool, String), CliError> {
+    let engine = PolicyEngine::load(paths)?;
     let device = match &r.device_json {
         Some(j) => {
-            let d: DeviceJson = serde_json::from_str(j).map_err(|e| format!("--device: {e}"))?;
+            let d: DeviceJson = serde_json::from_str(j).map_err(CliError::Device)?;
             Some(DeviceFacts {
                 id: d.id,
                 bound: d.bound,
@@ -134,7 +153,7 @@ pub fn policy_check(paths: &[PathBuf], r: &CheckRequest) -> Result<(bool, String
                 ..Default::default()
             }
         }
-        (None, None) => return Err("give --resource or --non-resource-url".into()),
+        (None, None) => return Err(CliError::NoTarget),
     };
     let facts = CredentialFacts {
         amr: r.amr.clone(),
@@ -160,9 +179,7 @@ pub fn policy_check(paths: &[PathBuf], r: &CheckRequest) -> Result<(bool, String
         crate::authz::ReviewTarget::Impersonation(target) => {
             engine.decide_subject_impersonation(&subject, &req, &target)
         }
-        crate::authz::ReviewTarget::Inexpressible(why) => {
-            return Err(format!("the gateway's policy does not decide this: {why}"))
-        }
+        crate::authz::ReviewTarget::Inexpressible(why) => return Err(CliError::Undecidable(why)),
         crate::authz::ReviewTarget::Request => engine.decide_subject(&subject, &req),
     };
     let mut out = if d.allowed {
@@ -187,19 +204,15 @@ pub fn webhook_config(
     ca_file: &Path,
     client_cert: &Path,
     client_key: &Path,
-) -> Result<String, String> {
+) -> Result<String, CliError> {
     let path = match kind {
         "tokenreview" => "/apis/authentication.k8s.io/v1/tokenreviews",
         "subjectaccessreview" => "/apis/authorization.k8s.io/v1/subjectaccessreviews",
-        other => {
-            return Err(format!(
-                "unknown kind {other:?}: tokenreview or subjectaccessreview"
-            ))
-        }
+        other => return Err(CliError::UnknownKind(other.to_owned())),
     };
     let server = server.trim_end_matches('/');
     if !server.starts_with("https://") {
-        return Err("--server must be an https:// URL".into());
+        return Err(CliError::NotHttps);
     }
     let flag = if kind == "tokenreview" {
         "--authentication-token-webhook-config-file (with --authentication-token-webhook-version=v1)"
