@@ -444,17 +444,15 @@ pub(crate) fn decode(buf: &[u8], max_json: usize) -> Result<Frame<'_>, FrameErro
     let mut pos = 0;
     let mut field = |max: usize, what: &'static str| -> Result<&[u8], FrameError> {
         let rest = &buf[pos..];
-        let end = rest
-            .iter()
-            .take(max + 1)
-            .position(|&b| b == b' ')
-            .ok_or_else(|| {
-                if rest.len() <= max {
+        let end =
+            rest.iter()
+                .take(max + 1)
+                .position(|&b| b == b' ')
+                .ok_or(if rest.len() <= max {
                     FrameError::EndsIn(what)
                 } else {
                     FrameError::Invalid(what)
-                }
-            })?;
+                })?;
         pos += end + 1;
         Ok(&rest[..end])
     };
