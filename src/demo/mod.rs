@@ -573,12 +573,12 @@ when {
 "#;
 
 impl Demo {
-    pub async fn start(dir: &Path, settings: DevSettings) -> Result<Demo, String> {
+    pub async fn start(dir: &Path, settings: DevSettings) -> Result<Demo, DemoError> {
         Self::start_inner(dir, settings, false).await
     }
 
     /// The full demo: OIDC token login through the dev issuer and Cedar policies.
-    pub async fn start_with_login(dir: &Path, settings: DevSettings) -> Result<Demo, String> {
+    pub async fn start_with_login(dir: &Path, settings: DevSettings) -> Result<Demo, DemoError> {
         Self::start_inner(dir, settings, true).await
     }
 
@@ -586,17 +586,17 @@ impl Demo {
         dir: &Path,
         mut settings: DevSettings,
         login: bool,
-    ) -> Result<Demo, String> {
+    ) -> Result<Demo, DemoError> {
         let pki = TestPki::new();
         let apiserver = ApiServer::start(ApiServerOptions::new(&pki))
             .await
-            .map_err(|e| format!("stand-in kube-apiserver: {e}"))?;
+            .map_err(DemoError::ApiServer)?;
         let issuer = if login {
             let (user, groups) = DEMO_LOGIN_USER;
             let minting = Minting::Only(vec![DevUser::new(user, groups)]);
             let issuer = DevIssuer::start_minting(&pki.gateway_ca, "", minting)
                 .await
-                .map_err(|e| format!("dev OIDC issuer: {e}"))?;
+                .map_err(DemoError::Issuer)?;
             settings.jwt.push(DevJwtIssuer {
                 url: issuer.issuer_url(),
                 ca_pem: issuer.ca_pem(),
@@ -606,9 +606,8 @@ impl Demo {
                 groups_prefix: String::new(),
             });
             let policies = dir.join("policies");
-            create_private_dir_all(&policies).map_err(|e| e.to_string())?;
-            std::fs::write(policies.join("demo.cedar"), DEMO_POLICIES)
-                .map_err(|e| e.to_string())?;
+            create_private_dir_all(&policies)?;
+            std::fs::write(policies.join("demo.cedar"), DEMO_POLICIES)?;
             settings.policies.push(policies);
             settings.policy_reload_interval = "1s";
             settings.state_dir = Some(dir.join("state"));
@@ -616,13 +615,10 @@ impl Demo {
         } else {
             None
         };
-        let env =
-            DevEnv::create(dir, pki, &apiserver.url(), &settings).map_err(|e| e.to_string())?;
-        let cfg = crate::config::load_file(&env.config_path).map_err(|e| e.to_string())?;
+        let env = DevEnv::create(dir, pki, &apiserver.url(), &settings)?;
+        let cfg = crate::config::load_file(&env.config_path).map_err(DemoError::Config)?;
         let reload = cfg.listener.reload_interval.get();
-        let gateway = crate::gateway::start(cfg)
-            .await
-            .map_err(|e| e.to_string())?;
+        let gateway = crate::gateway::start(cfg).await?;
         crate::gateway::spawn_config_reloader(
             gateway.gateway.clone(),
             env.config_path.clone(),
@@ -646,7 +642,7 @@ impl Demo {
     }
 }
 
-pub async fn run(o: DemoOptions) -> Result<(), String> {
+pub async fn run(o: DemoOptions) -> Result<(), DemoError> {
     let (dir, tmp_guard) = match o.dir {
         Some(d) => {
             create_demo_dir(&d)?;
@@ -678,19 +674,18 @@ pub async fn run(o: DemoOptions) -> Result<(), String> {
         .env
         .kubeconfig_for(&demo.url, "alice-cert", &["team-a"], "team-a");
     let laptop = device_ca.issue_client("alice-laptop", &[]);
-    let (laptop_crt, laptop_key) =
-        write_cert_key(&dir, "alice-laptop", &laptop).map_err(|e| e.to_string())?;
+    let (laptop_crt, laptop_key) = write_cert_key(&dir, "alice-laptop", &laptop)?;
     // client-go sends an exec plugin's token only with the plugin's own client certificate, so
     // the laptop's plugin returns both: the dev issuer's token and the device certificate (as
     // `ztgate login --device-cert/--device-key` does against a real provider).
     let alice_laptop = dir.join("alice-laptop.kubeconfig");
     let plugin = dir.join("alice-laptop-credential.sh");
-    let kubeconfig_text = std::fs::read_to_string(&alice).map_err(|e| e.to_string())?;
+    let kubeconfig_text = std::fs::read_to_string(&alice)?;
     let curl = kubeconfig_text
         .lines()
         .find_map(|l| l.trim().strip_prefix("args: "))
         .and_then(|a| serde_json::from_str::<Vec<String>>(a).ok())
-        .ok_or("demo kubeconfig has no exec args")?;
+        .ok_or(DemoError::NoExecArgs)?;
     std::fs::write(
         &plugin,
         format!(
@@ -713,8 +708,7 @@ printf '{{"apiVersion":"client.authentication.k8s.io/v1","kind":"ExecCredential"
             crt = laptop_crt.display(),
             key = laptop_key.display(),
         ),
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     let with_device = kubeconfig_text
         .replace("command: curl", "command: sh")
         .lines()
@@ -727,18 +721,22 @@ printf '{{"apiVersion":"client.authentication.k8s.io/v1","kind":"ExecCredential"
         })
         .collect::<Vec<_>>()
         .join("\n");
-    std::fs::write(&alice_laptop, with_device + "\n").map_err(|e| e.to_string())?;
+    std::fs::write(&alice_laptop, with_device + "\n")?;
     let ztgate = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "ztgate".into());
     let admin = demo.env.pki.user("sec-admin", &["security"]);
-    let (admin_crt, admin_key) =
-        write_cert_key(&dir, "sec-admin", &admin).map_err(|e| e.to_string())?;
+    let (admin_crt, admin_key) = write_cert_key(&dir, "sec-admin", &admin)?;
     let kubeconfig = match o.kubeconfig_out {
         Some(p) => {
-            let text = std::fs::read(&alice).map_err(|e| format!("{}: {e}", alice.display()))?;
-            replace_private(&p, &text)
-                .map_err(|e| format!("--kubeconfig-out {}: {e}", p.display()))?;
+            let text = std::fs::read(&alice).map_err(|cause| DemoError::File {
+                path: alice.clone(),
+                cause,
+            })?;
+            replace_private(&p, &text).map_err(|cause| DemoError::KubeconfigOut {
+                path: p.clone(),
+                cause,
+            })?;
             p
         }
         None => alice,
@@ -830,54 +828,97 @@ async fn wait_for_stop() {
     }
 }
 
+/// Why the demo could not start. Each cause is part of the message (the demo prints
+/// `demo failed: <error>`), so no variant repeats it as a source.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("stand-in kube-apiserver: {0}")]
+    ApiServer(std::io::Error),
+    #[error("dev OIDC issuer: {0}")]
+    Issuer(std::io::Error),
+    /// Writing the demo's own files.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Config(crate::config::ConfigErrors),
+    #[error(transparent)]
+    Gateway(#[from] crate::gateway::StartError),
+    #[error("demo kubeconfig has no exec args")]
+    NoExecArgs,
+    #[error("{}: {cause}", path.display())]
+    File {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("--kubeconfig-out {}: {cause}", path.display())]
+    KubeconfigOut {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error(
+        "--dir {}: the path already exists. The demo keeps private keys and the policies \
+         it enforces in its directory, so it creates that directory itself (mode 0700) \
+         and never uses one that exists: another user could have created it, or put \
+         files in it, first. Give a path that does not exist yet, or leave out --dir \
+         for a fresh temporary directory.",
+        .0.display()
+    )]
+    DirExists(PathBuf),
+    #[error("--dir {}: {cause}", path.display())]
+    Dir {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("{0}")]
+    Random(aws_lc_rs::error::Unspecified),
+    #[error("{}: could not create a new demo directory", .0.display())]
+    NoTempDir(PathBuf),
+}
+
 /// Creates the demo's own directory at `path`, readable by the current user only. The demo keeps
 /// private keys there (the gateway's upstream key may act as anyone in the stand-in) and the
 /// policies the gateway enforces, so a directory someone else could have created or filled
 /// first is never used: `mkdir` either creates it, with its mode, or fails.
-fn create_demo_dir(path: &Path) -> Result<(), String> {
+fn create_demo_dir(path: &Path) -> Result<(), DemoError> {
     use std::os::unix::fs::DirBuilderExt;
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(parent)
-            .map_err(|e| format!("{}: {e}", parent.display()))?;
+            .map_err(|cause| DemoError::File {
+                path: parent.to_path_buf(),
+                cause,
+            })?;
     }
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(path)
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => format!(
-                "--dir {}: the path already exists. The demo keeps private keys and the policies \
-                 it enforces in its directory, so it creates that directory itself (mode 0700) \
-                 and never uses one that exists: another user could have created it, or put \
-                 files in it, first. Give a path that does not exist yet, or leave out --dir \
-                 for a fresh temporary directory.",
-                path.display()
-            ),
-            _ => format!("--dir {}: {e}", path.display()),
+        .map_err(|cause| match cause.kind() {
+            std::io::ErrorKind::AlreadyExists => DemoError::DirExists(path.to_path_buf()),
+            _ => DemoError::Dir {
+                path: path.to_path_buf(),
+                cause,
+            },
         })
 }
 
 /// A fresh, unpredictable directory under the temporary directory (see [`create_demo_dir`]).
-fn create_temp_demo_dir() -> Result<PathBuf, String> {
+fn create_temp_demo_dir() -> Result<PathBuf, DemoError> {
     use std::os::unix::fs::DirBuilderExt;
     let base = std::env::temp_dir();
     for _ in 0..16 {
         let mut suffix = [0u8; 8];
-        aws_lc_rs::rand::fill(&mut suffix).map_err(|e| e.to_string())?;
+        aws_lc_rs::rand::fill(&mut suffix).map_err(DemoError::Random)?;
         let name: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
         let d = base.join(format!("ztgate-demo-{name}"));
         match std::fs::DirBuilder::new().mode(0o700).create(&d) {
             Ok(()) => return Ok(d),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(format!("{}: {e}", d.display())),
+            Err(cause) => return Err(DemoError::File { path: d, cause }),
         }
     }
-    Err(format!(
-        "{}: could not create a new demo directory",
-        base.display()
-    ))
+    Err(DemoError::NoTempDir(base))
 }
 
 /// `mkdir -p` with mode 0700 for the directories it creates.
