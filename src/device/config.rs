@@ -60,8 +60,9 @@ pub enum DeviceIdSourceError {
     StrayTrustDomain,
     #[error("`prefix` goes only with `from: uriPrefix`")]
     StrayPrefix,
+    /// `DeviceIdSource::validate`'s refusal (boxed: this module is below `device`).
     #[error(transparent)]
-    Invalid(#[from] crate::device::DeviceError),
+    Invalid(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl TryFrom<RawDeviceIdSource> for DeviceIdSource {
@@ -75,7 +76,9 @@ impl TryFrom<RawDeviceIdSource> for DeviceIdSource {
             (_, Some(_), _) => return Err(DeviceIdSourceError::StrayTrustDomain),
             (_, None, Some(_)) => return Err(DeviceIdSourceError::StrayPrefix),
         };
-        source.validate()?;
+        source
+            .validate()
+            .map_err(|e| DeviceIdSourceError::Invalid(Box::new(e)))?;
         Ok(source)
     }
 }
