@@ -65,7 +65,8 @@ impl Op {
             .env("OP_TOKEN_TTL", token_ttl_secs.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            // The provider's own errors, in the test's output when it fails.
+            .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
             .expect("node runs");
