@@ -226,24 +226,13 @@ fn exec_api_version() -> Result<String, LoginError> {
     }
 }
 
-/// `2026-11-26T15:04:05Z`; the Unix epoch for a time outside years -9999 to 9999.
+/// `2026-11-26T15:04:05Z` (`metav1.Time`); the Unix epoch for a time before it.
 fn rfc3339(unix: i64) -> String {
-    let t =
-        time::OffsetDateTime::from_unix_timestamp(unix).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    let year = t.year();
-    let year = if (0..=9999).contains(&year) {
-        format!("{year:04}")
-    } else {
-        format!("{year:+05}")
-    };
-    format!(
-        "{year}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    )
+    let t = u64::try_from(unix)
+        .ok()
+        .and_then(|secs| std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(secs)))
+        .unwrap_or(std::time::UNIX_EPOCH);
+    crate::util::time::format_seconds(t)
 }
 
 fn now_unix() -> i64 {
